@@ -1,0 +1,131 @@
+"""Atomic checkpoint saving and safe loading.
+
+Training a Collaboration of Experts (Zhang, Chen and Zhong, ICML 2022, arXiv:2107.03815) means K expert
+networks plus a delegator, often for a long time: a checkpoint that is half-written when a job is killed, or
+that silently replaced the previous good one, is costly. :func:`save_checkpoint` writes to a temporary file in
+the destination's directory, flushes and ``fsync``-s it, and renames it over the destination with
+:func:`os.replace` (atomic on POSIX and on Windows for a same-volume rename): at any moment the destination
+holds either the old checkpoint or the complete new one. :func:`load_checkpoint` reads with
+``torch.load(weights_only=True)``, which refuses to execute arbitrary pickled code.
+
+Everything pycoe builds is an ``nn.Module`` with a plain ``state_dict``, so a checkpoint is a dict of
+state_dicts, tensors (RNG states included) and Python scalars, strings, lists, tuples and dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+from typing import Any
+
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint"]
+
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _check_path(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ValueError("path must not be empty")
+    return path
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable (POSIX); silently skipped where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike, *, verify: bool = True) -> None:
+    """Save ``obj`` with :func:`torch.save`, atomically.
+
+    The object is written to a hidden temporary file next to ``path`` (same directory, hence same file
+    system), flushed and ``fsync``-ed, then renamed over ``path`` with :func:`os.replace`. If anything fails,
+    the temporary file is removed and ``path`` is left untouched (the previous checkpoint, if any, survives).
+    The new file gets the usual permissions for a new file (``0o666`` minus the umask).
+
+    Args:
+        obj: what to save, normally a dict of ``state_dict()`` s, tensors and Python scalars.
+        path: destination file; its directory must exist.
+        verify: before the rename, check that the written file only refers to types that
+            :func:`load_checkpoint` (``torch.load(weights_only=True)``) accepts; if not, raise and keep the
+            previous checkpoint. Only the pickle's type references are read, not the tensor data.
+
+    Raises:
+        TypeError: ``path`` is not a path.
+        FileNotFoundError: the directory of ``path`` does not exist.
+        ValueError: ``verify`` found types that ``weights_only`` loading would reject.
+    """
+    path = _check_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save a checkpoint to {path!r}: directory {directory!r} does not exist")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, _OPEN_FLAGS, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if verify:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+            if unsafe:
+                raise ValueError(
+                    f"cannot save a checkpoint to {path!r}: it would refer to {', '.join(sorted(unsafe))}, which "
+                    "torch.load(weights_only=True) rejects; save state_dicts, tensors and Python scalars instead "
+                    "(or register the types with torch.serialization.add_safe_globals, or pass verify=False to skip "
+                    "this check)"
+                )
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Only tensors, state_dicts and plain Python containers and scalars (plus types registered with
+    :func:`torch.serialization.add_safe_globals`) can be loaded, so a malicious file cannot run code.
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to :func:`torch.load`; ``"cpu"`` by default, so a GPU checkpoint loads anywhere.
+
+    Returns:
+        The saved object.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        pickle.UnpicklingError: the file refers to types that ``weights_only`` loading rejects.
+    """
+    path = _check_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(
+            f"refusing to load {path!r} with weights_only=True: it contains objects other than tensors, "
+            "state_dicts and plain Python containers. If you trust the file, load it with torch.load(path, "
+            f"weights_only=False), or allow the types with torch.serialization.add_safe_globals.\n{err}"
+        ) from err

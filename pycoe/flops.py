@@ -1,0 +1,94 @@
+"""Forward FLOPs of any module on an example input, counted by ``torch.utils.flop_counter``.
+
+Collaboration of Experts (Zhang, Chen and Zhong, ICML 2022, arXiv:2107.03815) reports its accuracy against
+*average* inference FLOPs (80.7% top-1 at 194M FLOPs). A CoE's cost depends on the data (samples that exit
+early skip the experts), so pycoe measures it by running the model on real batches: :func:`count_flops`
+counts the operations actually dispatched during one forward call.
+
+Convention (check it before comparing with a paper): PyTorch's ``FlopCounterMode`` counts a multiply-add as
+**2 FLOPs**, and it counts only the operations it has formulas for: matrix products (``mm``, ``addmm``, ``bmm``,
+``baddbmm``), convolutions and the attention kernels. Element-wise work (bias additions, normalisation,
+activations, pooling, softmax) is not counted. So torchvision's ResNet-18 at 224x224 counts
+3.63 GFLOP per image here, which is the 1.8 G multiply-accumulates (GMACs) usually quoted as "1.8 GFLOPs".
+Conventions vary between papers: many mobile-network papers report multiply-adds under the name "FLOPs"
+(divide the counts of this module by 2 to compare with them). Which convention the CoE paper uses could not be
+confirmed from a public source.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_flops", "flops_per_sample"]
+
+
+def count_flops(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> int:
+    """Forward FLOPs of one call ``module(*example_inputs, **example_kwargs)`` on that whole batch.
+
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts 2 FLOPs; only
+    matrix products, convolutions and attention are counted, see the module docstring). Forward only:
+    the call runs under ``torch.no_grad()``, so no backward cost is included. The module runs in its
+    current train/eval mode (put it in eval mode to count inference FLOPs, e.g. with early exit), and its
+    mode and buffers (such as batch-norm running statistics) are left as they were.
+
+    Args:
+        module: any ``nn.Module``.
+        *example_inputs: positional inputs of the call, e.g. ``Tensor[B, 3, H, W]``.
+        **example_kwargs: keyword inputs of the call.
+
+    Returns:
+        The total number of FLOPs of the call, as an ``int``.
+
+    Example:
+        >>> count_flops(nn.Linear(7, 5), torch.randn(3, 7))  # 2 * 3 * 7 * 5
+        210
+    """
+    if not callable(module):
+        raise TypeError(f"module must be an nn.Module or a callable, got {type(module).__name__}")
+    is_module = isinstance(module, nn.Module)
+    modes = [(m, m.training) for m in module.modules()] if is_module else []
+    buffers = [(b, b.detach().clone()) for b in module.buffers()] if is_module else []
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(*example_inputs, **example_kwargs)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, training in modes:
+            m.training = training
+    return int(counter.get_total_flops())
+
+
+def _batch_size(example_inputs: tuple, example_kwargs: dict) -> int:
+    for value in list(example_inputs) + list(example_kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                raise ValueError("the first tensor input must have a batch dimension, got a 0-d tensor")
+            if value.shape[0] == 0:
+                raise ValueError("the first tensor input has batch size 0: cannot compute FLOPs per sample")
+            return int(value.shape[0])
+    raise TypeError("flops_per_sample needs at least one tensor input (its first dimension is the batch size)")
+
+
+def flops_per_sample(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> float:
+    """:func:`count_flops` divided by the batch size (the first dimension of the first tensor input).
+
+    For a data-dependent model such as a CoE in eval mode, this is the average over the samples of that
+    batch; run it on representative data (or average over batches) to estimate the average inference cost.
+
+    Args:
+        module: any ``nn.Module``.
+        *example_inputs: positional inputs; the first tensor among them (then among the keyword inputs)
+            is batch-first and gives ``B``.
+        **example_kwargs: keyword inputs of the call.
+
+    Returns:
+        FLOPs per sample, as a ``float``.
+    """
+    batch = _batch_size(example_inputs, example_kwargs)
+    return count_flops(module, *example_inputs, **example_kwargs) / batch

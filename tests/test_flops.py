@@ -1,0 +1,102 @@
+"""Tests of pycoe.flops (forward FLOPs through torch.utils.flop_counter)."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from pycoe.flops import count_flops, flops_per_sample
+
+
+def test_linear_exact_count():
+    # A multiply-add counts 2 FLOPs; the bias addition is not counted by FlopCounterMode.
+    layer = nn.Linear(7, 5)
+    assert count_flops(layer, torch.randn(3, 7)) == 2 * 3 * 7 * 5
+    assert flops_per_sample(layer, torch.randn(3, 7)) == pytest.approx(2 * 7 * 5)
+
+
+def test_conv_exact_count():
+    conv = nn.Conv2d(4, 6, kernel_size=3, padding=1, bias=False)
+    # Each output element: 4 * 3 * 3 multiply-adds; 2 * 6 * 8 * 8 output elements per sample, batch 2.
+    assert count_flops(conv, torch.randn(2, 4, 8, 8)) == 2 * (2 * 6 * 8 * 8) * (4 * 3 * 3)
+
+
+def test_resnet18_224_matches_published_figure():
+    # torchvision's resnet18 is quoted at 1.81 GFLOPS (multiply-adds) per 224x224 image: 3.63e9 FLOPs here.
+    model = torchvision.models.resnet18(weights=None).eval()
+    per_image = flops_per_sample(model, torch.randn(1, 3, 224, 224))
+    assert per_image == pytest.approx(3.63e9, rel=0.01)
+
+
+def test_linear_in_batch_size():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    one = count_flops(model, torch.randn(1, 3, 16, 16))
+    assert one > 0
+    for b in (2, 5):
+        assert count_flops(model, torch.randn(b, 3, 16, 16)) == b * one
+        assert flops_per_sample(model, torch.randn(b, 3, 16, 16)) == pytest.approx(one)
+
+
+def test_kwargs_and_several_inputs():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(6, 3)
+
+        def forward(self, x, y=None):
+            return self.a(x) + (self.b(y) if y is not None else 0)
+
+    m = Two()
+    x, y = torch.randn(2, 4), torch.randn(2, 6)
+    assert count_flops(m, x) == 2 * 2 * 4 * 3
+    assert count_flops(m, x, y=y) == 2 * 2 * 4 * 3 + 2 * 2 * 6 * 3
+    assert flops_per_sample(m, x, y=y) == pytest.approx(4 * 3 * 2 + 6 * 3 * 2)
+
+
+def test_data_dependent_module_counts_executed_ops():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = nn.Linear(8, 8)
+
+        def forward(self, x):
+            keep = x[:, 0] > 0
+            out = x.clone()
+            if keep.any():
+                out[keep] = self.big(x[keep])
+            return out
+
+    x = torch.randn(10, 8)
+    n = int((x[:, 0] > 0).sum())
+    assert count_flops(Gate(), x) == 2 * n * 8 * 8
+
+
+def test_mode_and_buffers_restored_no_grad():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    model.train()
+    model[2].eval()  # mixed modes must be kept as they were
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["grad_enabled"] = torch.is_grad_enabled()
+        seen["training"] = module.training
+
+    model[1].register_forward_hook(hook)
+    count_flops(model, torch.randn(8, 4) * 5 + 3)
+    assert seen == {"grad_enabled": False, "training": True}  # the module ran in its own (train) mode
+    assert model.training and model[1].training and not model[2].training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics untouched
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="module"):
+        count_flops(3, torch.randn(2, 2))
+    with pytest.raises(TypeError, match="tensor input"):
+        flops_per_sample(nn.Identity(), [1, 2])
+    with pytest.raises(ValueError, match="batch"):
+        flops_per_sample(nn.Identity(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="batch size 0"):
+        flops_per_sample(nn.Linear(2, 2), torch.randn(0, 2))
