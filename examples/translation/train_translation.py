@@ -126,9 +126,7 @@ def train_joint(coe, criterion, data, args, gen):
     for epoch in range(args.joint_epochs):
         total, n, agree = 0.0, 0, 0.0
         for src, tgt_in, tgt_out in batches(data, args.batch_size, gen):
-            sel = coe.delegator(src).selection_logits
-            expert_out = coe.experts(src, tgt_in)  # [K, B, T, V]: every expert on the whole batch
-            out = pycoe.CoETrainOutput(selection_logits=sel, rough_logits=None, expert_outputs=expert_out)
+            out = coe(src, tgt_in)  # train mode: selection logits + every expert's [K, B, T, V] output
             loss, info = criterion(out, tgt_out)
             opt.zero_grad()
             loss.backward()
@@ -204,7 +202,7 @@ def main(argv=None) -> dict:
 
     coe.eval()
     route_coe = lambda src: coe.delegator(src).selection_logits.argmax(1)  # noqa: E731
-    members = list(coe.experts.experts)
+    members = list(coe.experts)
     bleu_base, _ = evaluate([baseline], lambda s: torch.zeros(len(s), dtype=torch.long), test_ids, tgt_vocab, args)
     bleu_coe, used = evaluate(members, route_coe, test_ids, tgt_vocab, args)
     oracle_idx = []
