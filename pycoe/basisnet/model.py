@@ -1,0 +1,433 @@
+"""BasisNet: a lightweight model previews the input and synthesises a specialist, or exits early.
+
+Zhang, Chu, Zhmoginov, Howard, Jou, Zhu, Zhang, Hwa and Kovashka, "BasisNet: Two-Stage Model Synthesis for
+Efficient Inference", CVPR 2021 ECV workshop, arXiv:2105.03014.
+
+Confirmed by the paper's public text: a lightweight model previews the input and generates input-dependent
+combination coefficients; they control the synthesis of a specialist model from basis models, which makes the
+final prediction; both stages are trained jointly; inference terminates early when the lightweight model's own
+prediction is confident enough. **pycoe's formulation** (not confirmed from the paper's text): the coefficients
+are ``normalize(logits / temperature)`` with a softmax by default, the lightweight model is a
+:class:`~pycoe.coe.delegator.Delegator` (its selection head with K = N gives the coefficient logits, its rough
+head the rough prediction), one coefficient vector per sample is shared by every basis layer, early exit fires
+when the rough prediction's maximum softmax probability reaches ``exit_threshold`` (the same rule as
+:class:`~pycoe.coe.model.CoE`), and basis dropout is the optional regulariser described below.
+
+Einstein legend: ``b`` batch (B), ``n`` bases (N), ``c`` classes (C).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pycoe._validation import check_choice, check_positive_int, check_probability, check_tensor
+from pycoe.basisnet.specialist import BasisSpecialist
+from pycoe.coe.delegator import Delegator
+
+__all__ = [
+    "BasisNet",
+    "BasisNetOutput",
+    "BasisNetTrainOutput",
+    "basis_coefficients",
+    "basis_dropout",
+    "basisnet_loss",
+    "NORMALIZATIONS",
+]
+
+#: The coefficient normalisations accepted by :func:`basis_coefficients` and :class:`BasisNet`.
+NORMALIZATIONS = ("softmax", "sigmoid", "none")
+
+
+def _check_temperature(temperature: Any) -> float:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def basis_coefficients(logits: torch.Tensor, normalization: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
+    """Coefficients from coefficient logits: ``normalize(logits / temperature)``.
+
+    Args:
+        logits: ``Tensor[B, N]``.
+        normalization: ``"softmax"`` (coefficients in (0, 1) summing to 1 per sample: a convex combination of
+            the bases, which keeps a freshly converted :class:`BasisSpecialist` equal to its original model),
+            ``"sigmoid"`` (each in (0, 1), not normalised, as CondConv's router) or ``"none"`` (the scaled logits
+            themselves). The paper's choice is not confirmed; softmax is pycoe's default.
+        temperature: > 0; divides the logits before the normalisation (also for ``"none"``).
+
+    Returns:
+        ``Tensor[B, N]``.
+    """
+    check_tensor("logits", logits, ndim=2, floating=True)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    scaled = logits / _check_temperature(temperature)
+    if normalization == "softmax":
+        return torch.softmax(scaled, dim=1)
+    if normalization == "sigmoid":
+        return torch.sigmoid(scaled)
+    return scaled
+
+
+def basis_dropout(
+    coefficients: torch.Tensor,
+    p: float,
+    normalization: str = "softmax",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Drop whole bases per sample (pycoe's formulation of the "basis dropout" regulariser).
+
+    Each coefficient is zeroed independently with probability ``p``; when a sample would lose every basis, one
+    basis chosen uniformly at random is kept. The survivors are then rescaled: for ``"softmax"`` coefficients
+    they are renormalised to sum to 1 (a softmax over the kept bases), otherwise they are divided by ``1 - p``
+    (inverted dropout). Gradients flow through the kept coefficients. That BasisNet regularises its bases by
+    randomly dropping them is an unverified recollection of the paper (see the guide); the rule here is pycoe's.
+
+    Args:
+        coefficients: ``Tensor[B, N]``.
+        p: drop probability in [0, 1).
+        normalization: how the coefficients were normalised (see :func:`basis_coefficients`).
+        generator: optional ``torch.Generator`` (on the coefficients' device) for the mask.
+
+    Returns:
+        ``Tensor[B, N]``.
+    """
+    check_tensor("coefficients", coefficients, ndim=2, floating=True)
+    p = check_probability("p", p)
+    if p == 1.0:
+        raise ValueError("p must be in [0, 1), got 1.0 (it would drop every basis)")
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    if p == 0.0:
+        return coefficients
+    batch, num_bases = coefficients.shape
+    device = coefficients.device
+    keep = torch.rand(batch, num_bases, generator=generator, device=device) >= p  # BoolTensor[B, N]
+    rescue = torch.randint(num_bases, (batch,), generator=generator, device=device)
+    none_kept = ~keep.any(dim=1)
+    keep[none_kept, rescue[none_kept]] = True
+    kept = coefficients * keep.to(coefficients.dtype)
+    if normalization == "softmax":
+        return kept / kept.sum(dim=1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
+    return kept / (1.0 - p)
+
+
+@dataclass
+class BasisNetTrainOutput:
+    """What :class:`BasisNet` returns in training mode.
+
+    Attributes:
+        output: ``Tensor[B, ...]``, the synthesised specialist's output on every sample (e.g. logits
+            ``Tensor[B, C]``).
+        coefficients: ``Tensor[B, N]``, the coefficients the specialist used (after basis dropout).
+        coefficient_logits: ``Tensor[B, N]``, the lightweight model's coefficient logits.
+        rough_logits: ``Tensor[B, C]`` or ``None``, the lightweight model's own prediction.
+    """
+
+    output: torch.Tensor
+    coefficients: torch.Tensor
+    coefficient_logits: torch.Tensor
+    rough_logits: torch.Tensor | None
+
+
+@dataclass
+class BasisNetOutput:
+    """What :class:`BasisNet` returns in eval mode.
+
+    Attributes:
+        output: ``Tensor[B, ...]``, the specialist's output, or the rough logits for samples that exited early.
+        exited: ``BoolTensor[B]``, which samples took the rough prediction and skipped the specialist.
+        confidence: ``Tensor[B]``, the rough prediction's maximum softmax probability (``NaN`` without a
+            rough head).
+        coefficients: ``Tensor[B, N]``, every sample's coefficients (computed for exited samples too).
+    """
+
+    output: torch.Tensor
+    exited: torch.Tensor
+    confidence: torch.Tensor
+    coefficients: torch.Tensor
+
+
+def _size_pair(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"preview_size must be None, a positive int or a pair of positive ints, got {value!r}")
+
+
+class BasisNet(nn.Module):
+    """BasisNet: the lightweight model's coefficients synthesise the specialist; confident samples exit early.
+
+    ``coefficient_logits, rough_logits = lightweight(x)``; ``coefficients = normalize(coefficient_logits /
+    temperature)`` (``Tensor[B, N]``); ``output = specialist(x, coefficients)``, where every basis layer of the
+    :class:`~pycoe.basisnet.specialist.BasisSpecialist` mixes its N kernels with the sample's coefficients.
+
+    - **Training mode**: the lightweight model and the specialist run on the whole batch; with
+      ``basis_dropout > 0`` the coefficients pass through :func:`basis_dropout` first. Returns
+      :class:`BasisNetTrainOutput`. Train both stages jointly, e.g. with :func:`basisnet_loss`.
+    - **Eval mode**: returns :class:`BasisNetOutput`. Samples whose rough prediction has maximum softmax
+      probability ``>= exit_threshold`` take the rough logits and never reach the specialist; the rest run
+      the specialist in one batch with their own coefficients. This is :class:`~pycoe.coe.model.CoE`'s rule
+      (``0`` exits every sample, ``1`` only samples predicted with probability 1, ``None`` never exits).
+      Average cost: lightweight + (1 - exit rate) x specialist.
+
+    Args:
+        lightweight: a :class:`~pycoe.coe.delegator.Delegator` built with ``num_experts=num_bases`` (used as is),
+            or any backbone, which is wrapped as ``Delegator(lightweight, num_experts=num_bases,
+            num_classes=num_classes)`` (its classifier stripped in place; see the Delegator for the options, and
+            build one yourself to use them). The Delegator's zero-initialised selection head gives uniform
+            coefficients at the start.
+        specialist: a :class:`~pycoe.basisnet.specialist.BasisSpecialist` with ``num_bases`` bases, or a plain
+            model, converted in place with ``BasisSpecialist(specialist, num_bases)`` (default options).
+        num_bases: N >= 1.
+        num_classes: C, classes of the rough prediction (default: the Delegator's); ``None`` for no rough head
+            (then no early exit).
+        temperature: > 0, divides the coefficient logits.
+        exit_threshold: early-exit threshold in [0, 1], or ``None`` (never exit).
+        normalization: ``"softmax"`` (default), ``"sigmoid"`` or ``"none"``, see :func:`basis_coefficients`.
+        basis_dropout: probability in [0, 1) of dropping a basis per sample during training (default 0).
+        preview_size: ``None`` (the lightweight model sees ``x`` as is) or an int / ``(h, w)``: ``x`` is resized
+            (bilinear, antialiased) to that size for the lightweight model only.
+
+    Attributes:
+        lightweight (Delegator), specialist (BasisSpecialist), num_bases, num_classes, temperature,
+        normalization, basis_dropout, preview_size, exit_threshold (settable; validated).
+
+    Example:
+        >>> import torchvision
+        >>> net = BasisNet(torchvision.models.mobilenet_v3_small(), torchvision.models.resnet18(num_classes=10),
+        ...                num_bases=4, num_classes=10, exit_threshold=0.9).eval()
+        >>> out = net(torch.randn(2, 3, 64, 64))
+        >>> out.output.shape, out.coefficients.shape
+        (torch.Size([2, 10]), torch.Size([2, 4]))
+    """
+
+    def __init__(
+        self,
+        lightweight: nn.Module,
+        specialist: nn.Module,
+        num_bases: int,
+        num_classes: int | None = None,
+        temperature: float = 1.0,
+        exit_threshold: float | None = None,
+        normalization: str = "softmax",
+        basis_dropout: float = 0.0,
+        preview_size: int | Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        num_bases = check_positive_int("num_bases", num_bases)
+        if num_classes is not None:
+            num_classes = check_positive_int("num_classes", num_classes)
+        self.temperature = _check_temperature(temperature)
+        self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        p = check_probability("basis_dropout", basis_dropout)
+        if p == 1.0:
+            raise ValueError("basis_dropout must be in [0, 1), got 1.0 (it would drop every basis)")
+        self.basis_dropout = p
+        self.preview_size = _size_pair(preview_size)
+        if not isinstance(lightweight, nn.Module):
+            raise TypeError(f"lightweight must be an nn.Module, got {type(lightweight).__name__}")
+        if not isinstance(specialist, nn.Module):
+            raise TypeError(f"specialist must be an nn.Module, got {type(specialist).__name__}")
+
+        if isinstance(specialist, BasisSpecialist):
+            if specialist.num_bases != num_bases:
+                raise ValueError(
+                    f"the specialist has num_bases={specialist.num_bases} but num_bases={num_bases} was given"
+                )
+        else:
+            specialist = BasisSpecialist(specialist, num_bases)
+        if isinstance(lightweight, Delegator):
+            if lightweight.num_experts != num_bases:
+                raise ValueError(
+                    f"the lightweight Delegator has num_experts={lightweight.num_experts} selection outputs but "
+                    f"num_bases={num_bases}; build it with num_experts={num_bases}"
+                )
+            if num_classes is None:
+                num_classes = lightweight.num_classes
+            elif lightweight.num_classes != num_classes:
+                raise ValueError(
+                    f"the lightweight Delegator has num_classes={lightweight.num_classes} but "
+                    f"num_classes={num_classes} was given"
+                )
+        else:
+            lightweight = Delegator(lightweight, num_experts=num_bases, num_classes=num_classes)
+        self.lightweight = lightweight
+        self.specialist = specialist
+        self.num_bases = num_bases
+        self.num_classes = num_classes
+        self.exit_threshold = exit_threshold
+
+    @property
+    def exit_threshold(self) -> float | None:
+        """The early-exit threshold in [0, 1], or ``None`` (never exit)."""
+        return self._exit_threshold
+
+    @exit_threshold.setter
+    def exit_threshold(self, value: float | None) -> None:
+        value = check_probability("exit_threshold", value, allow_none=True)
+        if value is not None and self.num_classes is None:
+            raise ValueError(
+                "exit_threshold needs a rough prediction, but the lightweight model has no rough head "
+                "(num_classes=None); give num_classes or keep exit_threshold=None"
+            )
+        self._exit_threshold = value
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_bases={self.num_bases}, num_classes={self.num_classes}, temperature={self.temperature}, "
+            f"normalization={self.normalization!r}, basis_dropout={self.basis_dropout}, "
+            f"preview_size={self.preview_size}, exit_threshold={self.exit_threshold}"
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def preview(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the lightweight model (no basis dropout).
+
+        Args:
+            x: ``Tensor[B, C_in, H, W]``.
+
+        Returns:
+            ``(coefficients Tensor[B, N], coefficient_logits Tensor[B, N], rough_logits Tensor[B, C] or None)``.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise TypeError(f"x must be a batch-first torch.Tensor, got {type(x).__name__}")
+        small = x
+        if self.preview_size is not None:
+            if x.dim() != 4:
+                raise ValueError(f"preview_size needs an image batch x of shape [B, C, H, W], got {tuple(x.shape)}")
+            small = F.interpolate(x, size=self.preview_size, mode="bilinear", align_corners=False, antialias=True)
+        d = self.lightweight(small)
+        logits, rough = d.selection_logits, d.rough_logits
+        coefficients = basis_coefficients(logits, self.normalization, self.temperature)
+        return coefficients, logits, rough
+
+    def _confidence_and_exit(
+        self, rough: torch.Tensor | None, batch: int, device: torch.device, threshold: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if rough is not None:
+            confidence = F.softmax(rough.detach().float(), dim=1).amax(dim=1)
+        else:
+            confidence = torch.full((batch,), float("nan"), device=device)
+        if threshold is None:
+            exited = torch.zeros(batch, dtype=torch.bool, device=device)
+        else:
+            exited = confidence >= threshold
+        return confidence, exited
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> BasisNetTrainOutput | BasisNetOutput:
+        """Training mode: :class:`BasisNetTrainOutput`; eval mode: :class:`BasisNetOutput` (class docstring)."""
+        if self.training:
+            return self.forward_train(x)
+        return self.forward_eval(x)
+
+    def forward_train(self, x: torch.Tensor) -> BasisNetTrainOutput:
+        """Lightweight model and specialist on the whole batch, whatever the module's mode.
+
+        Basis dropout is applied only when the module is in training mode.
+
+        Args:
+            x: ``Tensor[B, C_in, H, W]``.
+
+        Returns:
+            :class:`BasisNetTrainOutput`.
+        """
+        coefficients, logits, rough = self.preview(x)
+        mixed = coefficients
+        if self.training and self.basis_dropout > 0:
+            mixed = basis_dropout(coefficients, self.basis_dropout, self.normalization)
+        output = self.specialist(x, mixed)
+        return BasisNetTrainOutput(output=output, coefficients=mixed, coefficient_logits=logits, rough_logits=rough)
+
+    def forward_eval(self, x: torch.Tensor, exit_threshold: float | None | str = "default") -> BasisNetOutput:
+        """Early exit, then the specialist on the remaining samples in one batch, whatever the module's mode.
+
+        Args:
+            x: ``Tensor[B, C_in, H, W]``.
+            exit_threshold: overrides ``self.exit_threshold`` for this call (``"default"``: use it).
+
+        Returns:
+            :class:`BasisNetOutput`.
+        """
+        if isinstance(exit_threshold, str) and exit_threshold == "default":
+            threshold = self.exit_threshold
+        else:
+            threshold = check_probability("exit_threshold", exit_threshold, allow_none=True)
+            if threshold is not None and self.num_classes is None:
+                raise ValueError("exit_threshold needs a rough prediction, but the lightweight model has no rough head")
+        coefficients, _, rough = self.preview(x)
+        batch = x.shape[0]
+        confidence, exited = self._confidence_and_exit(rough, batch, coefficients.device, threshold)
+        n_exit = int(exited.sum())
+        if n_exit == 0:
+            output = self.specialist(x, coefficients)
+        elif n_exit == batch:
+            output = rough
+        else:
+            keep = (~exited).nonzero().squeeze(1)  # LongTensor[B_kept]
+            routed = self.specialist(x.index_select(0, keep), coefficients.index_select(0, keep))
+            if routed.shape[1:] != rough.shape[1:]:
+                raise ValueError(
+                    f"early exit mixes rough predictions of per-sample shape {tuple(rough.shape[1:])} with specialist "
+                    f"outputs of per-sample shape {tuple(routed.shape[1:])}; use exit_threshold=None"
+                )
+            output = rough.to(routed.dtype).index_copy(0, keep, routed)
+        return BasisNetOutput(output=output, exited=exited, confidence=confidence, coefficients=coefficients)
+
+
+def basisnet_loss(
+    output: BasisNetTrainOutput,
+    target: torch.Tensor,
+    rough_weight: float = 1.0,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Joint loss of the two stages: ``criterion(output) + rough_weight * criterion(rough_logits)``.
+
+    The specialist's loss trains the bases and, through the coefficients, the lightweight model's coefficient
+    head and backbone; the rough term trains the rough head used for early exit. pycoe's minimal formulation:
+    the paper's recipes (e.g. distillation from a teacher) are not confirmed and are left to the user, who can
+    pass any ``criterion``.
+
+    Args:
+        output: a :class:`BasisNetTrainOutput`.
+        target: the targets, e.g. ``LongTensor[B]`` class indices.
+        rough_weight: >= 0 weight of the rough term (ignored when there is no rough head).
+        criterion: ``(prediction, target) -> scalar``; default ``torch.nn.functional.cross_entropy``.
+
+    Returns:
+        ``(loss Tensor[], info)`` with ``info = {"specialist": ..., "rough": ...}`` (detached scalars; "rough"
+        only with a rough head).
+    """
+    if not isinstance(output, BasisNetTrainOutput):
+        raise TypeError(
+            f"output must be a BasisNetTrainOutput (BasisNet in training mode), got {type(output).__name__}"
+        )
+    if isinstance(rough_weight, bool) or not isinstance(rough_weight, (int, float)) or not 0 <= rough_weight < math.inf:
+        raise ValueError(f"rough_weight must be a finite number >= 0, got {rough_weight!r}")
+    criterion = F.cross_entropy if criterion is None else criterion
+    specialist_loss = criterion(output.output, target)
+    info = {"specialist": specialist_loss.detach()}
+    loss = specialist_loss
+    if output.rough_logits is not None:
+        rough_loss = criterion(output.rough_logits, target)
+        info["rough"] = rough_loss.detach()
+        loss = loss + rough_weight * rough_loss
+    return loss, info

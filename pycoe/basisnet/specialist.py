@@ -1,0 +1,295 @@
+"""BasisNet's specialist: a model whose convolutions are banks of N basis kernels mixed by one coefficient vector.
+
+Zhang, Chu, Zhmoginov, Howard, Jou, Zhu, Zhang, Hwa and Kovashka, "BasisNet: Two-Stage Model Synthesis for
+Efficient Inference", CVPR 2021 ECV workshop, arXiv:2105.03014. Confirmed by the paper's public text: a
+lightweight model previews the input and produces input-dependent combination coefficients, which control
+the synthesis of a *specialist* model from basis models. The synthesis rule implemented here,
+
+.. math::
+
+    W_l(x) = \\sum_{n=1}^{N} \\alpha_n(x)\\, W_l^{(n)} \\quad \\text{for every converted convolution } l,
+
+with **one** coefficient vector :math:`\\alpha(x) \\in \\mathbb{R}^N` per sample shared by all layers, is the
+commonly described form of the method but is *not confirmed* from the paper's text (see the guide); it is
+pycoe's formulation. Each converted layer is a :class:`~pycoe.layers.condconv.CondConv2d` without a router
+(``router=False``) whose ``routing_weights`` are the shared coefficients, so the convolution itself is
+:func:`pycoe.functional.mixture_conv2d`.
+
+How the coefficients reach the layers: :meth:`BasisSpecialist.forward` publishes them, for the duration of the
+call, in a :class:`contextvars.ContextVar` keyed by the identity of its own basis layers; a forward pre-hook on
+each basis layer (a module-level function, so the model still pickles and deep-copies) passes them to the
+layer as ``routing_weights``. A context variable is private to each thread (and each asyncio task), so
+concurrent calls from several threads do not see each other's coefficients; nothing is stored on the modules.
+
+Einstein legend: ``b`` batch (B), ``n`` bases (N), ``o``/``c`` output/input channels, ``kh``/``kw`` kernel size.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from pycoe._modules import replace_modules
+from pycoe._validation import check_choice, check_positive_int, check_tensor
+from pycoe.functional.mixture import MIXTURE_STRATEGIES
+from pycoe.layers.condconv import CondConv2d, convert_conv2d_to_condconv
+
+__all__ = ["BasisSpecialist"]
+
+# id(basis layer) -> Tensor[B, N] coefficients, for the basis layers of the specialist calls in progress in the
+# current thread/task. Set and reset only by BasisSpecialist.forward.
+_ACTIVE_COEFFICIENTS: contextvars.ContextVar[Mapping[int, torch.Tensor]] = contextvars.ContextVar(
+    "pycoe_basis_coefficients", default={}
+)
+
+
+def _inject_coefficients(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of a basis layer: add the specialist's coefficients as ``routing_weights``."""
+    if len(args) > 1 or "routing_weights" in kwargs:
+        return None  # explicit routing weights: a direct call of the layer, leave it alone
+    coefficients = _ACTIVE_COEFFICIENTS.get().get(id(module))
+    if coefficients is None:
+        raise RuntimeError(
+            "this CondConv2d is a basis layer of a BasisSpecialist: call the specialist as "
+            "specialist(x, coefficients) (or pass routing_weights=Tensor[B, N] to the layer directly)"
+        )
+    return args, {**kwargs, "routing_weights": coefficients}
+
+
+def _strip_router(layer: CondConv2d) -> CondConv2d:
+    """A router-less copy of a freshly converted :class:`CondConv2d` (same configuration and parameters)."""
+    new = CondConv2d(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias is not None,
+        num_experts=layer.num_experts,
+        router=False,
+        strategy=layer.strategy,
+        device=layer.weight.device,
+        dtype=layer.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)  # type: ignore[union-attr]
+    new.train(layer.training)
+    return new
+
+
+class BasisSpecialist(nn.Module):
+    """Turn a model into a BasisNet specialist: chosen convolutions become banks of N basis kernels.
+
+    Every chosen ``nn.Conv2d`` (plain, zero padding) of ``model`` is replaced, in place, by a router-less
+    :class:`~pycoe.layers.condconv.CondConv2d` holding ``num_bases`` kernels (and biases). Calling
+    ``specialist(x, coefficients)`` convolves sample ``b`` at *every* basis layer with
+    ``sum_n coefficients[b, n] * W^{(n)}``: one coefficient vector per sample, shared by all layers. Everything
+    else in the model (batch norm, activations, linear layers) is shared between the bases and not mixed.
+    The conversion reuses :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv` (then drops the routers).
+
+    **Initialisation from the pretrained model.** Every basis starts as a copy of the original kernel and bias,
+    so for any coefficients that sum to 1 per sample the specialist computes the original model's function
+    (exactly in real arithmetic; up to float rounding in practice). Caveat: identical bases with coefficients
+    that sum to 1 make the output independent of the coefficients, so a softmax coefficient generator gets
+    *zero* gradient and every basis gets the same gradient under uniform coefficients: the symmetry never
+    breaks by itself. ``init_noise > 0`` adds, per layer, Gaussian noise of standard deviation
+    ``init_noise * std(original kernel)`` to the bases, **centred across the bases** (the N noise tensors sum
+    to zero; pycoe's choice), so uniform coefficients ``1/N`` still reproduce the original model exactly while
+    any other coefficients do not. Basis dropout in :class:`~pycoe.basisnet.model.BasisNet` also breaks the
+    symmetry. How the paper initialised and perturbed its bases is not confirmed.
+
+    Args:
+        model: the model to convert, modified in place (keep a copy if you need the original).
+        num_bases: N >= 1.
+        predicate: which convolutions become basis layers: ``None`` (default, pycoe's choice: every plain
+            ``nn.Conv2d`` with zero padding, the stem included), a callable ``(qualified_name, conv) -> bool``
+            or a collection of qualified names, as for :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv`.
+        init_noise: relative scale of the symmetry-breaking noise (>= 0; ``0`` gives exact copies).
+        generator: optional ``torch.Generator`` for the noise.
+        strategy: the mixture strategy of the basis layers (``"auto"``, ``"weight"`` or ``"output"``).
+
+    Attributes:
+        model (nn.Module): the converted model.
+        num_bases (int): N.
+        basis_layer_names (list[str]): qualified names (inside ``model``) of the basis layers.
+
+    Example:
+        >>> import torchvision
+        >>> spec = BasisSpecialist(torchvision.models.resnet18(num_classes=10), num_bases=4).eval()
+        >>> coefficients = torch.softmax(torch.randn(2, 4), dim=1)
+        >>> spec(torch.randn(2, 3, 64, 64), coefficients).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_bases: int,
+        predicate: Callable[[str, nn.Module], bool] | Collection[str] | None = None,
+        init_noise: float = 0.0,
+        generator: torch.Generator | None = None,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        num_bases = check_positive_int("num_bases", num_bases)
+        if isinstance(init_noise, bool) or not isinstance(init_noise, (int, float)) or not init_noise >= 0:
+            raise ValueError(f"init_noise must be a finite number >= 0, got {init_noise!r}")
+        if float(init_noise) == float("inf"):
+            raise ValueError(f"init_noise must be a finite number >= 0, got {init_noise!r}")
+        check_choice("strategy", strategy, MIXTURE_STRATEGIES)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if predicate is None:
+            predicate = _every_conv
+        names = convert_conv2d_to_condconv(model, num_bases, predicate=predicate, normalize="sum", strategy=strategy)
+        if not names:
+            raise ValueError(
+                "the predicate chose no convolution of the model: a BasisSpecialist needs at least one plain "
+                "nn.Conv2d (zero padding) to turn into a basis layer"
+            )
+        chosen = set(names)
+        replace_modules(model, lambda name, m: name in chosen, lambda name, m: _strip_router(m))
+        self.model = model
+        self.num_bases = num_bases
+        self.basis_layer_names = list(dict.fromkeys(names))  # a shared conv is listed once per name
+        self.init_noise = float(init_noise)
+        for layer in self.basis_layers():
+            layer.register_forward_pre_hook(_inject_coefficients, with_kwargs=True)
+        if init_noise > 0:
+            self.perturb_bases(init_noise, generator=generator)
+
+    # ------------------------------------------------------------------ helpers
+    def basis_layers(self) -> list[CondConv2d]:
+        """The basis layers (each module once, in ``basis_layer_names`` order)."""
+        layers: dict[int, CondConv2d] = {}
+        for name in self.basis_layer_names:
+            layer = self.model.get_submodule(name)
+            layers.setdefault(id(layer), layer)  # type: ignore[arg-type]
+        return list(layers.values())
+
+    @torch.no_grad()
+    def perturb_bases(self, scale: float, generator: torch.Generator | None = None) -> None:
+        """Add centred Gaussian noise to every basis layer's bank (see the class docstring).
+
+        For each layer, noise of standard deviation ``scale * std(mean kernel)`` is drawn per basis, its mean
+        over the bases is subtracted (so the bank's mean over the bases is unchanged) and it is added to the
+        kernels; biases are not perturbed. With N = 1 the centred noise is zero.
+
+        Args:
+            scale: relative noise scale, >= 0.
+            generator: optional ``torch.Generator``.
+        """
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+            raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+        for layer in self.basis_layers():
+            bank = layer.weight  # Tensor[N, O, C/g, kh, kw]
+            mean_kernel = bank.mean(dim=0)
+            std = mean_kernel.std() if mean_kernel.numel() > 1 else mean_kernel.abs().reshape(())
+            noise = torch.randn(bank.shape, generator=generator, device="cpu", dtype=torch.float64)
+            noise = (noise - noise.mean(dim=0, keepdim=True)).to(device=bank.device, dtype=bank.dtype)
+            bank.add_(noise * (scale * std))
+
+    def _check_coefficients(self, x: Any, coefficients: Any, layers: list[CondConv2d]) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise TypeError(f"x must be a batch-first torch.Tensor, got {type(x).__name__}")
+        check_tensor("coefficients", coefficients, ndim=2, floating=True)
+        if coefficients.shape != (x.shape[0], self.num_bases):
+            raise ValueError(
+                f"coefficients must have shape [B, N] = [{x.shape[0]}, {self.num_bases}] (B = batch of x, "
+                f"N = num_bases), got {tuple(coefficients.shape)}"
+            )
+        ref = layers[0].weight
+        if coefficients.dtype != ref.dtype:
+            raise TypeError(
+                f"coefficients must have the dtype of the basis kernels ({ref.dtype}), got {coefficients.dtype}"
+            )
+        if coefficients.device != ref.device:
+            raise ValueError(
+                f"coefficients must be on the device of the model ({ref.device}), got {coefficients.device}"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, coefficients: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run the model with every basis layer mixed by ``coefficients``.
+
+        Args:
+            x: the batch, ``Tensor[B, ...]`` (e.g. ``Tensor[B, 3, H, W]``); passed to the model.
+            coefficients: ``Tensor[B, N]``, each sample's mixing coefficients, shared by all basis layers
+                (any real numbers; they sum to 1 per sample when they come from a softmax).
+            *args: further positional inputs of the model.
+            **kwargs: keyword inputs of the model.
+
+        Returns:
+            Whatever the model returns (e.g. logits ``Tensor[B, C]``).
+        """
+        layers = self.basis_layers()
+        self._check_coefficients(x, coefficients, layers)
+        active = dict(_ACTIVE_COEFFICIENTS.get())  # keep outer specialists' entries (nested specialists)
+        for layer in layers:
+            active[id(layer)] = coefficients
+        token = _ACTIVE_COEFFICIENTS.set(active)
+        try:
+            return self.model(x, *args, **kwargs)
+        finally:
+            _ACTIVE_COEFFICIENTS.reset(token)
+
+    @torch.no_grad()
+    def synthesize(self, coefficients: torch.Tensor) -> nn.Module:
+        """Build the plain model of one coefficient vector: every basis layer becomes an ``nn.Conv2d``.
+
+        Sample-independent deployment (e.g. batch-1 inference: synthesise once, then run an ordinary model at
+        the original model's cost), and the slow, obviously correct reference of :meth:`forward` (each kernel is
+        built as an explicit sum over the bases). The result is a deep copy without gradient history.
+
+        Args:
+            coefficients: ``Tensor[N]``, one sample's coefficients.
+
+        Returns:
+            A copy of ``model`` (``nn.Module``) in the specialist's train/eval mode.
+        """
+        check_tensor("coefficients", coefficients, shape=(self.num_bases,), floating=True)
+        model = copy.deepcopy(self.model)
+        names = set(self.basis_layer_names)
+
+        def factory(name: str, layer: nn.Module) -> nn.Module:
+            assert isinstance(layer, CondConv2d)
+            w = layer.weight
+            conv = nn.Conv2d(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                groups=layer.groups,
+                bias=layer.bias is not None,
+                device=w.device,
+                dtype=w.dtype,
+            )
+            c = coefficients.to(device=w.device, dtype=w.dtype)
+            conv.weight.copy_(sum(c[n] * w[n] for n in range(self.num_bases)))
+            if layer.bias is not None:
+                conv.bias.copy_(sum(c[n] * layer.bias[n] for n in range(self.num_bases)))
+            conv.train(layer.training)
+            return conv
+
+        replace_modules(model, lambda name, m: name in names, factory)
+        return model
+
+    def extra_repr(self) -> str:
+        return f"num_bases={self.num_bases}, basis_layers={len(self.basis_layers())}"
+
+
+def _every_conv(name: str, module: nn.Module) -> bool:
+    return True  # convert_conv2d_to_condconv only offers plain zero-padded nn.Conv2d layers
