@@ -1,0 +1,594 @@
+"""Tests of the piecewise linear unit: pycoe.functional.pwlu, pwlu_reference and pycoe.layers.pwlu."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pycoe.functional.pwlu import pwlu, pwlu_reference
+from pycoe.layers.pwlu import INIT_NAMES, PWLU, convert_activations_to_pwlu, realign_pwlu
+
+# the module itself (``pycoe.functional.pwlu`` as an attribute is the re-exported function)
+fpwlu = importlib.import_module("pycoe.functional.pwlu")
+F64 = torch.float64
+
+
+def random_params(rows: int, n: int, dtype=F64, requires_grad=True, gen=None):
+    """Random knots, bounds around [-2, 2] and slopes, shapes [rows, n + 1] and [rows]."""
+    pts = torch.randn(rows, n + 1, dtype=dtype, generator=gen)
+    lb = -2.0 + 0.3 * torch.randn(rows, dtype=dtype, generator=gen)
+    rb = 2.0 + 0.3 * torch.randn(rows, dtype=dtype, generator=gen)
+    ks = torch.randn(rows, dtype=dtype, generator=gen)
+    kr = torch.randn(rows, dtype=dtype, generator=gen)
+    params = [pts, lb, rb, ks, kr]
+    return [p.requires_grad_(requires_grad) for p in params]
+
+
+def all_grads(fn, x, params, channel_dim, gout):
+    y = fn(x, *params, channel_dim=channel_dim)
+    return y, torch.autograd.grad(y, [x, *params], gout)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Make the fast path split tiny tensors into many pieces (all three kinds of piece)."""
+    monkeypatch.setattr(fpwlu, "_CHUNK_BYTES", 8 * 24)
+
+
+# ------------------------------------------------------------------------------------------------
+# functional: gradcheck, reference agreement, continuity, deterministic path
+
+
+@pytest.mark.parametrize(
+    "rows,shape,channel_dim",
+    [(1, (2, 3, 4, 3), 1), (3, (2, 3, 4, 3), 1), (4, (2, 5, 4), -1)],
+)
+def test_gradcheck_input_and_every_parameter(rows, shape, channel_dim, small_chunks):
+    x = (2.5 * torch.randn(shape, dtype=F64)).requires_grad_()
+    params = random_params(rows, 5)
+    assert torch.autograd.gradcheck(lambda *a: pwlu(*a, channel_dim=channel_dim), (x, *params))
+
+
+def test_gradcheck_deterministic_path():
+    x = (2.5 * torch.randn(2, 3, 5, dtype=F64)).requires_grad_()
+    params = random_params(3, 4)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.autograd.gradcheck(lambda *a: pwlu(*a, channel_dim=1), (x, *params))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_reference_gradcheck():
+    x = (2.5 * torch.randn(2, 3, 4, dtype=F64)).requires_grad_()
+    params = random_params(3, 4)
+    assert torch.autograd.gradcheck(lambda *a: pwlu_reference(*a, channel_dim=1), (x, *params))
+
+
+@settings(max_examples=25)
+@given(
+    data=st.data(),
+    ndim=st.integers(1, 4),
+    n=st.integers(1, 9),
+    per_channel=st.booleans(),
+    chunk_bytes=st.sampled_from([8, 8 * 7, 8 * 40, 1 << 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes, seed):
+    shape = tuple(data.draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    channel_dim = data.draw(st.integers(-ndim, ndim - 1))
+    rows = shape[channel_dim] if per_channel else 1
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(shape, dtype=F64, generator=gen)).requires_grad_()
+    params = random_params(rows, n, gen=gen)
+    gout = torch.randn(shape, dtype=F64, generator=gen)
+    old = fpwlu._CHUNK_BYTES
+    fpwlu._CHUNK_BYTES = chunk_bytes
+    try:
+        y, grads = all_grads(pwlu, x, params, channel_dim, gout)
+    finally:
+        fpwlu._CHUNK_BYTES = old
+    y_ref, grads_ref = all_grads(pwlu_reference, x, params, channel_dim, gout)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_agrees_with_float64_reference():
+    x = 3 * torch.randn(4, 6, 9, 9)
+    params = [p.float() for p in random_params(6, 16, requires_grad=False)]
+    params = [p.requires_grad_() for p in params]
+    x.requires_grad_()
+    gout = torch.randn_like(x)
+    y, grads = all_grads(pwlu, x, params, 1, gout)
+    x64 = x.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    y_ref, grads_ref = all_grads(pwlu_reference, x64, p64, 1, gout.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_deterministic_path_agrees_and_repeats():
+    x = (3 * torch.randn(4, 5, 30, dtype=torch.float32)).requires_grad_()
+    params = [p.float().detach().requires_grad_() for p in random_params(5, 16)]
+    gout = torch.randn_like(x)
+    _, default = all_grads(pwlu, x, params, 1, gout)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, det1 = all_grads(pwlu, x, params, 1, gout)
+        _, det2 = all_grads(pwlu, x, params, 1, gout)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for a, b, c in zip(default, det1, det2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b, c)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_continuity_and_values_at_every_knot(rows):
+    n = 7
+    pts, lb, rb, ks, kr = random_params(rows, n, requires_grad=False)
+    j = torch.arange(n + 1, dtype=F64)
+    knots = lb[:, None] + (rb - lb)[:, None] * j / n  # [rows, K]
+    eps = 1e-9
+    for offset in (-eps, 0.0, eps):
+        x = (knots + offset).T.contiguous().unsqueeze(0)  # [1, K, rows]: channel_dim=2
+        y = pwlu(x, pts, lb, rb, ks, kr, channel_dim=2)
+        torch.testing.assert_close(y[0].T, pts, rtol=0, atol=1e-7)
+
+
+def test_linear_extrapolation_outside_the_bounds():
+    pts, lb, rb, ks, kr = random_params(1, 4, requires_grad=False)
+    x = torch.tensor([lb.item() - 5.0, lb.item() - 1.0, rb.item() + 1.0, rb.item() + 7.0], dtype=F64)
+    y = pwlu(x, pts, lb, rb, ks, kr)
+    expected = torch.stack(
+        [pts[0, 0] - 5 * ks[0], pts[0, 0] - ks[0], pts[0, -1] + kr[0], pts[0, -1] + 7 * kr[0]]
+    )
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_nan_inf_and_empty_inputs():
+    pts, lb, rb, ks, kr = random_params(1, 4, requires_grad=False)
+    ks.fill_(0.5)
+    kr.fill_(2.0)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=F64)
+    y = pwlu(x, pts, lb, rb, ks, kr)
+    assert torch.isnan(y[0]) and y[1] == float("inf") and y[2] == -float("inf") and torch.isfinite(y[3])
+    empty = torch.empty(0, 3, dtype=F64)
+    assert pwlu(empty, pts, lb, rb, ks, kr).shape == (0, 3)
+
+
+def test_scalar_parameters_broadcast_over_channels():
+    x = torch.randn(2, 3, 4, dtype=F64)
+    pts = torch.randn(3, 5, dtype=F64)
+    y = pwlu(x, pts, -1.5, 2.0, 0.0, 1.0)
+    y_ref = pwlu_reference(x, pts, torch.full((3,), -1.5, dtype=F64), torch.full((3,), 2.0, dtype=F64),
+                           torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    torch.testing.assert_close(y, y_ref)
+
+
+def test_channels_last_and_permuted_inputs():
+    x = 2 * torch.randn(3, 6, 5, 4)
+    params = [p.float().detach().requires_grad_() for p in random_params(6, 8)]
+    gout = torch.randn_like(x)
+    xc = x.clone().requires_grad_()
+    y, grads = all_grads(pwlu, xc, params, 1, gout)
+    xl = x.clone().to(memory_format=torch.channels_last).requires_grad_()
+    yl, grads_l = all_grads(pwlu, xl, params, 1, gout)
+    assert yl.is_contiguous(memory_format=torch.channels_last)
+    assert grads_l[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yl, y, rtol=0, atol=0)
+    for a, b in zip(grads, grads_l):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    # a non-dense view (a slice with gaps) and a (B, T, C) sequence view made by a transpose
+    xs = x[:, ::2]
+    ps = [p.detach()[:3] for p in params]
+    torch.testing.assert_close(pwlu(xs, *ps), pwlu_reference(xs, *ps), rtol=1e-6, atol=1e-6)
+    xt = x.flatten(2).transpose(1, 2)  # [B, T, C] with C = 6 strided
+    pt = [p.detach() for p in params]
+    torch.testing.assert_close(pwlu(xt, *pt, channel_dim=-1), pwlu_reference(xt, *pt, channel_dim=-1))
+
+
+def test_bfloat16_under_cpu_autocast():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    unit = PWLU(granularity="channel", num_channels=4, collect=False)
+    with torch.no_grad():
+        unit.points.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        assert h.dtype == torch.bfloat16
+        y = unit(h)
+    assert y.dtype == torch.bfloat16
+    # computed in float32 from the bfloat16 input, then rounded once to bfloat16
+    expected = pwlu_reference(h.float(), unit.points, unit.left_bound, unit.right_bound,
+                              unit.left_slope, unit.right_slope).to(torch.bfloat16)
+    torch.testing.assert_close(y, expected, rtol=1.6e-2, atol=1e-2)
+    y.float().sum().backward()
+    assert unit.points.grad is not None and unit.points.grad.dtype == torch.float32
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
+def test_torch_compile_smoke():
+    x = (2 * torch.randn(2, 4, 5, 5)).requires_grad_()
+    params = [p.float().detach().requires_grad_() for p in random_params(4, 8)]
+    gout = torch.randn_like(x)
+    y, grads = all_grads(pwlu, x, params, 1, gout)
+    # aot_eager traces the autograd.Function through dynamo and AOTAutograd (fullgraph: no graph break)
+    # without spending CI time in inductor's C++ compiler.
+    compiled = torch.compile(lambda a, *p: pwlu(a, *p, channel_dim=1), backend="aot_eager", fullgraph=True)
+    yc = compiled(x, *params)
+    grads_c = torch.autograd.grad(yc, [x, *params], gout)
+    torch.testing.assert_close(yc, y)
+    for a, b in zip(grads, grads_c):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# module: phases, statistics, realignment
+
+# (sup |f''| inside the bounds, largest jump of f' at a kink): the interpolation error bound on an
+# interval of width d is d^2/8 * sup|f''| + d/4 * jump.
+SMOOTHNESS = {
+    "identity": (0.0, 0.0),
+    "relu": (0.0, 1.0),
+    "relu6": (0.0, 1.0),
+    "leaky_relu": (0.0, 0.99),
+    "silu": (0.5, 0.0),
+    "swish": (0.5, 0.0),
+    "hardswish": (1 / 3, 0.5),
+    "hardsigmoid": (0.0, 1 / 6),
+    "gelu": (0.8, 0.0),
+    "gelu_tanh": (0.8, 0.0),
+    "tanh": (0.77, 0.0),
+    "sigmoid": (0.1, 0.0),
+}
+
+REFERENCE_FN = {
+    "identity": lambda x: x,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "silu": F.silu,
+    "swish": F.silu,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def test_every_init_has_a_tolerance_entry():
+    assert set(INIT_NAMES) == set(SMOOTHNESS) == set(REFERENCE_FN)
+
+
+@pytest.mark.parametrize("init", INIT_NAMES)
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_collecting_phase_is_exactly_the_init_function(init, granularity):
+    nc = 3 if granularity == "channel" else None
+    unit = PWLU(init=init, granularity=granularity, num_channels=nc)
+    x = 4 * torch.randn(2, 3, 5, 5)
+    assert unit.collecting
+    for mode in (True, False):
+        unit.train(mode)
+        assert torch.equal(unit(x), REFERENCE_FN[init](x))
+
+
+@pytest.mark.parametrize("init", INIT_NAMES)
+def test_after_realign_equals_the_init_function_inside_the_bounds(init):
+    unit = PWLU(init=init, granularity="channel", num_channels=2, dtype=F64)
+    x = torch.randn(64, 2, 3, dtype=F64) * torch.tensor([1.0, 2.5], dtype=F64)[None, :, None]
+    x = x + torch.tensor([0.3, -1.0], dtype=F64)[None, :, None]
+    unit(x)
+    unit.realign()
+    assert not unit.collecting
+    lb, rb = unit.left_bound.detach(), unit.right_bound.detach()
+    d = (rb - lb) / unit.num_intervals
+    t = torch.linspace(0, 1, 2001, dtype=F64)[:, None]
+    grid = (lb + (rb - lb) * t).unsqueeze(-1)  # [2001, 2, 1], inside the bounds
+    y = unit(grid)
+    err = (y - REFERENCE_FN[init](grid)).abs()
+    c2, jump = SMOOTHNESS[init]
+    bound = d**2 / 8 * c2 + d / 4 * jump + 1e-12
+    assert (err <= bound[None, :, None]).all()
+    if init == "identity":
+        torch.testing.assert_close(unit(4 * x), 4 * x, rtol=0, atol=1e-12)  # everywhere
+
+
+def test_relu_after_realign_is_exact_away_from_the_interval_holding_zero():
+    unit = PWLU(dtype=F64)
+    unit(torch.randn(1000, dtype=F64) + 0.2)
+    unit.realign()
+    lb, rb = unit.left_bound.item(), unit.right_bound.item()
+    assert lb < 0 < rb
+    d = (rb - lb) / unit.num_intervals
+    k = math.floor((0 - lb) / d)
+    x = torch.linspace(lb - 5, rb + 5, 5001, dtype=F64)
+    y = unit(x)
+    away = (x < lb + k * d) | (x > lb + (k + 1) * d)
+    torch.testing.assert_close(y[away], F.relu(x[away]), rtol=0, atol=1e-12)
+    assert ((y - F.relu(x)).abs() <= d / 4 + 1e-12).all()
+
+
+def test_statistics_momentum_eval_mode_and_realign_bounds():
+    unit = PWLU(granularity="channel", num_channels=2, momentum=0.9, bound_std=2.0, dtype=F64)
+    a = torch.randn(8, 2, 4, dtype=F64)
+    b = 3 + 2 * torch.randn(8, 2, 4, dtype=F64)
+    unit(a)
+    unit(b)
+    unit.eval()
+    unit(100 + torch.randn(8, 2, 4, dtype=F64))  # eval mode: no update
+    var_a, mean_a = torch.var_mean(a, dim=(0, 2), correction=0)
+    var_b, mean_b = torch.var_mean(b, dim=(0, 2), correction=0)
+    torch.testing.assert_close(unit.running_mean, 0.9 * mean_a + 0.1 * mean_b)
+    torch.testing.assert_close(unit.running_var, 0.9 * var_a + 0.1 * var_b)
+    assert int(unit.num_batches_tracked) == 2
+    unit.realign()
+    std = unit.running_var.sqrt()
+    torch.testing.assert_close(unit.left_bound.detach(), unit.running_mean - 2.0 * std)
+    torch.testing.assert_close(unit.right_bound.detach(), unit.running_mean + 2.0 * std)
+    assert unit.left_slope.tolist() == [0.0, 0.0] and unit.right_slope.tolist() == [1.0, 1.0]
+
+
+def test_layer_statistics_and_sequence_channel_dim():
+    unit = PWLU(granularity="channel", num_channels=5, channel_dim=-1)
+    x = torch.randn(3, 7, 5) * torch.arange(1, 6)
+    unit(x)
+    var, mean = torch.var_mean(x, dim=(0, 1), correction=0)
+    torch.testing.assert_close(unit.running_mean, mean)
+    torch.testing.assert_close(unit.running_var, var)
+    layer = PWLU()
+    layer(x)
+    var, mean = torch.var_mean(x, correction=0)
+    torch.testing.assert_close(layer.running_mean, mean.reshape(1))
+    torch.testing.assert_close(layer.running_var, var.reshape(1))
+
+
+def test_constant_input_gives_a_usable_grid():
+    unit = PWLU()
+    unit(torch.full((10,), 2.0))
+    unit.realign()
+    assert (unit.right_bound > unit.left_bound).all()
+    y = unit(torch.tensor([2.0, 5.0, -1.0]))
+    # ReLU's kink lies left of the tiny grid, so the paper's rule (K_L = 0) makes the left ray flat at
+    # f(B_L) ~ 2: exact only on the grid's side of the kink.
+    torch.testing.assert_close(y, torch.tensor([2.0, 5.0, 2.0]), rtol=0, atol=1e-3)
+
+
+def test_channel_granularity_equals_layer_units_channel_by_channel():
+    torch.manual_seed(1)
+    unit = PWLU(num_intervals=6, granularity="channel", num_channels=3, dtype=F64, collect=False)
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = 3 * torch.randn(4, 3, 5, dtype=F64)
+    y = unit(x)
+    for c in range(3):
+        layer = PWLU(num_intervals=6, dtype=F64, collect=False)
+        with torch.no_grad():
+            for name in ("points", "left_bound", "right_bound", "left_slope", "right_slope"):
+                getattr(layer, name).copy_(getattr(unit, name)[c : c + 1])
+        torch.testing.assert_close(y[:, c], layer(x[:, c]), rtol=0, atol=0)
+    # and the statistics: a channel unit's per-channel stats equal a layer unit's on that channel
+    collecting = PWLU(granularity="channel", num_channels=3, dtype=F64)
+    collecting(x)
+    for c in range(3):
+        layer = PWLU(dtype=F64)
+        layer(x[:, c])
+        torch.testing.assert_close(collecting.running_mean[c : c + 1], layer.running_mean)
+        torch.testing.assert_close(collecting.running_var[c : c + 1], layer.running_var)
+
+
+def test_learning_phase_trains_every_parameter():
+    unit = PWLU(num_intervals=8, granularity="channel", num_channels=2)
+    x = 2 * torch.randn(16, 2, 6)
+    unit(x)
+    unit.realign()
+    x = 3 * x  # reaches beyond the bounds on both sides
+    loss = (unit(x) - torch.sin(x)).pow(2).mean()
+    loss.backward()
+    for name, p in unit.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_state_dict_round_trip_keeps_the_phase():
+    unit = PWLU(init="silu")
+    unit(torch.randn(20))
+    unit.realign()
+    buf = io.BytesIO()
+    torch.save(unit.state_dict(), buf)
+    buf.seek(0)
+    fresh = PWLU(init="silu")
+    assert fresh.collecting
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert not fresh.collecting
+    x = torch.randn(50)
+    torch.testing.assert_close(fresh(x), unit(x))
+    clone = copy.deepcopy(unit)
+    torch.testing.assert_close(clone(x), unit(x))
+    fresh.reset_parameters()
+    assert fresh.collecting and int(fresh.num_batches_tracked) == 0
+
+
+def test_realign_pwlu_helper():
+    model = nn.Sequential(nn.Linear(4, 6), PWLU(), nn.Linear(6, 6), PWLU(init="silu"), PWLU())
+    model(torch.randn(5, 4))
+    assert realign_pwlu(model) == 3
+    assert realign_pwlu(model) == 0  # nothing left collecting
+    fresh = nn.Sequential(PWLU(), nn.Linear(2, 2), PWLU())
+    fresh[0](torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match="2"):
+        realign_pwlu(fresh)
+    assert fresh[0].collecting  # all-or-nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"num_intervals": 0}, ValueError, "num_intervals"),
+        ({"num_intervals": -2}, ValueError, "num_intervals"),
+        ({"num_intervals": 2.5}, ValueError, "num_intervals"),
+        ({"init": "softplus"}, ValueError, "init"),
+        ({"granularity": "model"}, ValueError, "granularity"),
+        ({"granularity": "channel"}, ValueError, "num_channels"),
+        ({"granularity": "channel", "num_channels": 0}, ValueError, "num_channels"),
+        ({"num_channels": 4}, ValueError, "num_channels"),
+        ({"bound_std": 0.0}, ValueError, "bound_std"),
+        ({"bound_std": -1.0}, ValueError, "bound_std"),
+        ({"bound_std": float("nan")}, ValueError, "bound_std"),
+        ({"momentum": 1.5}, ValueError, "momentum"),
+        ({"left_bound": 1.0, "right_bound": 1.0}, ValueError, "left_bound"),
+        ({"left_bound": float("inf")}, ValueError, "left_bound"),
+        ({"channel_dim": 1.0}, TypeError, "channel_dim"),
+        ({"collect": 1}, TypeError, "collect"),
+        ({"dtype": torch.int32}, TypeError, "dtype"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        PWLU(**kwargs)
+
+
+def test_bad_forward_inputs_and_realign_before_statistics():
+    unit = PWLU(granularity="channel", num_channels=3)
+    with pytest.raises(ValueError, match="3 channels"):
+        unit(torch.randn(2, 4, 5))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        unit(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        unit([1.0, 2.0])
+    with pytest.raises(RuntimeError, match="no.*statistics|none were collected"):
+        unit.realign()
+    unit.eval()
+    unit(torch.randn(2, 3))  # eval mode collects nothing
+    with pytest.raises(RuntimeError, match="none were collected"):
+        unit.realign()
+    seq = PWLU(granularity="channel", num_channels=3, channel_dim=2)
+    with pytest.raises(ValueError, match="channel_dim"):
+        seq(torch.randn(4, 3))
+
+
+def test_bad_functional_arguments():
+    x = torch.randn(2, 3, 4)
+    pts = torch.randn(3, 5)
+    ok = (torch.zeros(3) - 1, torch.ones(3), torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="at least 2 knots"):
+        pwlu(x, torch.randn(1, 1), -1.0, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="points has 3 rows"):
+        pwlu(torch.randn(2, 4, 4), pts, *ok)
+    with pytest.raises(ValueError, match="left_bound"):
+        pwlu(x, pts, torch.zeros(2), *ok[1:])
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        pwlu(x.long(), pts, *ok)
+    with pytest.raises(TypeError, match="points"):
+        pwlu(x, pts.long(), *ok)
+    with pytest.raises(ValueError, match="channel_dim"):
+        pwlu(x, pts, *ok, channel_dim=3)
+    with pytest.raises(TypeError, match="right_slope"):
+        pwlu(x, pts, *ok[:3], "1")
+    with pytest.raises(ValueError, match="points must have 1 or 2 dimensions"):
+        pwlu(x, torch.randn(1, 3, 5), *ok)
+
+
+def test_bad_conversion_arguments():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with pytest.raises(ValueError, match="example_inputs"):
+        convert_activations_to_pwlu(model, granularity="channel")
+    with pytest.raises(TypeError, match="activations"):
+        convert_activations_to_pwlu(model, activations=(nn.Linear,))
+    with pytest.raises(TypeError, match="model"):
+        convert_activations_to_pwlu("not a model")
+    with pytest.raises(ValueError, match="granularity"):
+        convert_activations_to_pwlu(model, granularity="tensor")
+    unreached = nn.ModuleDict({"used": nn.ReLU(), "unused": nn.ReLU()})
+    unreached.forward = lambda x: unreached["used"](x)
+    with pytest.raises(ValueError, match="did not reach"):
+        convert_activations_to_pwlu(unreached, granularity="channel", example_inputs=torch.randn(2, 3))
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(self.act(x)))
+
+    with pytest.raises(ValueError, match="several"):
+        convert_activations_to_pwlu(Shared(), granularity="channel", example_inputs=torch.randn(2, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# conversion of real models
+
+
+def test_conversion_keeps_init_functions_and_modes():
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.LeakyReLU(0.2), nn.GELU(approximate="tanh"), nn.ReLU6(inplace=True), nn.Hardsigmoid()
+    ).eval()
+    x = 5 * torch.randn(6, 3)
+    y0 = model(x)
+    names = convert_activations_to_pwlu(model)
+    assert names == ["1", "2", "3"]  # the Hardsigmoid gate is not in the default list
+    assert [m.init for m in model if isinstance(m, PWLU)] == ["leaky_relu", "gelu_tanh", "relu6"]
+    assert model[1].negative_slope == 0.2 and not model[1].training
+    assert torch.equal(model(x), y0)
+    names = convert_activations_to_pwlu(model, activations=(nn.Hardsigmoid,))
+    assert names == ["4"]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_torchvision_resnet18_and_mobilenet_v3_unchanged_right_after_conversion(granularity):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    for ctor, expected in ((torchvision.models.resnet18, 9), (torchvision.models.mobilenet_v3_small, 33)):
+        model = ctor(weights=None).eval()
+        with torch.no_grad():
+            y0 = model(x)
+        names = convert_activations_to_pwlu(model, granularity=granularity, example_inputs=x)
+        assert len(names) == expected
+        with torch.no_grad():
+            assert torch.equal(model(x), y0)
+    # mobilenet_v3: the squeeze-excitation ReLU is converted, its Hardsigmoid gate is not
+    se = model.features[1].block[1]
+    assert isinstance(se.activation, PWLU) and isinstance(se.scale_activation, nn.Hardsigmoid)
+
+
+def test_resnet18_close_after_collect_and_realign():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y0 = model(x)
+    convert_activations_to_pwlu(model)
+    for m in model.modules():
+        if isinstance(m, PWLU):
+            m.train()  # collect while BatchNorm stays in eval mode
+    with torch.no_grad():
+        model(x)
+        assert realign_pwlu(model) == 9
+        y1 = model(x)
+    # Documented tolerance (docs/guide/pwlu.rst): with N = 16 each unit differs from ReLU only on the
+    # interval holding 0 (by at most d/4) and beyond bounds that do not straddle 0; measured 2.2% here.
+    rel = ((y1 - y0).norm() / y0.norm()).item()
+    assert 0 < rel < 0.1
