@@ -1,1 +1,14 @@
-"""pycoe.layers"""
+"""Layers: PWLU and CondConv2d, with helpers that convert an existing model's layers in place."""
+
+from pycoe.layers.condconv import CondConv2d, CondConvRouter, convert_conv2d_to_condconv
+from pycoe.layers.pwlu import DEFAULT_PWLU_ACTIVATIONS, PWLU, convert_activations_to_pwlu, realign_pwlu
+
+__all__ = [
+    "PWLU",
+    "realign_pwlu",
+    "convert_activations_to_pwlu",
+    "DEFAULT_PWLU_ACTIVATIONS",
+    "CondConv2d",
+    "CondConvRouter",
+    "convert_conv2d_to_condconv",
+]
