@@ -1,0 +1,166 @@
+"""Regularisation scaling and the co-training weight schedule of Divide-and-Co-training.
+
+Zhao et al., *Towards Better Accuracy-efficiency Trade-offs: Divide and Co-training*, IEEE TIP 2022
+(arXiv 2011.14660). When one network is divided into S smaller ones, the paper also divides its
+"regularisation components":
+
+- weight decay becomes :math:`\\mathrm{wd} \\cdot e^{1/S - 1}` (the paper's Eq. 6; its Table IV applies it to
+  the wide ResNets only): :func:`scale_weight_decay`;
+- dropout: the authors' public code divides the dropout probability by S for ResNets and by
+  :math:`\\sqrt S` for SE-ResNets and EfficientNets. That is what their code does, not a general rule
+  stated in the paper, so :func:`scale_dropout` takes the rule as an argument.
+
+The co-training loss weight is warmed up linearly (the reference code: weight 0.5 reached after 40 epochs,
+floor 0.005); :func:`linear_warmup` / :class:`LinearWarmup` give pycoe's formulation of that ramp.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .._validation import check_choice, check_nonnegative_int, check_positive_int
+
+__all__ = [
+    "scale_weight_decay",
+    "scale_dropout",
+    "apply_dropout_scaling",
+    "linear_warmup",
+    "LinearWarmup",
+]
+
+
+def _check_nonneg_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
+    r"""The paper's weight decay for one of S divided networks: :math:`\mathrm{wd}\cdot e^{1/S-1}`.
+
+    This is Eq. 6 of Zhao et al. (TIP 2022). ``S = 1`` returns ``weight_decay`` unchanged; ``S = 2`` gives
+    about ``0.61 * weight_decay``; ``S = 4`` about ``0.47 * weight_decay``.
+
+    Args:
+        weight_decay: the weight decay tuned for the undivided network (>= 0).
+        num_splits: S >= 1.
+
+    Returns:
+        The scaled weight decay.
+    """
+    wd = _check_nonneg_float("weight_decay", weight_decay)
+    s = check_positive_int("num_splits", num_splits)
+    return wd * math.exp(1.0 / s - 1.0)
+
+
+def scale_dropout(p: float, num_splits: int, rule: str = "linear") -> float:
+    r"""Dropout probability for one of S divided networks.
+
+    ``rule="linear"`` gives :math:`p/S` (what the authors' code does for ResNets); ``rule="sqrt"`` gives
+    :math:`p/\sqrt S` (their code's choice for SE-ResNeXt and EfficientNet); ``rule="none"`` keeps ``p``.
+
+    Args:
+        p: the dropout probability of the undivided network, in [0, 1].
+        num_splits: S >= 1.
+        rule: ``"linear"``, ``"sqrt"`` or ``"none"``.
+
+    Returns:
+        The scaled probability.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p must be a number in [0, 1], got {p!r}")
+    s = check_positive_int("num_splits", num_splits)
+    check_choice("rule", rule, ("linear", "sqrt", "none"))
+    if rule == "linear":
+        return float(p) / s
+    if rule == "sqrt":
+        return float(p) / math.sqrt(s)
+    return float(p)
+
+
+def apply_dropout_scaling(model: nn.Module, num_splits: int, rule: str = "linear") -> int:
+    """Scale, in place, the ``p`` of every dropout module of ``model`` with :func:`scale_dropout`.
+
+    Covers ``nn.Dropout``, ``nn.Dropout1d/2d/3d``, ``nn.AlphaDropout`` and ``nn.FeatureAlphaDropout``
+    (functional dropout called inside a ``forward`` cannot be reached and is left alone).
+
+    Args:
+        model: the (divided) network to edit.
+        num_splits: S >= 1.
+        rule: see :func:`scale_dropout`.
+
+    Returns:
+        The number of dropout modules changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_positive_int("num_splits", num_splits)
+    check_choice("rule", rule, ("linear", "sqrt", "none"))
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = scale_dropout(module.p, num_splits, rule)
+            count += 1
+    return count
+
+
+def linear_warmup(step: int, warmup_steps: int, max_weight: float, min_weight: float = 0.0) -> float:
+    r"""A linear ramp of a loss weight from ``min_weight`` at step 0 to ``max_weight`` at ``warmup_steps``.
+
+    .. math::
+        w(t) = w_{\min} + (w_{\max} - w_{\min}) \cdot \min(t / T, 1),
+
+    with :math:`w(t) = w_{\max}` for every step if :math:`T = 0`. This is pycoe's formulation of the paper's
+    linear warm-up of the co-training weight (the reference code warms 0.5 up over 40 epochs with a floor
+    of 0.005; whether the floor is added or clamped there is not reproduced here).
+
+    Args:
+        step: the current step (or epoch), >= 0.
+        warmup_steps: T >= 0, the step at which ``max_weight`` is reached.
+        max_weight: the final weight (>= 0).
+        min_weight: the weight at step 0 (>= 0, <= ``max_weight``).
+
+    Returns:
+        The weight, a Python float.
+    """
+    t = check_nonnegative_int("step", step)
+    total = check_nonnegative_int("warmup_steps", warmup_steps)
+    hi = _check_nonneg_float("max_weight", max_weight)
+    lo = _check_nonneg_float("min_weight", min_weight)
+    if lo > hi:
+        raise ValueError(f"min_weight must be <= max_weight, got min_weight={lo} > max_weight={hi}")
+    if total == 0:
+        return hi
+    return lo + (hi - lo) * min(t / total, 1.0)
+
+
+class LinearWarmup:
+    """A callable :func:`linear_warmup` with its settings bound: ``LinearWarmup(T, 0.5)(step)``.
+
+    Args:
+        warmup_steps: T >= 0.
+        max_weight: the final weight.
+        min_weight: the weight at step 0.
+
+    Example:
+        >>> schedule = LinearWarmup(warmup_steps=100, max_weight=0.5, min_weight=0.005)
+        >>> schedule(0), schedule(50), schedule(1000)
+        (0.005, 0.2525, 0.5)
+    """
+
+    def __init__(self, warmup_steps: int, max_weight: float, min_weight: float = 0.0) -> None:
+        linear_warmup(0, warmup_steps, max_weight, min_weight)  # validates the arguments
+        self.warmup_steps = int(warmup_steps)
+        self.max_weight = float(max_weight)
+        self.min_weight = float(min_weight)
+
+    def __call__(self, step: int) -> float:
+        return linear_warmup(step, self.warmup_steps, self.max_weight, self.min_weight)
+
+    def __repr__(self) -> str:
+        return (
+            f"LinearWarmup(warmup_steps={self.warmup_steps}, max_weight={self.max_weight}, "
+            f"min_weight={self.min_weight})"
+        )

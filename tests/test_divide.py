@@ -1,0 +1,260 @@
+"""Dividing a network into S narrower ones (pycoe.cotrain.divide) and the regularisation helpers."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+tvm = pytest.importorskip("torchvision.models")
+
+from pycoe.cotrain.divide import (  # noqa: E402
+    DivisionError,
+    count_parameters,
+    divide_by_factory,
+    divide_module,
+    round_to_multiple,
+    search_width,
+)
+from pycoe.cotrain.schedule import (  # noqa: E402
+    LinearWarmup,
+    apply_dropout_scaling,
+    linear_warmup,
+    scale_dropout,
+    scale_weight_decay,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _ratio(model, num_splits, **kwargs):
+    members = divide_module(model, num_splits, **kwargs)
+    assert len(members) == num_splits
+    counts = {count_parameters(m) for m in members}
+    assert len(counts) == 1  # every member has the same architecture
+    return counts.pop() / (count_parameters(model) / num_splits), members
+
+
+# -- generic division: parameter ratios on torchvision models (construction + one small forward each) --------
+@pytest.mark.parametrize(
+    "name, num_splits, kwargs",
+    [
+        ("resnet18", 2, {}),
+        ("resnet18", 4, {}),
+        ("resnet50", 2, {}),
+        ("wide_resnet50_2", 2, {}),
+        ("resnext50_32x4d", 2, {}),
+        ("resnext50_32x4d", 2, {"divide_groups": True}),
+        ("resnext50_32x4d", 4, {"divide_groups": True}),
+        ("mobilenet_v3_large", 2, {}),
+        ("efficientnet_b0", 4, {}),
+    ],
+)
+def test_divided_parameter_ratio(name, num_splits, kwargs):
+    model = getattr(tvm, name)(weights=None)
+    ratio, members = _ratio(model, num_splits, **kwargs)
+    assert 0.9 <= ratio <= 1.1, f"{name} S={num_splits}: {ratio:.3f}"
+    first = members[0]
+    # input channels and number of classes are kept
+    convs = [m for m in first.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].in_channels == 3
+    linears = [m for m in first.modules() if isinstance(m, nn.Linear)]
+    assert linears[-1].out_features == 1000
+    # every divided conv is narrower than the original somewhere, and groups divide
+    for conv in convs:
+        assert conv.in_channels % conv.groups == 0 and conv.out_channels % conv.groups == 0
+
+
+def test_divide_groups_keeps_width_per_group():
+    model = tvm.resnext50_32x4d(weights=None)
+    (member,) = divide_module(model, 2, divide_groups=True)[:1]
+    conv, ref = member.layer1[0].conv2, model.layer1[0].conv2
+    assert conv.groups == ref.groups // 2 == 16
+    assert conv.in_channels // conv.groups == ref.in_channels // ref.groups  # 4 channels per group
+    assert conv.out_channels == ref.out_channels // 2
+
+
+def test_default_divide_keeps_groups_and_rounds_to_them():
+    model = tvm.resnext50_32x4d(weights=None)
+    member = divide_module(model, 2)[0]
+    conv = member.layer1[0].conv2
+    assert conv.groups == 32 and conv.in_channels % 32 == 0
+
+
+def test_sqrt_rule_and_depthwise():
+    model = tvm.mobilenet_v2(weights=None)
+    member = divide_module(model, 4, width_multiplier="sqrt", multiple=8)[0]
+    # the first conv 3 -> 32 becomes 3 -> round(32 / 2) = 16
+    assert member.features[0][0].out_channels == 16
+    for m in member.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.groups == m.in_channels == m.out_channels  # depthwise stays depthwise
+    x = torch.randn(2, 3, 32, 32)
+    assert member.eval()(x).shape == (2, 1000)
+
+
+def test_divided_resnet_forward_and_residual_widths():
+    model = tvm.resnet18(weights=None, num_classes=7)
+    members = divide_module(model, 2, width_multiplier="sqrt")
+    m = members[0].eval()
+    assert m(torch.randn(2, 3, 48, 48)).shape == (2, 7)
+    assert m.conv1.out_channels == round_to_multiple(64 / math.sqrt(2), 8) == 48
+    assert m.layer4[1].conv2.out_channels == 360  # 512 / sqrt(2) = 362.04 -> 360
+    # independent initialisations, same structure
+    w0, w1 = members[0].conv1.weight, members[1].conv1.weight
+    assert w0.shape == w1.shape and not torch.equal(w0, w1)
+
+
+def test_identical_init_and_init_fn():
+    model = tvm.resnet18(weights=None)
+    members = divide_module(model, 2, identical_init=True)
+    for a, b in zip(members[0].state_dict().values(), members[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+    def zero_bias(module):
+        if isinstance(module, nn.Linear):
+            nn.init.constant_(module.bias, 3.0)
+
+    member = divide_module(model, 2, init_fn=zero_bias)[0]
+    assert torch.all(member.fc.bias == 3.0)
+
+
+def test_flatten_into_linear_and_layernorm_mlp():
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
+        nn.Flatten(), nn.Linear(64 * 14 * 14, 10),
+    )
+    member = divide_module(cnn, 4, example_input=torch.randn(1, 1, 28, 28), width_multiplier="sqrt")[0]
+    assert member[5].in_features == 32 * 14 * 14  # the spatial factor follows the flattened map
+    assert member(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    mlp = nn.Sequential(nn.Linear(20, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    member = divide_module(mlp, 4, example_input=torch.randn(2, 20), width_multiplier="sqrt")[0]
+    assert [member[0].out_features, member[1].normalized_shape, member[5].out_features] == [32, (32,), 5]
+
+
+def test_s1_returns_a_copy_and_model_is_untouched():
+    model = tvm.resnet18(weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (copy_,) = divide_module(model, 1)
+    assert copy_ is not model
+    assert all(torch.equal(before[k], v) for k, v in copy_.state_dict().items())
+    divide_module(model, 2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.fc.in_features == 512
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+class _WithRawParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return self.conv(x) * self.scale[:, None, None]
+
+
+class _Unreached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_errors():
+    model = tvm.resnet18(weights=None)
+    with pytest.raises(ValueError, match="num_splits"):
+        divide_module(model, 0)
+    with pytest.raises(TypeError, match="model"):
+        divide_module("resnet", 2)
+    with pytest.raises(ValueError, match="width_multiplier"):
+        divide_module(model, 2, width_multiplier="cube")
+    with pytest.raises(DivisionError, match=r"'<root>' \(_WithRawParameter\)"):
+        divide_module(_WithRawParameter(), 2)
+    with pytest.raises(DivisionError, match=r"'unused'.*never reaches"):
+        divide_module(_Unreached(), 2)
+    with pytest.raises(DivisionError, match="groups of 'layer1.0.conv2'"):
+        divide_module(tvm.resnext50_32x4d(weights=None), 3, divide_groups=True)  # 32 groups / 3
+    with pytest.raises(DivisionError, match="example_input is required"):
+        divide_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 2)
+    with pytest.raises(DivisionError, match="failed on example_input"):
+        divide_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 2, example_input=torch.randn(2, 5))
+
+
+# -- division by a width factory ---------------------------------------------------------------------------
+def test_search_width_continuous_and_integer():
+    res = search_width(lambda w: tvm.mobilenet_v2(width_mult=w), 2)
+    assert abs(res.ratio - 1) < 0.05 and 0.3 < res.width < 1.0
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    res = search_width(lambda w: ResNet(Bottleneck, [3, 4, 6, 3], width_per_group=w), 2, 128, integer=True)
+    assert isinstance(res.width, int) and abs(res.ratio - 1) < 0.05
+    grid = search_width(lambda w: tvm.mobilenet_v2(width_mult=w), 2, candidates=[0.25, 0.5, 0.75, 1.0])
+    assert grid.width == 0.5 and grid.evaluations == 4
+
+
+def _mlp(width):
+    w = max(1, int(round(width)))
+    return nn.Sequential(nn.Linear(10, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 3))
+
+
+def test_divide_by_factory_builds_s_models():
+    models = divide_by_factory(_mlp, 4, base_width=256.0)
+    assert len(models) == 4
+    ratio = count_parameters(models[0]) / (count_parameters(_mlp(256)) / 4)
+    assert 0.98 < ratio < 1.02
+    assert not torch.equal(models[0][0].weight, models[1][0].weight)
+    same = divide_by_factory(_mlp, 2, base_width=256.0, identical_init=True)
+    assert torch.equal(same[0][0].weight, same[1][0].weight)
+    with pytest.raises(ValueError, match="num_splits"):
+        divide_by_factory(_mlp, 0, base_width=64.0)
+    with pytest.raises(TypeError, match="factory must return an nn.Module"):
+        divide_by_factory(lambda w: "x", 2, base_width=64.0)
+    with pytest.raises(ValueError, match="base_width"):
+        divide_by_factory(_mlp, 2, base_width=-1.0)
+
+
+# -- regularisation helpers and the warm-up -----------------------------------------------------------------
+def test_weight_decay_and_dropout_rules():
+    assert scale_weight_decay(1e-4, 1) == pytest.approx(1e-4)
+    assert scale_weight_decay(1e-4, 2) == pytest.approx(1e-4 * math.exp(-0.5))
+    assert scale_weight_decay(5e-4, 4) == pytest.approx(5e-4 * math.exp(0.25 - 1))
+    assert scale_dropout(0.2, 4) == pytest.approx(0.05)
+    assert scale_dropout(0.2, 4, rule="sqrt") == pytest.approx(0.1)
+    assert scale_dropout(0.2, 4, rule="none") == 0.2
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.4), nn.Sequential(nn.Dropout2d(0.2)))
+    assert apply_dropout_scaling(model, 2) == 2
+    assert model[1].p == pytest.approx(0.2) and model[2][0].p == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="num_splits"):
+        scale_weight_decay(1e-4, 0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        scale_weight_decay(-1.0, 2)
+    with pytest.raises(ValueError, match="rule"):
+        scale_dropout(0.1, 2, rule="cube")
+    with pytest.raises(ValueError, match="p must"):
+        scale_dropout(1.5, 2)
+
+
+def test_linear_warmup():
+    assert linear_warmup(0, 10, 0.5) == 0.0
+    assert linear_warmup(5, 10, 0.5) == pytest.approx(0.25)
+    assert linear_warmup(10, 10, 0.5) == 0.5 and linear_warmup(99, 10, 0.5) == 0.5
+    assert linear_warmup(0, 10, 0.5, min_weight=0.005) == pytest.approx(0.005)
+    assert linear_warmup(3, 0, 0.5) == 0.5
+    sched = LinearWarmup(100, 0.5, 0.005)
+    assert [sched(t) for t in (0, 50, 1000)] == pytest.approx([0.005, 0.2525, 0.5])
+    weights = [sched(t) for t in range(120)]
+    assert all(b >= a for a, b in zip(weights, weights[1:]))
+    with pytest.raises(ValueError, match="step"):
+        linear_warmup(-1, 10, 0.5)
+    with pytest.raises(ValueError, match="min_weight"):
+        linear_warmup(0, 10, 0.5, min_weight=0.9)
