@@ -1,0 +1,236 @@
+"""Evaluation helpers for a CoE: batched prediction and the early-exit accuracy-FLOPs curve.
+
+Collaboration of Experts (CoE; Zhang, Chen and Zhong, ICML 2022, arXiv:2107.03815) reports accuracy against
+*average* inference FLOPs, and its abstract confirms that the delegator's rough prediction supports early
+termination. :func:`threshold_sweep` measures that trade-off on data under **pycoe's formulation** of the exit
+rule (max softmax probability of the rough prediction ``>= threshold``): average FLOPs per sample =
+delegator FLOPs + the FLOPs of the expert each non-exited sample was actually routed to, averaged over all
+samples (FLOPs counted by :func:`pycoe.flops.count_flops`).
+
+Einstein legend: ``n`` sample of the whole loader, ``b`` sample of a batch, ``k`` expert, ``c`` class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .._validation import check_probability
+from ..flops import count_flops
+from .model import CoE, CoEOutput
+
+__all__ = ["predict", "threshold_sweep"]
+
+Unpack = Callable[[Any], tuple[tuple, Any]]
+
+
+def default_unpack(batch: Any) -> tuple[tuple, Any]:
+    """Split a loader item into ``(inputs tuple, target)``.
+
+    A tensor is one input without target; a tuple or list ``(x, y)`` or ``(x1, ..., xm, y)`` has the target
+    last. A dict needs a custom ``unpack``.
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 1:
+            return (batch[0],), None
+        if len(batch) >= 2:
+            return tuple(batch[:-1]), batch[-1]
+    raise TypeError(
+        "each loader item must be a tensor, or a tuple (x, y) / (x1, ..., xm, y) with the target last; got "
+        f"{type(batch).__name__}. Pass unpack=lambda batch: ((inputs...), target) for other layouts"
+    )
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _check_model(model: Any) -> CoE:
+    if not isinstance(model, CoE):
+        raise TypeError(f"model must be a pycoe CoE, got {type(model).__name__}")
+    return model
+
+
+def _batches(loader: Iterable, unpack: Unpack | None, device: torch.device) -> Iterable[tuple[tuple, Any]]:
+    unpack = default_unpack if unpack is None else unpack
+    for batch in loader:
+        inputs, target = unpack(batch)
+        yield tuple(_to(v, device) for v in inputs), _to(target, device)
+
+
+class _EvalMode:
+    """Put a module in eval mode under ``no_grad`` and restore every submodule's mode afterwards."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.no_grad.__exit__(*exc)
+        for m, training in self.modes:
+            m.training = training
+
+
+def predict(
+    model: CoE,
+    loader: Iterable,
+    exit_threshold: float | None | str = "default",
+    unpack: Unpack | None = None,
+    device: torch.device | str | None = None,
+) -> CoEOutput:
+    """Run a CoE in eval mode (early exit + routed experts) over a loader and concatenate the results.
+
+    Args:
+        model: the :class:`~pycoe.coe.model.CoE`; put in eval mode for the call (every submodule's mode is
+            restored afterwards), no gradient.
+        loader: an iterable of batches (e.g. a ``DataLoader``); see ``unpack``.
+        exit_threshold: threshold in [0, 1], ``None`` (no exit), or ``"default"`` (the model's).
+        unpack: ``batch -> (inputs tuple, target)``; default: a tensor is the only input, a tuple has the target
+            last (the target is ignored here).
+        device: where to run (default: the device of the model's parameters).
+
+    Returns:
+        :class:`~pycoe.coe.model.CoEOutput` over all N samples, on CPU: output Tensor[N, ...],
+        expert_index LongTensor[N], exited BoolTensor[N], confidence Tensor[N].
+    """
+    model = _check_model(model)
+    device = _device_of(model) if device is None else torch.device(device)
+    parts: list[CoEOutput] = []
+    with _EvalMode(model):
+        for inputs, _ in _batches(loader, unpack, device):
+            out = model.forward_eval(*inputs, exit_threshold=exit_threshold)
+            parts.append(CoEOutput(*(t.cpu() for t in (out.output, out.expert_index, out.exited, out.confidence))))
+    if not parts:
+        raise ValueError("loader produced no batch")
+    fields = ("output", "expert_index", "exited", "confidence")
+    return CoEOutput(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+
+
+def _flops_table(model: CoE, inputs: tuple) -> tuple[float, list[float]]:
+    """Per-sample FLOPs of the delegator and of every expert, each counted on the first sample of ``inputs``."""
+    batch = inputs[0].shape[0]
+    one = tuple(v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v for v in inputs)
+    delegator = float(count_flops(model.delegator, one[0]))
+    experts = [float(count_flops(e, *one)) for e in model.experts]
+    return delegator, experts
+
+
+def threshold_sweep(
+    model: CoE,
+    loader: Iterable,
+    thresholds: Sequence[float | None],
+    flops: Mapping[str, Any] | bool | None = None,
+    unpack: Unpack | None = None,
+    device: torch.device | str | None = None,
+) -> list[dict[str, Any]]:
+    """Accuracy, exit rate and average FLOPs per sample for several early-exit thresholds (classification).
+
+    One pass over the data: per batch, the delegator runs once and every sample goes once through its argmax
+    expert (routed, batched by expert); each threshold then only decides, per sample, whether the rough
+    prediction or the expert's prediction counts. So the sweep costs one no-exit evaluation, whatever the number
+    of thresholds, and each threshold's numbers equal those of ``predict`` with that threshold.
+
+    FLOPs per sample at threshold :math:`t`:
+    :math:`F_\\text{del} + \\frac1N \\sum_{n:\\,c_n < t} F_{\\text{exp}, k_n}`, with :math:`c_n` the rough
+    confidence and :math:`k_n` the chosen expert of sample n (heterogeneous experts have different
+    :math:`F_{\\text{exp}, k}`). By default every :math:`F` is counted with :func:`pycoe.flops.count_flops` on the
+    first sample of the first batch (for inputs whose cost depends on their length, such as sequences, this is
+    an approximation: pass your own table).
+
+    Args:
+        model: a :class:`~pycoe.coe.model.CoE` whose delegator has a rough head (thresholds other than ``None``)
+            and whose experts return class logits ``[B, C]``.
+        loader: iterable of batches ``(x, y)`` or ``(x1, ..., xm, y)``, ``y`` LongTensor[B] of class indices
+            (or see ``unpack``).
+        thresholds: thresholds in [0, 1]; ``None`` means no exit.
+        flops: ``None`` (count them), ``False`` (skip: ``flops_per_sample`` is ``None``), or a mapping
+            ``{"delegator": float, "experts": [float] * K}`` of per-sample FLOPs.
+        unpack: ``batch -> (inputs tuple, target)``.
+        device: where to run (default: the model's device).
+
+    Returns:
+        One dict per threshold, in the given order: ``threshold``, ``accuracy``, ``exit_rate``,
+        ``flops_per_sample`` (float or ``None``), ``expert_load`` (list of K counts of routed samples) and
+        ``num_samples``.
+    """
+    model = _check_model(model)
+    if isinstance(thresholds, (int, float)) or thresholds is None:
+        raise TypeError("thresholds must be a sequence of numbers in [0, 1] (or None), e.g. [0.5, 0.9, None]")
+    thresholds = list(thresholds)
+    if not thresholds:
+        raise ValueError("thresholds must not be empty")
+    thresholds = [check_probability(f"thresholds[{i}]", t, allow_none=True) for i, t in enumerate(thresholds)]
+    if flops is not None and flops is not False:
+        if not isinstance(flops, Mapping) or "delegator" not in flops or "experts" not in flops:
+            raise TypeError('flops must be None, False or a mapping {"delegator": float, "experts": [float, ...]}')
+        if len(flops["experts"]) != model.num_experts:
+            raise ValueError(
+                f"flops['experts'] must have one entry per expert ({model.num_experts}), got {len(flops['experts'])}"
+            )
+        table: tuple[float, list[float]] | None = (float(flops["delegator"]), [float(f) for f in flops["experts"]])
+    else:
+        table = None
+    device = _device_of(model) if device is None else torch.device(device)
+
+    confidences, choices, expert_ok, rough_ok = [], [], [], []
+    with _EvalMode(model):
+        for inputs, target in _batches(loader, unpack, device):
+            if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.is_floating_point():
+                raise ValueError("threshold_sweep needs class-index targets LongTensor[B] in every batch")
+            d = model.delegate(inputs[0])
+            if d.rough_logits is None and any(t is not None for t in thresholds):
+                raise ValueError("thresholds other than None need a delegator with a rough head (num_classes)")
+            if table is None and flops is None:
+                table = _flops_table(model, inputs)
+            choice, _, confidence = model.route(d, exit_threshold=None)
+            routed = model.experts.forward_routed(choice, *inputs)
+            if routed.dim() != 2:
+                raise ValueError(
+                    f"threshold_sweep needs experts returning class logits [B, C], got {tuple(routed.shape)}"
+                )
+            confidences.append(confidence.cpu())
+            choices.append(choice.cpu())
+            expert_ok.append((routed.argmax(dim=1) == target).cpu())
+            if d.rough_logits is not None:
+                rough_ok.append((d.rough_logits.argmax(dim=1) == target).cpu())
+    if not choices:
+        raise ValueError("loader produced no batch")
+    conf, choice, e_ok = torch.cat(confidences), torch.cat(choices), torch.cat(expert_ok)
+    r_ok = torch.cat(rough_ok) if rough_ok else torch.zeros_like(e_ok)
+    n = choice.numel()
+    results = []
+    for t in thresholds:
+        exited = torch.zeros(n, dtype=torch.bool) if t is None else conf >= t
+        correct = torch.where(exited, r_ok, e_ok)
+        routed_choice = choice[~exited]
+        load = torch.bincount(routed_choice, minlength=model.num_experts)
+        flops_per_sample = None
+        if table is not None:
+            per_expert = torch.tensor(table[1], dtype=torch.float64)
+            flops_per_sample = table[0] + float((load.double() * per_expert).sum()) / n
+        results.append(
+            {
+                "threshold": t,
+                "accuracy": float(correct.float().mean()),
+                "exit_rate": float(exited.float().mean()),
+                "flops_per_sample": flops_per_sample,
+                "expert_load": load.tolist(),
+                "num_samples": n,
+            }
+        )
+    return results

@@ -1,0 +1,309 @@
+"""The Collaboration of Experts model: a delegator, K experts, and early termination.
+
+Collaboration of Experts (CoE; Zhang, Chen and Zhong, "Collaboration of Experts: Achieving 80% Top-1 Accuracy on
+ImageNet with 100M FLOPs", ICML 2022, arXiv:2107.03815). What the public abstract confirms: a delegator selects
+one expert per sample and simultaneously outputs a rough prediction that supports early termination; each expert
+is an individual network. The early-termination *rule* used here (exit when the rough prediction's maximum
+softmax probability reaches ``exit_threshold``) and the dispatch details are **pycoe's formulation**.
+
+Einstein legend: ``b`` sample (B), ``k`` expert (K), ``c`` class (C), ``...`` an expert's output dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import check_probability
+from .delegator import DelegatorOutput
+from .experts import ExpertPool
+
+__all__ = ["CoE", "CoEOutput", "CoETrainOutput"]
+
+
+@dataclass
+class CoETrainOutput:
+    """What :class:`CoE` returns in training mode (input of :class:`~pycoe.coe.loss.CoELoss`).
+
+    Attributes:
+        selection_logits: Tensor[B, K], the delegator's expert-selection logits.
+        rough_logits: Tensor[B, C] or ``None``, the delegator's rough class logits.
+        expert_outputs: Tensor[K, B, ...], every expert's output on the whole batch.
+    """
+
+    selection_logits: torch.Tensor
+    rough_logits: torch.Tensor | None
+    expert_outputs: torch.Tensor
+
+
+@dataclass
+class CoEOutput:
+    """What :class:`CoE` returns in eval mode.
+
+    Attributes:
+        output: Tensor[B, ...], the final prediction: the chosen expert's output, or the rough logits for
+            samples that exited early.
+        expert_index: LongTensor[B], the expert each sample was sent to, ``-1`` where it exited early.
+        exited: BoolTensor[B], which samples took the rough prediction and skipped the experts.
+        confidence: Tensor[B], the maximum softmax probability of the rough prediction (``NaN`` when the
+            delegator has no rough head).
+    """
+
+    output: torch.Tensor
+    expert_index: torch.Tensor
+    exited: torch.Tensor
+    confidence: torch.Tensor
+
+
+def _as_delegator_output(out: Any) -> DelegatorOutput:
+    """Accept a :class:`DelegatorOutput` (or anything with ``selection_logits``), a tensor of selection logits,
+    or a ``(selection_logits, rough_logits)`` tuple, so that user-written delegators work too."""
+    if isinstance(out, DelegatorOutput):
+        return out
+    if isinstance(out, torch.Tensor):
+        return DelegatorOutput(out, None)
+    if hasattr(out, "selection_logits"):
+        return DelegatorOutput(out.selection_logits, getattr(out, "rough_logits", None))
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return DelegatorOutput(out[0], out[1])
+    raise TypeError(
+        "the delegator must return a DelegatorOutput, a Tensor[B, K] of selection logits, or a "
+        f"(selection_logits, rough_logits) pair, got {type(out).__name__}"
+    )
+
+
+class CoE(nn.Module):
+    """A Collaboration of Experts: the delegator picks one expert per sample, or exits early.
+
+    - **Training mode** (``model.train()``): the delegator and *every* expert run on the whole batch (the WGM
+      weights and LGM labels of :class:`~pycoe.coe.loss.CoELoss` need every expert's loss on every sample);
+      returns :class:`CoETrainOutput`.
+    - **Eval mode** (``model.eval()``): returns :class:`CoEOutput`. Samples whose rough prediction has maximum
+      softmax probability ``>= exit_threshold`` take the rough logits and never reach an expert; the others go
+      to their argmax expert, batched by expert (one forward per expert that received samples). Ties in the
+      selection logits go to the lowest expert index.
+
+    **Inputs.** ``model(*inputs, **kwargs)``: the delegator receives the first positional input only; the
+    experts receive all inputs (e.g. ``model(src, tgt_in)`` for a translation model whose delegator reads the
+    source). Every positional tensor input must be batch-first with the same B. In eval mode, keyword tensors
+    whose first dimension is B are split with the samples; other keyword arguments go unchanged to every expert.
+
+    **Early exit and output shapes.** Exiting replaces a sample's output by its rough logits ``Tensor[C]``, so it
+    needs a delegator with a rough head (``num_classes``) and experts whose per-sample output is also
+    ``Tensor[C]`` (classification). For other tasks (e.g. sequence models with outputs ``[B, T, V]``) keep
+    ``exit_threshold=None``: the rough head can still be trained as an auxiliary task, but mixing its output with
+    the experts' would raise a ``ValueError``.
+
+    Args:
+        delegator: usually a :class:`~pycoe.coe.delegator.Delegator`; any module returning a
+            :class:`~pycoe.coe.delegator.DelegatorOutput` (or a ``Tensor[B, K]`` of selection logits, or a
+            ``(selection_logits, rough_logits)`` pair) works.
+        experts: an :class:`~pycoe.coe.experts.ExpertPool`, or a sequence of modules (wrapped in one).
+        exit_threshold: early-exit threshold in [0, 1], or ``None`` (default) to never exit. ``0`` exits every
+            sample (rough prediction only), ``1`` exits only samples predicted with probability 1.
+
+    Attributes:
+        delegator (nn.Module): the delegator.
+        experts (ExpertPool): the K experts.
+
+    Example:
+        >>> import torchvision
+        >>> delegator = Delegator(torchvision.models.mobilenet_v3_small(), num_experts=2, num_classes=10)
+        >>> experts = ExpertPool.from_template(torchvision.models.resnet18(num_classes=10), num_experts=2)
+        >>> model = CoE(delegator, experts, exit_threshold=0.9).eval()
+        >>> out = model(torch.randn(3, 3, 64, 64))
+        >>> out.output.shape, out.expert_index.shape
+        (torch.Size([3, 10]), torch.Size([3]))
+    """
+
+    def __init__(
+        self,
+        delegator: nn.Module,
+        experts: ExpertPool | Sequence[nn.Module],
+        exit_threshold: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(delegator, nn.Module):
+            raise TypeError(f"delegator must be an nn.Module, got {type(delegator).__name__}")
+        if not isinstance(experts, ExpertPool):
+            experts = ExpertPool(experts)
+        k_delegator = getattr(delegator, "num_experts", None)
+        if isinstance(k_delegator, int) and k_delegator != experts.num_experts:
+            raise ValueError(
+                f"the delegator chooses among num_experts={k_delegator} experts but the expert pool holds "
+                f"{experts.num_experts}; build the Delegator with num_experts={experts.num_experts}"
+            )
+        self.delegator = delegator
+        self.experts = experts
+        self.exit_threshold = exit_threshold
+
+    @property
+    def num_experts(self) -> int:
+        """K, the number of experts."""
+        return self.experts.num_experts
+
+    @property
+    def exit_threshold(self) -> float | None:
+        """The early-exit threshold in [0, 1], or ``None`` (never exit)."""
+        return self._exit_threshold
+
+    @exit_threshold.setter
+    def exit_threshold(self, value: float | None) -> None:
+        value = check_probability("exit_threshold", value, allow_none=True)
+        if value is not None and getattr(self.delegator, "num_classes", 0) is None:
+            raise ValueError(
+                "exit_threshold needs a rough prediction, but the delegator has no rough head "
+                "(num_classes=None); build the Delegator with num_classes=C or keep exit_threshold=None"
+            )
+        self._exit_threshold = value
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, exit_threshold={self.exit_threshold}"
+
+    # ------------------------------------------------------------------ pieces
+    def _check_inputs(self, inputs: Sequence[Any]) -> int:
+        if not inputs:
+            raise TypeError("CoE needs at least one positional input (the batch)")
+        x = inputs[0]
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise TypeError(
+                f"the first positional input must be a batch-first tensor, got "
+                f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}"
+            )
+        batch = x.shape[0]
+        for i, v in enumerate(inputs[1:], start=1):
+            if isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != batch):
+                raise ValueError(
+                    f"every positional input must be batch-first with the same batch size: input 0 has "
+                    f"B={batch} but input {i} has shape {tuple(v.shape)}"
+                )
+        return batch
+
+    def delegate(self, x: torch.Tensor) -> DelegatorOutput:
+        """Run the delegator on ``x`` and check its outputs.
+
+        Returns:
+            :class:`~pycoe.coe.delegator.DelegatorOutput`: selection_logits Tensor[B, K], rough_logits
+            Tensor[B, C] or ``None``.
+        """
+        out = _as_delegator_output(self.delegator(x))
+        sel, rough = out.selection_logits, out.rough_logits
+        batch = x.shape[0]
+        if not isinstance(sel, torch.Tensor) or sel.dim() != 2 or sel.shape != (batch, self.num_experts):
+            shape = tuple(sel.shape) if isinstance(sel, torch.Tensor) else type(sel).__name__
+            raise ValueError(
+                f"the delegator's selection_logits must have shape [B={batch}, K={self.num_experts}] (K = the "
+                f"number of experts in the pool), got {shape}"
+            )
+        if rough is not None and (not isinstance(rough, torch.Tensor) or rough.dim() != 2 or rough.shape[0] != batch):
+            shape = tuple(rough.shape) if isinstance(rough, torch.Tensor) else type(rough).__name__
+            raise ValueError(f"the delegator's rough_logits must have shape [B={batch}, C], got {shape}")
+        return out
+
+    def route(
+        self, delegator_output: DelegatorOutput, exit_threshold: float | None | str = "default"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routing decision from a delegator output, without running any expert.
+
+        Args:
+            delegator_output: from :meth:`delegate`.
+            exit_threshold: a threshold in [0, 1], ``None`` (never exit), or ``"default"`` for
+                ``self.exit_threshold``.
+
+        Returns:
+            ``(expert_index LongTensor[B] (-1 where exited), exited BoolTensor[B], confidence Tensor[B])``.
+        """
+        if isinstance(exit_threshold, str) and exit_threshold == "default":
+            threshold = self.exit_threshold
+        else:
+            threshold = check_probability("exit_threshold", exit_threshold, allow_none=True)
+        sel, rough = delegator_output.selection_logits, delegator_output.rough_logits
+        choice = sel.argmax(dim=1)
+        if rough is not None:
+            confidence = F.softmax(rough.detach().float(), dim=1).amax(dim=1)
+        else:
+            confidence = torch.full((sel.shape[0],), float("nan"), device=sel.device)
+        if threshold is None:
+            exited = torch.zeros(sel.shape[0], dtype=torch.bool, device=sel.device)
+        else:
+            if rough is None:
+                raise ValueError(
+                    "exit_threshold needs a rough prediction, but the delegator returned rough_logits=None"
+                )
+            exited = confidence >= threshold
+        expert_index = torch.where(exited, torch.full_like(choice, -1), choice)
+        return expert_index, exited, confidence
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *inputs: Any, **kwargs: Any) -> CoETrainOutput | CoEOutput:
+        """Training mode: :class:`CoETrainOutput`; eval mode: :class:`CoEOutput` (see the class docstring).
+
+        Args:
+            *inputs: batch-first inputs; the first goes to the delegator, all go to the experts.
+            **kwargs: keyword inputs for the experts.
+        """
+        if self.training:
+            return self.forward_train(*inputs, **kwargs)
+        return self.forward_eval(*inputs, **kwargs)
+
+    def forward_train(self, *inputs: Any, **kwargs: Any) -> CoETrainOutput:
+        """Delegator and every expert on the whole batch, whatever the module's mode.
+
+        Returns:
+            :class:`CoETrainOutput` with expert_outputs Tensor[K, B, ...].
+        """
+        batch = self._check_inputs(inputs)
+        d = self.delegate(inputs[0])
+        expert_outputs = self.experts(*inputs, **kwargs)
+        if expert_outputs.dim() < 2 or expert_outputs.shape[1] != batch:
+            raise ValueError(
+                f"the experts must return batch-first outputs [B={batch}, ...], got stacked shape "
+                f"{tuple(expert_outputs.shape)}"
+            )
+        return CoETrainOutput(d.selection_logits, d.rough_logits, expert_outputs)
+
+    def forward_eval(self, *inputs: Any, exit_threshold: float | None | str = "default", **kwargs: Any) -> CoEOutput:
+        """Early exit, then one expert per remaining sample, batched by expert, whatever the module's mode.
+
+        Args:
+            *inputs: batch-first inputs.
+            exit_threshold: overrides ``self.exit_threshold`` for this call (``"default"``: use it).
+            **kwargs: keyword inputs for the experts.
+
+        Returns:
+            :class:`CoEOutput`.
+        """
+        batch = self._check_inputs(inputs)
+        d = self.delegate(inputs[0])
+        expert_index, exited, confidence = self.route(d, exit_threshold)
+        rough = d.rough_logits
+        n_exit = int(exited.sum())
+        if n_exit == 0:
+            output = self.experts.forward_routed(expert_index, *inputs, **kwargs)
+        elif n_exit == batch:
+            output = rough
+        else:
+            keep = (~exited).nonzero().squeeze(1)  # LongTensor[B_kept]
+            sub_inputs = [
+                v.index_select(0, keep) if isinstance(v, torch.Tensor) else v for v in inputs
+            ]
+            sub_kwargs = {
+                key: v.index_select(0, keep)
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+                else v
+                for key, v in kwargs.items()
+            }
+            routed = self.experts.forward_routed(expert_index.index_select(0, keep), *sub_inputs, **sub_kwargs)
+            if routed.shape[1:] != rough.shape[1:]:
+                raise ValueError(
+                    f"early exit mixes rough predictions of per-sample shape {tuple(rough.shape[1:])} with expert "
+                    f"outputs of per-sample shape {tuple(routed.shape[1:])}; early exit needs experts whose output "
+                    "has the rough head's shape [B, C] (use exit_threshold=None for other tasks)"
+                )
+            output = rough.to(routed.dtype).index_copy(0, keep, routed)
+        return CoEOutput(output=output, expert_index=expert_index, exited=exited, confidence=confidence)

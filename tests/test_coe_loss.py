@@ -1,0 +1,201 @@
+"""CoELoss against a hand-written reference: values, gradients to delegator and experts, metrics, bad input."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pycoe.coe.delegator import Delegator
+from pycoe.coe.experts import ExpertPool
+from pycoe.coe.loss import CoELoss
+from pycoe.coe.model import CoE, CoETrainOutput
+from pycoe.routing.labels import LabelGenerator
+from pycoe.routing.metrics import load_balance_cv2
+from pycoe.routing.weighting import BalancedTransportWeighter
+
+D_IN, C = 10, 4
+
+
+def make_model(k=3):
+    backbone = nn.Sequential(nn.Linear(D_IN, 12), nn.Tanh())
+    delegator = Delegator(backbone, k, num_classes=C, feature_dim=12, classifier=None, zero_init_selection=False)
+    experts = ExpertPool.from_template(
+        nn.Sequential(nn.Linear(D_IN, 8), nn.ReLU(), nn.Linear(8, C)), k, init="reinit"
+    )
+    return CoE(delegator, experts).train()
+
+
+def reference_loss(model, x, y, epsilon=0.0, weights=(1.0, 1.0, 1.0), soft_temperature=None):
+    """The documented formula, written with per-sample loops."""
+    k = model.num_experts
+    d = model.delegator(x)
+    sel, rough = d.selection_logits, d.rough_logits
+    losses = torch.stack(
+        [torch.stack([F.cross_entropy(model.experts[j](x[i : i + 1]), y[i : i + 1]) for j in range(k)]) for i in range(len(y))]
+    )  # [B, K]
+    w = BalancedTransportWeighter(k, epsilon=epsilon)(sel.detach()).weights
+    expert = sum((w[:, j] * losses[:, j]).sum() / w[:, j].sum() for j in range(k) if w[:, j].sum() > 0)
+    if soft_temperature is None:
+        target = losses.detach().argmin(dim=1)
+        selection = F.cross_entropy(sel, target)
+    else:
+        q = F.softmax(-losses.detach() / soft_temperature, dim=1)
+        selection = -(q * F.log_softmax(sel, dim=1)).sum(1).mean()
+    rough_loss = F.cross_entropy(rough, y)
+    return weights[0] * expert + weights[1] * selection + weights[2] * rough_loss, losses
+
+
+def grads(module):
+    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("lgm", ["best", "soft"])
+def test_loss_and_every_gradient_match_the_reference(epsilon, lgm):
+    model = make_model()
+    ref_model = copy.deepcopy(model)
+    x, y = torch.randn(9, D_IN), torch.randint(0, C, (9,))
+    lam = (0.7, 1.3, 0.4)
+    labeler = LabelGenerator("soft", temperature=0.5) if lgm == "soft" else LabelGenerator("best")
+    criterion = CoELoss(BalancedTransportWeighter(3, epsilon=epsilon), labeler, expert_weight=lam[0],
+                        selection_weight=lam[1], rough_weight=lam[2])
+    loss, info = criterion(model(x), y)
+    loss.backward()
+    ref, ref_losses = reference_loss(ref_model, x, y, epsilon, lam, soft_temperature=0.5 if lgm == "soft" else None)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(info["per_sample_losses"], ref_losses.detach())
+    assert info["loss"] == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert info["expert_loss"] + info["selection_loss"] + info["rough_loss"] == pytest.approx(info["loss"], rel=1e-5)
+    g, g_ref = grads(model), grads(ref_model)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], msg=n)
+    # both heads and the shared backbone get gradient
+    for n in ("delegator.selection_head.weight", "delegator.rough_head.weight", "delegator.backbone.0.weight"):
+        assert g[n].abs().sum() > 0, n
+
+
+def test_hard_partition_expert_gradient_comes_only_from_its_samples():
+    model = make_model(k=3)
+    x, y = torch.randn(9, D_IN), torch.randint(0, C, (9,))
+    weighter = BalancedTransportWeighter(3, epsilon=0.0)
+    out = model(x)
+    assignment = weighter(out.selection_logits.detach()).assignment
+    criterion = CoELoss(weighter, LabelGenerator(), selection_weight=0.0, rough_weight=0.0, expert_weight=2.0)
+    loss, _ = criterion(out, y)
+    loss.backward()
+    for k in range(3):
+        alone = copy.deepcopy(model.experts[k])
+        alone.zero_grad()
+        mine = assignment == k
+        (2.0 * F.cross_entropy(alone(x[mine]), y[mine])).backward()
+        for p, q in zip(model.experts[k].parameters(), alone.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+    # with only the expert loss, the delegator gets no gradient (the weights are detached)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.delegator.parameters())
+
+
+def test_expert_with_no_sample_gets_zero_gradient_and_the_loss_stays_finite():
+    model = make_model(k=3)
+    x, y = torch.randn(2, D_IN), torch.randint(0, C, (2,))  # B = 2 < K = 3: one expert receives nothing
+    criterion = CoELoss(BalancedTransportWeighter(3, epsilon=0.0), LabelGenerator())
+    loss, info = criterion(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    empty = int((info["wgm_load"] == 0).nonzero()[0])
+    assert info["expert_losses"][empty] == 0
+    for p in model.experts[empty].parameters():
+        assert p.grad is not None and p.grad.abs().sum() == 0  # in the graph, with a zero gradient
+    other = 1 - empty if empty < 2 else 0
+    assert model.experts[other][0].weight.grad.abs().sum() > 0
+
+
+def test_selection_loss_gradient_reaches_only_the_delegator():
+    model = make_model()
+    x, y = torch.randn(6, D_IN), torch.randint(0, C, (6,))
+    criterion = CoELoss(BalancedTransportWeighter(3), LabelGenerator(), expert_weight=0.0, rough_weight=0.0)
+    loss, _ = criterion(model(x), y)
+    loss.backward()
+    assert model.delegator.selection_head.weight.grad.abs().sum() > 0
+    assert model.delegator.rough_head.weight.grad is None
+    assert all(p.grad.abs().sum() == 0 for p in model.experts.parameters())
+
+
+def test_reduction_balance_and_metrics():
+    model = make_model()
+    x, y = torch.randn(8, D_IN), torch.randint(0, C, (8,))
+    out = model(x)
+    base = CoELoss(BalancedTransportWeighter(3), LabelGenerator(), selection_weight=0.0, rough_weight=0.0)
+    mean = CoELoss(BalancedTransportWeighter(3), LabelGenerator(), selection_weight=0.0, rough_weight=0.0,
+                   expert_reduction="mean")
+    torch.testing.assert_close(mean(out, y)[0], base(out, y)[0] / 3)
+    balanced = CoELoss(BalancedTransportWeighter(3), LabelGenerator(), balance_weight=0.5)
+    plain = CoELoss(BalancedTransportWeighter(3), LabelGenerator())
+    loss_b, info_b = balanced(out, y)
+    torch.testing.assert_close(loss_b, plain(out, y)[0] + 0.5 * load_balance_cv2(out.selection_logits))
+    assert info_b["balance_loss"] == pytest.approx(float(0.5 * load_balance_cv2(out.selection_logits.detach())))
+
+    _, info = plain(out, y)
+    choice = out.selection_logits.argmax(1)
+    assert info["load"].tolist() == torch.bincount(choice, minlength=3).tolist()
+    assert info["wgm_load"].sum() == 8 and info["label_load"].sum() == 8
+    losses = info["per_sample_losses"]
+    assert info["label_load"].tolist() == torch.bincount(losses.argmin(1), minlength=3).tolist()
+    assert info["agreement"] == pytest.approx(float((choice == losses.argmin(1)).float().mean()))
+    correct = out.expert_outputs.argmax(2) == y  # [K, B]
+    assert info["oracle_accuracy"] == pytest.approx(float(correct.any(0).float().mean()))
+    assert info["routed_accuracy"] == pytest.approx(float(correct[choice, torch.arange(8)].float().mean()))
+    assert 0.0 <= info["assignment_entropy"] <= 1.0
+
+
+def test_no_rough_head_and_custom_per_sample_loss():
+    model = make_model()
+    x, y = torch.randn(5, D_IN), torch.randint(0, C, (5,))
+    out = model(x)
+    no_rough = CoETrainOutput(out.selection_logits, None, out.expert_outputs)
+    _, info = CoELoss(BalancedTransportWeighter(3), LabelGenerator())(no_rough, y)
+    assert "rough_loss" not in info
+
+    def focal(logits, target):
+        p = F.softmax(logits, 1).gather(1, target[:, None]).squeeze(1)
+        return -((1 - p) ** 2) * p.log()
+
+    _, info = CoELoss(BalancedTransportWeighter(3), LabelGenerator(), per_sample_loss=focal)(out, y)
+    torch.testing.assert_close(info["per_sample_losses"][:, 2], focal(out.expert_outputs[2], y).detach())
+
+
+def test_bad_input():
+    model = make_model()
+    x, y = torch.randn(4, D_IN), torch.randint(0, C, (4,))
+    out = model(x)
+    wgm, lgm = BalancedTransportWeighter(3), LabelGenerator()
+    with pytest.raises(ValueError, match="per_sample_loss must return a Tensor\\[B\\]"):
+        CoELoss(wgm, lgm, per_sample_loss=lambda o, t: F.cross_entropy(o, t))(out, y)
+    with pytest.raises(ValueError, match="per_sample_loss must return"):
+        CoELoss(wgm, lgm, per_sample_loss=lambda o, t: torch.zeros(4, 2))(out, y)
+    with pytest.raises(ValueError, match="target must be batch-first with B=4"):
+        CoELoss(wgm, lgm)(out, y[:3])
+    with pytest.raises(TypeError, match="target"):
+        CoELoss(wgm, lgm)(out, [0, 1, 2, 3])
+    with pytest.raises(TypeError, match="CoETrainOutput"):
+        CoELoss(wgm, lgm)(model.eval()(x), y)
+    seq = CoETrainOutput(out.selection_logits, out.rough_logits, torch.randn(3, 4, 6, C))
+    with pytest.raises(ValueError, match="default per_sample_loss"):
+        CoELoss(wgm, lgm)(seq, y)
+    with pytest.raises(ValueError, match="rough_target"):
+        CoELoss(wgm, lgm, per_sample_loss=lambda o, t: o.mean((1, 2)))(seq, torch.zeros(4, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="rough_target"):
+        CoELoss(wgm, lgm)(out, y, rough_target=torch.randn(4))
+    with pytest.raises(ValueError, match="expert_outputs"):
+        CoELoss(wgm, lgm)(CoETrainOutput(out.selection_logits, None, out.expert_outputs[:2]), y)
+    for name in ("expert_weight", "selection_weight", "rough_weight", "balance_weight"):
+        with pytest.raises(ValueError, match=name):
+            CoELoss(wgm, lgm, **{name: -1.0})
+    with pytest.raises(ValueError, match="expert_reduction"):
+        CoELoss(wgm, lgm, expert_reduction="max")
+    with pytest.raises(ValueError, match="sync"):
+        CoELoss(wgm, lgm, sync="always")
+    with pytest.raises(TypeError, match="per_sample_loss"):
+        CoELoss(wgm, lgm, per_sample_loss="ce")
