@@ -50,7 +50,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         t = tgt_in.shape[1]
-        causal = torch.triu(torch.full((t, t), float("-inf"), device=tgt_in.device), diagonal=1)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tgt_in.device), diagonal=1)
         h = self.transformer.decoder(self.pos(self.tgt_embed(tgt_in) * math.sqrt(self.d_model)), memory,
                                      tgt_mask=causal, tgt_key_padding_mask=tgt_in == PAD,
                                      memory_key_padding_mask=src_mask)

@@ -114,7 +114,7 @@ def train_universal(model, data, args, epochs, gen, label):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(src)
+            total += float(loss.detach()) * len(src)
             n += len(src)
         print(f"[{label}] epoch {epoch + 1}/{epochs} loss {total / n:.3f}", flush=True)
     return model
@@ -131,7 +131,7 @@ def train_joint(coe, criterion, data, args, gen):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(src)
+            total += float(loss.detach()) * len(src)
             n += len(src)
             agree += float(info.get("agreement", 0.0)) * len(src)
         print(f"[coe] epoch {epoch + 1}/{args.joint_epochs} loss {total / n:.3f} "
