@@ -1,4 +1,7 @@
-"""Benchmark pycoe's CondConv2d (each mixture strategy and "auto") against timm's CondConv2d and a per-sample loop.
+"""Benchmark pycoe's CondConv2d (each mixture strategy and "auto") against timm's CondConv2d.
+
+The strategies are ``weight`` (one grouped conv, timm's algorithm), ``loop`` (the per-sample loop: one
+``F.conv2d`` per sample with its mixed kernel), ``bmm`` (the convolution as one batched matmul) and ``output``.
 
 Every method gets the same expert kernels and the same routing weights [B, E] from outside (timm's layer has no
 router; the router's cost is the same for all and left out). Forward only (under ``torch.no_grad``) and forward +
@@ -24,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from pycoe.functional.mixture import choose_mixture_strategy, mixture_conv2d_reference
+from pycoe.functional.mixture import _cost_features, choose_mixture_strategy
 from pycoe.layers.condconv import CondConv2d
 
 # (label, C, O, kernel, groups, spatial)
@@ -40,7 +43,8 @@ SHAPES = [
 QUICK_SHAPES = [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6]]
 BATCHES = (1, 8, 64)
 EXPERTS = (4, 8)
-METHODS = ("weight", "output", "auto", "timm", "loop")
+STRATEGIES = ("weight", "loop", "bmm", "output")
+METHODS = (*STRATEGIES, "auto", "timm")
 
 
 def _timm_layer(c, o, k, g, e, bank):
@@ -56,20 +60,17 @@ def _make_cell(c, o, k, g, h, e, b):
     x = torch.randn(b, c, h, h)
     routing = torch.sigmoid(torch.randn(b, e))
     layers = {s: CondConv2d(c, o, k, padding=k // 2, groups=g, bias=False, num_experts=e, router=False, strategy=s)
-              for s in ("weight", "output", "auto")}
+              for s in (*STRATEGIES, "auto")}
     bank = layers["weight"].weight.detach()
-    for s in ("output", "auto"):
+    for layer in layers.values():
         with torch.no_grad():
-            layers[s].weight.copy_(bank)
+            layer.weight.copy_(bank)
     timm_layer = _timm_layer(c, o, k, g, e, bank)
-    loop_bank = bank.clone().requires_grad_()
 
     def run(method, x, r):
         if method in layers:
             return layers[method](x, r)
-        if method == "timm":
-            return timm_layer(x, r)
-        return mixture_conv2d_reference(x, loop_bank, r, None, 1, k // 2, 1, g)
+        return timm_layer(x, r)
 
     return x, routing, run
 
@@ -117,7 +118,8 @@ def run_grid(shapes, batches, experts, repeats, modes):
             for e in experts:
                 for b in batches:
                     med, best = bench_cell(c, o, k, g, h, e, b, backward, repeats, METHODS)
-                    choice = choose_mixture_strategy(b, c, o, k, e, h, g, requires_grad=backward)
+                    # at batch 1 every strategy but "output" is one F.conv2d with the mixed kernel
+                    choice = "conv" if b == 1 else choose_mixture_strategy(b, c, o, k, e, h, g, requires_grad=backward)
                     rows.append(dict(label=label, C=c, O=o, k=k, g=g, hw=h, E=e, B=b, backward=backward,
                                      choice=choice, **{m: med[m] for m in METHODS},
                                      **{f"min_{m}": best[m] for m in METHODS}))
@@ -126,19 +128,27 @@ def run_grid(shapes, batches, experts, repeats, modes):
 
 
 def markdown(rows, backward):
-    head = ("| shape | E | B | weight ms | output ms | auto ms (pick) | timm ms | loop ms | auto/timm | "
-            "weight/timm | output/timm | loop/timm |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| shape | E | B | " + " | ".join(f"{m} ms" for m in STRATEGIES) + " | auto ms (pick) | timm ms | auto/timm | "
+            + " | ".join(f"{m}/timm" for m in STRATEGIES) + " |")
+    lines = [head, "|" + "---|" * (6 + 2 * len(STRATEGIES))]
     for r in rows:
         if r["backward"] != backward:
             continue
         t = r["timm"]
         lines.append(
-            f"| {r['label']} | {r['E']} | {r['B']} | {_fmt(r['weight'])} | {_fmt(r['output'])} | "
-            f"{_fmt(r['auto'])} ({r['choice'][0]}) | {_fmt(t)} | {_fmt(r['loop'])} | {r['auto'] / t:.2f} | "
-            f"{r['weight'] / t:.2f} | {r['output'] / t:.2f} | {r['loop'] / t:.2f} |"
+            f"| {r['label']} | {r['E']} | {r['B']} | " + " | ".join(_fmt(r[m]) for m in STRATEGIES)
+            + f" | {_fmt(r['auto'])} ({r['choice']}) | {_fmt(t)} | {r['auto'] / t:.2f} | "
+            + " | ".join(f"{r[m] / t:.2f}" for m in STRATEGIES) + " |"
         )
     return "\n".join(lines)
+
+
+def _geo(values):
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def _picked(row):
+    return "weight" if row["choice"] == "conv" else row["choice"]
 
 
 def summary(rows):
@@ -149,38 +159,37 @@ def summary(rows):
             if not sel:
                 continue
             ratios = [r["auto"] / r["timm"] for r in sel]
-            geo = float(np.exp(np.mean(np.log(ratios))))
-            oracle = [min(r["weight"], r["output"]) / r["timm"] for r in sel]
-            hits = sum(r["choice"] == ("weight" if r["weight"] <= r["output"] else "output") for r in sel)
+            oracle = [min(r[m] for m in STRATEGIES) / r["timm"] for r in sel]
+            hits = sum(r[_picked(r)] <= 1.1 * min(r[m] for m in STRATEGIES) for r in sel)
+            under = sum(x <= 0.8 for x in ratios)
+            not_slower = sum(x <= 1.0 for x in ratios)
             out.append(
-                f"- {'fwd+bwd' if backward else 'fwd'}, B={b}: auto/timm geometric mean {geo:.2f} "
-                f"(min {min(ratios):.2f}, max {max(ratios):.2f}); best-strategy/timm geometric mean "
-                f"{float(np.exp(np.mean(np.log(oracle)))):.2f}; auto picked the faster strategy in {hits}/{len(sel)} cells"
+                f"- {'fwd+bwd' if backward else 'fwd'}, B={b}: auto/timm geometric mean {_geo(ratios):.2f} "
+                f"(min {min(ratios):.2f}, max {max(ratios):.2f}; <= 0.8 in {under}/{len(sel)} cells, <= 1.0 in "
+                f"{not_slower}/{len(sel)}); fastest-strategy/timm geometric mean {_geo(oracle):.2f}; auto's pick "
+                f"within 10% of the fastest strategy in {hits}/{len(sel)} cells"
             )
     return "\n".join(out)
 
 
 def calibrate(rows):
-    """Fit the cost-model constants (non-negative least squares on relative error of the per-cell minima)."""
+    """Fit the cost-model constants: per strategy, non-negative least squares on the relative error of the
+    per-cell minima over the batch > 1 cells (at batch 1 the layer does not consult the model)."""
     from scipy.optimize import nnls
 
     result = {}
     for backward in (False, True):
-        sel = [r for r in rows if r["backward"] == backward]
+        sel = [r for r in rows if r["backward"] == backward and r["B"] > 1]
         if not sel:
             continue
-        wa, wb, oa, ob = [], [], [], []
-        for r in sel:
-            p = r["O"] * (r["C"] // r["g"]) * r["k"] ** 2
-            m = r["B"] * p * r["hw"] ** 2
-            # times in ns; rows divided by the measured time -> least squares on relative error
-            wa.append(np.array([r["B"] * r["E"] * p, m, r["B"] * r["g"]]) / (r["min_weight"] * 1e9))
-            wb.append(1.0)
-            oa.append(np.array([r["E"] * m, r["E"] * r["B"] * r["O"] * r["hw"] ** 2]) / (r["min_output"] * 1e9))
-            ob.append(1.0)
-        cw, _ = nnls(np.array(wa), np.array(wb))
-        co, _ = nnls(np.array(oa), np.array(ob))
-        result[backward] = {"mix": cw[0], "gconv": cw[1], "group": cw[2], "dense": co[0], "combine": co[1]}
+        consts = {}
+        for strategy in STRATEGIES:
+            a = []
+            for r in sel:
+                feats = _cost_features(r["B"], r["C"], r["O"], r["k"], r["k"], r["E"], r["hw"], r["hw"], r["g"])
+                a.append(np.array(feats[strategy], dtype=float) / (r[f"min_{strategy}"] * 1e9))
+            consts[strategy], _ = nnls(np.array(a), np.ones(len(a)))
+        result[backward] = consts
     return result
 
 
@@ -192,6 +201,8 @@ def main():
     parser.add_argument("--json", default=None, help="write the raw medians to this file")
     parser.add_argument("--calibrate", action="store_true", help="fit the cost model's constants")
     parser.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
+    parser.add_argument("--from-json", default=None, help="re-print the tables of a --json file instead of measuring")
+    parser.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,8,64)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -204,7 +215,19 @@ def main():
     print(f"torch {torch.__version__}, timm {timm.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
           f"repeats = {args.repeats} (medians), float32, bias=False, padding=k//2, stride 1")
     start = time.perf_counter()
-    rows = run_grid(shapes, BATCHES, experts, args.repeats, modes)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+        for r in rows:
+            if r["B"] == 1:
+                r["choice"] = "conv"
+        for backward in modes:
+            print(f"### {'forward + backward' if backward else 'forward only'}\n")
+            print(markdown(rows, backward) + "\n")
+        print(summary(rows))
+        return
+    batches = BATCHES if args.batches is None else tuple(int(b) for b in args.batches.split(","))
+    rows = run_grid(shapes, batches, experts, args.repeats, modes)
     print(f"\ngrid time {time.perf_counter() - start:.0f} s\n")
     for backward in modes:
         print(f"### {'forward + backward' if backward else 'forward only'}\n")
@@ -216,7 +239,9 @@ def main():
     if args.calibrate:
         print("\nfitted cost-model constants (ns per unit):")
         for backward, consts in calibrate(rows).items():
-            print(f"  requires_grad={backward}: " + ", ".join(f"{k}={v:.4g}" for k, v in consts.items()))
+            print(f"  requires_grad={backward}:")
+            for strategy, c in consts.items():
+                print(f"    {strategy!r}: ({', '.join(f'{v:.3g}' for v in c)}),")
 
 
 if __name__ == "__main__":

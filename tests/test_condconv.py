@@ -19,7 +19,8 @@ from pycoe.functional.mixture import (
 )
 from pycoe.layers.condconv import CondConv2d, CondConvRouter, convert_conv2d_to_condconv
 
-STRATEGIES = ("weight", "output", "auto")
+STRATEGIES = ("weight", "output", "bmm", "loop", "auto")
+EXPLICIT = STRATEGIES[:-1]
 
 
 def _inputs(batch, channels, out_channels, kernel, groups, experts, size=(7, 6), bias=True, dtype=torch.float64):
@@ -42,6 +43,8 @@ CASES = [
     (3, 4, 6, 3, 1, 1, 1, 1, True, (7, 6)),
     (3, 4, 6, 3, 2, 1, 1, 1, False, (7, 6)),
     (2, 4, 4, 1, 1, 0, 1, 1, True, (5, 5)),
+    (3, 4, 6, 1, 2, 1, 1, 2, True, (7, 6)),  # 1x1, strided, padded, grouped (bmm's no-im2col path)
+    (1, 4, 6, 3, 1, "same", 1, 2, True, (7, 6)),  # batch 1 (the single-convolution path), grouped "same"
     (2, 4, 6, (3, 2), (2, 1), (1, 0), 1, 2, True, (8, 7)),
     (3, 6, 6, 3, 1, 2, 2, 6, True, (7, 7)),  # depthwise, dilated
     (1, 6, 6, 3, 2, 1, 1, 6, False, (8, 8)),  # depthwise, strided, batch 1
@@ -111,11 +114,14 @@ def test_random_configurations_match_reference(
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("strategy", ["weight", "output"])
-@pytest.mark.parametrize("config", [(1, 1, 1), (2, "same", 2)], ids=["plain", "strided-same-grouped"])
+@pytest.mark.parametrize("strategy", EXPLICIT)
+@pytest.mark.parametrize(
+    "config", [(2, 3, 1, 1, 1), (2, 3, 2, "same", 2), (2, 1, 2, 1, 2), (1, 3, 1, 1, 1)],
+    ids=["plain", "strided-same-grouped", "1x1-strided-padded-grouped", "batch1"],
+)
 def test_gradcheck_float64(strategy, config):
-    stride, padding, groups = config
-    x, bank, coef, bias_bank = _inputs(2, 2, 2, 3, groups, experts=2, size=(4, 3))
+    batch, kernel, stride, padding, groups = config
+    x, bank, coef, bias_bank = _inputs(batch, 2, 2, kernel, groups, experts=2, size=(4, 3))
 
     def fn(x, bank, coef, bias_bank):
         return mixture_conv2d(x, bank, coef, bias_bank, stride, padding, 1, groups, strategy=strategy)
@@ -129,14 +135,14 @@ def test_same_padding_conventions():
     # stride 1: torch's own padding="same"
     for k in (3, 4):
         kernel = torch.randn(1, 4, 3, k, k, dtype=x.dtype)
-        for strategy in ("weight", "output"):
+        for strategy in EXPLICIT:
             torch.testing.assert_close(
                 mixture_conv2d(x, kernel, coef, padding="same", strategy=strategy),
                 F.conv2d(x, kernel[0], padding="same"),
             )
     # stride 2, 8 pixels, 3x3: total padding 1, all of it after (TensorFlow rule), output ceil(8/2) = 4
     expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), bank[0], stride=2)
-    for strategy in ("weight", "output"):
+    for strategy in EXPLICIT:
         out = mixture_conv2d(x, bank, coef, stride=2, padding="same", strategy=strategy)
         assert out.shape[-2:] == (4, 4)
         torch.testing.assert_close(out, expected)
@@ -169,7 +175,7 @@ def test_auto_uses_the_cost_model_choice(monkeypatch):
 
     x, bank, coef, bias_bank = _inputs(2, 4, 4, 3, 1, experts=3)
     seen = []
-    for choice in ("weight", "output"):
+    for choice in EXPLICIT:
         monkeypatch.setattr(mixture, "choose_mixture_strategy", lambda *a, choice=choice, **k: seen.append(k) or choice)
         mixture._cached_choice.cache_clear()  # auto memoises the choice per shape
         auto = mixture_conv2d(x, bank, coef, bias_bank, padding=1, strategy="auto")
@@ -183,14 +189,34 @@ def test_auto_uses_the_cost_model_choice(monkeypatch):
 
 
 def test_cost_model_decisions():
-    # 1x1 spatial (a squeeze-excitation conv) at a large batch: E dense GEMMs beat B tiny grouped convs.
-    assert choose_mixture_strategy(64, 256, 256, 1, 4, 1) == "output"
-    # large spatial maps: output mixing pays E convolutions, weight mixing one.
+    # The regimes the calibration measured (benchmarks/bench_condconv.py): a squeeze-excitation conv on a 1x1
+    # map at a large batch -> output mixing; depthwise -> the grouped conv; dense 3x3 -> the per-sample loop
+    # (CPU grouped convs with groups=B and many channels per group are slow); dense 1x1 with a backward ->
+    # the batched matmul without im2col.
     for grad in (False, True):
-        assert choose_mixture_strategy(64, 64, 64, 3, 8, 56, requires_grad=grad) == "weight"
-        assert choose_mixture_strategy(1, 128, 128, 3, 4, 28, requires_grad=grad) == "weight"
+        assert choose_mixture_strategy(64, 256, 64, 1, 4, 1, requires_grad=grad) == "output"
+        assert choose_mixture_strategy(64, 256, 256, 3, 4, 14, groups=256, requires_grad=grad) == "weight"
+        assert choose_mixture_strategy(64, 128, 128, 3, 4, 14, requires_grad=grad) == "loop"
+    assert choose_mixture_strategy(64, 32, 64, 1, 4, 56, requires_grad=True) == "bmm"
+    # im2col + bmm is never the model's pick for a 3x3 kernel with a backward
+    costs = mixture_costs(64, 64, 64, 3, 8, 28, requires_grad=True)
+    assert costs["bmm"] > min(costs["weight"], costs["loop"])
     costs = mixture_costs(8, 64, 64, 3, 4, 28)
-    assert set(costs) == {"weight", "output"} and all(v > 0 for v in costs.values())
+    assert set(costs) == {"weight", "loop", "bmm", "output"} and all(v > 0 for v in costs.values())
+    assert choose_mixture_strategy(8, 64, 64, 3, 4, 28) == min(costs, key=costs.get)
+
+
+def test_batch_one_is_a_single_convolution_with_the_mixed_kernel(monkeypatch):
+    x, bank, coef, bias_bank = _inputs(1, 4, 6, 3, 2, experts=3)
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    for strategy in ("weight", "bmm", "loop", "auto"):
+        calls.clear()
+        out = mixture_conv2d(x, bank, coef, bias_bank, 1, 1, 1, 2, strategy=strategy)
+        assert calls == [(6, 2, 3, 3)]  # one conv, with one [O, C/g, kh, kw] kernel
+        mixed = torch.einsum("e,eocij->ocij", coef[0], bank)
+        torch.testing.assert_close(out, real(x, mixed, coef[0] @ bias_bank, 1, 1, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------- router
@@ -333,6 +359,24 @@ def test_conversion_predicates_and_symmetry_breaking():
     assert not torch.allclose(layer.weight.grad[0], layer.weight.grad[1])
 
 
+def test_conversion_without_routers():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    assert convert_conv2d_to_condconv(model, num_experts=3, predicate=["0", "2"], router=False) == ["0", "2"]
+    for layer in (model[0], model[2]):
+        assert isinstance(layer, CondConv2d) and layer.router is None and "router=none" in repr(layer)
+        assert not any("router" in name for name, _ in layer.named_parameters())
+    assert torch.equal(model[2].weight[0], model[2].weight[2])  # exact copies, no 2/E scaling
+    coef = torch.softmax(torch.randn(2, 3), dim=1)  # any coefficients summing to 1 reproduce the conv
+    with torch.no_grad():
+        after = model[2](model[1](model[0](x, coef)), coef)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="routing_weights must be given"):
+        model(x)
+
+
 def test_conversion_bad_arguments():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding_mode="reflect"))
     with pytest.raises(ValueError, match="predicate"):
@@ -349,6 +393,10 @@ def test_conversion_bad_arguments():
         convert_conv2d_to_condconv(model, normalize="softmax")
     with pytest.raises(TypeError, match="model"):
         convert_conv2d_to_condconv("resnet")
+    with pytest.raises(TypeError, match="router"):
+        convert_conv2d_to_condconv(model, router="own")
+    with pytest.raises(ValueError, match="normalize=None needs a router"):
+        convert_conv2d_to_condconv(model, router=False, normalize=None)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -397,7 +445,7 @@ def test_error_unknown_strategy():
     with pytest.raises(ValueError, match="strategy"):
         mixture_conv2d(x, bank, coef, bias_bank, groups=2, strategy="fast")
     with pytest.raises(ValueError, match="strategy"):
-        CondConv2d(4, 6, 3, strategy="loop")
+        CondConv2d(4, 6, 3, strategy="fast")
 
 
 def test_error_num_experts_below_one():

@@ -9,16 +9,24 @@ specialist models. For one sample with mixing coefficients :math:`\\alpha \\in \
     y = \\Big(\\sum_{e} \\alpha_e W_e\\Big) * x + \\sum_e \\alpha_e b_e
       = \\sum_e \\alpha_e \\,(W_e * x + b_e),
 
-because a convolution is linear in its kernel. The two sides give the two exact strategies:
+because a convolution is linear in its kernel. The two sides give the exact strategies:
 
 * ``"weight"`` (weight mixing, the CondConv paper's form): one matmul builds a kernel per sample, then ONE
   grouped convolution with ``groups = B * g`` runs every sample with its own kernel (the batch is folded into
   the channel axis: ``x`` is reshaped to ``[1, B*C, H, W]``).
+* ``"loop"`` (weight mixing too): the same matmul, then one ordinary ``F.conv2d`` per sample with that
+  sample's kernel. On CPU a grouped convolution with ``groups = B`` and many channels per group is often
+  slower than B separate convolutions.
+* ``"bmm"`` (weight mixing too): the same matmul, then the convolution as ONE batched matrix multiply
+  ``[B*g, O/g, C/g*kh*kw] @ [B*g, C/g*kh*kw, h*w]``; a 1x1 kernel needs no im2col (the input is the right
+  matrix as it is), larger kernels go through ``F.unfold``.
 * ``"output"`` (output mixing): one ordinary convolution with ``E * O`` output channels on the whole batch,
   then the coefficient-weighted sum over the E expert outputs.
 
-``"auto"`` picks one with :func:`choose_mixture_strategy`, a small cost model whose constants were calibrated
-with ``benchmarks/bench_condconv.py`` on the development machine (see that function's docstring).
+At batch 1 every weight-mixing strategy is the same computation, so it runs as one ``F.conv2d`` with the
+mixed kernel. ``"auto"`` picks one with :func:`choose_mixture_strategy`, a small cost model whose constants
+were calibrated with ``benchmarks/bench_condconv.py`` on the development machine (see that function's
+docstring).
 
 Einstein legend used in shapes and einops patterns::
 
@@ -49,7 +57,7 @@ __all__ = [
 ]
 
 #: The strategies accepted by :func:`mixture_conv2d`.
-MIXTURE_STRATEGIES = ("auto", "weight", "output")
+MIXTURE_STRATEGIES = ("auto", "weight", "output", "bmm", "loop")
 
 _PadArg = int | Sequence[int] | str
 
@@ -158,8 +166,59 @@ def _validate(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the two strategies
+# the strategies
 # ----------------------------------------------------------------------------------------------------------------
+def _mixed_bias(coefficients, bias_bank):
+    """Tensor[B, O] (or None): every sample's bias, one matmul [B, E] @ [E, O]."""
+    return None if bias_bank is None else coefficients @ bias_bank
+
+
+def _single_sample(x, weight_bank, coefficients, bias_bank, stride, padding, dilation, groups):
+    """Batch 1: one ordinary convolution with the mixed kernel (every weight-mixing strategy reduces to this)."""
+    experts = weight_bank.shape[0]
+    kernel = (coefficients @ weight_bank.reshape(experts, -1)).reshape(weight_bank.shape[1:])
+    bias = None if bias_bank is None else (coefficients @ bias_bank).reshape(-1)
+    return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
+
+
+def _loop_mixing(x, weight_bank, coefficients, bias_bank, stride, padding, dilation, groups):
+    batch = x.shape[0]
+    experts = weight_bank.shape[0]
+    kernels = (coefficients @ weight_bank.reshape(experts, -1)).reshape(batch, *weight_bank.shape[1:])
+    biases = _mixed_bias(coefficients, bias_bank)
+    bias_list = [None] * batch if biases is None else biases.unbind(0)
+    # unbind (not x[b:b+1]): its backward stacks the per-sample gradients once instead of B zero-filled copies
+    outs = [
+        F.conv2d(xb.unsqueeze(0), kb, bb, stride, padding, dilation, groups)
+        for xb, kb, bb in zip(x.unbind(0), kernels.unbind(0), bias_list)
+    ]
+    return torch.cat(outs, dim=0)
+
+
+def _bmm_mixing(x, weight_bank, coefficients, bias_bank, stride, padding, dilation, groups):
+    batch, channels = x.shape[:2]
+    experts, out_channels, cpg, kh, kw = weight_bank.shape
+    # kernels[(b g), o, (c kh kw)]: the flat kernel is (g o c kh kw)-ordered, as F.unfold orders (g c kh kw)
+    kernels = (coefficients @ weight_bank.reshape(experts, -1)).reshape(batch * groups, out_channels // groups, -1)
+    if kh == 1 and kw == 1:
+        if padding != (0, 0):
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        if stride != (1, 1):
+            x = x[:, :, :: stride[0], :: stride[1]]
+        out_h, out_w = x.shape[-2:]
+        cols = x.reshape(batch * groups, cpg, out_h * out_w)  # a view for a contiguous x: no im2col at all
+    else:
+        out_h = _conv_out_size(x.shape[-2], kh, stride[0], padding[0], dilation[0])
+        out_w = _conv_out_size(x.shape[-1], kw, stride[1], padding[1], dilation[1])
+        cols = F.unfold(x, (kh, kw), dilation, padding, stride).reshape(batch * groups, cpg * kh * kw, -1)
+    if bias_bank is None:
+        out = torch.bmm(kernels, cols)
+    else:
+        bias = (coefficients @ bias_bank).reshape(batch * groups, out_channels // groups, 1)
+        out = torch.baddbmm(bias, kernels, cols)
+    return out.reshape(batch, out_channels, out_h, out_w)
+
+
 def _weight_mixing(x, weight_bank, coefficients, bias_bank, stride, padding, dilation, groups):
     batch, channels, height, width = x.shape
     experts, out_channels = weight_bank.shape[:2]
@@ -221,9 +280,12 @@ def mixture_conv2d(
             the bottom/right. For stride 1 it equals torch's ``padding="same"``.
         dilation: int or (dh, dw).
         groups: convolution groups ``g``: C and O must be divisible by it (``groups=C`` is depthwise).
-        strategy: ``"weight"`` (mix kernels, one grouped conv with ``groups = B*g``), ``"output"`` (one
-            conv with ``E*O`` output channels, then the weighted sum) or ``"auto"`` (pick with
-            :func:`choose_mixture_strategy`). Both are exact; they differ only in float rounding and speed.
+        strategy: ``"weight"`` (mix kernels, one grouped conv with ``groups = B*g``), ``"loop"`` (mix
+            kernels, one conv per sample), ``"bmm"`` (mix kernels, the convolution as one batched matmul,
+            through ``F.unfold`` unless the kernel is 1x1), ``"output"`` (one conv with ``E*O`` output
+            channels, then the weighted sum) or ``"auto"`` (pick with :func:`choose_mixture_strategy`). All
+            are exact; they differ only in float rounding and speed. At batch 1 every strategy but
+            ``"output"`` is one ``F.conv2d`` with the mixed kernel.
 
     Returns:
         Tensor[B, O, H', W'], channels_last if ``x`` was (and is not also contiguous).
@@ -253,15 +315,22 @@ def _mixture_forward(
     strategy: str,
 ) -> torch.Tensor:
     """:func:`mixture_conv2d` on already validated and normalised arguments (the layers call this directly)."""
-    kernel = (int(weight_bank.shape[3]), int(weight_bank.shape[4]))
-    x_padded, conv_padding = _resolve_padding(x, padding, kernel, stride, dilation)
-    out_h = _conv_out_size(x_padded.shape[-2], kernel[0], stride[0], conv_padding[0], dilation[0])
-    out_w = _conv_out_size(x_padded.shape[-1], kernel[1], stride[1], conv_padding[1], dilation[1])
+    kh, kw = weight_bank.shape[3], weight_bank.shape[4]
+    if padding.__class__ is str:
+        x_padded, conv_padding = _resolve_padding(x, padding, (kh, kw), stride, dilation)  # type: ignore[arg-type]
+    else:
+        x_padded, conv_padding = x, padding
+    out_h = (x_padded.shape[-2] + 2 * conv_padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (x_padded.shape[-1] + 2 * conv_padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if out_h < 1 or out_w < 1:
         raise ValueError(
-            f"x of spatial size {tuple(x.shape[-2:])} is too small for kernel {kernel} with dilation {dilation} "
+            f"x of spatial size {tuple(x.shape[-2:])} is too small for kernel {(kh, kw)} with dilation {dilation} "
             f"and padding {padding!r}"
         )
+    batch = x.shape[0]
+    if batch == 1 and strategy != "output":
+        # the lean path: one conv with the mixed kernel; conv2d keeps a channels_last x channels_last
+        return _single_sample(x_padded, weight_bank, coefficients, bias_bank, stride, conv_padding, dilation, groups)
     if strategy == "auto":
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
@@ -270,14 +339,16 @@ def _mixture_forward(
             or (bias_bank is not None and bias_bank.requires_grad)
         )
         strategy = _cached_choice(
-            x.shape[0], x.shape[1], weight_bank.shape[1], kernel, weight_bank.shape[0], (out_h, out_w), groups,
+            batch, x.shape[1], weight_bank.shape[1], (kh, kw), weight_bank.shape[0], (out_h, out_w), groups,
             needs_grad,
         )
-    impl = _weight_mixing if strategy == "weight" else _output_mixing
-    out = impl(x_padded, weight_bank, coefficients, bias_bank, stride, conv_padding, dilation, groups)
+    out = _IMPLS[strategy](x_padded, weight_bank, coefficients, bias_bank, stride, conv_padding, dilation, groups)
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+_IMPLS = {"weight": _weight_mixing, "output": _output_mixing, "bmm": _bmm_mixing, "loop": _loop_mixing}
 
 
 def mixture_conv2d_reference(
@@ -328,16 +399,47 @@ def mixture_conv2d_reference(
 # ----------------------------------------------------------------------------------------------------------------
 # cost model
 # ----------------------------------------------------------------------------------------------------------------
-# Calibrated constants (see choose_mixture_strategy), in nanoseconds per unit of each term, measured with
-# benchmarks/bench_condconv.py --calibrate --threads 1 on the development machine (2 shared cores, AVX-512,
-# torch 2.14 CPU): a fit on a reduced grid (3x3 128->128 @14, 1x1 256->256 @14, dw3x3 256 @14; E=4; B=1, 8,
-# 64) plus squeeze-excitation cells (1x1 256->64 on a 1x1 map, B=8 and 64) that pin the mixing term, rounded.
-_COST = {
+# Calibrated constants (see choose_mixture_strategy): nanoseconds per unit of each feature of
+# _cost_features, in the same order. Fitted with
+#     python benchmarks/bench_condconv.py --quick --threads 1 --repeats 3 --batches 8,64 --calibrate
+# on the development machine (2 shared cores, AVX-512, torch 2.14 CPU; cells 3x3 128->128 @14, 1x1 256->256 @14,
+# dw3x3 256 @14, SE 1x1 256->64 @1; E=4; B=8, 64) and rounded, with one manual change: the loop's per-group
+# constant was raised from the fitted 321 / 941 ns to 2000 / 6000 ns, because the fit underestimates the loop
+# on depthwise convolutions (measured 1.8x to 8x timm's time there) and the raise only matters for large g;
+# and, forward + backward, the per-multiply-add rates of the loop (fitted 0.096) and of bmm (fitted 0.19, with
+# a zero im2col term) were set to 0.080 and 0.070 + 15 per im2col element, so that the model ranks the
+# measured cells as measured (loop < weight on dense 3x3, bmm < loop < weight on dense 1x1, unfold+bmm last on
+# 3x3): four cells and three or four constants per strategy do not pin these down by themselves.
+_COST: dict[bool, dict[str, tuple[float, ...]]] = {
     # forward only
-    False: {"mix": 0.25, "gconv": 0.031, "group": 236.0, "dense": 0.0226, "combine": 2.2},
+    False: {
+        "weight": (0.15, 0.030, 140.0),
+        "loop": (0.0, 0.024, 14600.0, 2000.0),
+        "bmm": (0.29, 0.028, 1.7, 0.0),
+        "output": (0.016, 3.2),
+    },
     # forward + backward
-    True: {"mix": 2.5, "gconv": 0.117, "group": 1241.0, "dense": 0.30, "combine": 6.9},
+    True: {
+        "weight": (0.54, 0.089, 547.0),
+        "loop": (0.0, 0.080, 61600.0, 6000.0),
+        "bmm": (0.50, 0.070, 15.0, 31500.0),
+        "output": (0.0048, 56.0),
+    },
 }
+
+
+def _cost_features(batch, in_channels, out_channels, kh, kw, num_experts, oh, ow, groups) -> dict[str, tuple]:
+    """The terms of each strategy's cost (see :func:`choose_mixture_strategy`); the benchmark fits on them."""
+    kernel_params = out_channels * (in_channels // groups) * kh * kw  # P: one expert's kernel
+    macs = batch * kernel_params * oh * ow  # M: one ordinary convolution of the batch
+    mix = batch * num_experts * kernel_params
+    cols = 0 if kh == kw == 1 else batch * in_channels * kh * kw * oh * ow  # im2col elements
+    return {
+        "weight": (mix, macs, batch * groups),
+        "loop": (mix, macs, batch, batch * groups),
+        "bmm": (mix, macs, cols, batch * groups),
+        "output": (num_experts * macs, num_experts * batch * out_channels * oh * ow),
+    }
 
 
 def mixture_costs(
@@ -350,16 +452,15 @@ def mixture_costs(
     groups: int = 1,
     requires_grad: bool = False,
 ) -> dict[str, float]:
-    """Estimated time (arbitrary units) of each strategy; see :func:`choose_mixture_strategy`."""
+    """Estimated time in nanoseconds of each strategy (keys ``"weight"``, ``"loop"``, ``"bmm"``, ``"output"``).
+
+    Same arguments as :func:`choose_mixture_strategy`.
+    """
     kh, kw = _pair("kernel_size", kernel_size, minimum=1)
     oh, ow = _pair("out_hw", out_hw, minimum=1)
-    c = _COST[bool(requires_grad)]
-    kernel_params = out_channels * (in_channels // groups) * kh * kw  # P: one expert's kernel
-    conv_macs = batch * kernel_params * oh * ow  # one ordinary convolution of the batch
-    outputs = batch * out_channels * oh * ow
-    weight = c["mix"] * batch * num_experts * kernel_params + c["gconv"] * conv_macs + c["group"] * batch * groups
-    output = c["dense"] * num_experts * conv_macs + c["combine"] * num_experts * outputs
-    return {"weight": weight, "output": output}
+    consts = _COST[bool(requires_grad)]
+    features = _cost_features(batch, in_channels, out_channels, kh, kw, num_experts, oh, ow, groups)
+    return {name: float(sum(c * f for c, f in zip(consts[name], feats))) for name, feats in features.items()}
 
 
 def choose_mixture_strategy(
@@ -372,17 +473,24 @@ def choose_mixture_strategy(
     groups: int = 1,
     requires_grad: bool = False,
 ) -> str:
-    """Pick the cheaper exact strategy of :func:`mixture_conv2d` from a cost model.
+    """Pick the cheapest exact strategy of :func:`mixture_conv2d` from a cost model.
 
-    Cost model (pycoe's; times in calibrated units)::
+    Cost model (pycoe's; times in nanoseconds, one set of constants ``a`` with and one without backward)::
 
-        weight = a_mix * B*E*P + a_gconv * M + a_group * B*g
-        output = a_dense * E*M + a_comb * E*B*O*h*w
+        weight = a1 * B*E*P + a2 * M + a3 * B*g
+        loop   = a1 * B*E*P + a2 * M + a3 * B + a4 * B*g
+        bmm    = a1 * B*E*P + a2 * M + a3 * B*C*kh*kw*h*w [0 for 1x1 kernels] + a4 * B*g
+        output = a1 * E*M + a2 * E*B*O*h*w
 
     where ``P = O*(C/g)*kh*kw`` is one kernel's size, ``M = B*P*h*w`` the multiply-accumulates of one ordinary
-    convolution of the batch and ``h, w`` the output size. The weight strategy pays for mixing the kernels and
-    for one grouped convolution (plus a per-group overhead); the output strategy pays for E convolutions and
-    for the weighted sum. The constants differ with and without backward.
+    convolution of the batch and ``h, w`` the output size. The three weight-mixing strategies pay for mixing
+    the kernels and for the convolution at their own rate per multiply-add, plus: the grouped convolution a
+    per-group overhead, the loop a per-call overhead, bmm the im2col copy (none for a 1x1 kernel) and a
+    per-matrix overhead; output mixing pays for E convolutions and the weighted sum. Each strategy's
+    constants are a non-negative least-squares fit of its measured times (relative error) over the
+    benchmark grid: ``python benchmarks/bench_condconv.py --calibrate --threads 1``.
+
+    At batch 1, :func:`mixture_conv2d` does not consult this (it runs one convolution with the mixed kernel).
 
     Args:
         batch: B.  in_channels: C.  out_channels: O.  kernel_size: k or (kh, kw).
@@ -390,10 +498,10 @@ def choose_mixture_strategy(
         requires_grad: whether a backward pass will follow.
 
     Returns:
-        ``"weight"`` or ``"output"``.
+        ``"weight"``, ``"loop"``, ``"bmm"`` or ``"output"``.
     """
     costs = mixture_costs(batch, in_channels, out_channels, kernel_size, num_experts, out_hw, groups, requires_grad)
-    return "output" if costs["output"] < costs["weight"] else "weight"
+    return min(costs, key=costs.__getitem__)
 
 
 @functools.lru_cache(maxsize=4096)

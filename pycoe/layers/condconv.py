@@ -102,7 +102,8 @@ class CondConv2d(nn.Module):
             layer's input; an ``nn.Module`` mapping ``x`` to Tensor[B, E]: use it (it may be shared with other
             layers; its parameters are then shared too); ``False``: no router, ``routing_weights`` must be
             given to :meth:`forward`.
-        strategy: ``"auto"``, ``"weight"`` or ``"output"``, passed to :func:`~pycoe.functional.mixture_conv2d`.
+        strategy: ``"auto"``, ``"weight"``, ``"loop"``, ``"bmm"`` or ``"output"``, passed to
+            :func:`~pycoe.functional.mixture_conv2d`.
         device, dtype: factory arguments of the parameters.
 
     Attributes:
@@ -187,34 +188,30 @@ class CondConv2d(nn.Module):
         Returns:
             Tensor[B, O, H', W'].
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+        # O(1) checks, ordered so that the common case costs a few attribute reads; the slow path explains.
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
             check_tensor("x", x, ndim=4)
+        if x.shape[1] != self.in_channels:
             raise ValueError(f"x must have {self.in_channels} channels (shape [B, C, H, W]), got {tuple(x.shape)}")
         if routing_weights is None:
             if self.router is None:
                 raise ValueError("routing_weights must be given: this CondConv2d was built with router=False")
             routing_weights = self.router(x)
-        if not isinstance(routing_weights, torch.Tensor) or routing_weights.shape != (x.shape[0], self.num_experts):
+        elif not isinstance(routing_weights, torch.Tensor):
             check_tensor("routing_weights", routing_weights)
+        if routing_weights.shape != (x.shape[0], self.num_experts):
             raise ValueError(
                 f"routing_weights must have shape [B, E] = [{x.shape[0]}, {self.num_experts}], "
                 f"got {tuple(routing_weights.shape)}"
             )
-        if x.dtype != self.weight.dtype or routing_weights.dtype != self.weight.dtype:
+        weight = self.weight
+        if x.dtype != weight.dtype or routing_weights.dtype != weight.dtype:
             raise TypeError(
-                f"x and routing_weights must have the layer's dtype {self.weight.dtype}, "
+                f"x and routing_weights must have the layer's dtype {weight.dtype}, "
                 f"got {x.dtype} and {routing_weights.dtype}"
             )
         return _mixture_forward(
-            x,
-            self.weight,
-            routing_weights,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            strategy=self.strategy,
+            x, weight, routing_weights, self.bias, self.stride, self.padding, self.dilation, self.groups, self.strategy
         )
 
     def extra_repr(self) -> str:
@@ -242,6 +239,7 @@ def convert_conv2d_to_condconv(
     *,
     normalize: str | None = "sum",
     strategy: str = "auto",
+    router: bool = True,
 ) -> list[str]:
     """Replace chosen ``nn.Conv2d`` layers of ``model``, in place, by :class:`CondConv2d` layers.
 
@@ -269,6 +267,11 @@ def convert_conv2d_to_condconv(
             convolution except the first one in ``named_modules`` order (the stem, which sees raw pixels).
         normalize: ``"sum"`` or ``None``, see above.
         strategy: ``strategy`` of the new layers.
+        router: ``True`` (default): each new layer gets its own router as described above. ``False``: the new
+            layers have no router (``CondConv2d(router=False)``) and every expert is an exact copy of the
+            pretrained kernel (and bias), for callers that pass ``routing_weights`` themselves; any
+            coefficients summing to 1 then reproduce the original convolution. ``normalize`` must be left at
+            ``"sum"`` (it describes a router).
 
     Returns:
         The qualified names of the replaced convolutions.
@@ -277,6 +280,10 @@ def convert_conv2d_to_condconv(
     if normalize not in _NORMALIZE:
         raise ValueError(f"normalize must be None or 'sum', got {normalize!r}")
     check_choice("strategy", strategy, MIXTURE_STRATEGIES)
+    if not isinstance(router, bool):
+        raise TypeError(f"router must be True or False, got {router!r}")
+    if not router and normalize != "sum":
+        raise ValueError(f"normalize={normalize!r} needs a router: with router=False leave normalize at 'sum'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     convertible = [name for name, m in model.named_modules() if name and _is_convertible(m)]
@@ -304,12 +311,14 @@ def convert_conv2d_to_condconv(
     def factory(name: str, conv: nn.Module) -> nn.Module:
         assert isinstance(conv, nn.Conv2d)
         factory_kw = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-        router = CondConvRouter(conv.in_channels, num_experts, normalize=normalize, **factory_kw)
+        new_router: CondConvRouter | bool = False
         scale = 1.0
-        if normalize is None:
-            nn.init.zeros_(router.fc.weight)
-            nn.init.zeros_(router.fc.bias)
-            scale = 1.0 / (num_experts * 0.5)  # sum of E coefficients sigmoid(0) = 1/2
+        if router:
+            new_router = CondConvRouter(conv.in_channels, num_experts, normalize=normalize, **factory_kw)
+            if normalize is None:
+                nn.init.zeros_(new_router.fc.weight)
+                nn.init.zeros_(new_router.fc.bias)
+                scale = 1.0 / (num_experts * 0.5)  # sum of E coefficients sigmoid(0) = 1/2
         layer = CondConv2d(
             conv.in_channels,
             conv.out_channels,
@@ -320,11 +329,12 @@ def convert_conv2d_to_condconv(
             groups=conv.groups,
             bias=conv.bias is not None,
             num_experts=num_experts,
-            router=router,
+            router=new_router,
             strategy=strategy,
             **factory_kw,
         )
-        layer._router_kind = "own"
+        if router:
+            layer._router_kind = "own"
         with torch.no_grad():
             layer.weight.copy_(conv.weight.unsqueeze(0).expand_as(layer.weight) * scale)
             if conv.bias is not None:
