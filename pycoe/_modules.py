@@ -1,16 +1,42 @@
-"""Replacing submodules of an existing model in place, without touching its source.
+"""Module surgery and mode handling shared by pycoe's helpers.
 
 The conversion helpers (activations to :class:`~pycoe.PWLU`, convolutions to :class:`~pycoe.CondConv2d`)
-are built on :func:`replace_modules`.
+are built on :func:`replace_modules`; the dry runs, FLOP counts and evaluation loops use
+:func:`preserve_training_modes` and :func:`eval_mode`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
-__all__ = ["replace_modules"]
+__all__ = ["replace_modules", "preserve_training_modes", "eval_mode"]
+
+
+@contextlib.contextmanager
+def preserve_training_modes(module: nn.Module) -> Iterator[nn.Module]:
+    """Restore every submodule's ``training`` flag on exit, as it was on entry (even if they differed).
+
+    ``module.train(flag)`` afterwards would instead force one flag on every submodule, losing e.g. a
+    BatchNorm deliberately kept in eval mode inside a model in training mode.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode under ``torch.no_grad()``; restore every submodule's mode on exit."""
+    with preserve_training_modes(module), torch.no_grad():
+        module.eval()
+        yield module
 
 
 def replace_modules(

@@ -6,6 +6,7 @@ and says what was expected, so that bad input never surfaces as a deep shape err
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,10 @@ __all__ = [
     "check_tensor",
     "check_positive_int",
     "check_nonnegative_int",
+    "check_int",
+    "check_finite_float",
+    "check_positive_float",
+    "check_nonnegative_float",
     "check_probability",
     "check_choice",
     "check_finite",
@@ -69,6 +74,38 @@ def check_nonnegative_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def check_int(name: str, value: Any) -> int:
+    """Return ``value`` as an int, or raise ``TypeError`` unless it is an integer (``bool`` is rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _is_real(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_finite_float(name: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise unless it is a finite real number (``bool`` is rejected)."""
+    if not _is_real(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise unless it is a finite number > 0."""
+    if not _is_real(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative_float(name: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise unless it is a finite number >= 0."""
+    if not _is_real(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def check_probability(name: str, value: Any, *, allow_none: bool = False) -> float | None:

@@ -17,11 +17,13 @@ confirmed from a public source.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from ._modules import preserve_training_modes
 
 __all__ = ["count_flops", "flops_per_sample"]
 
@@ -49,18 +51,20 @@ def count_flops(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) 
     """
     if not callable(module):
         raise TypeError(f"module must be an nn.Module or a callable, got {type(module).__name__}")
+    # imported here: torch.utils.flop_counter pulls in torch._prims (and triton when installed), which
+    # would otherwise dominate ``import pycoe``
+    from torch.utils.flop_counter import FlopCounterMode
+
     is_module = isinstance(module, nn.Module)
-    modes = [(m, m.training) for m in module.modules()] if is_module else []
     buffers = [(b, b.detach().clone()) for b in module.buffers()] if is_module else []
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(*example_inputs, **example_kwargs)
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, training in modes:
-            m.training = training
+    with preserve_training_modes(module) if is_module else contextlib.nullcontext():
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                module(*example_inputs, **example_kwargs)
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
     return int(counter.get_total_flops())
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from pycoe.coe.delegator import Delegator, DelegatorOutput
@@ -139,7 +140,6 @@ def one_thread():
 
 
 def test_torchvision_mobilenet_delegator_resnet_experts(one_thread):
-    torchvision = pytest.importorskip("torchvision")
     k, classes = 2, 7
     delegator = Delegator(
         torchvision.models.mobilenet_v3_small(weights=None), num_experts=k, num_classes=classes, zero_init_selection=False

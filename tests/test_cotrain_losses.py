@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pycoe.functional.cotrain import js_divergence, pairwise_kl
@@ -34,6 +34,7 @@ def _naive_pairwise(logits):
     return torch.stack(rows)  # [S, B]
 
 
+@settings(max_examples=30)  # small integer shapes: 30 examples cover them; keeps the file fast
 @given(s=st.integers(1, 5), b=st.integers(1, 4), c=st.integers(2, 7), seed=st.integers(0, 2**16), scale=st.floats(0.1, 8.0))
 def test_js_matches_naive_reference(s, b, c, seed, scale):
     g = torch.Generator().manual_seed(seed)
@@ -45,6 +46,7 @@ def test_js_matches_naive_reference(s, b, c, seed, scale):
     assert js_divergence(logits, reduction="sum") == pytest.approx(float(got.sum()), abs=1e-12)
 
 
+@settings(max_examples=30)  # small integer shapes: 30 examples cover them; keeps the file fast
 @given(s=st.integers(2, 5), b=st.integers(1, 4), c=st.integers(2, 7), seed=st.integers(0, 2**16))
 def test_pairwise_kl_matches_naive_reference(s, b, c, seed):
     g = torch.Generator().manual_seed(seed)

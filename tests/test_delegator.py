@@ -4,6 +4,7 @@ import copy
 from collections import namedtuple
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -89,9 +90,6 @@ def test_reused_classifier_is_not_duplicated_in_state_dict():
     assert "rough_head.weight" in keys and not any(k.startswith("backbone.fc") for k in keys)
     d2 = Delegator(torchvision.models.resnet18(weights=None), num_experts=2, reuse_classifier=True)
     d2.load_state_dict(d.state_dict())
-
-
-timm = pytest.importorskip("timm")
 
 
 @pytest.mark.parametrize("name,shape", [("test_efficientnet", X64), ("mobilenetv3_small_050", X64)])

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+import torchvision.models as tvm
 from torch import nn
 
-tvm = pytest.importorskip("torchvision.models")
-
-from pycoe.cotrain.divide import (  # noqa: E402
+from pycoe.cotrain.divide import (
     DivisionError,
     count_parameters,
     divide_by_factory,
@@ -16,7 +15,7 @@ from pycoe.cotrain.divide import (  # noqa: E402
     round_to_multiple,
     search_width,
 )
-from pycoe.cotrain.schedule import (  # noqa: E402
+from pycoe.cotrain.schedule import (
     LinearWarmup,
     apply_dropout_scaling,
     linear_warmup,

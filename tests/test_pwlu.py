@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -557,7 +558,6 @@ def test_conversion_keeps_init_functions_and_modes():
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_torchvision_resnet18_and_mobilenet_v3_unchanged_right_after_conversion(granularity):
-    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
     for ctor, expected in ((torchvision.models.resnet18, 9), (torchvision.models.mobilenet_v3_small, 33)):
@@ -574,7 +574,6 @@ def test_torchvision_resnet18_and_mobilenet_v3_unchanged_right_after_conversion(
 
 
 def test_resnet18_close_after_collect_and_realign():
-    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(2, 3, 64, 64)

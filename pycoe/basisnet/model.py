@@ -18,7 +18,6 @@ Einstein legend: ``b`` batch (B), ``n`` bases (N), ``c`` classes (C).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pycoe._validation import check_choice, check_positive_int, check_probability, check_tensor
+from pycoe._validation import (
+    check_choice,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    check_tensor,
+)
+from pycoe._early_exit import exit_decision, merge_early_exit, resolve_exit_threshold
 from pycoe.basisnet.specialist import BasisSpecialist
 from pycoe.coe.delegator import Delegator
 
@@ -43,17 +50,6 @@ __all__ = [
 
 #: The coefficient normalisations accepted by :func:`basis_coefficients` and :class:`BasisNet`.
 NORMALIZATIONS = ("softmax", "sigmoid", "none")
-
-
-def _check_temperature(temperature: Any) -> float:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return float(temperature)
 
 
 def basis_coefficients(logits: torch.Tensor, normalization: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
@@ -72,7 +68,7 @@ def basis_coefficients(logits: torch.Tensor, normalization: str = "softmax", tem
     """
     check_tensor("logits", logits, ndim=2, floating=True)
     check_choice("normalization", normalization, NORMALIZATIONS)
-    scaled = logits / _check_temperature(temperature)
+    scaled = logits / check_positive_float("temperature", temperature)
     if normalization == "softmax":
         return torch.softmax(scaled, dim=1)
     if normalization == "sigmoid":
@@ -235,7 +231,7 @@ class BasisNet(nn.Module):
         num_bases = check_positive_int("num_bases", num_bases)
         if num_classes is not None:
             num_classes = check_positive_int("num_classes", num_classes)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_positive_float("temperature", temperature)
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
         p = check_probability("basis_dropout", basis_dropout)
         if p == 1.0:
@@ -319,19 +315,6 @@ class BasisNet(nn.Module):
         coefficients = basis_coefficients(logits, self.normalization, self.temperature)
         return coefficients, logits, rough
 
-    def _confidence_and_exit(
-        self, rough: torch.Tensor | None, batch: int, device: torch.device, threshold: float | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if rough is not None:
-            confidence = F.softmax(rough.detach().float(), dim=1).amax(dim=1)
-        else:
-            confidence = torch.full((batch,), float("nan"), device=device)
-        if threshold is None:
-            exited = torch.zeros(batch, dtype=torch.bool, device=device)
-        else:
-            exited = confidence >= threshold
-        return confidence, exited
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> BasisNetTrainOutput | BasisNetOutput:
         """Training mode: :class:`BasisNetTrainOutput`; eval mode: :class:`BasisNetOutput` (class docstring)."""
@@ -367,29 +350,20 @@ class BasisNet(nn.Module):
         Returns:
             :class:`BasisNetOutput`.
         """
-        if isinstance(exit_threshold, str) and exit_threshold == "default":
-            threshold = self.exit_threshold
-        else:
-            threshold = check_probability("exit_threshold", exit_threshold, allow_none=True)
-            if threshold is not None and self.num_classes is None:
-                raise ValueError("exit_threshold needs a rough prediction, but the lightweight model has no rough head")
+        threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
+        if threshold is not None and self.num_classes is None:
+            raise ValueError("exit_threshold needs a rough prediction, but the lightweight model has no rough head")
         coefficients, _, rough = self.preview(x)
-        batch = x.shape[0]
-        confidence, exited = self._confidence_and_exit(rough, batch, coefficients.device, threshold)
-        n_exit = int(exited.sum())
-        if n_exit == 0:
-            output = self.specialist(x, coefficients)
-        elif n_exit == batch:
-            output = rough
-        else:
-            keep = (~exited).nonzero().squeeze(1)  # LongTensor[B_kept]
-            routed = self.specialist(x.index_select(0, keep), coefficients.index_select(0, keep))
-            if routed.shape[1:] != rough.shape[1:]:
-                raise ValueError(
-                    f"early exit mixes rough predictions of per-sample shape {tuple(rough.shape[1:])} with specialist "
-                    f"outputs of per-sample shape {tuple(routed.shape[1:])}; use exit_threshold=None"
-                )
-            output = rough.to(routed.dtype).index_copy(0, keep, routed)
+        confidence, exited = exit_decision(
+            rough, threshold, x.shape[0], coefficients.device, source="the lightweight model"
+        )
+
+        def run_specialist(keep: torch.Tensor | None) -> torch.Tensor:
+            if keep is None:
+                return self.specialist(x, coefficients)
+            return self.specialist(x.index_select(0, keep), coefficients.index_select(0, keep))
+
+        output = merge_early_exit(rough, exited, run_specialist, what="specialist")
         return BasisNetOutput(output=output, exited=exited, confidence=confidence, coefficients=coefficients)
 
 
@@ -420,8 +394,7 @@ def basisnet_loss(
         raise TypeError(
             f"output must be a BasisNetTrainOutput (BasisNet in training mode), got {type(output).__name__}"
         )
-    if isinstance(rough_weight, bool) or not isinstance(rough_weight, (int, float)) or not 0 <= rough_weight < math.inf:
-        raise ValueError(f"rough_weight must be a finite number >= 0, got {rough_weight!r}")
+    check_nonnegative_float("rough_weight", rough_weight)
     criterion = F.cross_entropy if criterion is None else criterion
     specialist_loss = criterion(output.output, target)
     info = {"specialist": specialist_loss.detach()}

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from pycoe._modules import replace_modules
-from pycoe._validation import check_choice, check_positive_int, check_tensor
+from pycoe._validation import check_choice, check_nonnegative_float, check_positive_int, check_tensor
 from pycoe.functional.mixture import MIXTURE_STRATEGIES
 from pycoe.layers.condconv import CondConv2d, convert_conv2d_to_condconv
 
@@ -143,10 +143,7 @@ class BasisSpecialist(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         num_bases = check_positive_int("num_bases", num_bases)
-        if isinstance(init_noise, bool) or not isinstance(init_noise, (int, float)) or not init_noise >= 0:
-            raise ValueError(f"init_noise must be a finite number >= 0, got {init_noise!r}")
-        if float(init_noise) == float("inf"):
-            raise ValueError(f"init_noise must be a finite number >= 0, got {init_noise!r}")
+        check_nonnegative_float("init_noise", init_noise)
         check_choice("strategy", strategy, MIXTURE_STRATEGIES)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -190,8 +187,7 @@ class BasisSpecialist(nn.Module):
             scale: relative noise scale, >= 0.
             generator: optional ``torch.Generator``.
         """
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
-            raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+        check_nonnegative_float("scale", scale)
         for layer in self.basis_layers():
             bank = layer.weight  # Tensor[N, O, C/g, kh, kw]
             mean_kernel = bank.mean(dim=0)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pycoe._modules import eval_mode
 from pycoe._validation import check_positive_int, check_probability
 
 __all__ = ["Delegator", "DelegatorOutput"]
@@ -194,14 +195,8 @@ def _as_input_tuple(example_input: Any) -> tuple:
 def _dry_run(backbone: nn.Module, example_input: Any) -> Any:
     """One forward pass in eval mode under ``no_grad``; every submodule's mode is restored afterwards."""
     inputs = _as_input_tuple(example_input)
-    modes = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            return backbone(*inputs)
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(backbone):
+        return backbone(*inputs)
 
 
 def _factory_kwargs(backbone: nn.Module, device, dtype) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._modules import eval_mode
 from .._validation import check_probability
 from ..flops import count_flops
 from .model import CoE, CoEOutput
@@ -68,24 +69,6 @@ def _batches(loader: Iterable, unpack: Unpack | None, device: torch.device) -> I
         yield tuple(_to(v, device) for v in inputs), _to(target, device)
 
 
-class _EvalMode:
-    """Put a module in eval mode under ``no_grad`` and restore every submodule's mode afterwards."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.no_grad.__exit__(*exc)
-        for m, training in self.modes:
-            m.training = training
-
-
 def predict(
     model: CoE,
     loader: Iterable,
@@ -111,7 +94,7 @@ def predict(
     model = _check_model(model)
     device = _device_of(model) if device is None else torch.device(device)
     parts: list[CoEOutput] = []
-    with _EvalMode(model):
+    with eval_mode(model):
         for inputs, _ in _batches(loader, unpack, device):
             out = model.forward_eval(*inputs, exit_threshold=exit_threshold)
             parts.append(CoEOutput(*(t.cpu() for t in (out.output, out.expert_index, out.exited, out.confidence))))
@@ -188,7 +171,7 @@ def threshold_sweep(
     device = _device_of(model) if device is None else torch.device(device)
 
     confidences, choices, expert_ok, rough_ok = [], [], [], []
-    with _EvalMode(model):
+    with eval_mode(model):
         for inputs, target in _batches(loader, unpack, device):
             if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.is_floating_point():
                 raise ValueError("threshold_sweep needs class-index targets LongTensor[B] in every batch")

@@ -15,7 +15,6 @@ Einstein legend: ``b`` sample (B on this rank, N over all ranks), ``k`` expert (
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,17 +24,11 @@ from einops import rearrange
 from torch import nn
 
 from .. import distributed as _dist
-from .._validation import check_choice
+from .._validation import check_choice, check_nonnegative_float
 from ..routing import metrics as _metrics
 from .model import CoETrainOutput
 
 __all__ = ["CoELoss"]
-
-
-def _check_weight(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 class CoELoss(nn.Module):
@@ -119,10 +112,10 @@ class CoELoss(nn.Module):
         self.weighter = weighter
         self.labeler = labeler
         self.per_sample_loss = per_sample_loss
-        self.expert_weight = _check_weight("expert_weight", expert_weight)
-        self.selection_weight = _check_weight("selection_weight", selection_weight)
-        self.rough_weight = _check_weight("rough_weight", rough_weight)
-        self.balance_weight = _check_weight("balance_weight", balance_weight)
+        self.expert_weight = check_nonnegative_float("expert_weight", expert_weight)
+        self.selection_weight = check_nonnegative_float("selection_weight", selection_weight)
+        self.rough_weight = check_nonnegative_float("rough_weight", rough_weight)
+        self.balance_weight = check_nonnegative_float("balance_weight", balance_weight)
         self.expert_reduction = check_choice("expert_reduction", expert_reduction, ("sum", "mean"))
         if not (sync is True or sync is False or sync == "auto"):
             raise ValueError(f"sync must be 'auto', True or False, got {sync!r}")

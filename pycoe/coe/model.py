@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .._early_exit import exit_decision, merge_early_exit, resolve_exit_threshold
 from .._validation import check_probability
 from .delegator import DelegatorOutput
 from .experts import ExpertPool
@@ -218,24 +218,10 @@ class CoE(nn.Module):
         Returns:
             ``(expert_index LongTensor[B] (-1 where exited), exited BoolTensor[B], confidence Tensor[B])``.
         """
-        if isinstance(exit_threshold, str) and exit_threshold == "default":
-            threshold = self.exit_threshold
-        else:
-            threshold = check_probability("exit_threshold", exit_threshold, allow_none=True)
+        threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
         sel, rough = delegator_output.selection_logits, delegator_output.rough_logits
         choice = sel.argmax(dim=1)
-        if rough is not None:
-            confidence = F.softmax(rough.detach().float(), dim=1).amax(dim=1)
-        else:
-            confidence = torch.full((sel.shape[0],), float("nan"), device=sel.device)
-        if threshold is None:
-            exited = torch.zeros(sel.shape[0], dtype=torch.bool, device=sel.device)
-        else:
-            if rough is None:
-                raise ValueError(
-                    "exit_threshold needs a rough prediction, but the delegator returned rough_logits=None"
-                )
-            exited = confidence >= threshold
+        confidence, exited = exit_decision(rough, threshold, sel.shape[0], sel.device, source="the delegator")
         expert_index = torch.where(exited, torch.full_like(choice, -1), choice)
         return expert_index, exited, confidence
 
@@ -281,29 +267,18 @@ class CoE(nn.Module):
         batch = self._check_inputs(inputs)
         d = self.delegate(inputs[0])
         expert_index, exited, confidence = self.route(d, exit_threshold)
-        rough = d.rough_logits
-        n_exit = int(exited.sum())
-        if n_exit == 0:
-            output = self.experts.forward_routed(expert_index, *inputs, **kwargs)
-        elif n_exit == batch:
-            output = rough
-        else:
-            keep = (~exited).nonzero().squeeze(1)  # LongTensor[B_kept]
-            sub_inputs = [
-                v.index_select(0, keep) if isinstance(v, torch.Tensor) else v for v in inputs
-            ]
-            sub_kwargs = {
-                key: v.index_select(0, keep)
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
-                else v
-                for key, v in kwargs.items()
-            }
-            routed = self.experts.forward_routed(expert_index.index_select(0, keep), *sub_inputs, **sub_kwargs)
-            if routed.shape[1:] != rough.shape[1:]:
-                raise ValueError(
-                    f"early exit mixes rough predictions of per-sample shape {tuple(rough.shape[1:])} with expert "
-                    f"outputs of per-sample shape {tuple(routed.shape[1:])}; early exit needs experts whose output "
-                    "has the rough head's shape [B, C] (use exit_threshold=None for other tasks)"
-                )
-            output = rough.to(routed.dtype).index_copy(0, keep, routed)
+        batched_keys = [
+            key for key, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+        ]
+
+        def run_experts(keep: torch.Tensor | None) -> torch.Tensor:
+            if keep is None:
+                return self.experts.forward_routed(expert_index, *inputs, **kwargs)
+            sub_inputs = [v.index_select(0, keep) if isinstance(v, torch.Tensor) else v for v in inputs]
+            sub_kwargs = dict(kwargs)
+            for key in batched_keys:
+                sub_kwargs[key] = kwargs[key].index_select(0, keep)
+            return self.experts.forward_routed(expert_index.index_select(0, keep), *sub_inputs, **sub_kwargs)
+
+        output = merge_early_exit(d.rough_logits, exited, run_experts, what="expert")
         return CoEOutput(output=output, expert_index=expert_index, exited=exited, confidence=confidence)

@@ -20,7 +20,13 @@ import math
 
 from torch import nn
 
-from .._validation import check_choice, check_nonnegative_int, check_positive_int
+from .._validation import (
+    check_choice,
+    check_nonnegative_float,
+    check_nonnegative_int,
+    check_positive_int,
+    check_probability,
+)
 
 __all__ = [
     "scale_weight_decay",
@@ -29,12 +35,6 @@ __all__ = [
     "linear_warmup",
     "LinearWarmup",
 ]
-
-
-def _check_nonneg_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
@@ -50,7 +50,7 @@ def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
     Returns:
         The scaled weight decay.
     """
-    wd = _check_nonneg_float("weight_decay", weight_decay)
+    wd = check_nonnegative_float("weight_decay", weight_decay)
     s = check_positive_int("num_splits", num_splits)
     return wd * math.exp(1.0 / s - 1.0)
 
@@ -69,8 +69,7 @@ def scale_dropout(p: float, num_splits: int, rule: str = "linear") -> float:
     Returns:
         The scaled probability.
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"p must be a number in [0, 1], got {p!r}")
+    check_probability("p", p)
     s = check_positive_int("num_splits", num_splits)
     check_choice("rule", rule, ("linear", "sqrt", "none"))
     if rule == "linear":
@@ -127,8 +126,8 @@ def linear_warmup(step: int, warmup_steps: int, max_weight: float, min_weight: f
     """
     t = check_nonnegative_int("step", step)
     total = check_nonnegative_int("warmup_steps", warmup_steps)
-    hi = _check_nonneg_float("max_weight", max_weight)
-    lo = _check_nonneg_float("min_weight", min_weight)
+    hi = check_nonnegative_float("max_weight", max_weight)
+    lo = check_nonnegative_float("min_weight", min_weight)
     if lo > hi:
         raise ValueError(f"min_weight must be <= max_weight, got min_weight={lo} > max_weight={hi}")
     if total == 0:

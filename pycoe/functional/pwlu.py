@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from pycoe._validation import check_tensor
+from pycoe._validation import check_int, check_tensor
 
 __all__ = ["pwlu", "pwlu_reference"]
 
@@ -93,8 +93,7 @@ def _prepare(
             raise ValueError(f"{name} is on {t.device} but points is on {points.device}")
     if x.device != points.device:
         raise ValueError(f"x is on {x.device} but points is on {points.device}")
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    check_int("channel_dim", channel_dim)
     cd = channel_dim
     if rows > 1:
         if not -x.dim() <= channel_dim < x.dim():

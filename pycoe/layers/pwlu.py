@@ -17,7 +17,6 @@ Which parts are the paper's and which are pycoe's choices is listed in the user 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pycoe._modules import replace_modules
-from pycoe._validation import check_choice, check_positive_int, check_probability, check_tensor
+from pycoe._modules import eval_mode, replace_modules
+from pycoe._validation import (
+    check_choice,
+    check_finite_float,
+    check_int,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    check_tensor,
+)
 from pycoe.functional.pwlu import pwlu
 
 __all__ = ["PWLU", "realign_pwlu", "convert_activations_to_pwlu", "DEFAULT_PWLU_ACTIVATIONS"]
@@ -166,17 +173,15 @@ class PWLU(nn.Module):
                     "(use granularity='channel' for one function per channel)"
                 )
             self.num_channels = None
-        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-            raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
-        self.channel_dim = channel_dim
-        self.bound_std = _check_positive_float("bound_std", bound_std)
+        self.channel_dim = check_int("channel_dim", channel_dim)
+        self.bound_std = check_positive_float("bound_std", bound_std)
         self.momentum = check_probability("momentum", momentum)
-        lb = _check_finite_float("left_bound", left_bound)
-        rb = _check_finite_float("right_bound", right_bound)
+        lb = check_finite_float("left_bound", left_bound)
+        rb = check_finite_float("right_bound", right_bound)
         if not lb < rb:
             raise ValueError(f"left_bound must be smaller than right_bound, got {lb} and {rb}")
         self.initial_bounds = (lb, rb)
-        self.negative_slope = _check_finite_float("negative_slope", negative_slope)
+        self.negative_slope = check_finite_float("negative_slope", negative_slope)
         if not isinstance(collect, bool):
             raise TypeError(f"collect must be a bool, got {type(collect).__name__}")
         self.collect = collect
@@ -340,18 +345,6 @@ class PWLU(nn.Module):
             parts += [f"num_channels={self.num_channels}", f"channel_dim={self.channel_dim}"]
         parts.append(f"collecting={self._collecting}")
         return ", ".join(parts)
-
-
-def _check_positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_finite_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -580,16 +573,12 @@ def _record_channels(
     modules = {id(m): m for n, m in model.named_modules(remove_duplicate=False) if id(m) in names}
     for m in modules.values():
         handles.append(m.register_forward_hook(hook))
-    was_training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model):
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, t in was_training.items():
-            m.training = t
     if conflicts:
         desc = "; ".join(f"{names[i]!r}: {sorted(cs)}" for i, cs in conflicts.items())
         raise ValueError(

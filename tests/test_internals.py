@@ -1,0 +1,175 @@
+"""Shared private helpers: argument checks, mode handling, the early-exit rule, and the import structure."""
+
+import ast
+import math
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from pycoe._early_exit import exit_decision, merge_early_exit, resolve_exit_threshold, rough_confidence
+from pycoe._modules import eval_mode, preserve_training_modes
+from pycoe._validation import check_finite_float, check_int, check_nonnegative_float, check_positive_float
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def test_float_checks_accept_and_convert():
+    assert check_finite_float("a", -2) == -2.0 and isinstance(check_finite_float("a", -2), float)
+    assert check_positive_float("a", 0.5) == 0.5
+    assert check_nonnegative_float("a", 0) == 0.0
+    assert check_int("a", -3) == -3
+
+
+@pytest.mark.parametrize(
+    "check,value,message",
+    [
+        (check_finite_float, math.inf, "a must be a finite number"),
+        (check_finite_float, True, "a must be a finite number"),
+        (check_finite_float, "1", "a must be a finite number"),
+        (check_positive_float, 0, "a must be a finite number > 0"),
+        (check_positive_float, math.nan, "a must be a finite number > 0"),
+        (check_nonnegative_float, -1e-9, "a must be a finite number >= 0"),
+        (check_nonnegative_float, math.inf, "a must be a finite number >= 0"),
+    ],
+)
+def test_float_checks_reject_with_the_argument_name(check, value, message):
+    with pytest.raises(ValueError, match=message):
+        check("a", value)
+
+
+@pytest.mark.parametrize("value", [1.0, True, "1", None])
+def test_int_check_rejects_non_integers(value):
+    with pytest.raises(TypeError, match="a must be an int"):
+        check_int("a", value)
+
+
+# ---------------------------------------------------------------------------------------------- modes
+
+
+def _mixed_mode_model():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout(0.5))
+    model.train()
+    model[1].eval()  # a BatchNorm deliberately frozen inside a model in training mode
+    return model
+
+
+def test_eval_mode_restores_every_submodule_and_disables_grad():
+    model = _mixed_mode_model()
+    before = [m.training for m in model.modules()]
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+        assert not torch.is_grad_enabled()
+    assert [m.training for m in model.modules()] == before == [True, True, False, True]
+    assert torch.is_grad_enabled()
+
+
+def test_modes_restored_after_an_exception():
+    model = _mixed_mode_model()
+    before = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with preserve_training_modes(model):
+            model.eval()
+            raise RuntimeError("inside")
+    assert [m.training for m in model.modules()] == before
+
+
+# ---------------------------------------------------------------------------------------------- early exit
+
+
+def test_exit_decision_matches_the_softmax_rule():
+    rough = torch.tensor([[4.0, 0.0], [0.0, 0.0], [0.0, 9.0]], dtype=torch.float64)
+    confidence, exited = exit_decision(rough, 0.9, 3, rough.device)
+    expected = torch.softmax(rough.float(), dim=1).amax(dim=1)
+    torch.testing.assert_close(confidence, expected)
+    assert exited.tolist() == [True, False, True]
+    # threshold 0 exits every sample, None none; without rough logits the confidence is NaN
+    assert exit_decision(rough, 0.0, 3, rough.device)[1].all()
+    assert not exit_decision(rough, None, 3, rough.device)[1].any()
+    assert torch.isnan(rough_confidence(None, 2, torch.device("cpu"))).all()
+    with pytest.raises(ValueError, match="the delegator returned rough_logits=None"):
+        exit_decision(None, 0.5, 3, rough.device, source="the delegator")
+
+
+def test_resolve_exit_threshold():
+    assert resolve_exit_threshold("default", 0.3) == 0.3
+    assert resolve_exit_threshold(None, 0.3) is None
+    assert resolve_exit_threshold(1, None) == 1.0
+    for bad in (1.5, "high", -0.1):
+        with pytest.raises(ValueError, match="exit_threshold"):
+            resolve_exit_threshold(bad, None)
+
+
+def test_merge_early_exit_against_a_per_sample_loop():
+    rough = torch.randn(5, 3)
+    exited = torch.tensor([True, False, True, False, False])
+    full = torch.randn(5, 3, dtype=torch.float64)
+    calls = []
+
+    def run(keep):
+        calls.append(keep)
+        return full if keep is None else full.index_select(0, keep)
+
+    out = merge_early_exit(rough, exited, run, what="expert")
+    expected = torch.stack([rough[i].double() if exited[i] else full[i] for i in range(5)])
+    assert torch.equal(out, expected) and out.dtype == torch.float64
+    assert calls[0].tolist() == [1, 3, 4]
+    # nobody exits: one call on the whole batch; everybody exits: no call
+    calls.clear()
+    assert torch.equal(merge_early_exit(rough, torch.zeros(5, dtype=torch.bool), run, "expert"), full)
+    assert calls == [None]
+    calls.clear()
+    assert merge_early_exit(rough, torch.ones(5, dtype=torch.bool), run, "expert") is rough and calls == []
+    with pytest.raises(ValueError, match="early exit mixes .* specialist outputs"):
+        merge_early_exit(rough, exited, lambda keep: torch.zeros(len(keep), 7), "specialist")
+
+
+# ---------------------------------------------------------------------------------------------- imports
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    """Absolute names of the modules a pycoe source file imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = f"{base}.{node.module}" if node.level and node.module else (base if node.level else node.module)
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_functional_and_routing_know_nothing_of_coe():
+    for sub in ("functional", "routing"):
+        files = sorted((ROOT / "pycoe" / sub).glob("*.py"))
+        assert files
+        for path in files:
+            imported = _imported_modules(path)
+            bad = sorted(m for m in imported if m.split(".")[:2] in (["pycoe", "coe"], ["pycoe", "basisnet"]))
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_import_pycoe_is_light():
+    """A fresh ``import pycoe`` loads neither torchvision, timm nor torch's FLOP counter (``count_flops`` imports
+    it lazily; it pulls in torch._prims and triton)."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import pycoe
+        heavy = [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm", "triton", "scipy", "ot")]
+        heavy += [m for m in sys.modules if m == "torch.utils.flop_counter"]
+        print(sorted(heavy)[:20])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
