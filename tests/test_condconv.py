@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -322,7 +323,6 @@ def _compare_after_conversion(model, normalize):
 
 @pytest.mark.parametrize("normalize", ["sum", None])
 def test_conversion_keeps_resnet18_outputs(normalize):
-    torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(weights=None)
     num_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     names = _compare_after_conversion(model, normalize)
@@ -332,7 +332,6 @@ def test_conversion_keeps_resnet18_outputs(normalize):
 
 
 def test_conversion_keeps_mobilenet_v3_small_outputs():
-    torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.mobilenet_v3_small(weights=None)
     x = torch.randn(1, 3, 64, 64)
     model.eval()

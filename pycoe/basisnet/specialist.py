@@ -61,31 +61,6 @@ def _inject_coefficients(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
     return args, {**kwargs, "routing_weights": coefficients}
 
 
-def _strip_router(layer: CondConv2d) -> CondConv2d:
-    """A router-less copy of a freshly converted :class:`CondConv2d` (same configuration and parameters)."""
-    new = CondConv2d(
-        layer.in_channels,
-        layer.out_channels,
-        layer.kernel_size,
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-        groups=layer.groups,
-        bias=layer.bias is not None,
-        num_experts=layer.num_experts,
-        router=False,
-        strategy=layer.strategy,
-        device=layer.weight.device,
-        dtype=layer.weight.dtype,
-    )
-    with torch.no_grad():
-        new.weight.copy_(layer.weight)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)  # type: ignore[union-attr]
-    new.train(layer.training)
-    return new
-
-
 class BasisSpecialist(nn.Module):
     """Turn a model into a BasisNet specialist: chosen convolutions become banks of N basis kernels.
 
@@ -94,7 +69,7 @@ class BasisSpecialist(nn.Module):
     ``specialist(x, coefficients)`` convolves sample ``b`` at *every* basis layer with
     ``sum_n coefficients[b, n] * W^{(n)}``: one coefficient vector per sample, shared by all layers. Everything
     else in the model (batch norm, activations, linear layers) is shared between the bases and not mixed.
-    The conversion reuses :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv` (then drops the routers).
+    The conversion is :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv` with ``router=False``.
 
     **Initialisation from the pretrained model.** Every basis starts as a copy of the original kernel and bias,
     so for any coefficients that sum to 1 per sample the specialist computes the original model's function
@@ -115,7 +90,8 @@ class BasisSpecialist(nn.Module):
             or a collection of qualified names, as for :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv`.
         init_noise: relative scale of the symmetry-breaking noise (>= 0; ``0`` gives exact copies).
         generator: optional ``torch.Generator`` for the noise.
-        strategy: the mixture strategy of the basis layers (``"auto"``, ``"weight"`` or ``"output"``).
+        strategy: the mixture strategy of the basis layers (one of
+                :data:`~pycoe.functional.mixture.MIXTURE_STRATEGIES`, default ``"auto"``).
 
     Attributes:
         model (nn.Module): the converted model.
@@ -149,14 +125,12 @@ class BasisSpecialist(nn.Module):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if predicate is None:
             predicate = _every_conv
-        names = convert_conv2d_to_condconv(model, num_bases, predicate=predicate, normalize="sum", strategy=strategy)
+        names = convert_conv2d_to_condconv(model, num_bases, predicate=predicate, router=False, strategy=strategy)
         if not names:
             raise ValueError(
                 "the predicate chose no convolution of the model: a BasisSpecialist needs at least one plain "
                 "nn.Conv2d (zero padding) to turn into a basis layer"
             )
-        chosen = set(names)
-        replace_modules(model, lambda name, m: name in chosen, lambda name, m: _strip_router(m))
         self.model = model
         self.num_bases = num_bases
         self.basis_layer_names = list(dict.fromkeys(names))  # a shared conv is listed once per name
