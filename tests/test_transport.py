@@ -111,11 +111,31 @@ def test_near_equal_capacities_bad(n, k):
 # --------------------------------------------------------------------------------------------------
 
 
-@given(instances())
-def test_exact_is_feasible_and_optimal(inst):
+# The exact method has two routes: an assignment problem on replicated columns for small problems with many
+# experts (see tr._assignment_route) and the warm-start + flow-repair route otherwise.
+# The property tests run both on the same instances by moving the switch.
+ROUTES = {"lsa": (10**9, 10**9), "flow": (0, 0)}
+
+
+class exact_route:
+    def __init__(self, route: str) -> None:
+        self.limits = ROUTES[route]
+
+    def __enter__(self) -> None:
+        self.saved = (tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT)
+        tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT = self.limits
+
+    def __exit__(self, *exc) -> None:
+        tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT = self.saved
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@given(inst=instances())
+def test_exact_is_feasible_and_optimal(route, inst):
     s, caps = inst
     n, k = s.shape
-    res = solve_balanced_transport(s, caps)
+    with exact_route(route):
+        res = solve_balanced_transport(s, caps)
     assert_feasible(res.assignment, caps, n, k)
     ref = lp_objective(s, caps)
     assert res.objective == pytest.approx(ref, rel=1e-9, abs=1e-9 * (1 + np.abs(s).max()))
@@ -125,12 +145,36 @@ def test_exact_is_feasible_and_optimal(inst):
     np.testing.assert_array_equal(res.capacities.numpy(), caps)
 
 
-@given(instances(ties=True, max_n=40, max_k=5))
-def test_exact_optimal_with_many_ties(inst):
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@given(inst=instances(ties=True, max_n=40, max_k=5))
+def test_exact_optimal_with_many_ties(route, inst):
     s, caps = inst
-    res = solve_balanced_transport(s, caps)
+    with exact_route(route):
+        res = solve_balanced_transport(s, caps)
     assert_feasible(res.assignment, caps, *s.shape)
     assert res.objective == pytest.approx(lp_objective(s, caps), abs=1e-9)
+    assert_certificate(s, res)
+
+
+def test_default_route_switch():
+    rng = np.random.default_rng(0)
+    calls = []
+    original = tr._lsa_assignment
+
+    def spy(S, caps):
+        calls.append(S.shape)
+        return original(S, caps)
+
+    tr._lsa_assignment = spy
+    try:
+        for n, k in [(256, 64), (256, 4), (1100, 64)]:
+            s = rng.standard_normal((n, k))
+            res = solve_balanced_transport(s)
+            assert_feasible(res.assignment, near_equal_capacities(n, k).numpy(), n, k)
+            assert_certificate(s, res)  # feasibility + complementary slackness = optimality
+    finally:
+        tr._lsa_assignment = original
+    assert calls == [(64, 256)]  # only the 256 x 64 problem takes the assignment route
 
 
 @given(st.integers(1, 7), st.integers(2, 9), st.integers(0, 10_000))
