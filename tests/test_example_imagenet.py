@@ -1,0 +1,286 @@
+"""Tests of the ImageNet / Fashion-MNIST CoE example (examples/imagenet/train_coe.py).
+
+The example trains a few steps on a synthetic set, on a tiny gzip IDX dataset and on a tiny ImageFolder that
+the tests write; an interrupted and resumed run must end with exactly the parameters of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "imagenet"
+sys.path.insert(0, str(EXAMPLE_DIR))
+
+import coe_data  # noqa: E402
+import coe_models  # noqa: E402
+import train_coe  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# A run of every stage that takes a couple of seconds: one epoch per stage, tiny batches, tiny test set.
+FAST = ["--epochs-universal", "1", "--epochs-delegator", "1", "--epochs-joint", "1", "--batch-size", "32",
+        "--expert-width", "0.5", "--delegator-width", "0.25", "--no-progress", "--threads", "1",
+        "--thresholds", "0.3,0.6,0.9"]
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict:
+    return train_coe.main(["--out-dir", str(tmp_path / name), *FAST, *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IDX reading
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".gz", ""])
+def test_idx_round_trip(tmp_path, suffix):
+    t = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
+    path = tmp_path / f"x-idx3-ubyte{suffix}"
+    coe_data.write_idx(path, t)
+    assert torch.equal(coe_data.read_idx(path), t)
+
+
+def test_idx_reader_against_hand_written_bytes(tmp_path):
+    # magic 0x00000803 (uint8, 3 dims), dims 2 x 1 x 3, then 6 bytes: the format spelled out by hand
+    raw = bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6])
+    (tmp_path / "a").write_bytes(raw)
+    assert coe_data.read_idx(tmp_path / "a").tolist() == [[[1, 2, 3]], [[4, 5, 6]]]
+    # a big-endian int32 file: value 258 = 0x00000102
+    (tmp_path / "b").write_bytes(bytes([0, 0, 0x0C, 1, 0, 0, 0, 1, 0, 0, 1, 2]))
+    assert coe_data.read_idx(tmp_path / "b").tolist() == [258]
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x00")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        coe_data.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 4, 1, 2]))
+    with pytest.raises(ValueError, match="header says 4 data bytes"):
+        coe_data.read_idx(tmp_path / "short")
+
+
+def test_missing_fashion_mnist_gives_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setattr(coe_data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    with pytest.raises(coe_data.DataUnavailableError, match="apt-get install -y --no-install-recommends "
+                                                            "dataset-fashion-mnist"):
+        coe_data.load_fashion_mnist(tmp_path / "empty", download=False)
+
+
+def test_augmentation_matches_per_sample_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (6, 2, 5, 4), dtype=torch.uint8)
+    out = coe_data.augment_crop_flip(x, 2, g)
+    g = torch.Generator().manual_seed(3)  # the same draws, replayed one sample at a time
+    dy = torch.randint(0, 5, (6,), generator=g)
+    dx = torch.randint(0, 5, (6,), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    for i in range(6):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        ref = padded[:, dy[i]:dy[i] + 5, dx[i]:dx[i] + 4]
+        if flip[i]:
+            ref = ref.flip(-1)
+        assert torch.equal(out[i], ref)
+
+
+def test_small_cnn_is_delegator_ready():
+    from pycoe.coe.delegator import Delegator
+
+    d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10)
+    out = d(torch.randn(2, 1, 28, 28))
+    assert out.selection_logits.shape == (2, 3) and out.rough_logits.shape == (2, 10)
+    with pytest.raises(ValueError, match="width"):
+        coe_models.SmallCNN(10, 0.0)
+    with pytest.raises(ValueError, match="unknown model"):
+        coe_models.build_network("no_such_net", 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End-to-end runs
+# ---------------------------------------------------------------------------------------------------------------
+def test_synthetic_end_to_end(tmp_path):
+    s = _run(tmp_path, "syn", "--dataset", "synthetic", "--train-subset", "256", "--test-subset", "96",
+             "--baselines", "0.25", "--image-size", "16", "--match-flops")
+    out = tmp_path / "syn"
+    for f in ("results.md", "results.json", "accuracy_vs_flops.png", "expert_load.png", "checkpoint.pt"):
+        assert (out / f).is_file(), f
+    assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["num_test"] == 96
+    # the library's routed sweep and the dense recomputation agree exactly
+    assert s["checks"]["max_accuracy_difference_vs_dense"] == 0.0
+    assert s["checks"]["max_exit_rate_difference_vs_dense"] == 0.0
+    assert sum(s["coe"]["load"]) == 96
+    assert sum(map(sum, s["coe"]["class_expert_counts"])) == 96
+    # oracle >= every single expert; no-exit FLOPs = delegator + one expert
+    assert s["coe"]["oracle_accuracy"] >= max(s["coe"]["per_expert_accuracy"]) - 1e-12
+    assert s["flops"]["coe_no_exit"] == pytest.approx(s["flops"]["delegator"] + s["flops"]["expert"])
+    names = [b["name"] for b in s["baselines"]]
+    matched = [b for b in s["baselines"] if b["matched"]]
+    assert len(matched) == 1 and names == ["cnn@0.25", "cnn@0.5", matched[0]["name"]]  # sorted by FLOPs
+    # the matched width is the CNN whose FLOPs are closest to the CoE's without exit (delegator + expert)
+    assert abs(matched[0]["flops"] / s["flops"]["coe_no_exit"] - 1) < 0.1
+    assert "| CoE K=4, no exit" in s["table_markdown"]
+    # threshold 0 exits everything: the accuracy is the rough head's and the cost the delegator's
+    from pycoe.coe.evaluate import threshold_sweep  # noqa: F401 - the library path exercised above
+    low = min((x for x in s["sweep"] if x["threshold"] is not None), key=lambda x: x["threshold"])
+    assert low["flops_per_sample"] >= s["flops"]["delegator"]
+
+
+def test_tiny_idx_dataset(tmp_path):
+    # a tiny Fashion-MNIST lookalike in gzip IDX files: class k = a bright k-th row band
+    g = torch.Generator().manual_seed(0)
+    root = tmp_path / "fm"
+    root.mkdir()
+    for split, n in (("train", 160), ("t10k", 60)):
+        y = torch.arange(n) % 10
+        x = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+        for i in range(n):
+            x[i, 2 * y[i] + 4: 2 * y[i] + 7] = 250
+        coe_data.write_idx(root / f"{split}-images-idx3-ubyte.gz", x)
+        coe_data.write_idx(root / f"{split}-labels-idx1-ubyte.gz", y.to(torch.uint8))
+    train, test = coe_data.load_fashion_mnist(root, download=False)
+    assert train.images.shape == (160, 1, 28, 28) and test.labels.shape == (60,)
+    assert train.classes[0] == "T-shirt/top"
+    s = _run(tmp_path, "idx", "--dataset", "fashion-mnist", "--data-dir", str(root), "--baselines", "")
+    assert s["num_test"] == 60
+    assert [b["name"] for b in s["baselines"]] == ["cnn@0.5"]
+
+
+def test_imagefolder_path(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    root = tmp_path / "imnet"
+    colours = {"n01": (220, 30, 30), "n02": (30, 200, 40), "n03": (20, 40, 210)}
+    for split, n in (("train", 8), ("val", 3)):
+        for cls, rgb in colours.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                noise = torch.randint(-30, 30, (32, 32, 3), generator=g)
+                arr = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / split / cls / f"img{i}.png")
+    s = _run(tmp_path, "folder", "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "32",
+             "--expert", "cnn", "--delegator", "cnn", "--baselines", "", "-K", "2", "--batch-size", "8")
+    assert s["num_test"] == 9
+    assert s["classes"] == ["n01", "n02", "n03"]
+    assert len(s["coe"]["load"]) == 2
+    with pytest.raises(coe_data.DataUnavailableError, match="train/ and val/"):
+        coe_data.build_imagefolder(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("variant", [[], ["--pwlu", "--condconv"]], ids=["plain", "pwlu+condconv"])
+def test_resume_gives_the_same_parameters(tmp_path, variant):
+    common = ["--dataset", "synthetic", "--train-subset", "128", "--test-subset", "32", "--image-size", "12",
+              "--baselines", "0.25", "--epochs-universal", "2", "--epochs-joint", "2", "--no-figures", *variant]
+    full = train_coe.main(["--out-dir", str(tmp_path / "full"), *FAST, *common])
+    assert not full.get("stopped")
+    # interrupted twice: in the middle of stage 1, then in the middle of the joint stage
+    first = train_coe.main(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--stop-after-epochs", "1"])
+    assert first == {"stopped": True, "phase": "universal", "epoch": 1}
+    second = train_coe.main(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume",
+                             "--stop-after-epochs", "3"])
+    assert second["stopped"] and second["phase"] == "joint" and second["epoch"] == 1
+    train_coe.main(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume"])
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert a["phase_name"] == b["phase_name"] == "done"
+    assert a["models"].keys() == b["models"].keys() and len(a["models"]) >= 4
+    for name in a["models"]:
+        for key, value in a["models"][name].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b["models"][name][key]), f"{name}.{key}"
+            else:  # extra state (PWLU's phase)
+                assert value == b["models"][name][key], f"{name}.{key}"
+    # and training did move the parameters (so the comparison is not vacuous)
+    fresh = train_coe.Runner(train_coe.finalize_args(train_coe.build_parser().parse_args(
+        ["--out-dir", str(tmp_path / "x"), *FAST, *common])), train_coe.Dist(), torch.device("cpu"))
+    fresh.build()
+    w = fresh.models["universal"].state_dict()
+    assert any(not torch.equal(w[k], a["models"]["universal"][k]) for k in w
+               if torch.is_tensor(w[k]) and w[k].is_floating_point())
+    assert json.loads((tmp_path / "cut" / "results.json").read_text())["coe"] == \
+        json.loads((tmp_path / "full" / "results.json").read_text())["coe"]
+    if variant:  # the PWLUs were realigned after the first epoch, and that state survived the resume
+        from pycoe.layers.pwlu import PWLU
+
+        coe = train_coe.Runner(train_coe.finalize_args(train_coe.build_parser().parse_args(
+            ["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume"])), train_coe.Dist(),
+            torch.device("cpu"))
+        coe.build()
+        coe.load()
+        pwlus = [m for m in coe.models["coe"].modules() if isinstance(m, PWLU)]
+        assert pwlus and not any(m.collecting for m in pwlus)
+
+
+def test_resume_refuses_other_options(tmp_path):
+    args = ["--out-dir", str(tmp_path / "r"), *FAST, "--dataset", "synthetic", "--train-subset", "64",
+            "--test-subset", "16", "--image-size", "12", "--baselines", "", "--no-figures"]
+    train_coe.main([*args, "--stop-after-epochs", "1"])
+    with pytest.raises(ValueError, match="num_experts"):
+        train_coe.main([*args, "--resume", "-K", "3"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_coe.main(["--out-dir", str(tmp_path / "none"), *FAST, "--dataset", "synthetic", "--resume"])
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--epsilon", "1.5", "--epsilon must be in"),
+    ("--exit-threshold", "2", "--exit-threshold must be in"),
+    ("--num-experts", "0", "--num-experts must be a positive integer"),
+    ("--epochs-joint", "-1", "--epochs-joint must be >= 0"),
+    ("--thresholds", "0.5,3", "--thresholds must be numbers in"),
+])
+def test_bad_options(tmp_path, flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        train_coe.main(["--out-dir", str(tmp_path), "--dataset", "synthetic", flag, value])
+
+
+def test_imagefolder_needs_data_dir(tmp_path):
+    with pytest.raises(ValueError, match="--data-dir"):
+        train_coe.main(["--out-dir", str(tmp_path), "--dataset", "imagefolder", "--expert", "cnn",
+                        "--delegator", "cnn", "--image-size", "32"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP (two gloo processes, as under torchrun)
+# ---------------------------------------------------------------------------------------------------------------
+def _ddp_rank(rank, world_size, out_dir, variant):
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(EXAMPLE_DIR))
+    import train_coe as tc
+
+    argv = ["--out-dir", out_dir, *FAST, "--dataset", "synthetic", "--train-subset", "128", "--test-subset", "32",
+            "--image-size", "12", "--baselines", "", "--no-figures", "--epochs-universal", "2", *variant]
+    args = tc.finalize_args(tc.build_parser().parse_args(argv))
+    args.no_channels_last = True  # as main() does under DDP
+    torch.set_num_threads(1)
+    runner = tc.Runner(args, tc.setup_distributed(torch.device("cpu")), torch.device("cpu"))
+    result = runner.run()
+    assert dist.is_initialized()  # the example used the existing process group and left it alone
+    ckpt = torch.load(Path(out_dir) / "checkpoint.pt", weights_only=True) if rank == 0 else None
+    # DDP keeps the parameters identical on every rank (PWLU realignment is broadcast from rank 0)
+    params = {k: float(sum(p.double().sum() for p in m.parameters())) for k, m in runner.models.items()}
+    return {"rank": rank, "table": bool(result.get("table_markdown")),
+            "phase": ckpt["phase_name"] if ckpt else None, "params": params}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("variant", [[], ["--pwlu"]], ids=["plain", "pwlu"])
+def test_runs_under_ddp(tmp_path, variant):
+    from _distributed import run_distributed
+
+    out = run_distributed(_ddp_rank, world_size=2, args=(str(tmp_path / "ddp"), variant), timeout=240)
+    assert out[0]["table"] and out[0]["phase"] == "done"
+    assert not out[1]["table"] and out[1]["phase"] is None  # only rank 0 reports and writes
+    assert out[0]["params"] == out[1]["params"]
+    saved = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert saved["world_size"] == 2 and saved["config"]["wgm_scope"] == "global"
+
+
+def test_width_only_for_the_cnn(tmp_path):
+    with pytest.raises(ValueError, match="--expert-width only applies to the 'cnn' expert"):
+        train_coe.main(["--out-dir", str(tmp_path), "--dataset", "synthetic", "--expert", "resnet18",
+                        "--expert-width", "2"])
