@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,6 +36,7 @@ from pycoe._validation import (
     check_probability,
     check_tensor,
 )
+from pycoe.distributed import is_distributed
 from pycoe.functional.pwlu import pwlu
 
 __all__ = ["PWLU", "realign_pwlu", "convert_activations_to_pwlu", "DEFAULT_PWLU_ACTIVATIONS"]
@@ -351,27 +353,53 @@ class PWLU(nn.Module):
 # model-level helpers
 
 
-def realign_pwlu(model: nn.Module) -> int:
+def realign_pwlu(model: nn.Module, synchronize: bool = True) -> int:
     """Realign every PWLU of ``model`` that is still collecting (see :meth:`PWLU.realign`).
 
     All-or-nothing: if one of them has no statistics, nothing is changed and the error names it.
+
+    Under ``torch.distributed`` (a process group initialised) with ``synchronize=True``, every rank realigns
+    from the same pooled statistics, so that the ranks' parameters stay identical: each PWLU's running mean
+    becomes the average of the ranks' means, and its running variance the variance of the pooled ranks
+    (the average of ``var + mean**2`` minus the squared pooled mean), every rank weighted equally. Every
+    rank must call this function (it is a collective).
+
+    Args:
+        model: the model whose PWLU modules to realign.
+        synchronize: pool the statistics over the ranks of the default process group when one is initialised.
 
     Returns:
         The number of PWLU modules realigned (a module shared under several names counts once).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        RuntimeError: a collecting PWLU has seen no training batch yet.
+        RuntimeError: a collecting PWLU has seen no training batch yet (on any rank, when synchronising).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     todo = [(name, m) for name, m in model.named_modules() if isinstance(m, PWLU) and m.collecting]
-    empty = [name or "<model>" for name, m in todo if int(m.num_batches_tracked) == 0]
+    sync = bool(synchronize) and is_distributed()
+    counts = torch.tensor([int(m.num_batches_tracked) for _, m in todo], dtype=torch.long)
+    if sync and len(todo):
+        dist.all_reduce(counts, op=dist.ReduceOp.MIN)
+    empty = [name or "<model>" for (name, _), c in zip(todo, counts.tolist()) if c == 0]
     if empty:
         raise RuntimeError(
             "cannot realign: these PWLU modules have collected no statistics yet (run forward passes in "
-            f"training mode first): {', '.join(empty)}"
+            f"training mode first{' on every rank' if sync else ''}): {', '.join(empty)}"
         )
+    if sync:
+        world = dist.get_world_size()
+        with torch.no_grad():
+            for _, m in todo:
+                mean = m.running_mean.double()
+                packed = torch.stack([mean, m.running_var.double() + mean * mean])
+                dist.all_reduce(packed)
+                packed /= world
+                pooled_mean = packed[0]
+                pooled_var = (packed[1] - pooled_mean * pooled_mean).clamp_min(0)
+                m.running_mean.copy_(pooled_mean.to(m.running_mean.dtype))
+                m.running_var.copy_(pooled_var.to(m.running_var.dtype))
     for _, m in todo:
         m.realign()
     return len(todo)
