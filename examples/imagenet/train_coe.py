@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -414,7 +415,6 @@ def realign_if_needed(args, module: nn.Module, phase: Phase, epoch: int) -> int:
 def train_epoch(args, phase: Phase, module: nn.Module, wrapped: nn.Module, criterion, opt, sched, batches,
                 device, d: Dist, desc: str) -> dict:
     module.train()
-    tqdm = _tqdm()
     bar = tqdm(total=len(batches), desc=desc, disable=args.no_progress or not d.main, leave=False,
                dynamic_ncols=True, mininterval=1.0)
     sums: dict[str, float] = {}
@@ -450,20 +450,6 @@ def train_epoch(args, phase: Phase, module: nn.Module, wrapped: nn.Module, crite
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def _tqdm():
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the [examples] extra
-        class tqdm:  # noqa: N801 - minimal stand-in
-            def __init__(self, *a, **k): pass
-            def update(self, n=1): pass
-            def set_postfix(self, *a, **k): pass
-            def close(self): pass
-            @staticmethod
-            def write(s): print(s)
-    return tqdm
-
-
 def to_device(x: torch.Tensor, device, args) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     if not args.no_channels_last and x.dim() == 4:
@@ -491,7 +477,7 @@ class Runner:
         self.args, self.d, self.device = args, d, device
         self.out_dir = Path(args.out_dir)
         self.ckpt_path = self.out_dir / "checkpoint.pt"
-        self.log = (lambda s: _tqdm().write(s)) if d.main else (lambda s: None)
+        self.log = (lambda s: tqdm.write(s)) if d.main else (lambda s: None)
 
     # ---- model registry -------------------------------------------------------------------------------------
     def build(self):
