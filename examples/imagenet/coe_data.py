@@ -258,26 +258,13 @@ def augment_crop_flip(images: torch.Tensor, padding: int, generator: torch.Gener
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-class TensorBatches:
-    """Mini-batches of an :class:`InMemoryDataset`, normalised ``float32``, optionally augmented.
+class _EpochBatches:
+    """What both batch iterators share: a (distributed) sampler, the epoch, its order, its length."""
 
-    Args:
-        dataset: the data.
-        batch_size: samples per batch on this process.
-        train: shuffle, augment and drop the last incomplete batch.
-        seed: base seed of the order and of the augmentation.
-        world_size, rank: the process group (1, 0 when not distributed).
-        padding: crop padding of the augmentation.
-    """
-
-    def __init__(self, dataset: InMemoryDataset, batch_size: int, train: bool, seed: int = 0,
-                 world_size: int = 1, rank: int = 0, padding: int = 2):
-        self.dataset, self.batch_size, self.train = dataset, batch_size, train
-        self.seed, self.rank, self.padding = seed, rank, padding
-        self.sampler = _sampler(len(dataset), train, seed, world_size, rank, drop_last=train)
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int, world_size: int, rank: int):
+        self.batch_size, self.train, self.seed, self.rank = batch_size, train, seed, rank
+        self.sampler = _sampler(n, train, seed, world_size, rank, drop_last=train)
         self.epoch = 0
-        self.mean = torch.tensor(dataset.mean).view(1, -1, 1, 1) * 255.0
-        self.std = torch.tensor(dataset.std).view(1, -1, 1, 1) * 255.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -291,12 +278,36 @@ class TensorBatches:
         n = len(self.sampler)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
+    def generator(self) -> torch.Generator:
+        """The epoch's random generator (order-independent of other processes and epochs)."""
+        return torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % (2**62))
+
+
+class TensorBatches(_EpochBatches):
+    """Mini-batches of an :class:`InMemoryDataset`, normalised ``float32``, optionally augmented.
+
+    Args:
+        dataset: the data.
+        batch_size: samples per batch on this process.
+        train: shuffle, augment and drop the last incomplete batch.
+        seed: base seed of the order and of the augmentation.
+        world_size, rank: the process group (1, 0 when not distributed).
+        padding: crop padding of the augmentation.
+    """
+
+    def __init__(self, dataset: InMemoryDataset, batch_size: int, train: bool, seed: int = 0,
+                 world_size: int = 1, rank: int = 0, padding: int = 2):
+        super().__init__(len(dataset), batch_size, train, seed, world_size, rank)
+        self.dataset, self.padding = dataset, padding
+        self.mean = torch.tensor(dataset.mean).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(dataset.std).view(1, -1, 1, 1) * 255.0
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order()
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % (2**62))
+        g = self.generator()
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.dataset.images[idx]
@@ -337,7 +348,7 @@ def build_imagefolder(data_dir: str | os.PathLike, image_size: int = 224):
     return train, val
 
 
-class ImageFolderBatches:
+class ImageFolderBatches(_EpochBatches):
     """DataLoader over an ImageFolder with the same ``set_epoch``/``len``/iteration interface as TensorBatches.
 
     The transforms' random draws come from the workers' torch RNG, seeded per epoch through the loader's
@@ -346,26 +357,13 @@ class ImageFolderBatches:
 
     def __init__(self, dataset, batch_size: int, train: bool, seed: int = 0, world_size: int = 1,
                  rank: int = 0, workers: int = 0):
-        self.dataset, self.batch_size, self.train, self.seed, self.rank = dataset, batch_size, train, seed, rank
-        self.workers = workers
-        self.sampler = _sampler(len(dataset), train, seed, world_size, rank, drop_last=train)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def order(self) -> torch.Tensor:
-        return torch.tensor(list(iter(self.sampler)), dtype=torch.long)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        super().__init__(len(dataset), batch_size, train, seed, world_size, rank)
+        self.dataset, self.workers = dataset, workers
 
     def __iter__(self):
         from torch.utils.data import DataLoader
 
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % (2**62))
+        g = self.generator()
         if self.workers == 0:
             # transforms draw from the global torch RNG in the main process: fork it so the epoch is
             # reproducible and the caller's RNG stream is untouched
