@@ -16,6 +16,7 @@ Targets (issue 2): PWLU forward+backward within 3x of ReLU's time; at most 1.25 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -106,6 +107,7 @@ def run_table(quick: bool, repeats: int) -> None:
         cases = [("NCHW", (8, 32, 28, 28), 1), ("(B, T, C)", (8, 64, 256), -1)]
     print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, float32, "
           f"N = {N_INTERVALS}, {repeats} repeats (median), forward + backward")
+    print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print()
     header = "| input | candidate | fwd+bwd ms (median) | vs ReLU | saved bytes / input byte |"
     print(header)
@@ -143,6 +145,7 @@ def run_table(quick: bool, repeats: int) -> None:
             saved = saved_bytes_per_input_byte(fn, x.clone().requires_grad_())
             ratio = med[name] / med["ReLU"]
             print(f"| {label} {tuple(shape)} | {name} | {med[name]:.1f} | {ratio:.2f}x | {saved:.2f} |")
+    print("load average (1, 5, 15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":
