@@ -231,6 +231,7 @@ def test_resume_refuses_other_options(tmp_path):
     ("--num-experts", "0", "--num-experts must be a positive integer"),
     ("--epochs-joint", "-1", "--epochs-joint must be >= 0"),
     ("--thresholds", "0.5,3", "--thresholds must be numbers in"),
+    ("--kmeans-samples", "0", "--kmeans-samples must be a positive integer"),
 ])
 def test_bad_options(tmp_path, flag, value, message):
     with pytest.raises(ValueError, match=message):
@@ -284,3 +285,67 @@ def test_width_only_for_the_cnn(tmp_path):
     with pytest.raises(ValueError, match="--expert-width only applies to the 'cnn' expert"):
         train_coe.main(["--out-dir", str(tmp_path), "--dataset", "synthetic", "--expert", "resnet18",
                         "--expert-width", "2"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --selection-init kmeans
+# ---------------------------------------------------------------------------------------------------------------
+def test_balanced_kmeans_against_brute_force():
+    # 8 points in two tight, unequal groups (6 + 2): the balanced 2-means must split them 4 + 4, and its
+    # partition must be the best balanced partition for its own centres (brute force over all 4-subsets)
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([torch.randn(6, 2, generator=g) * 0.1, torch.randn(2, 2, generator=g) * 0.1 + 5.0])
+    centres, assign, iterations = train_coe.balanced_kmeans(z, 2, torch.Generator().manual_seed(1))
+    assert torch.bincount(assign, minlength=2).tolist() == [4, 4]
+    assert 1 <= iterations <= 30
+    d2 = torch.cdist(z, centres).pow(2)
+    cost = d2.gather(1, assign[:, None]).sum()
+    best = min(d2[list(s), 0].sum() + d2[[i for i in range(8) if i not in s], 1].sum()
+               for s in itertools.combinations(range(8), 4))
+    assert float(cost) == pytest.approx(float(best), abs=1e-5)
+    # the centres are the means of their clusters (the iteration converged)
+    for j in range(2):
+        assert torch.allclose(centres[j], z[assign == j].mean(0), atol=1e-6)
+
+
+def test_kmeans_selection_head_is_the_nearest_centroid_rule():
+    from pycoe.coe.delegator import Delegator
+
+    args = train_coe.finalize_args(train_coe.build_parser().parse_args(
+        ["--dataset", "synthetic", "-K", "3", "--kmeans-samples", "90", "--no-channels-last"]))
+    train, _ = coe_data.make_synthetic(num_train=120, num_test=8, image_size=12, seed=0)
+    torch.manual_seed(0)
+    d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10).train()
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    km = train_coe.kmeans_selection_init(args, d, train, torch.device("cpu"))
+    assert d.training  # the modes are restored
+    # only the selection head changed (BN running statistics untouched: features ran in eval mode)
+    for k, v in d.state_dict().items():
+        assert torch.equal(v, before[k]) == (not k.startswith("selection_head")), k
+    assert len(km["indices"]) == 90 and torch.bincount(km["assignment"], minlength=3).tolist() == [30, 30, 30]
+    # reference: standardise the features, compute (2 z.c - |c|^2) / T directly
+    d.eval()
+    x = coe_data.TensorBatches(train, 200, False).normalize(train.images[km["indices"]])
+    with torch.no_grad():
+        f = d.features(x)
+        z = (f - km["mean"]) / km["std"]
+        ref = (2 * z @ km["centres"].T - (km["centres"] ** 2).sum(1)) / km["temperature"]
+        got = d(x).selection_logits
+    assert torch.allclose(got, ref, atol=1e-4)
+    nearest = torch.cdist(z, km["centres"]).argmin(1)
+    assert torch.equal(got.argmax(1), nearest)
+    # deterministic given the seed
+    d2 = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10)
+    d2.load_state_dict(before)
+    train_coe.kmeans_selection_init(args, d2, train, torch.device("cpu"))
+    assert torch.equal(d2.selection_head.weight, d.selection_head.weight)
+
+
+def test_kmeans_selection_init_end_to_end(tmp_path):
+    s = _run(tmp_path, "km", "--dataset", "synthetic", "--train-subset", "128", "--test-subset", "32",
+             "--image-size", "12", "--baselines", "", "--no-figures", "--selection-init", "kmeans")
+    r = s["coe"]["routing"]
+    assert 0.0 <= r["routed_correct_given_oracle"] <= 1.0
+    assert s["config"]["selection_init"] == "kmeans"

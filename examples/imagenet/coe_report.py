@@ -101,7 +101,16 @@ def summarise(args, cache, sweep, baselines, flops, phase_results, classes, chec
     lib_sweep = checks["sweep"]
     no_exit = lib_sweep[0]
     oracle = float((cache["expert_pred"] == y[:, None]).any(1).float().mean())
-    per_expert_acc = (cache["expert_pred"] == y[:, None]).float().mean(0).tolist()
+    right = cache["expert_pred"] == y[:, None]                                    # [N, K]
+    per_expert_acc = right.float().mean(0).tolist()
+    routed_right = right.gather(1, choice[:, None]).squeeze(1)                     # [N]
+    disputed = right.any(1) & ~right.all(1)  # some experts right, some wrong: where routing matters
+    routing = {
+        "routed_correct_given_oracle": float(routed_right[right.any(1)].float().mean()) if right.any() else None,
+        "disputed_fraction": float(disputed.float().mean()),
+        "routed_correct_when_disputed": float(routed_right[disputed].float().mean()) if disputed.any() else None,
+        "random_routing_when_disputed": float(right[disputed].float().mean()) if disputed.any() else None,
+    }
     load = torch.bincount(choice, minlength=k)
     class_expert = torch.zeros(len(classes), k, dtype=torch.long)
     class_expert.index_put_((y, choice), torch.ones_like(y), accumulate=True)
@@ -125,7 +134,7 @@ def summarise(args, cache, sweep, baselines, flops, phase_results, classes, chec
         "flops": {"delegator": flops["delegator"], "expert": flops["expert"], "coe_no_exit": full_flops},
         "coe": {"accuracy": no_exit["accuracy"], "flops_per_sample": no_exit["flops_per_sample"],
                 "oracle_accuracy": oracle, "per_expert_accuracy": per_expert_acc,
-                "load": load.tolist(), "class_expert_counts": class_expert.tolist(),
+                "load": load.tolist(), "class_expert_counts": class_expert.tolist(), "routing": routing,
                 "rough_accuracy": float((cache["rough_pred"] == y).float().mean())},
         "exit": None if chosen is None else dict(chosen, rule=rule,
                                                  flops_saving=1.0 - chosen["flops_per_sample"] / full_flops,
@@ -214,6 +223,12 @@ def table_markdown(s: dict) -> str:
                      f"{_signed(-100 * e['accuracy_drop'])} points vs no exit")
     notes.append(f"expert load on the test set (no exit): {s['coe']['load']}; per-expert accuracy on all test "
                  f"samples: {', '.join(_p(x) for x in s['coe']['per_expert_accuracy'])}")
+    r = s["coe"].get("routing")
+    if r and r["routed_correct_when_disputed"] is not None:
+        notes.append(f"routing on the test set: the routed expert is right on {_p(r['routed_correct_given_oracle'])}% "
+                     f"of the images some expert gets right; on the {_p(r['disputed_fraction'])}% of images where "
+                     f"the experts disagree it is right {_p(r['routed_correct_when_disputed'])}% of the time "
+                     f"(a random expert: {_p(r['random_routing_when_disputed'])}%)")
     notes.append(f"{s['num_test']} test samples; training wall time (sum of the epochs) "
                  f"{s['compute_seconds']:.0f}s on "
                  f"{s['world_size']} process(es); FLOPs: torch.utils.flop_counter (a multiply-add = 2 FLOPs)")

@@ -69,7 +69,8 @@ DEFAULT_THRESHOLDS = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.97,0.98,0.99,0.995,0.999"
 # Options that must not change between a run and its --resume (they change what is trained).
 _RESUME_KEYS = ("dataset", "train_subset", "image_size", "expert", "delegator", "expert_width", "delegator_width",
                 "num_experts", "epochs_universal", "epochs_delegator", "epochs_joint", "baselines", "seed",
-                "batch_size", "lr", "pwlu", "condconv", "epsilon", "score", "lgm", "wgm_scope", "match_flops")
+                "batch_size", "lr", "pwlu", "condconv", "epsilon", "score", "lgm", "wgm_scope", "match_flops",
+                "selection_init")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="balanced transport per process batch or over the global batch (auto: global under DDP)")
     g.add_argument("--lgm", choices=("best", "soft", "balanced"), default="best", help="LGM label mode")
     g.add_argument("--lgm-temperature", type=float, default=1.0)
+    g.add_argument("--selection-init", choices=("zero", "kmeans"), default="zero",
+                   help="start of the delegator's selection head for the joint stage: 'zero' (uniform choice) or "
+                        "'kmeans' (the nearest-centroid rule of a balanced k-means of the delegator's features, "
+                        "so the WGM's first partition is one the delegator can already predict)")
+    g.add_argument("--kmeans-samples", type=int, default=30000,
+                   help="--selection-init kmeans: training samples (a seeded random subset) clustered")
     g.add_argument("--selection-weight", type=float, default=1.0)
     g.add_argument("--rough-weight", type=float, default=1.0)
     g.add_argument("--exit-threshold", type=float, default=None,
@@ -177,7 +184,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.baselines = f"{0.5 * w:g},{1.5 * w:g}" if args.expert == "cnn" else ""
     if args.wgm_scope == "auto":
         args.wgm_scope = "global"  # identical to "batch" without a process group
-    for name in ("num_experts", "batch_size", "image_size", "condconv_experts"):
+    for name in ("num_experts", "batch_size", "image_size", "condconv_experts", "kmeans_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     for name in ("epochs_universal", "epochs_delegator", "epochs_joint"):
@@ -458,6 +465,98 @@ def to_device(x: torch.Tensor, device, args) -> torch.Tensor:
 
 
 @torch.no_grad()
+def balanced_kmeans(z: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 30):
+    """K-means whose clusters hold near-equal numbers of points (pycoe's example code).
+
+    k-means++ seeding, then Lloyd iterations whose assignment step is the balanced transportation problem
+    (:func:`pycoe.routing.transport.balanced_assignment` on ``-|z_n - c_k|^2``, near-equal capacities) and
+    whose update step is the mean of each cluster; stops when the assignment no longer changes.
+
+    Args:
+        z: Tensor[N, D] points (N >= k).
+        k: number of clusters.
+        generator: the random source of the seeding.
+        iterations: the most Lloyd iterations.
+
+    Returns:
+        ``(centres Tensor[K, D], assignment LongTensor[N], iterations run)``.
+    """
+    from pycoe.routing.transport import balanced_assignment
+
+    centres = z[torch.randint(len(z), (1,), generator=generator)]
+    while len(centres) < k:
+        d2 = torch.cdist(z, centres).pow(2).amin(1)
+        if float(d2.sum()) <= 0:  # fewer distinct points than clusters: take any point
+            pick = torch.randint(len(z), (1,), generator=generator)
+        else:
+            pick = torch.multinomial(d2 / d2.sum(), 1, generator=generator)
+        centres = torch.cat([centres, z[pick]])
+    assign, it = None, 0
+    for it in range(1, iterations + 1):
+        new = balanced_assignment(-torch.cdist(z, centres).pow(2), method="exact")
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        centres = torch.stack([z[assign == j].mean(0) for j in range(k)])
+    return centres, assign, it
+
+
+@torch.no_grad()
+def kmeans_selection_init(args, delegator: Delegator, dataset, device) -> dict:
+    """Set the selection head to the nearest-centroid rule of a balanced k-means of the delegator's features.
+
+    pycoe's formulation (not from the CoE paper). With a zero selection head the WGM's first partitions are
+    arbitrary (every expert scores the same) and the K copies of the universal expert drift apart by chance, so
+    the LGM's first labels are mostly noise. Here the delegator's features ``f`` (``Tensor[N, D]``, for a seeded
+    random subset of ``--kmeans-samples`` training images, un-augmented, eval mode) are standardised to
+    ``z = (f - mu) / sd`` and clustered by :func:`balanced_kmeans` into K groups of near-equal size, and the
+    selection logits become ``(2 z.c_k - |c_k|^2) / T``. Their argmax is the nearest centroid, and they are an
+    affine function of ``f``, so the head is exactly a ``Linear(D, K)``. ``T`` makes the median gap between
+    the nearest and the second-nearest centroid a logit gap of 2. The WGM's first partition is then one that
+    the delegator predicts by construction and that groups similar images; WGM and LGM refine it from there.
+
+    Deterministic given ``--seed`` (its own generator; the global RNG is not touched), so every DDP rank
+    computes the same head.
+
+    Returns:
+        dict with ``centres`` Tensor[K, D], ``mean`` and ``std`` Tensor[D] (of the features), ``temperature``,
+        ``assignment`` LongTensor[N] and ``indices`` LongTensor[N] (the clustered training samples),
+        ``iterations``.
+    """
+    k = args.num_experts
+    n = len(dataset)
+    g = torch.Generator().manual_seed(derived_seed(args.seed, 7919))
+    idx = torch.randperm(n, generator=g)[: min(n, max(k, args.kmeans_samples))].sort().values
+    if args.dataset == "imagefolder":
+        batches = coe_data.ImageFolderBatches(torch.utils.data.Subset(dataset, idx.tolist()), args.batch_size,
+                                              False, 0, 1, 0, args.workers)
+    else:
+        sub = coe_data.InMemoryDataset(dataset.images[idx], dataset.labels[idx], dataset.classes, dataset.mean,
+                                       dataset.std, dataset.source)
+        batches = coe_data.TensorBatches(sub, 512, False, 0, 1, 0)
+    modes = [(m, m.training) for m in delegator.modules()]
+    delegator.eval()
+    try:
+        feats = torch.cat([delegator.features(to_device(x, device, args)).float().cpu() for x, _ in batches])
+    finally:
+        for m, training in modes:
+            m.training = training
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mu) / sd                                                                   # [N, D]
+    centres, assign, iterations = balanced_kmeans(z, k, g)
+    d2 = torch.cdist(z, centres).pow(2).sort(1).values                                      # [N, K]
+    temperature = float((d2[:, 1] - d2[:, 0]).median().clamp_min(1e-6)) / 2.0 if k > 1 else 1.0
+    # logits_k = (2 z.c_k - |c_k|^2) / T with z = (f - mu) / sd, written as W f + b
+    weight = 2.0 * centres / sd / temperature                                               # [K, D]
+    bias = (-(centres * centres).sum(1) - 2.0 * (centres * (mu / sd)).sum(1)) / temperature  # [K]
+    head = delegator.selection_head  # pycoe's Delegator: nn.Linear(D, K) with a bias
+    head.weight.copy_(weight.to(head.weight))
+    head.bias.copy_(bias.to(head.bias))
+    return {"centres": centres, "mean": mu, "std": sd, "temperature": temperature, "assignment": assign,
+            "indices": idx, "iterations": iterations}
+
+
+@torch.no_grad()
 def accuracy(module: nn.Module, batches, device, args, rough: bool = False) -> float:
     module.eval()
     correct = total = 0
@@ -671,6 +770,12 @@ class Runner:
             for expert in self.models["coe"].experts:
                 expert.load_state_dict(self.universal_snapshot)
             self.log(f"stage 2: universal expert copied into {self.args.num_experts} experts")
+            if self.args.selection_init == "kmeans":
+                km = kmeans_selection_init(self.args, self.models["delegator"], self.train_set, self.device)
+                sizes = torch.bincount(km["assignment"], minlength=self.args.num_experts).tolist()
+                self.log(f"selection head set to a balanced {self.args.num_experts}-means of the delegator's "
+                         f"features ({len(km['indices'])} images, clusters {sizes}, {km['iterations']} "
+                         f"iterations, T={km['temperature']:.3g})")
         if phase.name == "baseline:expert:fine":
             self.models["baseline:expert"].load_state_dict(self.universal_snapshot)
 
