@@ -79,20 +79,25 @@ def _child(
         value = fn(rank, world_size, *args)
         status = (rank, "ok", pickle.dumps(value))
     except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+        failed_at = time.time()
         tb = traceback.format_exc()
         try:
             payload = pickle.dumps(exc)
             pickle.loads(payload)  # some exceptions pickle but do not unpickle
         except Exception:  # noqa: BLE001
             payload = None
-        status = (rank, "error", (payload, tb, f"{type(exc).__name__}: {exc}"))
+        status = (rank, "error", (payload, tb, f"{type(exc).__name__}: {exc}", failed_at))
+        # Report before tearing the group down: the teardown makes the other ranks fail too, and their
+        # secondary errors must not overtake this one.
+        results.put(status)
     finally:
         try:
             if dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - teardown must not hide the result
             pass
-    results.put(status)
+    if status[1] == "ok":
+        results.put(status)
 
 
 def _stop(procs: list) -> None:
@@ -124,7 +129,8 @@ def run_distributed(
         ``[result_of_rank_0, result_of_rank_1, ...]``.
 
     Raises:
-        The first failing rank's exception (with the child traceback as ``__cause__``),
+        The exception of the rank that failed first (the root cause: the other ranks usually fail in
+        turn), with the child traceback as ``__cause__``;
         :class:`DistributedTestError` if a child died without reporting or its exception is not
         picklable, ``TimeoutError`` on timeout.
     """
@@ -176,8 +182,22 @@ def run_distributed(
                 else:
                     continue
             if kind == "error":
+                # A failing rank makes the others fail too (connection resets, timeouts): collect what
+                # arrives shortly after and raise the error that happened first, the root cause.
+                errors = [(payload[3], rank, payload)]
+                grace = time.monotonic() + 3.0
+                while len(collected) + len(errors) < world_size and time.monotonic() < grace:
+                    try:
+                        r2, kind2, payload2 = results.get(timeout=max(0.05, grace - time.monotonic()))
+                    except queue_module.Empty:
+                        break
+                    if kind2 == "error":
+                        errors.append((payload2[3], r2, payload2))
+                    else:
+                        collected[r2] = None
                 _stop(procs)
-                exc_payload, tb, summary = payload
+                _, rank, payload = min(errors, key=lambda e: (e[0], e[1]))
+                exc_payload, tb, summary, _ = payload
                 remote = RemoteTraceback(tb)
                 if exc_payload is not None:
                     exc = pickle.loads(exc_payload)
