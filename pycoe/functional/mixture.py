@@ -506,8 +506,8 @@ def choose_mixture_strategy(
 
 @functools.lru_cache(maxsize=4096)
 def _cached_choice(batch, in_channels, out_channels, kernel, num_experts, out_hw, groups, requires_grad) -> str:
-    # looked up by name so that tests can substitute choose_mixture_strategy
-    return globals()["choose_mixture_strategy"](
+    """choose_mixture_strategy, memoised per shape (``auto`` calls it on every forward)."""
+    return choose_mixture_strategy(
         batch=batch,
         in_channels=in_channels,
         out_channels=out_channels,
