@@ -19,7 +19,15 @@ import torch.distributed as dist
 
 from pycoe._validation import check_tensor
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "all_gather_variable", "broadcast", "VariableGather"]
+__all__ = [
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "all_gather_variable",
+    "all_reduce",
+    "broadcast",
+    "VariableGather",
+]
 
 
 def is_distributed() -> bool:
@@ -96,4 +104,24 @@ def broadcast(tensor: torch.Tensor, src: int = 0, group: Any = None) -> torch.Te
     check_tensor("tensor", tensor)
     if is_distributed():
         dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+_REDUCE_OPS = ("sum", "min", "max")
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
+    """Reduce ``tensor`` over all ranks in place and return it (returned unchanged when not distributed).
+
+    Args:
+        tensor: the same shape, dtype and device on every rank.
+        op: ``"sum"``, ``"min"`` or ``"max"``.
+        group: process group (default: the world).
+    """
+    check_tensor("tensor", tensor)
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {', '.join(repr(o) for o in _REDUCE_OPS)}, got {op!r}")
+    if is_distributed():
+        reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+        dist.all_reduce(tensor, op=reduce_op, group=group)
     return tensor

@@ -6,8 +6,8 @@ All multi-process checks share one spawned run (process start-up costs seconds).
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _distributed import run_distributed
+
 from pycoe import distributed as pdist
 from pycoe.routing.transport import balanced_assignment
 from pycoe.routing.weighting import BalancedTransportWeighter
@@ -29,6 +29,12 @@ def _routing_worker(rank, world_size, scenarios, seed):
     gathered = pdist.all_gather_variable(local)
     results["gather"] = (gathered.tensor, gathered.local, gathered.sizes)
     results["is_distributed"] = (pdist.is_distributed(), pdist.get_rank(), pdist.get_world_size())
+    reduced = {}
+    for op in ("sum", "min", "max"):
+        t = torch.tensor([rank + 1.0, 10.0 - rank])
+        assert pdist.all_reduce(t, op=op) is t  # in place
+        reduced[op] = t
+    results["all_reduce"] = reduced
 
     for si, sizes in enumerate(scenarios):
         z = _global_logits(sum(sizes), seed + si)
@@ -68,7 +74,7 @@ def _routing_worker(rank, world_size, scenarios, seed):
     try:
         BalancedTransportWeighter(K, scope="global")(torch.randn(3, K))
         results["solver_failure"] = None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         results["solver_failure"] = (type(err).__name__, str(err))
     finally:
         weighting.balanced_assignment = original
@@ -86,6 +92,10 @@ def test_global_scope_on_two_gloo_ranks_with_unequal_batches():
         assert sizes == [1, 2]
         assert torch.equal(tensor, torch.tensor([0, 1, 1]).view(3, 1, 1).expand(3, 2, 2))
         assert local == (slice(0, 1) if rank == 0 else slice(1, 3))
+        reduced = res[rank]["all_reduce"]
+        assert reduced["sum"].tolist() == [3.0, 19.0]
+        assert reduced["min"].tolist() == [1.0, 9.0]
+        assert reduced["max"].tolist() == [2.0, 10.0]
 
     # NaN on rank 1 only: both ranks raise, each saying where it was.
     assert "NaN" in res[0]["nan"] and "on another rank" in res[0]["nan"]
@@ -127,8 +137,10 @@ def test_distributed_helpers_are_no_ops_without_a_process_group():
     x = torch.arange(6).view(3, 2)
     out = pdist.all_gather_variable(x)
     assert out.tensor is x and out.local == slice(0, 3) and out.sizes == [3]
-    t, local, sizes = out  # a plain tuple too
+    _t, _local, _sizes = out  # a plain tuple too
     assert pdist.broadcast(x) is x
+    y = torch.tensor([1.0, 2.0])
+    assert pdist.all_reduce(y, op="max") is y and y.tolist() == [1.0, 2.0]
 
 
 def test_distributed_helpers_bad_input():
@@ -138,6 +150,10 @@ def test_distributed_helpers_bad_input():
         pdist.all_gather_variable(torch.tensor(1.0))
     with pytest.raises(TypeError, match="tensor"):
         pdist.broadcast(3)
+    with pytest.raises(TypeError, match="tensor"):
+        pdist.all_reduce([1.0])
+    with pytest.raises(ValueError, match="op must be one of"):
+        pdist.all_reduce(torch.ones(2), op="mean")
 
 
 def test_global_scope_rejects_empty_single_process_batch():
