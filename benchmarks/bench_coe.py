@@ -60,7 +60,10 @@ def timed(fn) -> float:
 def build_coe(k: int, classes: int, resolution: int, calib: torch.Tensor) -> CoE:
     torch.manual_seed(0)
     delegator = Delegator(
-        torchvision.models.mobilenet_v3_small(weights=None), num_experts=k, num_classes=classes, zero_init_selection=False
+        torchvision.models.mobilenet_v3_small(weights=None),
+        num_experts=k,
+        num_classes=classes,
+        zero_init_selection=False,
     )
     experts = ExpertPool.from_template(torchvision.models.resnet18(weights=None, num_classes=classes), k, init="reinit")
     # An untrained MobileNetV3 has near-zero eval features (default BatchNorm statistics): calibrate them, then
@@ -134,7 +137,10 @@ def bench_train(args) -> None:
     k, classes, res = args.experts, 10, args.resolution
     rows = []
     cases = {
-        "resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=classes), (args.train_batch, 3, res, res)),
+        "resnet18": (
+            lambda: torchvision.models.resnet18(weights=None, num_classes=classes),
+            (args.train_batch, 3, res, res),
+        ),
         "mlp": (
             lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, classes)),
             (128, 3, 8, 8),
@@ -142,8 +148,13 @@ def bench_train(args) -> None:
     }
     for name, (factory, shape) in cases.items():
         torch.manual_seed(0)
-        delegator = Delegator(nn.Sequential(nn.Flatten(), nn.Linear(shape[1] * shape[2] * shape[3], 32), nn.ReLU()),
-                              k, num_classes=classes, feature_dim=32, classifier=None)
+        delegator = Delegator(
+            nn.Sequential(nn.Flatten(), nn.Linear(shape[1] * shape[2] * shape[3], 32), nn.ReLU()),
+            k,
+            num_classes=classes,
+            feature_dim=32,
+            classifier=None,
+        )
         model = CoE(delegator, ExpertPool.from_template(factory(), k, init="reinit")).train()
         criterion = CoELoss(BalancedTransportWeighter(k), LabelGenerator())
         x, y = torch.randn(*shape), torch.randint(0, classes, (shape[0],))

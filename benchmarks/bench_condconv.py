@@ -59,8 +59,10 @@ def _timm_layer(c, o, k, g, e, bank):
 def _make_cell(c, o, k, g, h, e, b):
     x = torch.randn(b, c, h, h)
     routing = torch.sigmoid(torch.randn(b, e))
-    layers = {s: CondConv2d(c, o, k, padding=k // 2, groups=g, bias=False, num_experts=e, router=False, strategy=s)
-              for s in (*STRATEGIES, "auto")}
+    layers = {
+        s: CondConv2d(c, o, k, padding=k // 2, groups=g, bias=False, num_experts=e, router=False, strategy=s)
+        for s in (*STRATEGIES, "auto")
+    }
     bank = layers["weight"].weight.detach()
     for layer in layers.values():
         with torch.no_grad():
@@ -120,25 +122,45 @@ def run_grid(shapes, batches, experts, repeats, modes):
                     med, best = bench_cell(c, o, k, g, h, e, b, backward, repeats, METHODS)
                     # at batch 1 every strategy but "output" is one F.conv2d with the mixed kernel
                     choice = "conv" if b == 1 else choose_mixture_strategy(b, c, o, k, e, h, g, requires_grad=backward)
-                    rows.append(dict(label=label, C=c, O=o, k=k, g=g, hw=h, E=e, B=b, backward=backward,
-                                     choice=choice, **{m: med[m] for m in METHODS},
-                                     **{f"min_{m}": best[m] for m in METHODS}))
+                    rows.append(
+                        dict(
+                            label=label,
+                            C=c,
+                            O=o,
+                            k=k,
+                            g=g,
+                            hw=h,
+                            E=e,
+                            B=b,
+                            backward=backward,
+                            choice=choice,
+                            **{m: med[m] for m in METHODS},
+                            **{f"min_{m}": best[m] for m in METHODS},
+                        )
+                    )
                     print(f"  done {label} E={e} B={b} {'fwd+bwd' if backward else 'fwd'}", flush=True)
     return rows
 
 
 def markdown(rows, backward):
-    head = ("| shape | E | B | " + " | ".join(f"{m} ms" for m in STRATEGIES) + " | auto ms (pick) | timm ms | auto/timm | "
-            + " | ".join(f"{m}/timm" for m in STRATEGIES) + " |")
+    head = (
+        "| shape | E | B | "
+        + " | ".join(f"{m} ms" for m in STRATEGIES)
+        + " | auto ms (pick) | timm ms | auto/timm | "
+        + " | ".join(f"{m}/timm" for m in STRATEGIES)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (6 + 2 * len(STRATEGIES))]
     for r in rows:
         if r["backward"] != backward:
             continue
         t = r["timm"]
         lines.append(
-            f"| {r['label']} | {r['E']} | {r['B']} | " + " | ".join(_fmt(r[m]) for m in STRATEGIES)
+            f"| {r['label']} | {r['E']} | {r['B']} | "
+            + " | ".join(_fmt(r[m]) for m in STRATEGIES)
             + f" | {_fmt(r['auto'])} ({r['choice']}) | {_fmt(t)} | {r['auto'] / t:.2f} | "
-            + " | ".join(f"{r[m] / t:.2f}" for m in STRATEGIES) + " |"
+            + " | ".join(f"{r[m] / t:.2f}" for m in STRATEGIES)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -212,8 +234,10 @@ def main():
     shapes = QUICK_SHAPES if args.quick else SHAPES
     experts = (4,) if args.quick else EXPERTS
     modes = [m == "fwdbwd" for m in args.modes.split(",")]
-    print(f"torch {torch.__version__}, timm {timm.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
-          f"repeats = {args.repeats} (medians), float32, bias=False, padding=k//2, stride 1")
+    print(
+        f"torch {torch.__version__}, timm {timm.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
+        f"repeats = {args.repeats} (medians), float32, bias=False, padding=k//2, stride 1"
+    )
     start = time.perf_counter()
     if args.from_json:
         with open(args.from_json) as f:

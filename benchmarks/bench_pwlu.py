@@ -105,8 +105,10 @@ def run_table(quick: bool, repeats: int) -> None:
     cases = [("NCHW", (64, 64, 56, 56), 1), ("(B, T, C)", (32, 128, 512), -1)]
     if quick:
         cases = [("NCHW", (8, 32, 28, 28), 1), ("(B, T, C)", (8, 64, 256), -1)]
-    print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, float32, "
-          f"N = {N_INTERVALS}, {repeats} repeats (median), forward + backward")
+    print(
+        f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, float32, "
+        f"N = {N_INTERVALS}, {repeats} repeats (median), forward + backward"
+    )
     print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print()
     header = "| input | candidate | fwd+bwd ms (median) | vs ReLU | saved bytes / input byte |"

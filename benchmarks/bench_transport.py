@@ -107,7 +107,8 @@ def peak_memory_child(n: int, k: int) -> dict:
     code = (
         "import json, time, tracemalloc, torch, sys\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
-        "sys.path.insert(0, %r)\n" % os.path.dirname(os.path.abspath(__file__))
+        "sys.path.insert(0, %r)\n"
+        % os.path.dirname(os.path.abspath(__file__))
         + "from bench_transport import make_scores\n"
         "from pycoe.routing.transport import solve_balanced_transport\n"
         "def hwm():\n"
@@ -145,11 +146,15 @@ def main(argv=None):
     run_exact(make_scores(8, 2), np.array([4, 4]))
     ns = [256, 4096] if args.quick else [256, 4096, 65536, 1281167]
     ks = [4, 16] if args.quick else [4, 16, 64]
-    print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print(f"median of {args.repeats} repeats (1 for N >= 65536); ratio = peer time / exact time; "
-          "gap = (exact objective - peer objective) / |exact objective|\n")
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
+    print(
+        f"median of {args.repeats} repeats (1 for N >= 65536); ratio = peer time / exact time; "
+        "gap = (exact objective - peer objective) / |exact objective|\n"
+    )
 
     rows = []
     slow: set[str] = set()
@@ -184,9 +189,11 @@ def main(argv=None):
 
 def print_memory():
     mem = peak_memory_child(1281167, 16)
-    print(f"\nexact, N=1,281,167, K=16 in a fresh process: {mem['seconds']:.2f} s (under tracemalloc), "
-          f"peak RSS (VmHWM) {mem['peak_mb']:.0f} MB, of which {mem['before_mb']:.0f} MB before the solve "
-          f"(python, torch, the float32 scores); NumPy peak traced during the solve {mem['traced_mb']:.0f} MB")
+    print(
+        f"\nexact, N=1,281,167, K=16 in a fresh process: {mem['seconds']:.2f} s (under tracemalloc), "
+        f"peak RSS (VmHWM) {mem['peak_mb']:.0f} MB, of which {mem['before_mb']:.0f} MB before the solve "
+        f"(python, torch, the float32 scores); NumPy peak traced during the solve {mem['traced_mb']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

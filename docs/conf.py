@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
-import pycoe  # noqa: E402
+import pycoe
 
 project = "pycoe"
 author = "The pycoe developers"

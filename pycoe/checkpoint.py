@@ -14,6 +14,7 @@ state_dicts, tensors (RNG states included) and Python scalars, strings, lists, t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import uuid
@@ -93,10 +94,8 @@ def save_checkpoint(obj: dict, path: str | os.PathLike, *, verify: bool = True) 
                 )
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_directory(directory)
 

@@ -78,13 +78,13 @@ def _child(
         )
         value = fn(rank, world_size, *args)
         status = (rank, "ok", pickle.dumps(value))
-    except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+    except BaseException as exc:
         failed_at = time.time()
         tb = traceback.format_exc()
         try:
             payload = pickle.dumps(exc)
             pickle.loads(payload)  # some exceptions pickle but do not unpickle
-        except Exception:  # noqa: BLE001
+        except Exception:
             payload = None
         status = (rank, "error", (payload, tb, f"{type(exc).__name__}: {exc}", failed_at))
         # Report before tearing the group down: the teardown makes the other ranks fail too, and their
@@ -94,7 +94,7 @@ def _child(
         try:
             if dist.is_initialized():
                 dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - teardown must not hide the result
+        except Exception:
             pass
     if status[1] == "ok":
         results.put(status)
@@ -160,9 +160,7 @@ def run_distributed(
             if remaining <= 0:
                 _stop(procs)
                 missing = sorted(set(range(world_size)) - set(collected))
-                raise TimeoutError(
-                    f"run_distributed: ranks {missing} did not finish within {timeout} s"
-                )
+                raise TimeoutError(f"run_distributed: ranks {missing} did not finish within {timeout} s")
             try:
                 rank, kind, payload = results.get(timeout=min(remaining, 0.5))
             except queue_module.Empty:
@@ -176,8 +174,7 @@ def run_distributed(
                         except queue_module.Empty:
                             _stop(procs)
                             raise DistributedTestError(
-                                f"run_distributed: rank {r} exited with code {p.exitcode} "
-                                "without reporting a result"
+                                f"run_distributed: rank {r} exited with code {p.exitcode} without reporting a result"
                             ) from None
                 else:
                     continue

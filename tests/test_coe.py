@@ -142,7 +142,10 @@ def one_thread():
 def test_torchvision_mobilenet_delegator_resnet_experts(one_thread):
     k, classes = 2, 7
     delegator = Delegator(
-        torchvision.models.mobilenet_v3_small(weights=None), num_experts=k, num_classes=classes, zero_init_selection=False
+        torchvision.models.mobilenet_v3_small(weights=None),
+        num_experts=k,
+        num_classes=classes,
+        zero_init_selection=False,
     )
     experts = ExpertPool.from_template(torchvision.models.resnet18(weights=None, num_classes=classes), k, init="reinit")
     model = CoE(delegator, experts)
@@ -151,7 +154,7 @@ def test_torchvision_mobilenet_delegator_resnet_experts(one_thread):
     out = model.train()(x)
     assert out.expert_outputs.shape == (k, 2, classes) and out.rough_logits.shape == (2, classes)
     criterion = CoELoss(BalancedTransportWeighter(k), LabelGenerator())
-    loss, info = criterion(out, y)
+    loss, _info = criterion(out, y)
     loss.backward()
     assert torch.isfinite(loss)
     assert delegator.backbone.features[0][0].weight.grad.abs().sum() > 0
@@ -170,7 +173,7 @@ def test_torchvision_mobilenet_delegator_resnet_experts(one_thread):
     model.exit_threshold = midpoint_threshold(model, x)  # one sample exits, the other goes to its expert
     with torch.no_grad():
         pred = model(x)
-        ref, ref_index, ref_exited = loop_eval(model, x, model.exit_threshold)
+        ref, ref_index, _ref_exited = loop_eval(model, x, model.exit_threshold)
     assert int(pred.exited.sum()) == 1
     torch.testing.assert_close(pred.output, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(pred.expert_index, ref_index)
@@ -325,7 +328,9 @@ def test_bad_forward_input():
 # ---------------------------------------------------------------- evaluation helpers
 def _loader(n_batches=3, batch=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, D_IN, generator=g), torch.randint(0, C, (batch,), generator=g)) for _ in range(n_batches)]
+    return [
+        (torch.randn(batch, D_IN, generator=g), torch.randint(0, C, (batch,), generator=g)) for _ in range(n_batches)
+    ]
 
 
 def test_predict_concatenates_eval_batches_and_restores_mode():

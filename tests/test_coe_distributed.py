@@ -9,10 +9,10 @@ needs no ``find_unused_parameters``.
 import pytest
 import torch
 import torch.distributed as dist
+from _distributed import run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from _distributed import run_distributed
 from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss
@@ -44,7 +44,8 @@ def build(fused=False):
     return CoE(delegator, experts)
 
 
-def data(n=sum(SPLIT), seed=1):
+def data(n=None, seed=1):
+    n = sum(SPLIT) if n is None else n
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 2, 5, 5, generator=g), torch.randint(0, C, (n,), generator=g)
 
@@ -78,12 +79,17 @@ def _rank_fn(rank, world_size):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     xs, ys = data(n=2, seed=2)
     empty_grads = []
-    for step in range(2):
+    for _step in range(2):
         opt.zero_grad()
         loss, info = criterion(0.0)(ddp(xs[rank : rank + 1]), ys[rank : rank + 1])
         loss.backward()
         empty = (info["wgm_load"] == 0).nonzero().flatten().tolist()
-        empty_grads.append({k: [model.experts[k].conv.weight.grad is not None, float(model.experts[k].conv.weight.grad.abs().sum())] for k in empty})
+        empty_grads.append(
+            {
+                k: [model.experts[k].conv.weight.grad is not None, float(model.experts[k].conv.weight.grad.abs().sum())]
+                for k in empty
+            }
+        )
         opt.step()
     dist.barrier()
     results["empty"] = {"grads": empty_grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
@@ -113,7 +119,7 @@ def test_ddp_expert_without_samples_needs_no_find_unused_parameters(ranks):
     e0, e1 = ranks[0]["empty"], ranks[1]["empty"]
     for step in range(2):
         assert e0["grads"][step], "the scenario must leave one expert without any sample"
-        for k, (has_grad, total) in e0["grads"][step].items():
+        for _k, (has_grad, total) in e0["grads"][step].items():
             assert has_grad and total == 0.0
     for name, p in e0["params"].items():  # both ranks stayed in sync through the two steps
         torch.testing.assert_close(p, e1["params"][name], msg=name)

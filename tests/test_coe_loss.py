@@ -21,9 +21,7 @@ D_IN, C = 10, 4
 def make_model(k=3):
     backbone = nn.Sequential(nn.Linear(D_IN, 12), nn.Tanh())
     delegator = Delegator(backbone, k, num_classes=C, feature_dim=12, classifier=None, zero_init_selection=False)
-    experts = ExpertPool.from_template(
-        nn.Sequential(nn.Linear(D_IN, 8), nn.ReLU(), nn.Linear(8, C)), k, init="reinit"
-    )
+    experts = ExpertPool.from_template(nn.Sequential(nn.Linear(D_IN, 8), nn.ReLU(), nn.Linear(8, C)), k, init="reinit")
     return CoE(delegator, experts).train()
 
 
@@ -33,7 +31,10 @@ def reference_loss(model, x, y, epsilon=0.0, weights=(1.0, 1.0, 1.0), soft_tempe
     d = model.delegator(x)
     sel, rough = d.selection_logits, d.rough_logits
     losses = torch.stack(
-        [torch.stack([F.cross_entropy(model.experts[j](x[i : i + 1]), y[i : i + 1]) for j in range(k)]) for i in range(len(y))]
+        [
+            torch.stack([F.cross_entropy(model.experts[j](x[i : i + 1]), y[i : i + 1]) for j in range(k)])
+            for i in range(len(y))
+        ]
     )  # [B, K]
     w = BalancedTransportWeighter(k, epsilon=epsilon)(sel.detach()).weights
     expert = sum((w[:, j] * losses[:, j]).sum() / w[:, j].sum() for j in range(k) if w[:, j].sum() > 0)
@@ -59,8 +60,13 @@ def test_loss_and_every_gradient_match_the_reference(epsilon, lgm):
     x, y = torch.randn(9, D_IN), torch.randint(0, C, (9,))
     lam = (0.7, 1.3, 0.4)
     labeler = LabelGenerator("soft", temperature=0.5) if lgm == "soft" else LabelGenerator("best")
-    criterion = CoELoss(BalancedTransportWeighter(3, epsilon=epsilon), labeler, expert_weight=lam[0],
-                        selection_weight=lam[1], rough_weight=lam[2])
+    criterion = CoELoss(
+        BalancedTransportWeighter(3, epsilon=epsilon),
+        labeler,
+        expert_weight=lam[0],
+        selection_weight=lam[1],
+        rough_weight=lam[2],
+    )
     loss, info = criterion(model(x), y)
     loss.backward()
     ref, ref_losses = reference_loss(ref_model, x, y, epsilon, lam, soft_temperature=0.5 if lgm == "soft" else None)
@@ -128,8 +134,9 @@ def test_reduction_balance_and_metrics():
     x, y = torch.randn(8, D_IN), torch.randint(0, C, (8,))
     out = model(x)
     base = CoELoss(BalancedTransportWeighter(3), LabelGenerator(), selection_weight=0.0, rough_weight=0.0)
-    mean = CoELoss(BalancedTransportWeighter(3), LabelGenerator(), selection_weight=0.0, rough_weight=0.0,
-                   expert_reduction="mean")
+    mean = CoELoss(
+        BalancedTransportWeighter(3), LabelGenerator(), selection_weight=0.0, rough_weight=0.0, expert_reduction="mean"
+    )
     torch.testing.assert_close(mean(out, y)[0], base(out, y)[0] / 3)
     balanced = CoELoss(BalancedTransportWeighter(3), LabelGenerator(), balance_weight=0.5)
     plain = CoELoss(BalancedTransportWeighter(3), LabelGenerator())

@@ -68,7 +68,9 @@ def test_strategies_match_reference_forward_and_backward(case, strategy):
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     upstream = torch.randn_like(ref)
-    for g_out, g_ref in zip(_grads(out, (x, bank, coef, bias_bank), upstream), _grads(ref, (x, bank, coef, bias_bank), upstream)):
+    for g_out, g_ref in zip(
+        _grads(out, (x, bank, coef, bias_bank), upstream), _grads(ref, (x, bank, coef, bias_bank), upstream)
+    ):
         torch.testing.assert_close(g_out, g_ref, rtol=1e-9, atol=1e-9)
 
 
@@ -79,7 +81,9 @@ def test_float32_matches_reference(strategy):
     out = mixture_conv2d(x, bank, coef, bias_bank, 1, 1, 1, 2, strategy=strategy)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     upstream = torch.randn_like(ref)
-    for a, b in zip(_grads(out, (x, bank, coef, bias_bank), upstream), _grads(ref, (x, bank, coef, bias_bank), upstream)):
+    for a, b in zip(
+        _grads(out, (x, bank, coef, bias_bank), upstream), _grads(ref, (x, bank, coef, bias_bank), upstream)
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
@@ -111,13 +115,16 @@ def test_random_configurations_match_reference(
     out = mixture_conv2d(x, bank, coef, bias_bank, *args, strategy=strategy)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     upstream = torch.randn_like(ref)
-    for a, b in zip(_grads(out, (x, bank, coef, bias_bank), upstream), _grads(ref, (x, bank, coef, bias_bank), upstream)):
+    for a, b in zip(
+        _grads(out, (x, bank, coef, bias_bank), upstream), _grads(ref, (x, bank, coef, bias_bank), upstream)
+    ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("strategy", EXPLICIT)
 @pytest.mark.parametrize(
-    "config", [(2, 3, 1, 1, 1), (2, 3, 2, "same", 2), (2, 1, 2, 1, 2), (1, 3, 1, 1, 1)],
+    "config",
+    [(2, 3, 1, 1, 1), (2, 3, 2, "same", 2), (2, 1, 2, 1, 2), (1, 3, 1, 1, 1)],
     ids=["plain", "strided-same-grouped", "1x1-strided-padded-grouped", "batch1"],
 )
 def test_gradcheck_float64(strategy, config):
@@ -180,7 +187,9 @@ def test_auto_uses_the_cost_model_choice(monkeypatch):
         monkeypatch.setattr(mixture, "choose_mixture_strategy", lambda *a, choice=choice, **k: seen.append(k) or choice)
         mixture._cached_choice.cache_clear()  # auto memoises the choice per shape
         auto = mixture_conv2d(x, bank, coef, bias_bank, padding=1, strategy="auto")
-        torch.testing.assert_close(auto, mixture_conv2d(x, bank, coef, bias_bank, padding=1, strategy=choice), rtol=0, atol=0)
+        torch.testing.assert_close(
+            auto, mixture_conv2d(x, bank, coef, bias_bank, padding=1, strategy=choice), rtol=0, atol=0
+        )
     assert seen[0]["batch"] == 2 and seen[0]["num_experts"] == 3 and seen[0]["out_hw"] == (7, 6)
     assert seen[0]["requires_grad"] is True
     with torch.no_grad():

@@ -35,7 +35,9 @@ def _naive_pairwise(logits):
 
 
 @settings(max_examples=30)  # small integer shapes: 30 examples cover them; keeps the file fast
-@given(s=st.integers(1, 5), b=st.integers(1, 4), c=st.integers(2, 7), seed=st.integers(0, 2**16), scale=st.floats(0.1, 8.0))
+@given(
+    s=st.integers(1, 5), b=st.integers(1, 4), c=st.integers(2, 7), seed=st.integers(0, 2**16), scale=st.floats(0.1, 8.0)
+)
 def test_js_matches_naive_reference(s, b, c, seed, scale):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(s, b, c, generator=g, dtype=torch.float64) * scale

@@ -6,7 +6,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from _distributed import DistributedTestError, RemoteTraceback, run_distributed
 
 pytestmark = pytest.mark.distributed

@@ -1,5 +1,6 @@
 """Dividing a network into S narrower ones (pycoe.cotrain.divide) and the regularisation helpers."""
 
+import itertools
 import math
 
 import pytest
@@ -126,8 +127,12 @@ def test_identical_init_and_init_fn():
 
 def test_flatten_into_linear_and_layernorm_mlp():
     cnn = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
-        nn.Flatten(), nn.Linear(64 * 14 * 14, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(64 * 14 * 14, 10),
     )
     member = divide_module(cnn, 4, example_input=torch.randn(1, 1, 28, 28), width_multiplier="sqrt")[0]
     assert member[5].in_features == 32 * 14 * 14  # the spatial factor follows the flattened map
@@ -202,7 +207,7 @@ def test_search_width_continuous_and_integer():
 
 
 def _mlp(width):
-    w = max(1, int(round(width)))
+    w = max(1, round(width))
     return nn.Sequential(nn.Linear(10, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 3))
 
 
@@ -252,7 +257,7 @@ def test_linear_warmup():
     sched = LinearWarmup(100, 0.5, 0.005)
     assert [sched(t) for t in (0, 50, 1000)] == pytest.approx([0.005, 0.2525, 0.5])
     weights = [sched(t) for t in range(120)]
-    assert all(b >= a for a, b in zip(weights, weights[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(weights))
     with pytest.raises(ValueError, match="step"):
         linear_warmup(-1, 10, 0.5)
     with pytest.raises(ValueError, match="min_weight"):

@@ -20,8 +20,25 @@ def train():
 
 def _argv(out, *extra):
     return [
-        "--dataset", "synthetic", "--synthetic-size", "96", "48", "--splits", "1", "2", "--base-width", "8",
-        "--batch-size", "32", "--eval-batch-size", "48", "--out", str(out), "--no-progress", "--threads", "1",
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        "96",
+        "48",
+        "--splits",
+        "1",
+        "2",
+        "--base-width",
+        "8",
+        "--batch-size",
+        "32",
+        "--eval-batch-size",
+        "48",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
         *extra,
     ]
 

@@ -23,9 +23,25 @@ import train_coe  # noqa: E402
 pytestmark = pytest.mark.slow
 
 # A run of every stage that takes a couple of seconds: one epoch per stage, tiny batches, tiny test set.
-FAST = ["--epochs-universal", "1", "--epochs-delegator", "1", "--epochs-joint", "1", "--batch-size", "32",
-        "--expert-width", "0.5", "--delegator-width", "0.25", "--no-progress", "--threads", "1",
-        "--thresholds", "0.3,0.6,0.9"]
+FAST = [
+    "--epochs-universal",
+    "1",
+    "--epochs-delegator",
+    "1",
+    "--epochs-joint",
+    "1",
+    "--batch-size",
+    "32",
+    "--expert-width",
+    "0.5",
+    "--delegator-width",
+    "0.25",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--thresholds",
+    "0.3,0.6,0.9",
+]
 
 
 def _run(tmp_path: Path, name: str, *extra: str) -> dict:
@@ -64,8 +80,9 @@ def test_idx_reader_rejects_bad_files(tmp_path):
 
 def test_missing_fashion_mnist_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(coe_data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
-    with pytest.raises(coe_data.DataUnavailableError, match="apt-get install -y --no-install-recommends "
-                                                            "dataset-fashion-mnist"):
+    with pytest.raises(
+        coe_data.DataUnavailableError, match="apt-get install -y --no-install-recommends dataset-fashion-mnist"
+    ):
         coe_data.load_fashion_mnist(tmp_path / "empty", download=False)
 
 
@@ -79,7 +96,7 @@ def test_augmentation_matches_per_sample_reference():
     flip = torch.rand(6, generator=g) < 0.5
     for i in range(6):
         padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
-        ref = padded[:, dy[i]:dy[i] + 5, dx[i]:dx[i] + 4]
+        ref = padded[:, dy[i] : dy[i] + 5, dx[i] : dx[i] + 4]
         if flip[i]:
             ref = ref.flip(-1)
         assert torch.equal(out[i], ref)
@@ -101,8 +118,21 @@ def test_small_cnn_is_delegator_ready():
 # End-to-end runs
 # ---------------------------------------------------------------------------------------------------------------
 def test_synthetic_end_to_end(tmp_path):
-    s = _run(tmp_path, "syn", "--dataset", "synthetic", "--train-subset", "256", "--test-subset", "96",
-             "--baselines", "0.25", "--image-size", "16", "--match-flops")
+    s = _run(
+        tmp_path,
+        "syn",
+        "--dataset",
+        "synthetic",
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "96",
+        "--baselines",
+        "0.25",
+        "--image-size",
+        "16",
+        "--match-flops",
+    )
     out = tmp_path / "syn"
     for f in ("results.md", "results.json", "accuracy_vs_flops.png", "expert_load.png", "checkpoint.pt"):
         assert (out / f).is_file(), f
@@ -125,6 +155,7 @@ def test_synthetic_end_to_end(tmp_path):
     assert "| CoE K=4, no exit" in s["table_markdown"]
     # threshold 0 exits everything: the accuracy is the rough head's and the cost the delegator's
     from pycoe.coe.evaluate import threshold_sweep  # noqa: F401 - the library path exercised above
+
     low = min((x for x in s["sweep"] if x["threshold"] is not None), key=lambda x: x["threshold"])
     assert low["flops_per_sample"] >= s["flops"]["delegator"]
 
@@ -138,7 +169,7 @@ def test_tiny_idx_dataset(tmp_path):
         y = torch.arange(n) % 10
         x = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
         for i in range(n):
-            x[i, 2 * y[i] + 4: 2 * y[i] + 7] = 250
+            x[i, 2 * y[i] + 4 : 2 * y[i] + 7] = 250
         coe_data.write_idx(root / f"{split}-images-idx3-ubyte.gz", x)
         coe_data.write_idx(root / f"{split}-labels-idx1-ubyte.gz", y.to(torch.uint8))
     train, test = coe_data.load_fashion_mnist(root, download=False)
@@ -162,8 +193,26 @@ def test_imagefolder_path(tmp_path):
                 noise = torch.randint(-30, 30, (32, 32, 3), generator=g)
                 arr = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(arr).save(root / split / cls / f"img{i}.png")
-    s = _run(tmp_path, "folder", "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "32",
-             "--expert", "cnn", "--delegator", "cnn", "--baselines", "", "-K", "2", "--batch-size", "8")
+    s = _run(
+        tmp_path,
+        "folder",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(root),
+        "--image-size",
+        "32",
+        "--expert",
+        "cnn",
+        "--delegator",
+        "cnn",
+        "--baselines",
+        "",
+        "-K",
+        "2",
+        "--batch-size",
+        "8",
+    )
     assert s["num_test"] == 9
     assert s["classes"] == ["n01", "n02", "n03"]
     assert len(s["coe"]["load"]) == 2
@@ -173,15 +222,32 @@ def test_imagefolder_path(tmp_path):
 
 @pytest.mark.parametrize("variant", [[], ["--pwlu", "--condconv"]], ids=["plain", "pwlu+condconv"])
 def test_resume_gives_the_same_parameters(tmp_path, variant):
-    common = ["--dataset", "synthetic", "--train-subset", "128", "--test-subset", "32", "--image-size", "12",
-              "--baselines", "0.25", "--epochs-universal", "2", "--epochs-joint", "2", "--no-figures", *variant]
+    common = [
+        "--dataset",
+        "synthetic",
+        "--train-subset",
+        "128",
+        "--test-subset",
+        "32",
+        "--image-size",
+        "12",
+        "--baselines",
+        "0.25",
+        "--epochs-universal",
+        "2",
+        "--epochs-joint",
+        "2",
+        "--no-figures",
+        *variant,
+    ]
     full = train_coe.main(["--out-dir", str(tmp_path / "full"), *FAST, *common])
     assert not full.get("stopped")
     # interrupted twice: in the middle of stage 1, then in the middle of the joint stage
     first = train_coe.main(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--stop-after-epochs", "1"])
     assert first == {"stopped": True, "phase": "universal", "epoch": 1}
-    second = train_coe.main(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume",
-                             "--stop-after-epochs", "3"])
+    second = train_coe.main(
+        ["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume", "--stop-after-epochs", "3"]
+    )
     assert second["stopped"] and second["phase"] == "joint" and second["epoch"] == 1
     train_coe.main(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume"])
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
@@ -195,20 +261,34 @@ def test_resume_gives_the_same_parameters(tmp_path, variant):
             else:  # extra state (PWLU's phase)
                 assert value == b["models"][name][key], f"{name}.{key}"
     # and training did move the parameters (so the comparison is not vacuous)
-    fresh = train_coe.Runner(train_coe.finalize_args(train_coe.build_parser().parse_args(
-        ["--out-dir", str(tmp_path / "x"), *FAST, *common])), train_coe.Dist(), torch.device("cpu"))
+    fresh = train_coe.Runner(
+        train_coe.finalize_args(
+            train_coe.build_parser().parse_args(["--out-dir", str(tmp_path / "x"), *FAST, *common])
+        ),
+        train_coe.Dist(),
+        torch.device("cpu"),
+    )
     fresh.build()
     w = fresh.models["universal"].state_dict()
-    assert any(not torch.equal(w[k], a["models"]["universal"][k]) for k in w
-               if torch.is_tensor(w[k]) and w[k].is_floating_point())
-    assert json.loads((tmp_path / "cut" / "results.json").read_text())["coe"] == \
-        json.loads((tmp_path / "full" / "results.json").read_text())["coe"]
+    assert any(
+        not torch.equal(w[k], a["models"]["universal"][k])
+        for k in w
+        if torch.is_tensor(w[k]) and w[k].is_floating_point()
+    )
+    assert (
+        json.loads((tmp_path / "cut" / "results.json").read_text())["coe"]
+        == json.loads((tmp_path / "full" / "results.json").read_text())["coe"]
+    )
     if variant:  # the PWLUs were realigned after the first epoch, and that state survived the resume
         from pycoe.layers.pwlu import PWLU
 
-        coe = train_coe.Runner(train_coe.finalize_args(train_coe.build_parser().parse_args(
-            ["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume"])), train_coe.Dist(),
-            torch.device("cpu"))
+        coe = train_coe.Runner(
+            train_coe.finalize_args(
+                train_coe.build_parser().parse_args(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume"])
+            ),
+            train_coe.Dist(),
+            torch.device("cpu"),
+        )
         coe.build()
         coe.load()
         pwlus = [m for m in coe.models["coe"].modules() if isinstance(m, PWLU)]
@@ -216,8 +296,22 @@ def test_resume_gives_the_same_parameters(tmp_path, variant):
 
 
 def test_resume_refuses_other_options(tmp_path):
-    args = ["--out-dir", str(tmp_path / "r"), *FAST, "--dataset", "synthetic", "--train-subset", "64",
-            "--test-subset", "16", "--image-size", "12", "--baselines", "", "--no-figures"]
+    args = [
+        "--out-dir",
+        str(tmp_path / "r"),
+        *FAST,
+        "--dataset",
+        "synthetic",
+        "--train-subset",
+        "64",
+        "--test-subset",
+        "16",
+        "--image-size",
+        "12",
+        "--baselines",
+        "",
+        "--no-figures",
+    ]
     train_coe.main([*args, "--stop-after-epochs", "1"])
     with pytest.raises(ValueError, match="num_experts"):
         train_coe.main([*args, "--resume", "-K", "3"])
@@ -225,14 +319,17 @@ def test_resume_refuses_other_options(tmp_path):
         train_coe.main(["--out-dir", str(tmp_path / "none"), *FAST, "--dataset", "synthetic", "--resume"])
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--epsilon", "1.5", "--epsilon must be in"),
-    ("--exit-threshold", "2", "--exit-threshold must be in"),
-    ("--num-experts", "0", "--num-experts must be a positive integer"),
-    ("--epochs-joint", "-1", "--epochs-joint must be >= 0"),
-    ("--thresholds", "0.5,3", "--thresholds must be numbers in"),
-    ("--kmeans-samples", "0", "--kmeans-samples must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--epsilon", "1.5", "--epsilon must be in"),
+        ("--exit-threshold", "2", "--exit-threshold must be in"),
+        ("--num-experts", "0", "--num-experts must be a positive integer"),
+        ("--epochs-joint", "-1", "--epochs-joint must be >= 0"),
+        ("--thresholds", "0.5,3", "--thresholds must be numbers in"),
+        ("--kmeans-samples", "0", "--kmeans-samples must be a positive integer"),
+    ],
+)
 def test_bad_options(tmp_path, flag, value, message):
     with pytest.raises(ValueError, match=message):
         train_coe.main(["--out-dir", str(tmp_path), "--dataset", "synthetic", flag, value])
@@ -240,8 +337,20 @@ def test_bad_options(tmp_path, flag, value, message):
 
 def test_imagefolder_needs_data_dir(tmp_path):
     with pytest.raises(ValueError, match="--data-dir"):
-        train_coe.main(["--out-dir", str(tmp_path), "--dataset", "imagefolder", "--expert", "cnn",
-                        "--delegator", "cnn", "--image-size", "32"])
+        train_coe.main(
+            [
+                "--out-dir",
+                str(tmp_path),
+                "--dataset",
+                "imagefolder",
+                "--expert",
+                "cnn",
+                "--delegator",
+                "cnn",
+                "--image-size",
+                "32",
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,8 +362,25 @@ def _ddp_rank(rank, world_size, out_dir, variant):
     sys.path.insert(0, str(EXAMPLE_DIR))
     import train_coe as tc
 
-    argv = ["--out-dir", out_dir, *FAST, "--dataset", "synthetic", "--train-subset", "128", "--test-subset", "32",
-            "--image-size", "12", "--baselines", "", "--no-figures", "--epochs-universal", "2", *variant]
+    argv = [
+        "--out-dir",
+        out_dir,
+        *FAST,
+        "--dataset",
+        "synthetic",
+        "--train-subset",
+        "128",
+        "--test-subset",
+        "32",
+        "--image-size",
+        "12",
+        "--baselines",
+        "",
+        "--no-figures",
+        "--epochs-universal",
+        "2",
+        *variant,
+    ]
     args = tc.finalize_args(tc.build_parser().parse_args(argv))
     args.no_channels_last = True  # as main() does under DDP
     torch.set_num_threads(1)
@@ -264,8 +390,12 @@ def _ddp_rank(rank, world_size, out_dir, variant):
     ckpt = torch.load(Path(out_dir) / "checkpoint.pt", weights_only=True) if rank == 0 else None
     # DDP keeps the parameters identical on every rank (PWLU realignment is broadcast from rank 0)
     params = {k: float(sum(p.double().sum() for p in m.parameters())) for k, m in runner.models.items()}
-    return {"rank": rank, "table": bool(result.get("table_markdown")),
-            "phase": ckpt["phase_name"] if ckpt else None, "params": params}
+    return {
+        "rank": rank,
+        "table": bool(result.get("table_markdown")),
+        "phase": ckpt["phase_name"] if ckpt else None,
+        "params": params,
+    }
 
 
 @pytest.mark.distributed
@@ -283,8 +413,9 @@ def test_runs_under_ddp(tmp_path, variant):
 
 def test_width_only_for_the_cnn(tmp_path):
     with pytest.raises(ValueError, match="--expert-width only applies to the 'cnn' expert"):
-        train_coe.main(["--out-dir", str(tmp_path), "--dataset", "synthetic", "--expert", "resnet18",
-                        "--expert-width", "2"])
+        train_coe.main(
+            ["--out-dir", str(tmp_path), "--dataset", "synthetic", "--expert", "resnet18", "--expert-width", "2"]
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,8 +433,10 @@ def test_balanced_kmeans_against_brute_force():
     assert 1 <= iterations <= 30
     d2 = torch.cdist(z, centres).pow(2)
     cost = d2.gather(1, assign[:, None]).sum()
-    best = min(d2[list(s), 0].sum() + d2[[i for i in range(8) if i not in s], 1].sum()
-               for s in itertools.combinations(range(8), 4))
+    best = min(
+        d2[list(s), 0].sum() + d2[[i for i in range(8) if i not in s], 1].sum()
+        for s in itertools.combinations(range(8), 4)
+    )
     assert float(cost) == pytest.approx(float(best), abs=1e-5)
     # the centres are the means of their clusters (the iteration converged)
     for j in range(2):
@@ -313,8 +446,11 @@ def test_balanced_kmeans_against_brute_force():
 def test_kmeans_selection_head_is_the_nearest_centroid_rule():
     from pycoe.coe.delegator import Delegator
 
-    args = train_coe.finalize_args(train_coe.build_parser().parse_args(
-        ["--dataset", "synthetic", "-K", "3", "--kmeans-samples", "90", "--no-channels-last"]))
+    args = train_coe.finalize_args(
+        train_coe.build_parser().parse_args(
+            ["--dataset", "synthetic", "-K", "3", "--kmeans-samples", "90", "--no-channels-last"]
+        )
+    )
     train, _ = coe_data.make_synthetic(num_train=120, num_test=8, image_size=12, seed=0)
     torch.manual_seed(0)
     d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10).train()
@@ -344,8 +480,23 @@ def test_kmeans_selection_head_is_the_nearest_centroid_rule():
 
 
 def test_kmeans_selection_init_end_to_end(tmp_path):
-    s = _run(tmp_path, "km", "--dataset", "synthetic", "--train-subset", "128", "--test-subset", "32",
-             "--image-size", "12", "--baselines", "", "--no-figures", "--selection-init", "kmeans")
+    s = _run(
+        tmp_path,
+        "km",
+        "--dataset",
+        "synthetic",
+        "--train-subset",
+        "128",
+        "--test-subset",
+        "32",
+        "--image-size",
+        "12",
+        "--baselines",
+        "",
+        "--no-figures",
+        "--selection-init",
+        "kmeans",
+    )
     r = s["coe"]["routing"]
     assert 0.0 <= r["routed_correct_given_oracle"] <= 1.0
     assert s["config"]["selection_init"] == "kmeans"

@@ -41,8 +41,12 @@ def _write_ztext(module_dir: Path, testament: str, verses: list[str], per_block:
 
 def test_sword_reader_aligns_and_strips_markup(example, tmp_path):
     bible = example["bible"]
-    en = ['In the <w lemma="strong:H1">beginning</w>.<note placement="foot">a note</note>', "",
-          "Light &amp; dark\u00b6", '<title>Psalm</title>Praise ye.']
+    en = [
+        'In the <w lemma="strong:H1">beginning</w>.<note placement="foot">a note</note>',
+        "",
+        "Light &amp; dark\u00b6",
+        "<title>Psalm</title>Praise ye.",
+    ]
     es = ["En el principio.", "Vacío.", "Luz y tinieblas", "Alabad."]
     for name, verses in ((bible.ENGLISH, en), (bible.SPANISH, es)):
         _write_ztext(tmp_path / name, "ot", verses[:3])
@@ -62,14 +66,14 @@ def test_sword_reader_missing_module_says_what_to_install(example, tmp_path):
 
 def test_bleu_matches_hand_computed_values(example):
     bleu = example["text"].corpus_bleu
-    ref = "the cat sat on the mat".split()
+    ref = ["the", "cat", "sat", "on", "the", "mat"]
     assert bleu([ref], [ref]) == pytest.approx(100.0)
     assert bleu([["dog"]], [ref]) == 0.0
     # equal lengths (no brevity penalty); clipped n-gram precisions 5/6, 3/5, 2/4, 1/3
     expected = 100.0 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
-    assert bleu(["the cat sat on a mat".split()], [ref]) == pytest.approx(expected)
+    assert bleu([["the", "cat", "sat", "on", "a", "mat"]], [ref]) == pytest.approx(expected)
     # no matching 4-gram -> 0 (corpus BLEU without smoothing)
-    assert bleu(["the cat sat on".split()[::-1] + ["mat"]], [ref]) == 0.0
+    assert bleu([["the", "cat", "sat", "on"][::-1] + ["mat"]], [ref]) == 0.0
     # a correct 4-token prefix: every precision is 1, brevity penalty exp(1 - 6/4)
     import math
 
@@ -86,11 +90,30 @@ def test_vocab_round_trip(example):
 
 def test_training_run_on_synthetic_pairs(example, tmp_path):
     out = tmp_path / "run"
-    results = example["train_translation"].main([
-        "--dataset", "synthetic", "--max-pairs", "160", "--test-size", "20", "--experts", "2",
-        "--universal-epochs", "1", "--joint-epochs", "1", "--batch-size", "32", "--d-model", "32",
-        "--layers", "1", "--out-dir", str(out),
-    ])
+    results = example["train_translation"].main(
+        [
+            "--dataset",
+            "synthetic",
+            "--max-pairs",
+            "160",
+            "--test-size",
+            "20",
+            "--experts",
+            "2",
+            "--universal-epochs",
+            "1",
+            "--joint-epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--d-model",
+            "32",
+            "--layers",
+            "1",
+            "--out-dir",
+            str(out),
+        ]
+    )
     saved = json.loads((out / "results.json").read_text())
     assert saved == results
     assert results["pairs_test"] == 20 and results["experts"] == 2

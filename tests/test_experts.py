@@ -226,7 +226,9 @@ def test_fused_rebuilds_after_a_change_and_rejects_heterogeneous():
 def test_default_fused_mode_is_auto_and_runs_the_loop():
     pool = ExpertPool.from_template(mlp(), 2)
     assert pool.fused == "auto"
-    torch.testing.assert_close(pool(torch.ones(1, 6)), torch.stack([pool[0](torch.ones(1, 6)), pool[1](torch.ones(1, 6))]))
+    torch.testing.assert_close(
+        pool(torch.ones(1, 6)), torch.stack([pool[0](torch.ones(1, 6)), pool[1](torch.ones(1, 6))])
+    )
 
 
 # ---------------------------------------------------------------- bad input

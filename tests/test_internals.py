@@ -73,10 +73,9 @@ def test_eval_mode_restores_every_submodule_and_disables_grad():
 def test_modes_restored_after_an_exception():
     model = _mixed_mode_model()
     before = [m.training for m in model.modules()]
-    with pytest.raises(RuntimeError, match="inside"):
-        with preserve_training_modes(model):
-            model.eval()
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), preserve_training_modes(model):
+        model.eval()
+        raise RuntimeError("inside")
     assert [m.training for m in model.modules()] == before
 
 

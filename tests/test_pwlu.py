@@ -154,9 +154,7 @@ def test_linear_extrapolation_outside_the_bounds():
     pts, lb, rb, ks, kr = random_params(1, 4, requires_grad=False)
     x = torch.tensor([lb.item() - 5.0, lb.item() - 1.0, rb.item() + 1.0, rb.item() + 7.0], dtype=F64)
     y = pwlu(x, pts, lb, rb, ks, kr)
-    expected = torch.stack(
-        [pts[0, 0] - 5 * ks[0], pts[0, 0] - ks[0], pts[0, -1] + kr[0], pts[0, -1] + 7 * kr[0]]
-    )
+    expected = torch.stack([pts[0, 0] - 5 * ks[0], pts[0, 0] - ks[0], pts[0, -1] + kr[0], pts[0, -1] + 7 * kr[0]])
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -175,8 +173,14 @@ def test_scalar_parameters_broadcast_over_channels():
     x = torch.randn(2, 3, 4, dtype=F64)
     pts = torch.randn(3, 5, dtype=F64)
     y = pwlu(x, pts, -1.5, 2.0, 0.0, 1.0)
-    y_ref = pwlu_reference(x, pts, torch.full((3,), -1.5, dtype=F64), torch.full((3,), 2.0, dtype=F64),
-                           torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    y_ref = pwlu_reference(
+        x,
+        pts,
+        torch.full((3,), -1.5, dtype=F64),
+        torch.full((3,), 2.0, dtype=F64),
+        torch.zeros(3, dtype=F64),
+        torch.ones(3, dtype=F64),
+    )
     torch.testing.assert_close(y, y_ref)
 
 
@@ -214,8 +218,9 @@ def test_bfloat16_under_cpu_autocast():
         y = unit(h)
     assert y.dtype == torch.bfloat16
     # computed in float32 from the bfloat16 input, then rounded once to bfloat16
-    expected = pwlu_reference(h.float(), unit.points, unit.left_bound, unit.right_bound,
-                              unit.left_slope, unit.right_slope).to(torch.bfloat16)
+    expected = pwlu_reference(
+        h.float(), unit.points, unit.left_bound, unit.right_bound, unit.left_slope, unit.right_slope
+    ).to(torch.bfloat16)
     torch.testing.assert_close(y, expected, rtol=1.6e-2, atol=1e-2)
     y.float().sum().backward()
     assert unit.points.grad is not None and unit.points.grad.dtype == torch.float32

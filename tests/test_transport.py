@@ -394,8 +394,10 @@ def test_result_fields():
 def test_capacity_forms(caps):
     s = torch.randn(20, 4)
     res = solve_balanced_transport(s, caps)
-    expect = near_equal_capacities(20, 4) if caps is None else torch.as_tensor(
-        [caps] * 4 if isinstance(caps, int) else np.asarray(caps)
+    expect = (
+        near_equal_capacities(20, 4)
+        if caps is None
+        else torch.as_tensor([caps] * 4 if isinstance(caps, int) else np.asarray(caps))
     )
     assert_feasible(res.assignment, expect.numpy(), 20, 4)
 
@@ -427,7 +429,7 @@ def test_sinkhorn_plan_marginals_and_float32():
     rng = np.random.default_rng(4)
     s = torch.from_numpy(rng.standard_normal((300, 5)))
     caps = torch.tensor([100, 80, 60, 40, 20])
-    log_plan, prices = tr._sinkhorn_prices(s, caps, 0.1, 2000, 1e-6)
+    log_plan, _prices = tr._sinkhorn_prices(s, caps, 0.1, 2000, 1e-6)
     plan = log_plan.exp()
     torch.testing.assert_close(plan.sum(1), torch.ones(300, dtype=torch.float64))
     torch.testing.assert_close(plan.sum(0), caps.double(), atol=1e-3, rtol=0)

@@ -134,7 +134,7 @@ def test_log_softmax_and_logits_give_the_same_assignment_softmax_may_not():
         z = torch.randn(6, 3, generator=g, dtype=torch.float64) * 3
         lp, pr = transformed(z, "log_softmax"), transformed(z, "softmax")
         _, a_lp = lsa_optimum(lp)
-        _, a_pr = lsa_optimum(pr)
+        _, _a_pr = lsa_optimum(pr)
         if objective(pr, torch.from_numpy(a_lp)) < enumerate_optimum(pr) - 1e-6:
             found = True
             break

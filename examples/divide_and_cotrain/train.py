@@ -39,12 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from pycoe.checkpoint import load_checkpoint, save_checkpoint
 from pycoe.cotrain.divide import count_parameters, divide_by_factory
 from pycoe.cotrain.ensemble import CoTrainingEnsemble, CoTrainingLoss
 from pycoe.cotrain.schedule import LinearWarmup, scale_weight_decay
 from pycoe.cotrain.views import MultiViewDataset, multiview_collate
-
-from pycoe.checkpoint import load_checkpoint, save_checkpoint
 
 try:
     from tqdm.auto import tqdm
@@ -144,10 +143,16 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = int(width)
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),  # 14x14
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
+            nn.Conv2d(1, w, 5, stride=2, padding=2, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),  # 14x14
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),  # 7x7
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4 * w),
+            nn.ReLU(inplace=True),
         )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
 
@@ -257,7 +262,8 @@ def train_config(num_splits: int, args, train_set, test_set, out_dir: Path) -> d
         }
         history.append(record)
         print(
-            f"S={num_splits} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, cot {record['cot']:.4f}), "
+            f"S={num_splits} epoch {epoch + 1}: loss {record['loss']:.4f} "
+            f"(ce {record['ce']:.4f}, cot {record['cot']:.4f}), "
             f"train ensemble acc {record['train_acc']:.4f}"
         )
         save_checkpoint(
@@ -365,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-size", type=int, nargs=2, default=[512, 256], metavar=("TRAIN", "TEST"))
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     p.add_argument(
-        "--stop-after-epoch", type=int, default=0,
+        "--stop-after-epoch",
+        type=int,
+        default=0,
         help="stop each configuration after this epoch (checkpointed; as if interrupted), to be continued by --resume",
     )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")

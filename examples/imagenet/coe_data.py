@@ -18,9 +18,9 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -41,15 +41,30 @@ __all__ = [
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # IDX data-type codes (third byte of the magic number) -> (torch dtype, bytes per item)
-_IDX_TYPES = {0x08: (torch.uint8, 1), 0x09: (torch.int8, 1), 0x0B: (torch.int16, 2), 0x0C: (torch.int32, 4),
-              0x0D: (torch.float32, 4), 0x0E: (torch.float64, 8)}
+_IDX_TYPES = {
+    0x08: (torch.uint8, 1),
+    0x09: (torch.int8, 1),
+    0x0B: (torch.int16, 2),
+    0x0C: (torch.int32, 4),
+    0x0D: (torch.float32, 4),
+    0x0E: (torch.float64, 8),
+}
 
 
 class DataUnavailableError(RuntimeError):
@@ -109,7 +124,7 @@ def write_idx(path: str | os.PathLike, tensor: torch.Tensor, compress: bool | No
     compress = path.suffix == ".gz" if compress is None else compress
     header = bytes([0, 0, 0x08, tensor.dim()]) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
     payload = header + tensor.contiguous().numpy().tobytes()
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
+    with gzip.open(path, "wb") if compress else open(path, "wb") as f:
         f.write(payload)
 
 
@@ -153,7 +168,7 @@ class InMemoryDataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, n: int | None, seed: int = 0) -> "InMemoryDataset":
+    def subset(self, n: int | None, seed: int = 0) -> InMemoryDataset:
         """A class-stratified-by-chance random subset of ``n`` samples (the whole set when ``n`` is None)."""
         if n is None or n >= len(self):
             return self
@@ -162,8 +177,9 @@ class InMemoryDataset:
         return InMemoryDataset(self.images[idx], self.labels[idx], self.classes, self.mean, self.std, self.source)
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool = True
-                       ) -> tuple[InMemoryDataset, InMemoryDataset]:
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None, download: bool = True
+) -> tuple[InMemoryDataset, InMemoryDataset]:
     """Load Fashion-MNIST (train, test) as uint8 tensors.
 
     Looks, in order, at: ``data_dir`` itself (IDX files, gz or not), ``data_dir/FashionMNIST/raw`` (a
@@ -191,8 +207,10 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool
 
             tr = FashionMNIST(str(root), train=True, download=True)
             te = FashionMNIST(str(root), train=False, download=True)
-            return (_fmnist((tr.data.unsqueeze(1), tr.targets.long()), f"download:{root}"),
-                    _fmnist((te.data.unsqueeze(1), te.targets.long()), f"download:{root}"))
+            return (
+                _fmnist((tr.data.unsqueeze(1), tr.targets.long()), f"download:{root}"),
+                _fmnist((te.data.unsqueeze(1), te.targets.long()), f"download:{root}"),
+            )
         except Exception as exc:  # no network, no torchvision, ...
             errors = f" (download failed: {type(exc).__name__}: {exc})"
     raise DataUnavailableError(
@@ -207,13 +225,18 @@ def _fmnist(pair, source: str) -> InMemoryDataset:
     return InMemoryDataset(images.contiguous(), labels, FASHION_MNIST_CLASSES, (0.2860,), (0.3530,), source)
 
 
-def make_synthetic(num_train: int = 512, num_test: int = 256, num_classes: int = 10, image_size: int = 28,
-                   channels: int = 1, seed: int = 0) -> tuple[InMemoryDataset, InMemoryDataset]:
+def make_synthetic(
+    num_train: int = 512,
+    num_test: int = 256,
+    num_classes: int = 10,
+    image_size: int = 28,
+    channels: int = 1,
+    seed: int = 0,
+) -> tuple[InMemoryDataset, InMemoryDataset]:
     """A learnable synthetic image set: one random smooth prototype per class plus noise (for tests)."""
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(num_classes, channels, 7, 7, generator=g)
-    protos = torch.nn.functional.interpolate(low, size=(image_size, image_size), mode="bilinear",
-                                             align_corners=False)
+    protos = torch.nn.functional.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.randint(0, num_classes, (n,), generator=g)
@@ -222,16 +245,19 @@ def make_synthetic(num_train: int = 512, num_test: int = 256, num_classes: int =
 
     classes = tuple(f"class{i}" for i in range(num_classes))
     stats = ((0.5,) * channels, (0.25,) * channels)
-    return (InMemoryDataset(*draw(num_train), classes, *stats, source="synthetic"),
-            InMemoryDataset(*draw(num_test), classes, *stats, source="synthetic"))
+    return (
+        InMemoryDataset(*draw(num_train), classes, *stats, source="synthetic"),
+        InMemoryDataset(*draw(num_test), classes, *stats, source="synthetic"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------------------------------
 def _sampler(n: int, shuffle: bool, seed: int, world_size: int, rank: int, drop_last: bool) -> DistributedSampler:
-    return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                              drop_last=drop_last)
+    return DistributedSampler(
+        range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
 
 
 def augment_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -250,9 +276,9 @@ def augment_crop_flip(images: torch.Tensor, padding: int, generator: torch.Gener
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
     flip = torch.rand(b, generator=generator) < 0.5
-    rows = dy[:, None] + torch.arange(h)[None, :]                                    # [B, H]
+    rows = dy[:, None] + torch.arange(h)[None, :]  # [B, H]
     base = torch.arange(w)[None, :].expand(b, w)
-    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - base, base)               # [B, W]
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - base, base)  # [B, W]
     bi = torch.arange(b)[:, None, None, None]
     ci = torch.arange(c)[None, :, None, None]
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
@@ -295,8 +321,16 @@ class TensorBatches(_EpochBatches):
         padding: crop padding of the augmentation.
     """
 
-    def __init__(self, dataset: InMemoryDataset, batch_size: int, train: bool, seed: int = 0,
-                 world_size: int = 1, rank: int = 0, padding: int = 2):
+    def __init__(
+        self,
+        dataset: InMemoryDataset,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        padding: int = 2,
+    ):
         super().__init__(len(dataset), batch_size, train, seed, world_size, rank)
         self.dataset, self.padding = dataset, padding
         self.mean = torch.tensor(dataset.mean).view(1, -1, 1, 1) * 255.0
@@ -309,7 +343,7 @@ class TensorBatches(_EpochBatches):
         order = self.order()
         g = self.generator()
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.dataset.images[idx]
             if self.train and self.padding > 0:
                 x = augment_crop_flip(x, self.padding, g)
@@ -334,13 +368,22 @@ def build_imagefolder(data_dir: str | os.PathLike, image_size: int = 224):
     root = Path(data_dir)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DataUnavailableError(f"--data-dir {root} must contain train/ and val/ class folders "
-                                       f"(ImageNet layout); {root / split} is missing")
+            raise DataUnavailableError(
+                f"--data-dir {root} must contain train/ and val/ class folders "
+                f"(ImageNet layout); {root / split} is missing"
+            )
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), norm])
-    eval_tf = transforms.Compose([transforms.Resize(int(round(image_size * 256 / 224))),
-                                  transforms.CenterCrop(image_size), transforms.ToTensor(), norm])
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]
+    )
+    eval_tf = transforms.Compose(
+        [
+            transforms.Resize(round(image_size * 256 / 224)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            norm,
+        ]
+    )
     train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
     val = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
     if train.classes != val.classes:
@@ -355,8 +398,9 @@ class ImageFolderBatches(_EpochBatches):
     generator, so an epoch is reproducible given ``(seed, epoch)`` for a fixed number of workers.
     """
 
-    def __init__(self, dataset, batch_size: int, train: bool, seed: int = 0, world_size: int = 1,
-                 rank: int = 0, workers: int = 0):
+    def __init__(
+        self, dataset, batch_size: int, train: bool, seed: int = 0, world_size: int = 1, rank: int = 0, workers: int = 0
+    ):
         super().__init__(len(dataset), batch_size, train, seed, world_size, rank)
         self.dataset, self.workers = dataset, workers
 
@@ -369,9 +413,16 @@ class ImageFolderBatches(_EpochBatches):
             # reproducible and the caller's RNG stream is untouched
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-                yield from DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                                      drop_last=self.train, num_workers=0)
+                yield from DataLoader(
+                    self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=self.train, num_workers=0
+                )
         else:
-            yield from DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                                  drop_last=self.train, num_workers=self.workers, generator=g,
-                                  persistent_workers=False)
+            yield from DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=self.sampler,
+                drop_last=self.train,
+                num_workers=self.workers,
+                generator=g,
+                persistent_workers=False,
+            )

@@ -10,7 +10,7 @@ Shapes: B batch, C channels, H/W height/width, D feature size, N classes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -42,13 +42,16 @@ class SmallCNN(nn.Module):
         super().__init__()
         if not width > 0:
             raise ValueError(f"width must be positive, got {width!r}")
-        c1, c2, c3 = (max(4, int(round(width * c))) for c in BASE_CHANNELS)
+        c1, c2, c3 = (max(4, round(width * c)) for c in BASE_CHANNELS)
         self.width = width
         self.features = nn.Sequential(
             *_conv_bn_relu(in_channels, c1, 1),
-            *_conv_bn_relu(c1, c2, 2), *_conv_bn_relu(c2, c2, 1),
-            *_conv_bn_relu(c2, c3, 2), *_conv_bn_relu(c3, c3, 1),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *_conv_bn_relu(c1, c2, 2),
+            *_conv_bn_relu(c2, c2, 1),
+            *_conv_bn_relu(c2, c3, 2),
+            *_conv_bn_relu(c3, c3, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(c3, num_classes)
@@ -58,8 +61,9 @@ class SmallCNN(nn.Module):
         return self.fc(self.dropout(self.features(x)))
 
 
-def build_network(name: str, num_classes: int, width: float = 1.0, in_channels: int = 1,
-                  dropout: float = 0.0) -> nn.Module:
+def build_network(
+    name: str, num_classes: int, width: float = 1.0, in_channels: int = 1, dropout: float = 0.0
+) -> nn.Module:
     """``"cnn"`` -> :class:`SmallCNN`; any other name -> ``torchvision.models.get_model(name)`` (random init).
 
     ``width`` only applies to the CNN (torchvision models have fixed widths; pass another name instead).
@@ -71,8 +75,9 @@ def build_network(name: str, num_classes: int, width: float = 1.0, in_channels: 
     except ImportError as exc:  # pragma: no cover - torchvision is in the [examples] extra
         raise ImportError("torchvision models need torchvision: pip install 'pycoe[examples]'") from exc
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown model {name!r}: use 'cnn' or a torchvision classification model "
-                         f"({TORCHVISION_HINT})")
+        raise ValueError(
+            f"unknown model {name!r}: use 'cnn' or a torchvision classification model ({TORCHVISION_HINT})"
+        )
     if width != 1.0:
         raise ValueError(f"width={width} only applies to the 'cnn' model, not to torchvision's {name}")
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
@@ -84,9 +89,8 @@ def build_network(name: str, num_classes: int, width: float = 1.0, in_channels: 
 
 def _last_stage_convs(model: nn.Module) -> Callable[[str, nn.Module], bool]:
     """Predicate picking the non-grouped 3x3+ convolutions in the last third of the model (by order)."""
-    convs = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size[0] > 1]
-    chosen = set(convs[-max(1, len(convs) // 3):]) if convs else set()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size[0] > 1]
+    chosen = set(convs[-max(1, len(convs) // 3) :]) if convs else set()
     return lambda name, module: name in chosen
 
 

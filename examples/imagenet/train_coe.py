@@ -51,26 +51,47 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import coe_data  # noqa: E402
-import coe_models  # noqa: E402
-import coe_report  # noqa: E402
+import coe_data
+import coe_models
+import coe_report
 
-from pycoe.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from pycoe.coe.delegator import Delegator  # noqa: E402
-from pycoe.coe.experts import ExpertPool  # noqa: E402
-from pycoe.coe.loss import CoELoss  # noqa: E402
-from pycoe.coe.model import CoE  # noqa: E402
-from pycoe.flops import count_flops  # noqa: E402
-from pycoe.routing.labels import LabelGenerator  # noqa: E402
-from pycoe.routing.weighting import BalancedTransportWeighter  # noqa: E402
+from pycoe.checkpoint import load_checkpoint, save_checkpoint
+from pycoe.coe.delegator import Delegator
+from pycoe.coe.experts import ExpertPool
+from pycoe.coe.loss import CoELoss
+from pycoe.coe.model import CoE
+from pycoe.flops import count_flops
+from pycoe.routing.labels import LabelGenerator
+from pycoe.routing.weighting import BalancedTransportWeighter
 
 CHECKPOINT_FORMAT = "pycoe-example-imagenet/1"
 DEFAULT_THRESHOLDS = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.97,0.98,0.99,0.995,0.999"
 # Options that must not change between a run and its --resume (they change what is trained).
-_RESUME_KEYS = ("dataset", "train_subset", "image_size", "expert", "delegator", "expert_width", "delegator_width",
-                "num_experts", "epochs_universal", "epochs_delegator", "epochs_joint", "baselines", "seed",
-                "batch_size", "lr", "pwlu", "condconv", "epsilon", "score", "lgm", "wgm_scope", "match_flops",
-                "selection_init")
+_RESUME_KEYS = (
+    "dataset",
+    "train_subset",
+    "image_size",
+    "expert",
+    "delegator",
+    "expert_width",
+    "delegator_width",
+    "num_experts",
+    "epochs_universal",
+    "epochs_delegator",
+    "epochs_joint",
+    "baselines",
+    "seed",
+    "batch_size",
+    "lr",
+    "pwlu",
+    "condconv",
+    "epsilon",
+    "score",
+    "lgm",
+    "wgm_scope",
+    "match_flops",
+    "selection_init",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,27 +100,44 @@ _RESUME_KEYS = ("dataset", "train_subset", "image_size", "expert", "delegator", 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Collaboration of Experts with pycoe: the staged recipe (universal expert -> K copies -> "
-                    "delegator -> joint WGM + LGM training), baselines, an accuracy-FLOPs table and figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "delegator -> joint WGM + LGM training), baselines, an accuracy-FLOPs table and figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("fashion-mnist", "imagefolder", "synthetic"), default="fashion-mnist")
-    g.add_argument("--data-dir", default=None,
-                   help="imagefolder: DIR with train/ and val/; fashion-mnist: a directory with the IDX files or a "
-                        "torchvision root (default: the Debian package's /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--train-subset", type=int, default=None,
-                   help="use only this many training samples (default: 30000 for fashion-mnist, all otherwise)")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="imagefolder: DIR with train/ and val/; fashion-mnist: a directory with the IDX files or a "
+        "torchvision root (default: the Debian package's /usr/share/datasets/fashion-mnist)",
+    )
+    g.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="use only this many training samples (default: 30000 for fashion-mnist, all otherwise)",
+    )
     g.add_argument("--test-subset", type=int, default=None, help="evaluate on only this many test samples")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="imagefolder crop size (default 224); synthetic image size (default 28)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="imagefolder crop size (default 224); synthetic image size (default 28)",
+    )
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers (imagefolder only)")
     g = p.add_argument_group("models")
-    g.add_argument("--expert", default=None, help="'cnn' or a torchvision model name (default: cnn, or resnet18 "
-                                                  "for imagefolder)")
-    g.add_argument("--delegator", default=None, help="'cnn' or a torchvision model name (default: cnn, or "
-                                                     "mobilenet_v3_small for imagefolder)")
+    g.add_argument(
+        "--expert", default=None, help="'cnn' or a torchvision model name (default: cnn, or resnet18 for imagefolder)"
+    )
+    g.add_argument(
+        "--delegator",
+        default=None,
+        help="'cnn' or a torchvision model name (default: cnn, or mobilenet_v3_small for imagefolder)",
+    )
     g.add_argument("--expert-width", type=float, default=1.0, help="width multiplier of the CNN expert")
-    g.add_argument("--delegator-width", type=float, default=None,
-                   help="width multiplier of the CNN delegator (default 0.25)")
+    g.add_argument(
+        "--delegator-width", type=float, default=None, help="width multiplier of the CNN delegator (default 0.25)"
+    )
     g.add_argument("--pwlu", action="store_true", help="PWLU activations in experts, delegator and baselines")
     g.add_argument("--condconv", action="store_true", help="CondConv in the last stage of experts and baselines")
     g.add_argument("--condconv-experts", type=int, default=4, help="kernels per CondConv layer")
@@ -109,37 +147,66 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs-universal", type=int, default=3, help="stage 1: universal expert on all data")
     g.add_argument("--epochs-delegator", type=int, default=3, help="stage 3: delegator (backbone + rough head)")
     g.add_argument("--epochs-joint", type=int, default=2, help="stage 4: joint WGM + LGM training")
-    g.add_argument("--epsilon", type=float, default=0.2,
-                   help="WGM weight of the non-assigned experts (0: hard partition; the library's default is 0, "
-                        "this example's 0.2 did better in short CPU budgets)")
-    g.add_argument("--score", choices=("log_softmax", "softmax", "logits"), default="log_softmax",
-                   help="WGM score transform of the selection logits")
+    g.add_argument(
+        "--epsilon",
+        type=float,
+        default=0.2,
+        help="WGM weight of the non-assigned experts (0: hard partition; the library's default is 0, "
+        "this example's 0.2 did better in short CPU budgets)",
+    )
+    g.add_argument(
+        "--score",
+        choices=("log_softmax", "softmax", "logits"),
+        default="log_softmax",
+        help="WGM score transform of the selection logits",
+    )
     g.add_argument("--wgm-method", choices=("exact", "sinkhorn", "greedy"), default="exact")
-    g.add_argument("--wgm-scope", choices=("auto", "batch", "global"), default="auto",
-                   help="balanced transport per process batch or over the global batch (auto: global under DDP)")
+    g.add_argument(
+        "--wgm-scope",
+        choices=("auto", "batch", "global"),
+        default="auto",
+        help="balanced transport per process batch or over the global batch (auto: global under DDP)",
+    )
     g.add_argument("--lgm", choices=("best", "soft", "balanced"), default="best", help="LGM label mode")
     g.add_argument("--lgm-temperature", type=float, default=1.0)
-    g.add_argument("--selection-init", choices=("zero", "kmeans"), default="zero",
-                   help="start of the delegator's selection head for the joint stage: 'zero' (uniform choice) or "
-                        "'kmeans' (the nearest-centroid rule of a balanced k-means of the delegator's features, "
-                        "so the WGM's first partition is one the delegator can already predict)")
-    g.add_argument("--kmeans-samples", type=int, default=30000,
-                   help="--selection-init kmeans: training samples (a seeded random subset) clustered")
+    g.add_argument(
+        "--selection-init",
+        choices=("zero", "kmeans"),
+        default="zero",
+        help="start of the delegator's selection head for the joint stage: 'zero' (uniform choice) or "
+        "'kmeans' (the nearest-centroid rule of a balanced k-means of the delegator's features, "
+        "so the WGM's first partition is one the delegator can already predict)",
+    )
+    g.add_argument(
+        "--kmeans-samples",
+        type=int,
+        default=30000,
+        help="--selection-init kmeans: training samples (a seeded random subset) clustered",
+    )
     g.add_argument("--selection-weight", type=float, default=1.0)
     g.add_argument("--rough-weight", type=float, default=1.0)
-    g.add_argument("--exit-threshold", type=float, default=None,
-                   help="early-exit threshold on the rough prediction's max probability reported in the table "
-                        "(default: the largest threshold of the sweep costing at most 0.3 points of accuracy)")
+    g.add_argument(
+        "--exit-threshold",
+        type=float,
+        default=None,
+        help="early-exit threshold on the rough prediction's max probability reported in the table "
+        "(default: the largest threshold of the sweep costing at most 0.3 points of accuracy)",
+    )
     g.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help="exit thresholds of the sweep")
     g = p.add_argument_group("baselines")
-    g.add_argument("--baselines", default=None,
-                   help="comma-separated single networks trained with the same epochs and schedule as the "
-                        "expert (universal + joint epochs): CNN widths like 0.5 or models like resnet34; the "
-                        "expert itself is always one. Default: 0.5x and 1.5x the expert width for the CNN, none "
-                        "for torchvision experts. '' for none")
-    g.add_argument("--match-flops", action="store_true",
-                   help="also train a CNN baseline whose FLOPs match the CoE without early exit "
-                        "(delegator + one expert)")
+    g.add_argument(
+        "--baselines",
+        default=None,
+        help="comma-separated single networks trained with the same epochs and schedule as the "
+        "expert (universal + joint epochs): CNN widths like 0.5 or models like resnet34; the "
+        "expert itself is always one. Default: 0.5x and 1.5x the expert width for the CNN, none "
+        "for torchvision experts. '' for none",
+    )
+    g.add_argument(
+        "--match-flops",
+        action="store_true",
+        help="also train a CNN baseline whose FLOPs match the CoE without early exit (delegator + one expert)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (split over DDP ranks)")
     g.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (cosine per stage)")
@@ -149,13 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--no-channels-last", action="store_true",
-                   help="keep NCHW tensors (channels_last is ~15%% faster for the small CNNs on CPU; off under DDP)")
+    g.add_argument(
+        "--no-channels-last",
+        action="store_true",
+        help="keep NCHW tensors (channels_last is ~15%% faster for the small CNNs on CPU; off under DDP)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default="runs/coe_example", help="checkpoint, table and figures")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    g.add_argument("--stop-after-epochs", type=int, default=None,
-                   help="stop (after checkpointing) once this many epochs ran in this invocation")
+    g.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        help="stop (after checkpointing) once this many epochs ran in this invocation",
+    )
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     g.add_argument("--no-figures", action="store_true", help="skip the matplotlib figures")
     return p
@@ -171,8 +245,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.delegator_width = 0.25 if args.delegator == "cnn" else 1.0
     for role in ("expert", "delegator"):
         if getattr(args, role) != "cnn" and getattr(args, f"{role}_width") != 1.0:
-            raise ValueError(f"--{role}-width only applies to the 'cnn' {role}; {getattr(args, role)} is a "
-                             "torchvision model of fixed width (pick another model name instead)")
+            raise ValueError(
+                f"--{role}-width only applies to the 'cnn' {role}; {getattr(args, role)} is a "
+                "torchvision model of fixed width (pick another model name instead)"
+            )
     if args.image_size is None:
         args.image_size = 224 if folder else 28
     if args.train_subset is None and args.dataset == "fashion-mnist":
@@ -241,8 +317,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -290,8 +371,12 @@ def load_data(args, d: Dist):
         classes = tuple(test.classes)
         return train, test, len(classes), 3, classes
     if args.dataset == "synthetic":
-        train, test = coe_data.make_synthetic(num_train=args.train_subset or 512, num_test=args.test_subset or 256,
-                                              image_size=args.image_size, seed=args.seed)
+        train, test = coe_data.make_synthetic(
+            num_train=args.train_subset or 512,
+            num_test=args.test_subset or 256,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
     else:
         train, test = coe_data.load_fashion_mnist(args.data_dir)
         train = train.subset(args.train_subset, seed=args.seed)
@@ -340,8 +425,9 @@ def baseline_key(arch: str, width: float) -> str:
 
 def new_network(args, arch: str, width: float, num_classes: int, in_channels: int, role: str) -> nn.Module:
     net = coe_models.build_network(arch, num_classes, width=width, in_channels=in_channels, dropout=args.dropout)
-    coe_models.apply_variants(net, pwlu=args.pwlu, condconv=args.condconv and role != "delegator",
-                              condconv_experts=args.condconv_experts)
+    coe_models.apply_variants(
+        net, pwlu=args.pwlu, condconv=args.condconv and role != "delegator", condconv_experts=args.condconv_experts
+    )
     if not args.no_channels_last:  # only the 4-d weights (CondConv's kernel banks are 5-d)
         for m in net.modules():
             if isinstance(m, nn.Conv2d):
@@ -366,17 +452,19 @@ def matched_width(args, num_classes: int, in_channels: int, target_flops: float)
 
 @dataclass
 class Phase:
-    name: str        # "universal", "delegator", "joint", "baseline:<key>:pre" / ":fine"
-    kind: str        # "supervised" | "rough" | "joint"
-    model: str       # key in the model registry
+    name: str  # "universal", "delegator", "joint", "baseline:<key>:pre" / ":fine"
+    kind: str  # "supervised" | "rough" | "joint"
+    model: str  # key in the model registry
     epochs: int
 
 
 def plan_phases(args, baseline_keys: list[str]) -> list[Phase]:
-    phases = [Phase("universal", "supervised", "universal", args.epochs_universal),
-              Phase("delegator", "rough", "delegator", args.epochs_delegator),
-              Phase("joint", "joint", "coe", args.epochs_joint),
-              Phase("baseline:expert:fine", "supervised", "baseline:expert", args.epochs_joint)]
+    phases = [
+        Phase("universal", "supervised", "universal", args.epochs_universal),
+        Phase("delegator", "rough", "delegator", args.epochs_delegator),
+        Phase("joint", "joint", "coe", args.epochs_joint),
+        Phase("baseline:expert:fine", "supervised", "baseline:expert", args.epochs_joint),
+    ]
     for key in baseline_keys:
         phases.append(Phase(f"baseline:{key}:pre", "supervised", f"baseline:{key}", args.epochs_universal))
         phases.append(Phase(f"baseline:{key}:fine", "supervised", f"baseline:{key}", args.epochs_joint))
@@ -400,12 +488,15 @@ def cosine_lambda(total_steps: int, warmup: int):
 
 def make_optimizer(args, module: nn.Module, steps: int):
     decay, no_decay = [], []
-    for n, p in module.named_parameters():
+    for _n, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=args.lr, momentum=args.momentum, nesterov=True)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=True,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(steps, args.warmup_steps))
     return opt, sched
 
@@ -419,11 +510,28 @@ def realign_if_needed(args, module: nn.Module, phase: Phase, epoch: int) -> int:
     return realign_pwlu(module)
 
 
-def train_epoch(args, phase: Phase, module: nn.Module, wrapped: nn.Module, criterion, opt, sched, batches,
-                device, d: Dist, desc: str) -> dict:
+def train_epoch(
+    args,
+    phase: Phase,
+    module: nn.Module,
+    wrapped: nn.Module,
+    criterion,
+    opt,
+    sched,
+    batches,
+    device,
+    d: Dist,
+    desc: str,
+) -> dict:
     module.train()
-    bar = tqdm(total=len(batches), desc=desc, disable=args.no_progress or not d.main, leave=False,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=len(batches),
+        desc=desc,
+        disable=args.no_progress or not d.main,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     sums: dict[str, float] = {}
     count = 0
     for x, y in batches:
@@ -492,7 +600,7 @@ def balanced_kmeans(z: torch.Tensor, k: int, generator: torch.Generator, iterati
             pick = torch.multinomial(d2 / d2.sum(), 1, generator=generator)
         centres = torch.cat([centres, z[pick]])
     assign, it = None, 0
-    for it in range(1, iterations + 1):
+    for it in range(1, iterations + 1):  # noqa: B007 (the iteration count is returned)
         new = balanced_assignment(-torch.cdist(z, centres).pow(2), method="exact")
         if assign is not None and torch.equal(new, assign):
             break
@@ -528,11 +636,13 @@ def kmeans_selection_init(args, delegator: Delegator, dataset, device) -> dict:
     g = torch.Generator().manual_seed(derived_seed(args.seed, 7919))
     idx = torch.randperm(n, generator=g)[: min(n, max(k, args.kmeans_samples))].sort().values
     if args.dataset == "imagefolder":
-        batches = coe_data.ImageFolderBatches(torch.utils.data.Subset(dataset, idx.tolist()), args.batch_size,
-                                              False, 0, 1, 0, args.workers)
+        batches = coe_data.ImageFolderBatches(
+            torch.utils.data.Subset(dataset, idx.tolist()), args.batch_size, False, 0, 1, 0, args.workers
+        )
     else:
-        sub = coe_data.InMemoryDataset(dataset.images[idx], dataset.labels[idx], dataset.classes, dataset.mean,
-                                       dataset.std, dataset.source)
+        sub = coe_data.InMemoryDataset(
+            dataset.images[idx], dataset.labels[idx], dataset.classes, dataset.mean, dataset.std, dataset.source
+        )
         batches = coe_data.TensorBatches(sub, 512, False, 0, 1, 0)
     modes = [(m, m.training) for m in delegator.modules()]
     delegator.eval()
@@ -542,18 +652,25 @@ def kmeans_selection_init(args, delegator: Delegator, dataset, device) -> dict:
         for m, training in modes:
             m.training = training
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
-    z = (feats - mu) / sd                                                                   # [N, D]
+    z = (feats - mu) / sd  # [N, D]
     centres, assign, iterations = balanced_kmeans(z, k, g)
-    d2 = torch.cdist(z, centres).pow(2).sort(1).values                                      # [N, K]
+    d2 = torch.cdist(z, centres).pow(2).sort(1).values  # [N, K]
     temperature = float((d2[:, 1] - d2[:, 0]).median().clamp_min(1e-6)) / 2.0 if k > 1 else 1.0
     # logits_k = (2 z.c_k - |c_k|^2) / T with z = (f - mu) / sd, written as W f + b
-    weight = 2.0 * centres / sd / temperature                                               # [K, D]
+    weight = 2.0 * centres / sd / temperature  # [K, D]
     bias = (-(centres * centres).sum(1) - 2.0 * (centres * (mu / sd)).sum(1)) / temperature  # [K]
     head = delegator.selection_head  # pycoe's Delegator: nn.Linear(D, K) with a bias
     head.weight.copy_(weight.to(head.weight))
     head.bias.copy_(bias.to(head.bias))
-    return {"centres": centres, "mean": mu, "std": sd, "temperature": temperature, "assignment": assign,
-            "indices": idx, "iterations": iterations}
+    return {
+        "centres": centres,
+        "mean": mu,
+        "std": sd,
+        "temperature": temperature,
+        "assignment": assign,
+        "indices": idx,
+        "iterations": iterations,
+    }
 
 
 @torch.no_grad()
@@ -617,8 +734,9 @@ class Runner:
 
     def make_criterion(self):
         a = self.args
-        weighter = BalancedTransportWeighter(a.num_experts, epsilon=a.epsilon, score=a.score, method=a.wgm_method,
-                                             scope=a.wgm_scope)
+        weighter = BalancedTransportWeighter(
+            a.num_experts, epsilon=a.epsilon, score=a.score, method=a.wgm_method, scope=a.wgm_scope
+        )
         labeler = LabelGenerator(a.lgm, temperature=a.lgm_temperature)
         return CoELoss(weighter, labeler, selection_weight=a.selection_weight, rough_weight=a.rough_weight)
 
@@ -633,17 +751,23 @@ class Runner:
         ckpt = {
             "format": CHECKPOINT_FORMAT,
             "config": {k: getattr(a, k) for k in _RESUME_KEYS},
-            "phase_index": phase_index, "phase_name": self.phases[phase_index].name if phase_index < len(
-                self.phases) else "done",
+            "phase_index": phase_index,
+            "phase_name": self.phases[phase_index].name if phase_index < len(self.phases) else "done",
             "epoch": epoch,
             "models": self.state_models(),
             "universal_snapshot": self.universal_snapshot,
             "optimizer": opt.state_dict() if opt is not None else None,
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": rng_state(),
-            "data_order": {"seed": a.seed, "phase_index": phase_index, "next_epoch": epoch,
-                           "sampler_seed": derived_seed(a.seed, phase_index)},
-            "results": self.results, "history": self.history, "compute_seconds": self.compute_seconds,
+            "data_order": {
+                "seed": a.seed,
+                "phase_index": phase_index,
+                "next_epoch": epoch,
+                "sampler_seed": derived_seed(a.seed, phase_index),
+            },
+            "results": self.results,
+            "history": self.history,
+            "compute_seconds": self.compute_seconds,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(ckpt, self.ckpt_path)
@@ -654,8 +778,10 @@ class Runner:
             raise ValueError(f"{self.ckpt_path} is not a checkpoint of this example ({ckpt.get('format')!r})")
         mismatch = {k: (v, getattr(self.args, k)) for k, v in ckpt["config"].items() if getattr(self.args, k) != v}
         if mismatch:
-            raise ValueError("--resume with different options than the checkpoint: " + ", ".join(
-                f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in mismatch.items()))
+            raise ValueError(
+                "--resume with different options than the checkpoint: "
+                + ", ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in mismatch.items())
+            )
         if "coe" in ckpt["models"]:
             self.ensure_coe()
         for k, sd in ckpt["models"].items():
@@ -704,8 +830,19 @@ class Runner:
                 seed_everything(derived_seed(a.seed, pi, epoch, d.rank))
                 batches.set_epoch(epoch)
                 t0 = time.perf_counter()
-                stats = train_epoch(a, phase, module, wrapped, criterion, opt, sched, batches, self.device, d,
-                                    desc=f"{phase.name} {epoch + 1}/{phase.epochs}")
+                stats = train_epoch(
+                    a,
+                    phase,
+                    module,
+                    wrapped,
+                    criterion,
+                    opt,
+                    sched,
+                    batches,
+                    self.device,
+                    d,
+                    desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+                )
                 n_realigned = realign_if_needed(a, module, phase, epoch + 1)
                 if n_realigned and d.active:  # the ranks' statistics differ: take rank 0's realignment
                     with torch.no_grad():
@@ -715,14 +852,17 @@ class Runner:
                 self.compute_seconds += dt
                 stats.update(phase=phase.name, epoch=epoch + 1, seconds=round(dt, 2))
                 self.history.append(stats)
-                self.log(f"[{phase.name}] epoch {epoch + 1}/{phase.epochs} {dt:6.1f}s  " + "  ".join(
-                    f"{k}={v:.4f}" for k, v in stats.items() if isinstance(v, float) and k != "seconds")
-                    + (f"  (PWLU realigned: {n_realigned})" if n_realigned else ""))
+                self.log(
+                    f"[{phase.name}] epoch {epoch + 1}/{phase.epochs} {dt:6.1f}s  "
+                    + "  ".join(f"{k}={v:.4f}" for k, v in stats.items() if isinstance(v, float) and k != "seconds")
+                    + (f"  (PWLU realigned: {n_realigned})" if n_realigned else "")
+                )
                 epochs_run += 1
                 if epoch + 1 == phase.epochs:
                     self.finish_phase(phase)
-                self.save(pi if epoch + 1 < phase.epochs else pi + 1,
-                          epoch + 1 if epoch + 1 < phase.epochs else 0, opt, sched)
+                self.save(
+                    pi if epoch + 1 < phase.epochs else pi + 1, epoch + 1 if epoch + 1 < phase.epochs else 0, opt, sched
+                )
             if phase.epochs == 0:
                 self.finish_phase(phase)
             start_epoch = 0
@@ -739,14 +879,18 @@ class Runner:
         a = self.args
         x = torch.zeros(2, self.in_channels, a.image_size, a.image_size, device=self.device)
         fl = {k: count_flops(m, x) / 2 / 1e6 for k, m in self.models.items()}
-        lines = [f"data: {a.dataset} ({len(self.train_set)} train / {len(self.test_set)} test, "
-                 f"{self.num_classes} classes)  world size {self.d.world_size}  device {self.device}  "
-                 f"threads {torch.get_num_threads()}",
-                 f"expert {a.expert}"
-                 + (f" x{a.expert_width:g}" if a.expert == "cnn" else "") + f": {fl['universal']:.2f} MFLOPs; "
-                 f"delegator {a.delegator}" + (f" x{a.delegator_width:g}" if a.delegator == "cnn" else "")
-                 + f": {fl['delegator']:.2f} MFLOPs; K={a.num_experts}",
-                 "stages: " + ", ".join(f"{p.name}({p.epochs})" for p in self.phases)]
+        lines = [
+            f"data: {a.dataset} ({len(self.train_set)} train / {len(self.test_set)} test, "
+            f"{self.num_classes} classes)  world size {self.d.world_size}  device {self.device}  "
+            f"threads {torch.get_num_threads()}",
+            f"expert {a.expert}"
+            + (f" x{a.expert_width:g}" if a.expert == "cnn" else "")
+            + f": {fl['universal']:.2f} MFLOPs; "
+            f"delegator {a.delegator}"
+            + (f" x{a.delegator_width:g}" if a.delegator == "cnn" else "")
+            + f": {fl['delegator']:.2f} MFLOPs; K={a.num_experts}",
+            "stages: " + ", ".join(f"{p.name}({p.epochs})" for p in self.phases),
+        ]
         return "\n".join(lines)
 
     def wrap(self, module: nn.Module, phase: Phase) -> nn.Module:
@@ -773,9 +917,11 @@ class Runner:
             if self.args.selection_init == "kmeans":
                 km = kmeans_selection_init(self.args, self.models["delegator"], self.train_set, self.device)
                 sizes = torch.bincount(km["assignment"], minlength=self.args.num_experts).tolist()
-                self.log(f"selection head set to a balanced {self.args.num_experts}-means of the delegator's "
-                         f"features ({len(km['indices'])} images, clusters {sizes}, {km['iterations']} "
-                         f"iterations, T={km['temperature']:.3g})")
+                self.log(
+                    f"selection head set to a balanced {self.args.num_experts}-means of the delegator's "
+                    f"features ({len(km['indices'])} images, clusters {sizes}, {km['iterations']} "
+                    f"iterations, T={km['temperature']:.3g})"
+                )
         if phase.name == "baseline:expert:fine":
             self.models["baseline:expert"].load_state_dict(self.universal_snapshot)
 
@@ -787,18 +933,25 @@ class Runner:
             self.ensure_coe()
             self.results["universal"] = {"accuracy": accuracy(self.models["universal"], tb, self.device, a)}
         elif phase.name == "delegator":
-            self.results["delegator"] = {"rough_accuracy": accuracy(self.models["delegator"], tb, self.device, a,
-                                                                    rough=True)}
+            self.results["delegator"] = {
+                "rough_accuracy": accuracy(self.models["delegator"], tb, self.device, a, rough=True)
+            }
         elif phase.kind == "joint":
-            self.results["joint"] = {"rough_accuracy": accuracy(self.models["delegator"], tb, self.device, a,
-                                                                rough=True)}
+            self.results["joint"] = {
+                "rough_accuracy": accuracy(self.models["delegator"], tb, self.device, a, rough=True)
+            }
         elif phase.name.endswith(":fine"):
             key = phase.model
             self.results[key] = {"accuracy": accuracy(self.models[key], tb, self.device, a)}
         else:
             return
-        self.log(f"[{phase.name}] test: " + ", ".join(f"{k}={v:.4f}" for k, v in self.results[
-            phase.model if phase.name.endswith(':fine') else phase.name].items()))
+        self.log(
+            f"[{phase.name}] test: "
+            + ", ".join(
+                f"{k}={v:.4f}"
+                for k, v in self.results[phase.model if phase.name.endswith(":fine") else phase.name].items()
+            )
+        )
 
     # ---- final evaluation -----------------------------------------------------------------------------------
     def final_report(self) -> dict:
@@ -806,8 +959,10 @@ class Runner:
         coe = self.ensure_coe()
         tb = eval_batches(a, self.test_set)
         x = next(iter(tb))[0][: min(64, a.batch_size)].to(self.device)
-        flops = {"delegator": count_flops(coe.delegator.eval(), x) / x.shape[0],
-                 "expert": count_flops(coe.experts[0].eval(), x) / x.shape[0]}
+        flops = {
+            "delegator": count_flops(coe.delegator.eval(), x) / x.shape[0],
+            "expert": count_flops(coe.experts[0].eval(), x) / x.shape[0],
+        }
         cache = coe_report.collect_outputs(coe, tb, self.device)
         sweep = coe_report.sweep_from_cache(cache, a.threshold_list, flops["delegator"], flops["expert"])
         checks = coe_report.check_against_library(coe, tb, self.device, cache, a.threshold_list, flops)
@@ -817,18 +972,40 @@ class Runner:
                 name = key.split(":", 1)[1]
                 arch, width = (a.expert, a.expert_width) if name == "expert" else self.baselines[name]
                 label = baseline_key(arch, width) if arch == "cnn" else arch
-                baselines.append({"name": label, "arch": arch, "width": width,
-                                  "accuracy": self.results[key]["accuracy"],
-                                  "flops": count_flops(model.eval(), x) / x.shape[0],
-                                  "matched": name == self.matched_key})
+                baselines.append(
+                    {
+                        "name": label,
+                        "arch": arch,
+                        "width": width,
+                        "accuracy": self.results[key]["accuracy"],
+                        "flops": count_flops(model.eval(), x) / x.shape[0],
+                        "matched": name == self.matched_key,
+                    }
+                )
         baselines.sort(key=lambda b: b["flops"])
-        summary = coe_report.summarise(a, cache, sweep, baselines, flops, self.results, self.classes, checks,
-                                       self.compute_seconds, self.d.world_size)
+        summary = coe_report.summarise(
+            a,
+            cache,
+            sweep,
+            baselines,
+            flops,
+            self.results,
+            self.classes,
+            checks,
+            self.compute_seconds,
+            self.d.world_size,
+        )
         coe_report.write_outputs(summary, self.out_dir, figures=not a.no_figures)
         print(summary["table_markdown"], flush=True)
-        print(f"\nwritten: {self.out_dir / 'results.md'}, {self.out_dir / 'results.json'}"
-              + ("" if a.no_figures else f", {self.out_dir / 'accuracy_vs_flops.png'}, "
-                 f"{self.out_dir / 'expert_load.png'}"), flush=True)
+        print(
+            f"\nwritten: {self.out_dir / 'results.md'}, {self.out_dir / 'results.json'}"
+            + (
+                ""
+                if a.no_figures
+                else f", {self.out_dir / 'accuracy_vs_flops.png'}, {self.out_dir / 'expert_load.png'}"
+            ),
+            flush=True,
+        )
         return summary
 
 
@@ -854,8 +1031,11 @@ def main(argv: list[str] | None = None) -> dict:
         if d.initialised_here:
             dist.destroy_process_group()
     if d.main and not result.get("stopped"):
-        print(f"total wall time {time.perf_counter() - t0:.1f}s (process CPU time {time.process_time() - c0:.1f}s, "
-              f"{torch.get_num_threads()} threads)", flush=True)
+        print(
+            f"total wall time {time.perf_counter() - t0:.1f}s (process CPU time {time.process_time() - c0:.1f}s, "
+            f"{torch.get_num_threads()} threads)",
+            flush=True,
+        )
     return result
 
 

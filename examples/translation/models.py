@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from text import BOS, EOS, PAD
+from torch import nn
 
 
 class PositionalEncoding(nn.Module):
@@ -32,8 +31,16 @@ class PositionalEncoding(nn.Module):
 class Seq2SeqTransformer(nn.Module):
     """An encoder-decoder Transformer: ``forward(src [b, s], tgt_in [b, t]) -> logits [b, t, v]``."""
 
-    def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 128, heads: int = 4, layers: int = 2,
-                 ff: int = 256, dropout: float = 0.1):
+    def __init__(
+        self,
+        src_vocab: int,
+        tgt_vocab: int,
+        d_model: int = 128,
+        heads: int = 4,
+        layers: int = 2,
+        ff: int = 256,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.d_model = d_model
         self.src_embed = nn.Embedding(src_vocab, d_model, padding_idx=PAD)
@@ -44,16 +51,21 @@ class Seq2SeqTransformer(nn.Module):
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = src == PAD
-        memory = self.transformer.encoder(self.pos(self.src_embed(src) * math.sqrt(self.d_model)),
-                                          src_key_padding_mask=mask)
+        memory = self.transformer.encoder(
+            self.pos(self.src_embed(src) * math.sqrt(self.d_model)), src_key_padding_mask=mask
+        )
         return memory, mask
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         t = tgt_in.shape[1]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tgt_in.device), diagonal=1)
-        h = self.transformer.decoder(self.pos(self.tgt_embed(tgt_in) * math.sqrt(self.d_model)), memory,
-                                     tgt_mask=causal, tgt_key_padding_mask=tgt_in == PAD,
-                                     memory_key_padding_mask=src_mask)
+        h = self.transformer.decoder(
+            self.pos(self.tgt_embed(tgt_in) * math.sqrt(self.d_model)),
+            memory,
+            tgt_mask=causal,
+            tgt_key_padding_mask=tgt_in == PAD,
+            memory_key_padding_mask=src_mask,
+        )
         return self.out(h)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ class Vocab:
         self.stoi = {t: i for i, t in enumerate(self.itos)}
 
     @classmethod
-    def build(cls, sentences: Iterable[list[str]], max_size: int = 8000, min_count: int = 1) -> "Vocab":
+    def build(cls, sentences: Iterable[list[str]], max_size: int = 8000, min_count: int = 1) -> Vocab:
         counts = Counter(t for s in sentences for t in s)
         ranked = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
         return cls(ranked[: max(0, max_size - len(SPECIALS))])

@@ -36,15 +36,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pycoe  # noqa: E402
-from models import BagOfEmbeddings, Seq2SeqTransformer  # noqa: E402
-from text import PAD, Vocab, corpus_bleu, pad_batch, tokenize  # noqa: E402
+from models import BagOfEmbeddings, Seq2SeqTransformer
+from text import PAD, Vocab, corpus_bleu, pad_batch, tokenize
+
+import pycoe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=["bible", "synthetic"], default="bible")
-    p.add_argument("--max-words", type=int, default=15, help="keep pairs whose English side has at most this many words")
+    p.add_argument(
+        "--max-words", type=int, default=15, help="keep pairs whose English side has at most this many words"
+    )
     p.add_argument("--max-pairs", type=int, default=0, help="use at most this many pairs (0: all)")
     p.add_argument("--test-size", type=int, default=300)
     p.add_argument("--experts", type=int, default=4)
@@ -134,8 +137,10 @@ def train_joint(coe, criterion, data, args, gen):
             total += float(loss.detach()) * len(src)
             n += len(src)
             agree += float(info.get("agreement", 0.0)) * len(src)
-        print(f"[coe] epoch {epoch + 1}/{args.joint_epochs} loss {total / n:.3f} "
-              f"delegator/LGM agreement {agree / n:.3f}", flush=True)
+        print(
+            f"[coe] epoch {epoch + 1}/{args.joint_epochs} loss {total / n:.3f} delegator/LGM agreement {agree / n:.3f}",
+            flush=True,
+        )
 
 
 @torch.no_grad()
@@ -177,8 +182,11 @@ def main(argv=None) -> dict:
     tgt_vocab = Vocab.build(s for _, s in train)
     encode = lambda ps: [(src_vocab.encode(e), tgt_vocab.encode(s)) for e, s in ps]  # noqa: E731
     train_ids, test_ids = encode(train), encode(test)
-    print(f"{len(train_ids)} training pairs, {len(test_ids)} test pairs, vocabularies "
-          f"{len(src_vocab)} (en) / {len(tgt_vocab)} (es), torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"{len(train_ids)} training pairs, {len(test_ids)} test pairs, vocabularies "
+        f"{len(src_vocab)} (en) / {len(tgt_vocab)} (es), torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     gen = torch.Generator().manual_seed(args.seed)
 
     # Stage 1: the universal expert.
@@ -228,13 +236,15 @@ def main(argv=None) -> dict:
         "seconds": round(time.time() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    table = "\n".join([
-        "| model | BLEU (held-out) |",
-        "|---|---|",
-        f"| single expert ({args.universal_epochs + args.joint_epochs} epochs) | {bleu_base:.2f} |",
-        f"| CoE, K={args.experts} (delegator routing) | {bleu_coe:.2f} |",
-        f"| expert pool oracle (best expert per sentence) | {bleu_oracle:.2f} |",
-    ])
+    table = "\n".join(
+        [
+            "| model | BLEU (held-out) |",
+            "|---|---|",
+            f"| single expert ({args.universal_epochs + args.joint_epochs} epochs) | {bleu_base:.2f} |",
+            f"| CoE, K={args.experts} (delegator routing) | {bleu_coe:.2f} |",
+            f"| expert pool oracle (best expert per sentence) | {bleu_oracle:.2f} |",
+        ]
+    )
     print(table)
     print(json.dumps(results))
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pycoe._early_exit import exit_decision, merge_early_exit, resolve_exit_threshold
 from pycoe._validation import (
     check_choice,
     check_nonnegative_float,
@@ -34,7 +35,6 @@ from pycoe._validation import (
     check_probability,
     check_tensor,
 )
-from pycoe._early_exit import exit_decision, merge_early_exit, resolve_exit_threshold
 from pycoe.basisnet.specialist import BasisSpecialist
 from pycoe.coe.delegator import Delegator
 
@@ -340,7 +340,7 @@ class BasisNet(nn.Module):
         output = self.specialist(x, mixed)
         return BasisNetTrainOutput(output=output, coefficients=mixed, coefficient_logits=logits, rough_logits=rough)
 
-    def forward_eval(self, x: torch.Tensor, exit_threshold: float | None | str = "default") -> BasisNetOutput:
+    def forward_eval(self, x: torch.Tensor, exit_threshold: float | str | None = "default") -> BasisNetOutput:
         """Early exit, then the specialist on the remaining samples in one batch, whatever the module's mode.
 
         Args:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextvars
 import copy
 from collections.abc import Callable, Collection, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -43,8 +44,9 @@ __all__ = ["BasisSpecialist"]
 
 # id(basis layer) -> Tensor[B, N] coefficients, for the basis layers of the specialist calls in progress in the
 # current thread/task. Set and reset only by BasisSpecialist.forward.
+_NO_COEFFICIENTS: Mapping[int, torch.Tensor] = MappingProxyType({})
 _ACTIVE_COEFFICIENTS: contextvars.ContextVar[Mapping[int, torch.Tensor]] = contextvars.ContextVar(
-    "pycoe_basis_coefficients", default={}
+    "pycoe_basis_coefficients", default=_NO_COEFFICIENTS
 )
 
 

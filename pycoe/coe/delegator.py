@@ -61,7 +61,7 @@ class _Surgery:
         self._undo = None
         if self.timm:
             head = backbone.get_classifier()
-            for name, mod in backbone.named_modules():
+            for _name, mod in backbone.named_modules():
                 for child_name, child in mod.named_children():
                     if child is head:
                         self._undo = (mod, child_name, head, getattr(backbone, "num_classes", None))

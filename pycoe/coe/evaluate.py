@@ -72,7 +72,7 @@ def _batches(loader: Iterable, unpack: Unpack | None, device: torch.device) -> I
 def predict(
     model: CoE,
     loader: Iterable,
-    exit_threshold: float | None | str = "default",
+    exit_threshold: float | str | None = "default",
     unpack: Unpack | None = None,
     device: torch.device | str | None = None,
 ) -> CoEOutput:

@@ -289,8 +289,7 @@ class ExpertPool(nn.Module):
             raise TypeError("forward_routed needs at least one positional tensor input batched on dim 0")
         if inputs[0].shape[0] != batch:
             raise ValueError(
-                f"index has {batch} entries but the first input has batch size {inputs[0].shape[0]}; "
-                "they must match"
+                f"index has {batch} entries but the first input has batch size {inputs[0].shape[0]}; they must match"
             )
         pos, keys = _batched_inputs(inputs, kwargs, batch)
         if batch == 0:
@@ -353,4 +352,3 @@ class ExpertPool(nn.Module):
                 f"got min {int(index.min())} and max {int(index.max())}"
             )
         return index
-

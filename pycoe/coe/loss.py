@@ -275,8 +275,8 @@ class CoELoss(nn.Module):
             choice = sel.detach().argmax(dim=1)
             info["expert_losses"] = expert_terms.detach()
             info["per_sample_losses"] = losses.detach()
-            info["wgm_load"] = wgm.load.detach() if hasattr(wgm, "load") else torch.bincount(
-                weights.argmax(dim=1), minlength=k
+            info["wgm_load"] = (
+                wgm.load.detach() if hasattr(wgm, "load") else torch.bincount(weights.argmax(dim=1), minlength=k)
             )
             info["load"] = _metrics.expert_load(choice, k)
             info["label_load"] = _metrics.expert_load(lgm.index, k)

@@ -206,7 +206,7 @@ class CoE(nn.Module):
         return out
 
     def route(
-        self, delegator_output: DelegatorOutput, exit_threshold: float | None | str = "default"
+        self, delegator_output: DelegatorOutput, exit_threshold: float | str | None = "default"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The routing decision from a delegator output, without running any expert.
 
@@ -253,7 +253,7 @@ class CoE(nn.Module):
             )
         return CoETrainOutput(d.selection_logits, d.rough_logits, expert_outputs)
 
-    def forward_eval(self, *inputs: Any, exit_threshold: float | None | str = "default", **kwargs: Any) -> CoEOutput:
+    def forward_eval(self, *inputs: Any, exit_threshold: float | str | None = "default", **kwargs: Any) -> CoEOutput:
         """Early exit, then one expert per remaining sample, batched by expert, whatever the module's mode.
 
         Args:

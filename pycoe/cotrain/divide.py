@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,7 @@ def count_parameters(model: nn.Module) -> int:
 def round_to_multiple(value: float, multiple: int) -> int:
     """Round ``value`` to the nearest positive multiple of ``multiple`` (never below ``multiple``)."""
     m = check_positive_int("multiple", multiple)
-    return max(m, int(math.floor(value / m + 0.5)) * m)
+    return max(m, math.floor(value / m + 0.5) * m)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ class _Tracer(TorchFunctionMode):
             if nd is not None:
                 self.tag(dst, nd, node)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.depth == 0:
@@ -396,9 +396,7 @@ def _unsupported(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, _LAZY):
             bad.append((name, module))
-        elif isinstance(module, (*_MIXING, *_NORMS)):
-            continue
-        elif isinstance(module, nn.PReLU) and module.num_parameters == 1:
+        elif isinstance(module, (*_MIXING, *_NORMS)) or (isinstance(module, nn.PReLU) and module.num_parameters == 1):
             continue
         elif any(True for _ in module.parameters(recurse=False)):
             bad.append((name, module))
@@ -519,7 +517,10 @@ class _Placeholder(nn.Module):
     def _build(self, x: Tensor) -> nn.Module:
         m = self.original[0]
         ref = next(iter(m.parameters()), None)
-        factory_kwargs = {"device": ref.device if ref is not None else x.device, "dtype": ref.dtype if ref is not None else x.dtype}
+        factory_kwargs = {
+            "device": ref.device if ref is not None else x.device,
+            "dtype": ref.dtype if ref is not None else x.dtype,
+        }
         if isinstance(m, _CONV):
             cin = x.shape[1]
             if self.groups == "depthwise":
@@ -534,8 +535,13 @@ class _Placeholder(nn.Module):
                     f"channels {cin}/{out} are not divisible by groups={groups}"
                 )
             kwargs = dict(
-                kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=groups,
-                bias=m.bias is not None, padding_mode=m.padding_mode,
+                kernel_size=m.kernel_size,
+                stride=m.stride,
+                padding=m.padding,
+                dilation=m.dilation,
+                groups=groups,
+                bias=m.bias is not None,
+                padding_mode=m.padding_mode,
             )
             args = (cin, out)
         elif isinstance(m, nn.Linear):
@@ -598,8 +604,8 @@ def divide_module(
     .. math:: c' = \operatorname{round\_to\_multiple}(c \cdot \alpha,\; m), \qquad \alpha \approx 1/\sqrt{S},
 
     where by default :math:`\alpha` is chosen (by bisection) so that the divided model's parameter count is
-    closest to the original's divided by S, and :math:`m` = ``multiple`` (raised to the least common multiple with the groups of any grouped
-    convolution or ``GroupNorm`` that must divide that width), except
+    closest to the original's divided by S, and :math:`m` = ``multiple`` (raised to the least common
+    multiple with the groups of any grouped convolution or ``GroupNorm`` that must divide that width), except
 
     - the model's input channels and the widths of the layers producing the model's output (e.g. the
       classifier's number of classes), which are kept;
@@ -746,7 +752,7 @@ def divide_module(
 
     def new_width(node: int | None, own: int, a: float) -> int:
         if node is None:  # not traced to a class (after a concatenation, a flatten): an estimate only
-            return max(1, int(round(own * a)))
+            return max(1, round(own * a))
         root = uf.find(node)
         if root in fixed:
             return own  # the input's channels or the model's outputs
@@ -772,8 +778,10 @@ def divide_module(
                 cin, out = new_width(rec.in_node, m.in_features, a), new_width(rec.node, m.out_features, a)
                 total += out * cin + (out if m.bias is not None else 0)
             else:
-                feats = m.num_channels if isinstance(m, nn.GroupNorm) else (
-                    m.normalized_shape[-1] if isinstance(m, nn.LayerNorm) else m.num_features
+                feats = (
+                    m.num_channels
+                    if isinstance(m, nn.GroupNorm)
+                    else (m.normalized_shape[-1] if isinstance(m, nn.LayerNorm) else m.num_features)
                 )
                 rest = count_parameters(m) // max(feats, 1)  # parameters per feature (0, 1 or 2)
                 total += rest * new_width(rec.in_node, feats, a)
@@ -844,9 +852,7 @@ def divide_module(
     ref_shapes = [tuple(t.shape) for t in _tensors(reference_output)]
     new_shapes = [tuple(t.shape) for t in _tensors(output)]
     if ref_shapes != new_shapes:
-        raise DivisionError(
-            f"the divided model's output shapes {new_shapes} differ from the original's {ref_shapes}"
-        )
+        raise DivisionError(f"the divided model's output shapes {new_shapes} differ from the original's {ref_shapes}")
 
     def unwrap(name: str, module: nn.Module) -> nn.Module:
         if module.built is None:  # pragma: no cover - every traced layer ran in the verification pass
@@ -857,7 +863,7 @@ def divide_module(
     template.train(was_training)
 
     members = []
-    for i in range(s):
+    for _i in range(s):
         member = copy.deepcopy(template)
         for module in member.modules():
             if isinstance(module, (*_MIXING, *_NORMS)):

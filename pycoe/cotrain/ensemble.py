@@ -325,9 +325,7 @@ class CoTrainingLoss(nn.Module):
             lam = float(self.weight(step))
         else:
             lam = float(self.weight)
-        ce = sum(
-            F.cross_entropy(logits[i], target, label_smoothing=self.label_smoothing) for i in range(num)
-        )
+        ce = sum(F.cross_entropy(logits[i], target, label_smoothing=self.label_smoothing) for i in range(num))
         if self.cotrain == "js":
             cot = js_divergence(logits)
         else:

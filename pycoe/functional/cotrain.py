@@ -35,9 +35,7 @@ def _stack_logits(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Te
     if isinstance(logits, Tensor):
         check_tensor(name, logits, floating=True)
         if logits.dim() < 2:
-            raise ValueError(
-                f"{name} must have shape [S, B..., C] (at least 2 dimensions), got {tuple(logits.shape)}"
-            )
+            raise ValueError(f"{name} must have shape [S, B..., C] (at least 2 dimensions), got {tuple(logits.shape)}")
         stacked = logits
     elif isinstance(logits, Sequence) and not isinstance(logits, (str, bytes)):
         if len(logits) == 0:
@@ -53,7 +51,9 @@ def _stack_logits(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Te
                 )
         stacked = torch.stack(list(logits), dim=0)
     else:
-        raise TypeError(f"{name} must be a Tensor[S, B..., C] or a sequence of Tensor[B..., C], got {type(logits).__name__}")
+        raise TypeError(
+            f"{name} must be a Tensor[S, B..., C] or a sequence of Tensor[B..., C], got {type(logits).__name__}"
+        )
     if stacked.shape[-1] < 1:
         raise ValueError(f"{name} must have at least one class in its last dimension, got {tuple(stacked.shape)}")
     return stacked

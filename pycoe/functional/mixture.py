@@ -196,7 +196,7 @@ def _loop_mixing(x, weight_bank, coefficients, bias_bank, stride, padding, dilat
 
 
 def _bmm_mixing(x, weight_bank, coefficients, bias_bank, stride, padding, dilation, groups):
-    batch, channels = x.shape[:2]
+    batch, _channels = x.shape[:2]
     experts, out_channels, cpg, kh, kw = weight_bank.shape
     # kernels[(b g), o, (c kh kw)]: the flat kernel is (g o c kh kw)-ordered, as F.unfold orders (g c kh kw)
     kernels = (coefficients @ weight_bank.reshape(experts, -1)).reshape(batch * groups, out_channels // groups, -1)
@@ -339,7 +339,13 @@ def _mixture_forward(
             or (bias_bank is not None and bias_bank.requires_grad)
         )
         strategy = _cached_choice(
-            batch, x.shape[1], weight_bank.shape[1], (kh, kw), weight_bank.shape[0], (out_h, out_w), groups,
+            batch,
+            x.shape[1],
+            weight_bank.shape[1],
+            (kh, kw),
+            weight_bank.shape[0],
+            (out_h, out_w),
+            groups,
             needs_grad,
         )
     out = _IMPLS[strategy](x_padded, weight_bank, coefficients, bias_bank, stride, conv_padding, dilation, groups)

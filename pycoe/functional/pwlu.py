@@ -70,9 +70,7 @@ def _as_param_row(name: str, value: Tensor | float, rows: int, like: Tensor) -> 
         return value.reshape(rows)
     if value.numel() == 1:
         return value.reshape(1).expand(rows)
-    raise ValueError(
-        f"{name} must hold 1 value or one per row of points ({rows}), got shape {tuple(value.shape)}"
-    )
+    raise ValueError(f"{name} must hold 1 value or one per row of points ({rows}), got shape {tuple(value.shape)}")
 
 
 def _prepare(

@@ -20,8 +20,8 @@ from pycoe._modules import replace_modules
 from pycoe._validation import check_choice, check_positive_int, check_tensor
 from pycoe.functional.mixture import (
     MIXTURE_STRATEGIES,
-    _normalize_padding,
     _mixture_forward,
+    _normalize_padding,
     _pair,
 )
 

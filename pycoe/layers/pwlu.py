@@ -319,9 +319,7 @@ class PWLU(nn.Module):
         check_tensor("x", x, floating=True)
         if self.num_channels is not None:
             if not -x.dim() <= self.channel_dim < x.dim():
-                raise ValueError(
-                    f"channel_dim={self.channel_dim} is out of range for input of shape {tuple(x.shape)}"
-                )
+                raise ValueError(f"channel_dim={self.channel_dim} is out of range for input of shape {tuple(x.shape)}")
             if x.shape[self.channel_dim] != self.num_channels:
                 raise ValueError(
                     f"PWLU expects {self.num_channels} channels along dim {self.channel_dim}, "

@@ -405,9 +405,7 @@ def _repair_budget(N: int, K: int) -> int:
     return max(8, (N * K) // _SWEEP_PER_AUGMENTATION)
 
 
-def _balance_ties(
-    S: np.ndarray, a: np.ndarray, p: np.ndarray, caps: np.ndarray, tied: np.ndarray
-) -> None:
+def _balance_ties(S: np.ndarray, a: np.ndarray, p: np.ndarray, caps: np.ndarray, tied: np.ndarray) -> None:
     """Move samples exactly tied (s_ik - p_k == s_il - p_l) from over-full to under-full experts.
 
     ``tied`` holds the candidate samples (zero slack). Keeps complementary slackness exactly; modifies
@@ -548,9 +546,7 @@ class _ExchangeGraph:
                 E[l, m] = i
 
 
-def _ssp_repair(
-    S: np.ndarray, a: np.ndarray, p: np.ndarray, caps: np.ndarray, slack: np.ndarray
-) -> np.ndarray:
+def _ssp_repair(S: np.ndarray, a: np.ndarray, p: np.ndarray, caps: np.ndarray, slack: np.ndarray) -> np.ndarray:
     """Successive shortest paths from the CS-optimal assignment ``a`` (prices ``p``) to the capacities.
 
     Modifies ``a`` in place and returns the final prices. Shortest paths from the over-full experts use
@@ -584,7 +580,7 @@ def _ssp_repair(
             pred[better] = u[better]
         deficit = excess < 0
         D = float(dist[deficit].min())
-        if D == np.inf:
+        if np.inf == D:
             reach = np.flatnonzero(dist < np.inf)
             load = int((excess[reach] + caps[reach]).sum())
             raise TransportInfeasibleError(
@@ -699,7 +695,7 @@ def _potentials(S: np.ndarray, a: np.ndarray) -> np.ndarray:
     source joined to every node at length 0). An optimal assignment has no negative cycle there, so K rounds
     suffice; the certificate check that follows catches anything else.
     """
-    K, N = S.shape
+    K, _N = S.shape
     w = np.full((K, K), np.inf)
     for k in range(K):
         rows = a == k
@@ -825,7 +821,7 @@ def _sinkhorn_prices(
 
     Returns (log_plan Tensor[N, K], prices Tensor[K]) with log P_ik = (X_ik - u_i - p_k) / eps.
     """
-    N, K = X.shape
+    _N, K = X.shape
     fin = torch.isfinite(X)
     if epsilon is None:
         vals = X[fin]

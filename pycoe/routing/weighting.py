@@ -138,9 +138,7 @@ class BalancedTransportWeighter(nn.Module):
     def _check_logits(self, name: str, logits: Any) -> torch.Tensor:
         check_tensor(name, logits, ndim=2, floating=True)
         if logits.shape[1] != self.num_experts:
-            raise ValueError(
-                f"{name} must have shape [B, num_experts={self.num_experts}], got {tuple(logits.shape)}"
-            )
+            raise ValueError(f"{name} must have shape [B, num_experts={self.num_experts}], got {tuple(logits.shape)}")
         check_finite(name, logits)
         return logits
 
@@ -207,7 +205,7 @@ class BalancedTransportWeighter(nn.Module):
         if _dist.get_rank() == 0:
             try:
                 assignment_all.copy_(balanced_assignment(solved_scores, None, method=self.method))
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            except Exception as exc:
                 error = exc
                 assignment_all.fill_(-1)
         _dist.broadcast(assignment_all, src=0)
