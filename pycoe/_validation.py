@@ -135,6 +135,8 @@ def check_expert_index(name: str, index: Any, num_experts: int, *, allow_exited:
     if index.dtype not in _INTEGER_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (expert ids), got dtype {index.dtype}")
     low = -1 if allow_exited else 0
+    if torch.compiler.is_compiling():  # the range check reads the values: a data-dependent guard when traced
+        return index.long()
     if index.numel() and (int(index.min()) < low or int(index.max()) >= num_experts):
         lo = "-1 (exited)" if allow_exited else "0"
         raise ValueError(
