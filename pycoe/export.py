@@ -10,7 +10,8 @@ module takes an eval-mode :class:`~pycoe.coe.model.CoE` (early exit included),
   runs only through its own expert, on a sub-batch whose size is data-dependent.
 - :func:`to_onnx` writes the same program as an ONNX file (``torch.onnx.export(..., dynamo=True)``) with a dynamic
   batch, for onnxruntime.
-- :func:`prepare_for_export` is the step both take first, on a deep copy: every eval-mode BatchNorm that directly
+- :func:`compile_inference` compiles the eval forward with ``torch.compile`` into one graph (routing included).
+- :func:`prepare_for_export` is the step all three take first, on a deep copy: every eval-mode BatchNorm that directly
   follows a convolution or linear layer is folded into it, every other one becomes a per-channel affine map.
   Tracing cannot run a BatchNorm on a batch of data-dependent size, and folding also saves the work at run time.
 
@@ -35,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from pycoe._modules import replace_modules, traceable_paths
 
-__all__ = ["ExportError", "prepare_for_export", "export", "to_onnx", "output_names"]
+__all__ = ["ExportError", "prepare_for_export", "export", "to_onnx", "output_names", "compile_inference"]
 
 # Exactly these types are folded into: a subclass may change what its weight means (e.g. weight standardisation).
 _FOLDABLE_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -390,3 +391,57 @@ def to_onnx(
         external_data=False,
     )
     return names
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+class _CompiledInference(nn.Module):
+    """A compiled eval forward that lets dynamo capture the data-dependent sub-batch sizes of the routing."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        import torch._inductor.config
+
+        # nonzero (which samples exit, which go to expert k) has a data-dependent size: without the first setting
+        # dynamo ends the graph there. Inductor's layout optimisation makes convolutions channels-last, which the
+        # stride prediction of a convolution on a data-dependent batch does not follow (the compiled code then
+        # fails its stride assertion): the second setting keeps inductor's layouts. Both are read when a graph is
+        # compiled, i.e. inside this call.
+        with (
+            torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True),
+            torch._inductor.config.patch(layout_optimization=False),
+        ):
+            return self.compiled(*args, **kwargs)
+
+
+def compile_inference(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    **compile_kwargs: Any,
+) -> nn.Module:
+    """``torch.compile`` an eval-mode model's inference forward into **one graph**, routing and early exit included.
+
+    :func:`prepare_for_export`'s copy (BatchNorm folded; ``model`` is not changed) is compiled with
+    ``fullgraph=True, dynamic=True`` (override with ``compile_kwargs``), and every call runs with dynamo's
+    ``capture_dynamic_output_shape_ops`` on, so that the data-dependent sub-batches (the kept samples, each
+    expert's rows) stay in the graph. A plain ``torch.compile(model)`` also works, in several graphs: see the
+    "Deploying a CoE" guide.
+
+    Args:
+        model: an ``nn.Module`` in eval mode.
+        example_inputs: a tensor or a tuple of positional inputs (one eager forward prepares the copy).
+        example_kwargs: keyword inputs of that forward.
+        **compile_kwargs: passed to :func:`torch.compile` (e.g. ``backend="aot_eager"``, ``mode="max-autotune"``).
+
+    Returns:
+        nn.Module: call it like ``model``; it compiles on its first calls (a batch of 1 and, for convolutions on
+        the CPU, batches below 16 get their own compilation).
+    """
+    prepared = prepare_for_export(model, example_inputs, example_kwargs)
+    compile_kwargs.setdefault("fullgraph", True)
+    compile_kwargs.setdefault("dynamic", True)
+    return _CompiledInference(torch.compile(prepared, **compile_kwargs))  # type: ignore[arg-type]

@@ -1,0 +1,71 @@
+"""torch.compile of the CoE: the eval forward (routing and early exit) and the training step, against eager.
+
+Compilation is slow on these CPUs (seconds per graph): the tests are few, use ``backend="aot_eager"`` where
+inductor adds nothing to what they check, and the inductor ones are marked slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from _export_models import K, assert_same_coe_output, spread_coe_and_pool
+
+from pycoe.export import compile_inference, prepare_for_export
+
+PATTERNS = [("mixed", 16), ("mixed", 5), ("all_exit", 3), ("none_exit", 7), ("one_expert", 9), ("mixed", 1)]
+
+
+@pytest.fixture(scope="module")
+def coe_and_pool():
+    return spread_coe_and_pool()
+
+
+def test_compiled_inference_is_one_graph(coe_and_pool):
+    model, pool = coe_and_pool
+    x = pool.batch("mixed", 8)
+    prepared = prepare_for_export(model, x)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        explanation = torch._dynamo.explain(prepared)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
+@pytest.mark.slow
+def test_compiled_inference_matches_eager(coe_and_pool):
+    model, pool = coe_and_pool
+    compiled = compile_inference(model, pool.batch("mixed", 8), backend="aot_eager")
+    for pattern, size in PATTERNS:
+        x = pool.batch(pattern, size)
+        with torch.no_grad():
+            assert_same_coe_output(compiled(x), model(x))
+
+
+@pytest.mark.slow
+def test_compiled_inference_with_inductor_matches_eager(coe_and_pool):
+    model, pool = coe_and_pool
+    compiled = compile_inference(model, pool.batch("mixed", 8))
+    for pattern, size in [("mixed", 20), ("one_expert", 17), ("all_exit", 16)]:
+        x = pool.batch(pattern, size)
+        with torch.no_grad():
+            assert_same_coe_output(compiled(x), model(x))
+
+
+@pytest.mark.slow
+def test_plain_torch_compile_of_the_eval_coe_breaks_only_at_data_dependent_sizes(coe_and_pool):
+    """Without capture_dynamic_output_shape_ops, dynamo ends a graph at each nonzero (the kept samples, then each
+    expert's rows) and resumes after it: K + 1 breaks, the result unchanged."""
+    model, pool = coe_and_pool
+    x = pool.batch("mixed", 12)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count >= K + 1
+    assert all("nonzero" in reason.reason for reason in explanation.break_reasons), [
+        r.reason.splitlines()[0] for r in explanation.break_reasons
+    ]
+    compiled = torch.compile(model, backend="aot_eager")
+    for pattern, size in [("mixed", 12), ("one_expert", 6)]:
+        x = pool.batch(pattern, size)
+        with torch.no_grad():
+            ref, got = model(x), compiled(x)
+        torch.testing.assert_close(got.output, ref.output)
+        assert torch.equal(got.expert_index, ref.expert_index) and torch.equal(got.exited, ref.exited)
