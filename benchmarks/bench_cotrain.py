@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pycoe.cotrain.divide import count_parameters, divide_module
+from pycoe.cotrain import count_parameters, divide_module
 from pycoe.cotrain.ensemble import CoTrainingEnsemble
 
 

@@ -8,7 +8,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from pycoe.cotrain.divide import (
+from pycoe.cotrain import (
     DivisionError,
     count_parameters,
     divide_by_factory,

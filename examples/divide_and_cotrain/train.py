@@ -40,10 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pycoe.checkpoint import load_checkpoint, save_checkpoint
-from pycoe.cotrain.divide import count_parameters, divide_by_factory
 from pycoe.cotrain.ensemble import CoTrainingEnsemble, CoTrainingLoss
 from pycoe.cotrain.schedule import LinearWarmup, scale_weight_decay
 from pycoe.cotrain.views import MultiViewDataset, multiview_collate
+from pycoe.cotrain.width import count_parameters, divide_by_factory
 
 try:
     from tqdm.auto import tqdm
@@ -209,7 +209,7 @@ def train_config(num_splits: int, args, train_set, test_set, out_dir: Path) -> d
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
     loss_fn = CoTrainingLoss(
-        args.cotrain, weight=LinearWarmup(int(args.cot_warmup_epochs * steps_per_epoch), args.cot_weight, 0.0)
+        args.divergence, weight=LinearWarmup(int(args.cot_warmup_epochs * steps_per_epoch), args.cot_weight, 0.0)
     )
     start_epoch, step, history, train_seconds = 0, 0, [], 0.0
     if args.resume and ckpt_path.exists():
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=5e-4, help="of the undivided net; scaled by exp(1/S-1)")
-    p.add_argument("--cotrain", choices=["js", "pairwise_kl"], default="js")
+    p.add_argument("--divergence", choices=["js", "pairwise_kl"], default="js", help="the co-training term")
     p.add_argument("--cot-weight", type=float, default=0.5)
     p.add_argument("--cot-warmup-epochs", type=float, default=1.0)
     p.add_argument("--train-subset", type=int, default=0, help="use the first N training images (0: all)")
