@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset, default_collate
 
 from .._validation import check_positive_int
@@ -105,12 +104,3 @@ def multiview_collate(batch: Sequence[tuple[Sequence[Any], Any]]) -> tuple[list[
     views = [default_collate([item[0][v] for item in batch]) for v in range(num_views)]
     targets = default_collate([item[1] for item in batch])
     return views, targets
-
-
-def _check_views(views: Any, num_views: int, name: str = "views") -> list[torch.Tensor]:
-    """Internal: check a list of per-member inputs (used by the ensemble)."""
-    if not isinstance(views, (list, tuple)):
-        raise TypeError(f"{name} must be a list of {num_views} tensors, got {type(views).__name__}")
-    if len(views) != num_views:
-        raise ValueError(f"{name} must hold one input per member: expected {num_views} views, got {len(views)}")
-    return list(views)
