@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, default_collate
 
-from .._validation import check_positive_int
+from .._validation import check_int, check_positive_int
 
 __all__ = ["MultiViewDataset", "multiview_collate"]
 
@@ -56,7 +56,7 @@ class MultiViewDataset(Dataset):
             raise TypeError(f"target_transform must be callable or None, got {type(target_transform).__name__}")
         self.dataset = dataset
         self.transform = transform
-        self.num_views = check_positive_int("num_views", num_views)
+        self.num_views = check_positive_int("num_views", check_int("num_views", num_views))
         self.target_transform = target_transform
 
     def __len__(self) -> int:
@@ -88,7 +88,9 @@ def multiview_collate(batch: Sequence[tuple[Sequence[Any], Any]]) -> tuple[list[
     Returns:
         ``(views, targets)``: a list of S collated views and the collated targets (``Tensor[B]``).
     """
-    if not isinstance(batch, Sequence) or len(batch) == 0:
+    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
+        raise TypeError(f"batch must be a sequence of (views, target) items, got {type(batch).__name__}")
+    if len(batch) == 0:
         raise ValueError("batch must be a non-empty sequence of (views, target) items")
     first = batch[0]
     if not isinstance(first, (tuple, list)) or len(first) != 2 or not isinstance(first[0], (tuple, list)):
