@@ -4,7 +4,8 @@ Zhao et al., *Towards Better Accuracy-efficiency Trade-offs: Divide and Co-train
 (arXiv 2011.14660); :func:`divide_module` is pycoe's generic rule (the paper uses per-architecture width
 tables). It runs in named steps: check the arguments, trace one forward pass for the widths that must stay
 equal (``_tracing``), plan the divided widths (:class:`_WidthPlan`), choose the multiplier :math:`\alpha`,
-rebuild each layer from the input it receives (:class:`_Placeholder`), and make S members.
+rebuild each layer from the input it receives (:class:`_Placeholder`), and make S members. (Slightly over
+500 lines: these steps serve one function and share its errors; the tracing itself lives in ``_tracing``.)
 """
 
 from __future__ import annotations
