@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+
+from .._modules import tensors_in
 
 __all__ = [
     "CONV_TYPES",
@@ -26,7 +27,6 @@ __all__ = [
     "INPUT_NODE",
     "UnionFind",
     "LayerRecord",
-    "tensors_in",
     "is_depthwise",
     "out_width",
     "trace_channels",
@@ -79,12 +79,6 @@ class LayerRecord:
     executed: bool = False
     is_output: bool = False  # its output reaches the model's output through non-mixing operations only
     module_input: Tensor | None = None  # during the trace only: the tensor the layer received
-
-
-def tensors_in(obj: Any) -> list[Tensor]:
-    """The tensors in a nested structure of tuples / lists / dicts, in ``tree_flatten`` order."""
-    flat, _ = tree_flatten(obj)
-    return [t for t in flat if isinstance(t, Tensor)]
 
 
 def is_depthwise(conv: nn.Module) -> bool:

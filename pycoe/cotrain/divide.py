@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._modules import replace_modules
+from .._modules import replace_modules, tensors_in
 from .._validation import check_bool, check_int, check_number, check_positive_int
 from ._bisection import bisect_width, closest_width
 from ._tracing import (
@@ -30,7 +30,6 @@ from ._tracing import (
     UnionFind,
     is_depthwise,
     out_width,
-    tensors_in,
     trace_channels,
 )
 from .width import count_parameters
