@@ -24,6 +24,8 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_expert_index",
+    "check_bool",
+    "check_number",
 ]
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -149,3 +151,37 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value``, or raise ``TypeError`` unless it is a ``bool``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    maximum: float | None = None,
+) -> float:
+    """Return ``value`` as a float: ``TypeError`` unless a real number (``bool`` rejected), ``ValueError`` unless
+    finite and within the bounds (``> minimum`` if ``strict``, else ``>= minimum``; ``<= maximum``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    bounds = []
+    if minimum is not None:
+        bounds.append(f"{'>' if strict else '>='} {minimum:g}")
+    if maximum is not None:
+        bounds.append(f"<= {maximum:g}")
+    want = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return float(value)
