@@ -7,25 +7,23 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference.transport import lp_objective, sequential_greedy
 from scipy.optimize import linear_sum_assignment
 
-import pycoe.routing.transport as tr
 from pycoe.routing.transport import (
     TransportInfeasibleError,
     TransportResult,
+    approximate,
     balanced_assignment,
+    exact,
     near_equal_capacities,
+    repair,
     solve_balanced_transport,
 )
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def lp_objective(scores: np.ndarray, caps: np.ndarray) -> float:
-    """Optimum of the LP by scipy's HiGHS (the slow reference)."""
-    return tr._reference_exact(np.asarray(scores, dtype=np.float64), np.asarray(caps))[1]
 
 
 def objective(scores: np.ndarray, a) -> float:
@@ -48,19 +46,6 @@ def assert_certificate(scores: np.ndarray, res: TransportResult) -> None:
     own = v[np.arange(len(a)), a]
     scale = 1.0 + np.abs(s[np.isfinite(s)]).max() + np.abs(p).max()
     assert (v.max(axis=1) - own).max() <= 1e-9 * scale
-
-
-def naive_greedy(s: np.ndarray, caps) -> list[int]:
-    """Sequential greedy reference: pairs by (-score, i, k), take when sample free and expert open."""
-    n, k = s.shape
-    order = sorted((-s[i, j], i, j) for i in range(n) for j in range(k))
-    a = [-1] * n
-    rem = list(np.asarray(caps))
-    for _, i, j in order:
-        if a[i] < 0 and rem[j] > 0:
-            a[i] = j
-            rem[j] -= 1
-    return a
 
 
 @st.composite
@@ -112,7 +97,7 @@ def test_near_equal_capacities_bad(n, k):
 
 
 # The exact method has two routes: an assignment problem on replicated columns for small problems with many
-# experts (see tr._assignment_route) and the warm-start + flow-repair route otherwise.
+# experts (see exact._assignment_route) and the warm-start + flow-repair route otherwise.
 # The property tests run both on the same instances by moving the switch.
 ROUTES = {"lsa": (10**9, 10**9), "flow": (0, 0)}
 
@@ -122,11 +107,11 @@ class exact_route:
         self.limits = ROUTES[route]
 
     def __enter__(self) -> None:
-        self.saved = (tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT)
-        tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT = self.limits
+        self.saved = (exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT)
+        exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT = self.limits
 
     def __exit__(self, *exc) -> None:
-        tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT = self.saved
+        exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT = self.saved
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
@@ -159,13 +144,13 @@ def test_exact_optimal_with_many_ties(route, inst):
 def test_default_route_switch():
     rng = np.random.default_rng(0)
     calls = []
-    original = tr._lsa_assignment
+    original = exact._lsa_assignment
 
     def spy(S, caps):
         calls.append(S.shape)
         return original(S, caps)
 
-    tr._lsa_assignment = spy
+    exact._lsa_assignment = spy
     try:
         for n, k in [(256, 64), (256, 4), (1100, 64)]:
             s = rng.standard_normal((n, k))
@@ -173,7 +158,7 @@ def test_default_route_switch():
             assert_feasible(res.assignment, near_equal_capacities(n, k).numpy(), n, k)
             assert_certificate(s, res)  # feasibility + complementary slackness = optimality
     finally:
-        tr._lsa_assignment = original
+        exact._lsa_assignment = original
     assert calls == [(64, 256)]  # only the 256 x 64 problem takes the assignment route
 
 
@@ -304,10 +289,10 @@ def test_heavy_ties_medium_matches_lp():
 
 def test_multilevel_warm_start_and_rebuilds(monkeypatch):
     """Force the subsample levels and tiny candidate lists (every edge rebuild path runs)."""
-    monkeypatch.setattr(tr, "_SUBSAMPLE", 64)
-    monkeypatch.setattr(tr, "_CANDIDATES_PER_EXPERT", 1)
-    monkeypatch.setattr(tr, "_CANDIDATES_PER_EXCESS", 0)
-    monkeypatch.setattr(tr, "_SWEEP_PER_AUGMENTATION", 1)  # stop the sweeps early: more repair work
+    monkeypatch.setattr(exact, "_SUBSAMPLE", 64)
+    monkeypatch.setattr(repair, "_CANDIDATES_PER_EXPERT", 1)
+    monkeypatch.setattr(repair, "_CANDIDATES_PER_EXCESS", 0)
+    monkeypatch.setattr(exact, "_SWEEP_PER_AUGMENTATION", 1)  # stop the sweeps early: more repair work
     rng = np.random.default_rng(0)
     s = np.log(rng.dirichlet(np.ones(5) * 0.5, size=1200))
     caps = np.array([360, 280, 240, 200, 120])
@@ -325,9 +310,9 @@ def test_repair_from_cold_start(inst):
         return
     S = np.ascontiguousarray(s.T)
     p = np.zeros(k)
-    a = tr._shifted_argmax(S, p)
-    t1, t2 = tr._top2(S, p)
-    tr._ssp_repair(S, a, p, caps, t1 - t2)
+    a = exact._shifted_argmax(S, p)
+    t1, t2 = exact._top2(S, p)
+    repair.ssp_repair(S, a, p, caps, t1 - t2)
     assert_feasible(torch.from_numpy(a), caps, n, k)
     assert objective(s, a) == pytest.approx(lp_objective(s, caps), abs=1e-9 * (1 + np.abs(s).max()))
 
@@ -411,7 +396,7 @@ def test_capacity_forms(caps):
 def test_greedy_matches_sequential_reference(inst):
     s, caps = inst
     a = balanced_assignment(s, caps, method="greedy")
-    assert a.tolist() == naive_greedy(s, caps)
+    assert a.tolist() == sequential_greedy(s, caps)
 
 
 @given(instances(max_n=30))
@@ -429,13 +414,13 @@ def test_sinkhorn_plan_marginals_and_float32():
     rng = np.random.default_rng(4)
     s = torch.from_numpy(rng.standard_normal((300, 5)))
     caps = torch.tensor([100, 80, 60, 40, 20])
-    log_plan, _prices = tr._sinkhorn_prices(s, caps, 0.1, 2000, 1e-6)
+    log_plan, _prices = approximate.sinkhorn_prices(s, caps, 0.1, 2000, 1e-6)
     plan = log_plan.exp()
     torch.testing.assert_close(plan.sum(1), torch.ones(300, dtype=torch.float64))
     torch.testing.assert_close(plan.sum(0), caps.double(), atol=1e-3, rtol=0)
-    res = solve_balanced_transport(s.float(), caps, method="sinkhorn", epsilon=0.01, max_iter=500)
+    res = solve_balanced_transport(s.float(), caps, method="sinkhorn", entropic_reg=0.01, max_iter=500)
     assert_feasible(res.assignment, caps, 300, 5)
-    # small epsilon: close to the optimum
+    # small entropic_reg: close to the optimum
     exact = solve_balanced_transport(s.float(), caps).objective
     assert res.objective <= exact + 1e-6 and res.objective >= exact - 0.05 * abs(exact)
 
@@ -543,5 +528,5 @@ def test_bad_method_and_options():
         solve_balanced_transport(torch.randn(4, 2), method="hungarian")
     with pytest.raises(ValueError, match="max_iter"):
         solve_balanced_transport(torch.randn(4, 2), method="sinkhorn", max_iter=0)
-    with pytest.raises(ValueError, match="epsilon"):
-        solve_balanced_transport(torch.randn(4, 2), method="sinkhorn", epsilon=-1.0)
+    with pytest.raises(ValueError, match="entropic_reg"):
+        solve_balanced_transport(torch.randn(4, 2), method="sinkhorn", entropic_reg=-1.0)

@@ -1,46 +1,16 @@
 """BalancedTransportWeighter (pycoe's WGM): assignment vs independent brute force, weights, transforms, errors."""
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from scipy.optimize import linear_sum_assignment
+from reference.transport import enumerate_optimum, lsa_optimum, near_equal
 
 from pycoe.routing.weighting import BalancedTransportWeighter, WeightingOutput
 
 
 # ---------------------------------------------------------------- independent references
-def near_equal(n, k):
-    return [n // k + (1 if j < n % k else 0) for j in range(k)]
-
-
-def lsa_optimum(scores, caps=None):
-    """Optimal total score via scipy's Hungarian solver on replicated expert columns (cubic; small N only)."""
-    s = np.asarray(scores, dtype=np.float64)
-    n, k = s.shape
-    caps = near_equal(n, k) if caps is None else list(caps)
-    cols = np.repeat(np.arange(k), caps)
-    rows, c = linear_sum_assignment(s[:, cols], maximize=True)
-    a = np.empty(n, dtype=np.int64)
-    a[rows] = cols[c]
-    return float(s[np.arange(n), a].sum()), a
-
-
-def enumerate_optimum(scores):
-    """Optimal total score by enumerating all K^N assignments with near-equal loads (tiny N only)."""
-    s = np.asarray(scores, dtype=np.float64)
-    n, k = s.shape
-    caps = near_equal(n, k)
-    best = -np.inf
-    for a in itertools.product(range(k), repeat=n):
-        if np.bincount(a, minlength=k).tolist() == caps:
-            best = max(best, float(s[np.arange(n), list(a)].sum()))
-    return best
-
-
 def transformed(logits, score):
     x = logits.double()
     if score == "log_softmax":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pycoe._validation import check_choice, check_finite, check_tensor
-from pycoe.routing.transport import balanced_assignment
+from pycoe.routing.transport import METHODS, balanced_assignment
 
 __all__ = ["LabelGenerator", "LabelOutput", "LABEL_MODES", "best_expert"]
 
@@ -92,7 +92,7 @@ class LabelGenerator(nn.Module):
         ):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         self.temperature = float(temperature)
-        self.method = check_choice("method", method, ("exact", "sinkhorn", "greedy"))
+        self.method = check_choice("method", method, METHODS)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, temperature={self.temperature}, method={self.method!r}"

@@ -25,13 +25,12 @@ from torch import nn
 
 from pycoe import distributed as _dist
 from pycoe._validation import check_choice, check_finite, check_positive_int, check_probability, check_tensor
-from pycoe.routing.transport import balanced_assignment
+from pycoe.routing.transport import METHODS, balanced_assignment
 
-__all__ = ["BalancedTransportWeighter", "WeightingOutput", "SCORE_TRANSFORMS", "SCOPES", "METHODS"]
+__all__ = ["BalancedTransportWeighter", "WeightingOutput", "SCORE_TRANSFORMS", "SCOPES"]
 
 SCORE_TRANSFORMS = ("log_softmax", "softmax", "logits")
 SCOPES = ("batch", "global")
-METHODS = ("exact", "sinkhorn", "greedy")
 
 
 @dataclass
@@ -124,7 +123,7 @@ class BalancedTransportWeighter(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts = check_positive_int("num_experts", num_experts)
-        self.epsilon = check_probability("epsilon", epsilon)
+        self.epsilon: float = check_probability("epsilon", epsilon)  # type: ignore[assignment]  # never None here
         self.score = check_choice("score", score, SCORE_TRANSFORMS)
         self.method = check_choice("method", method, METHODS)
         self.scope = check_choice("scope", scope, SCOPES)
@@ -263,7 +262,7 @@ class BalancedTransportWeighter(nn.Module):
         self,
         scores: torch.Tensor | np.ndarray,
         capacities: int | Sequence[int] | torch.Tensor | None = None,
-    ) -> torch.LongTensor:
+    ) -> torch.Tensor:
         """Partition a whole dataset among the experts (the per-epoch variant of the WGM).
 
         ``scores`` are the delegator's selection logits for every sample of the dataset, computed by
