@@ -210,6 +210,14 @@ def test_weights_for_bad_input():
         w.weights_for(torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="dtype"):
         w.weights_for(torch.tensor([0, 1]), dtype=torch.long)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        w.weights_for(torch.tensor([0, 1]), dtype="float32")
+    with pytest.raises(TypeError, match="assignment must be a torch.Tensor"):
+        w.weights_for([0, 1])
+    with pytest.raises(
+        ValueError, match=r"assignment entries must lie in \[0, num_experts - 1 = 2\], got range \[0, 3\]"
+    ):
+        w.weights_for(torch.tensor([0, 3]))
 
 
 # ---------------------------------------------------------------- bad input
@@ -217,18 +225,67 @@ def test_weights_for_bad_input():
     "kwargs,match",
     [
         ({"num_experts": 0}, "num_experts"),
-        ({"num_experts": 2.0}, "num_experts"),
+        ({"num_experts": -2}, "num_experts"),
         ({"num_experts": 3, "epsilon": -0.1}, "epsilon"),
         ({"num_experts": 3, "epsilon": 1.5}, "epsilon"),
-        ({"num_experts": 3, "epsilon": True}, "epsilon"),
+        ({"num_experts": 3, "epsilon": float("nan")}, "epsilon"),
         ({"num_experts": 3, "score": "prob"}, "score"),
         ({"num_experts": 3, "scope": "world"}, "scope"),
         ({"num_experts": 3, "method": "hungarian"}, "method"),
+        ({"num_experts": 3, "solver_options": {"max_iter": 10}}, "max_iter is used only by method='sinkhorn'"),
+        ({"num_experts": 3, "method": "greedy", "solver_options": {"entropic_reg": 0.1}}, "entropic_reg is used only"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"entropic_reg": -1}}, "entropic_reg must be"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"max_iter": 0}}, "max_iter must be"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"tol": 0.1}}, "unknown solver option 'tol'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BalancedTransportWeighter(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_experts": 2.0}, "num_experts"),
+        ({"num_experts": "4"}, "num_experts"),
+        ({"num_experts": None}, "num_experts"),
+        ({"num_experts": 3, "epsilon": True}, "epsilon"),
+        ({"num_experts": 3, "epsilon": "0.1"}, "epsilon"),
+        ({"num_experts": 3, "epsilon": None}, "epsilon"),
+        ({"num_experts": 3, "score": 1}, "score"),
+        ({"num_experts": 3, "method": None}, "method"),
+        ({"num_experts": 3, "scope": True}, "scope"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": [("max_iter", 5)]}, "solver_options"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"entropic_reg": "tight"}}, "entropic_reg"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"max_iter": 2.5}}, "max_iter"),
+    ],
+)
+def test_constructor_arguments_of_wrong_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        BalancedTransportWeighter(**kwargs)
+
+
+def test_solver_options_reach_the_solver(monkeypatch):
+    import pycoe.routing.weighting as weighting
+
+    calls = []
+    original = weighting.balanced_assignment
+
+    def spy(*args, **kwargs):
+        calls.append((args[1:], kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(weighting, "balanced_assignment", spy)
+    w = BalancedTransportWeighter(3, method="sinkhorn", solver_options={"entropic_reg": 0.02, "max_iter": 7})
+    assert "solver_options={'entropic_reg': 0.02, 'max_iter': 7}" in repr(w)
+    z = torch.randn(9, 3, dtype=torch.float64)
+    out = w(z)
+    w.partition_dataset(z)
+    assert calls == [((None, "sinkhorn"), {"entropic_reg": 0.02, "max_iter": 7})] * 2
+    expected = original(transformed(z, "log_softmax"), None, "sinkhorn", entropic_reg=0.02, max_iter=7)
+    assert torch.equal(out.assignment, expected)
+    assert BalancedTransportWeighter(3).solver_options == {}
 
 
 def test_bad_logits():
@@ -269,3 +326,25 @@ def test_partition_dataset_bad_capacities_are_reported():
         w.partition_dataset(np.zeros((6, 3)), capacities=[1, 2, 2])
     with pytest.raises(ValueError, match="capacities"):
         w.partition_dataset(np.zeros((6, 3)), capacities=[-1, 4, 3])
+
+
+# ---------------------------------------------------------------- boundaries
+def test_tied_logits_still_give_exact_capacities():
+    z = torch.zeros(7, 3)  # every assignment is optimal
+    out = BalancedTransportWeighter(3)(z)
+    assert out.load.tolist() == [3, 2, 2]
+    assert torch.equal(out.assignment, BalancedTransportWeighter(3)(z.clone()).assignment)  # deterministic
+    assert out.mean_score.item() == pytest.approx(-np.log(3))
+
+
+def test_one_sample_many_experts():
+    out = BalancedTransportWeighter(4, epsilon=0.5)(torch.tensor([[0.0, 3.0, 1.0, 2.0]]))
+    assert out.assignment.tolist() == [0]  # near-equal capacities for B=1 are (1, 0, 0, 0)
+    assert out.load.tolist() == [1, 0, 0, 0]
+    assert out.weights.tolist() == [[1.0, 0.5, 0.5, 0.5]]
+
+
+@pytest.mark.parametrize("eps", [0.0, 1.0])
+def test_epsilon_at_its_bounds(eps):
+    out = BalancedTransportWeighter(2, epsilon=eps)(torch.randn(4, 2))
+    assert set(out.weights.flatten().tolist()) == ({0.0, 1.0} if eps == 0.0 else {1.0})

@@ -113,21 +113,22 @@ def check_solver_options(method: str, options: Mapping[str, Any] | None, *, name
     for key, value in options.items():
         if not isinstance(key, str):
             raise TypeError(f"{name} keys must be option names (str), got {key!r}")
-        out[key] = _check_option(method, key, value, f"{name}[{key!r}]")
+        out[key] = _check_option(method, key, value, prefix=f"{name}: ")
     return out
 
 
-def _check_option(method: str, key: str, value: Any, label: str) -> float | int:
+def _check_option(method: str, key: str, value: Any, prefix: str = "") -> float | int:
     """Check one solver option's name against ``method`` and its value; return the value as float / int."""
     known = sorted({o for opts in METHOD_OPTIONS.values() for o in opts})
     if key not in known:
-        raise ValueError(f"{label}: unknown solver option {key!r}; the options are {', '.join(map(repr, known))}")
+        raise ValueError(f"{prefix}unknown solver option {key!r}; the options are {', '.join(map(repr, known))}")
     if key not in METHOD_OPTIONS[method]:
         users = [m for m, opts in METHOD_OPTIONS.items() if key in opts]
         raise ValueError(
-            f"{label}: {key} is used only by method={' or '.join(map(repr, users))}, not by method={method!r} "
+            f"{prefix}{key} is used only by method={' or '.join(map(repr, users))}, not by method={method!r} "
             "(which would ignore it); leave it out"
         )
+    label = prefix + key
     if key == "entropic_reg":
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{label} must be a number (entropic regularisation > 0), got {type(value).__name__}")
@@ -145,7 +146,7 @@ def _check_option(method: str, key: str, value: Any, label: str) -> float | int:
 def _method_options(method: str, entropic_reg: Any, max_iter: Any) -> dict:
     """Validate the keyword options of the solver functions (``None`` means not given)."""
     given = {"entropic_reg": entropic_reg, "max_iter": max_iter}
-    return {key: _check_option(method, key, value, key) for key, value in given.items() if value is not None}
+    return {key: _check_option(method, key, value) for key, value in given.items() if value is not None}
 
 
 def _check_scores(scores: Any) -> torch.Tensor:
@@ -299,9 +300,11 @@ def solve_balanced_transport(
         assignment, prices = solve_approximate(X, torch.from_numpy(caps).to(device), method, **options)
         chosen = torch.gather(X, 1, assignment[:, None])
         if bool(torch.isneginf(chosen).any()):
-            raise TransportInfeasibleError(
-                f"method={method!r} could not avoid the forbidden (-inf) pairs; method='exact' finds an "
-                "assignment avoiding them whenever one exists"
+            # Infeasible only if the LP is: decide that exactly (raises TransportInfeasibleError if so).
+            solve_exact(torch.where(torch.isneginf(X), -math.inf, 0.0), caps)
+            raise RuntimeError(
+                f"method={method!r} rounded onto a forbidden (-inf) pair although an assignment avoiding every "
+                "forbidden pair exists; method='exact' finds the best one"
             )
         obj = float(chosen.double().sum()) if device.type != "mps" else float(chosen.sum())
     return TransportResult(
