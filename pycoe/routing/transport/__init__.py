@@ -132,7 +132,7 @@ def _check_option(method: str, key: str, value: Any, prefix: str = "") -> float 
     if key == "entropic_reg":
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{label} must be a number (entropic regularisation > 0), got {type(value).__name__}")
-        if not (math.isfinite(float(value)) and float(value) > 0):
+        if not 0.0 < float(value) < math.inf:  # NaN fails the comparison too
             raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
         return float(value)
     # max_iter
