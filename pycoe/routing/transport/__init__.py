@@ -86,7 +86,9 @@ def near_equal_capacities(n: int, k: int) -> torch.Tensor:
     return caps
 
 
-def check_solver_options(method: str, options: Mapping[str, Any] | None, *, name: str = "solver_options") -> dict:
+def check_solver_options(
+    method: str, options: Mapping[str, Any] | None, *, name: str = "solver_options"
+) -> dict[str, Any]:
     """Validate the keyword options for ``method`` and return them as a dict (to pass on with ``**``).
 
     Every option must be one that ``method`` uses (:data:`METHOD_OPTIONS`: ``entropic_reg`` and ``max_iter``
@@ -143,7 +145,7 @@ def _check_option(method: str, key: str, value: Any, prefix: str = "") -> float 
     return int(value)
 
 
-def _method_options(method: str, entropic_reg: Any, max_iter: Any) -> dict:
+def _method_options(method: str, entropic_reg: Any, max_iter: Any) -> dict[str, Any]:
     """Validate the keyword options of the solver functions (``None`` means not given)."""
     given = {"entropic_reg": entropic_reg, "max_iter": max_iter}
     return {key: _check_option(method, key, value) for key, value in given.items() if value is not None}
