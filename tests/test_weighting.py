@@ -215,7 +215,7 @@ def test_weights_for_bad_input():
     with pytest.raises(TypeError, match="assignment must be a torch.Tensor"):
         w.weights_for([0, 1])
     with pytest.raises(
-        ValueError, match=r"assignment entries must lie in \[0, num_experts - 1 = 2\], got range \[0, 3\]"
+        ValueError, match=r"assignment entries must lie in \[0, 3\) \(num_experts=3\), got range \[0, 3\]"
     ):
         w.weights_for(torch.tensor([0, 3]))
 

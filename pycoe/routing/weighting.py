@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from pycoe import distributed as _dist
 from pycoe._validation import (
     check_choice,
-    check_data,
+    check_expert_index,
     check_finite,
     check_positive_int,
     check_probability,
@@ -142,7 +142,7 @@ class BalancedTransportWeighter(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts = check_positive_int("num_experts", num_experts)
-        self.epsilon = cast(float, check_probability("epsilon", epsilon))
+        self.epsilon = check_probability("epsilon", epsilon)
         self.score = check_choice("score", score, SCORE_TRANSFORMS)
         self.method = check_choice("method", method, METHODS)
         self.scope = check_choice("scope", scope, SCOPES)
@@ -258,12 +258,7 @@ class BalancedTransportWeighter(nn.Module):
         check_tensor("assignment", assignment, ndim=1)
         if assignment.dtype != torch.long:
             raise TypeError(f"assignment must be a LongTensor (int64), got dtype {assignment.dtype}")
-        k = self.num_experts
-        check_data(
-            ((assignment >= 0) & (assignment < k)).all(),
-            f"assignment entries must lie in [0, num_experts - 1 = {k - 1}]",
-            lambda: f", got range [{int(assignment.min())}, {int(assignment.max())}]",
-        )
+        check_expert_index("assignment", assignment, self.num_experts)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32) or None, got {type(dtype).__name__}")
