@@ -776,3 +776,16 @@ def test_method_of_a_wrong_type():
         solve_balanced_transport(torch.randn(4, 2), method=0)
     with pytest.raises(TypeError, match="method must be one of"):
         balanced_assignment(torch.randn(4, 2), method=None)
+
+
+def test_balanced_assignment_checks_tensor_capacities():
+    s = torch.randn(6, 3)
+    assert balanced_assignment(s, torch.tensor([1, 2, 3])).bincount(minlength=3).tolist() == [1, 2, 3]
+    with pytest.raises(TypeError, match="capacities must hold integers"):
+        balanced_assignment(s, torch.tensor([2.0, 2.0, 2.0]))
+    with pytest.raises(ValueError, match="capacities must sum to N=6"):  # checked where the operator runs
+        balanced_assignment(s, torch.tensor([2, 2, 1]))
+    with pytest.raises(ValueError, match="capacities must have length K=3"):
+        balanced_assignment(s, torch.tensor([3, 3]))
+    with pytest.raises(TypeError, match="capacities must be None, an int or a length-K sequence"):
+        balanced_assignment(s, "222")

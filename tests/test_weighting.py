@@ -348,3 +348,16 @@ def test_one_sample_many_experts():
 def test_epsilon_at_its_bounds(eps):
     out = BalancedTransportWeighter(2, epsilon=eps)(torch.randn(4, 2))
     assert set(out.weights.flatten().tolist()) == ({0.0, 1.0} if eps == 0.0 else {1.0})
+
+
+def test_transform_checks_its_input():
+    w = BalancedTransportWeighter(3, score="softmax")
+    assert torch.allclose(w.transform(torch.zeros(2, 3)), torch.full((2, 3), 1 / 3))
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        w.transform([[0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"logits must have shape \[B, num_experts=3\]"):
+        w.transform(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="logits must be finite"):
+        w.transform(torch.tensor([[0.0, float("inf"), 1.0]]))
+    with pytest.raises(TypeError, match="capacities must be None, an int or a length-K sequence"):
+        w.partition_dataset(torch.zeros(6, 3), capacities="abc")
