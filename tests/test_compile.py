@@ -6,12 +6,16 @@ inductor adds nothing to what they check, and the inductor ones are marked slow.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo
-from _export_models import K, assert_same_coe_output, spread_coe_and_pool
+from _export_models import RES, K, assert_same_coe_output, conv_net, spread_coe_and_pool
 
+from pycoe.coe import CoE, CoELoss, Delegator, ExpertPool
 from pycoe.export import compile_inference, prepare_for_export
+from pycoe.routing import BalancedTransportWeighter, LabelGenerator
 
 PATTERNS = [("mixed", 16), ("mixed", 5), ("all_exit", 3), ("none_exit", 7), ("one_expert", 9), ("mixed", 1)]
 
@@ -69,3 +73,57 @@ def test_plain_torch_compile_of_the_eval_coe_breaks_only_at_data_dependent_sizes
             ref, got = model(x), compiled(x)
         torch.testing.assert_close(got.output, ref.output)
         assert torch.equal(got.expert_index, ref.expert_index) and torch.equal(got.exited, ref.exited)
+
+
+# ---------------------------------------------------------------------------------------------- training step
+def training_setup():
+    torch.manual_seed(3)
+    delegator = Delegator(conv_net(), num_experts=K, num_classes=10, classifier="8", zero_init_selection=False)
+    model = CoE(delegator, ExpertPool.from_template(conv_net(), K, init="reinit"))
+    criterion = CoELoss(BalancedTransportWeighter(num_experts=K), LabelGenerator(), balance_weight=0.1)
+    return model.train(), criterion
+
+
+def loss_of(model, criterion, x, y):
+    return criterion(model(x), y)
+
+
+def check_step_matches_eager(backend: str, batches: list[int]) -> None:
+    model, criterion = training_setup()
+    twin = copy.deepcopy(model)
+    step = torch.compile(loss_of, fullgraph=True, backend=backend)
+    for batch in batches:
+        x, y = torch.randn(batch, 3, RES, RES), torch.randint(0, 10, (batch,))
+        loss, info = loss_of(model, criterion, x, y)
+        loss.backward()
+        compiled_loss, compiled_info = step(twin, criterion, x, y)
+        compiled_loss.backward()  # the backward graph AOTAutograd compiled with the forward
+        torch.testing.assert_close(compiled_loss, loss)
+        assert compiled_info.keys() == info.keys()
+        for name in info:
+            torch.testing.assert_close(compiled_info[name], info[name], msg=name)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        for (name, b), c in zip(model.named_buffers(), twin.buffers()):  # BatchNorm running statistics
+            torch.testing.assert_close(c, b, msg=name)
+        model.zero_grad()
+        twin.zero_grad()
+
+
+def test_training_step_is_one_graph():
+    model, criterion = training_setup()
+    x, y = torch.randn(12, 3, RES, RES), torch.randint(0, 10, (12,))
+    explanation = torch._dynamo.explain(loss_of)(model, criterion, x, y)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, [
+        r.reason.splitlines()[0] for r in explanation.break_reasons
+    ]
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    check_step_matches_eager("aot_eager", [12, 9, 16])
+
+
+@pytest.mark.slow
+def test_compiled_training_step_with_inductor_matches_eager():
+    check_step_matches_eager("inductor", [12])
