@@ -24,6 +24,12 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_expert_index",
+    "check_bool",
+    "check_callable",
+    "check_dtype",
+    "check_device",
+    "check_generator",
+    "check_class_targets",
 ]
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -149,3 +155,88 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool``, or raise ``TypeError`` (a truthy string such as ``"no"`` is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def check_callable(name: str, value: Any, *, allow_none: bool = False, expected: str = "") -> Any:
+    """Return ``value`` if it is callable (or ``None`` when allowed), or raise ``TypeError``."""
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        what = f" ({expected})" if expected else ""
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be callable{what}{none}, got {type(value).__name__}")
+    return value
+
+
+def check_dtype(name: str, value: Any, *, floating: bool = True, allow_none: bool = True) -> torch.dtype | None:
+    """Return ``value`` if it is a ``torch.dtype`` (floating point when ``floating``), or ``None`` when allowed."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype (e.g. torch.float32), got {value!r}")
+    if floating and not value.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.dtype (e.g. torch.float32), got {value}")
+    return value
+
+
+def check_device(name: str, value: Any, *, allow_none: bool = True) -> torch.device | None:
+    """Return ``value`` as a ``torch.device`` (from a device or a string such as ``"cuda:0"``), or ``None``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda:0', got {value!r}")
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a valid device such as 'cpu' or 'cuda:0', got {value!r}") from None
+
+
+def check_generator(name: str, value: Any) -> torch.Generator | None:
+    """Return ``value`` if it is a ``torch.Generator`` or ``None``, or raise ``TypeError``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
+def check_class_targets(
+    name: str, target: Any, batch: int, num_classes: int, *, probabilities: bool = False
+) -> torch.Tensor:
+    """Check classification targets for logits ``[B, C]``: class indices ``LongTensor[B]`` in ``[0, C)``, or, when
+    ``probabilities``, class probabilities ``Tensor[B, C]`` (floating point). Returns ``target``.
+
+    The range check reads the targets' minimum and maximum (a device synchronisation on GPUs); it is skipped while
+    ``torch.compile`` traces, where a data-dependent branch would break the graph.
+    """
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dim() == 0 or target.shape[0] != batch:
+        raise ValueError(f"{name} must be batch-first with B={batch}, got shape {tuple(target.shape)}")
+    if target.is_floating_point() or target.is_complex():
+        if probabilities and target.is_floating_point() and tuple(target.shape) == (batch, num_classes):
+            return target
+        want = f"class indices LongTensor[B={batch}]"
+        if probabilities:
+            want += f" or class probabilities Tensor[B={batch}, C={num_classes}]"
+        raise TypeError(f"{name} must be {want}, got shape {tuple(target.shape)} and dtype {target.dtype}")
+    if target.dtype == torch.bool or target.dim() != 1:
+        raise TypeError(
+            f"{name} must be class indices LongTensor[B={batch}], got shape {tuple(target.shape)} and dtype "
+            f"{target.dtype}"
+        )
+    if target.numel() and not torch.compiler.is_compiling():
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{name} must hold class indices in [0, {num_classes}) (C = {num_classes} classes of the logits), "
+                f"got values in [{low}, {high}]"
+            )
+    return target
