@@ -367,6 +367,28 @@ def test_early_exit_semantics():
         torch.testing.assert_close(out.coefficients, coefficients)
 
 
+def test_a_confidence_exactly_on_the_threshold_exits():
+    net = _net(num_bases=2, num_classes=4).eval()
+    with torch.no_grad():  # a zero rough head: four equal logits, confidence exactly 1/4 for every sample
+        net.lightweight.rough_head.weight.zero_()
+        net.lightweight.rough_head.bias.zero_()
+        x = _x(3)
+        above = float(torch.nextafter(torch.tensor(0.25), torch.tensor(1.0)))
+        out = net.forward_eval(x, exit_threshold=0.25)
+        assert out.exited.tolist() == [True] * 3 and torch.equal(out.confidence, torch.full((3,), 0.25))
+        assert not net.forward_eval(x, exit_threshold=above).exited.any()
+
+
+def test_first_eval_forward_learns_the_specialist_output_shape_once():
+    net = _net(exit_threshold=0.0).eval()  # every sample exits
+    calls = _count_calls(net.specialist)
+    with torch.no_grad():
+        net(_x(4))
+        assert calls == [1]  # one sample, to check the specialist's output against the rough head
+        net(_x(4))
+    assert calls == [1]
+
+
 def test_average_flops_with_early_exit_is_lightweight_plus_kept_fraction_of_specialist():
     specialist = BasisSpecialist(_tiny(), 4, init_noise=0.5, strategy="weight")
     net = BasisNet(_tiny(width=4), specialist, 4, 5).eval()
