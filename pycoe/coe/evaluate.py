@@ -189,11 +189,13 @@ def threshold_sweep(
     Args:
         model: a :class:`~pycoe.coe.model.CoE` whose delegator has a rough head (thresholds other than ``None``)
             and whose experts return class logits ``[B, C]``.
-        loader: iterable of batches ``(x, y)`` or ``(x1, ..., xm, y)``, ``y`` LongTensor[B] of class indices
-            (or see ``unpack``).
+        loader: iterable of batches ``(x, y)`` or ``(x1, ..., xm, y)``, ``y`` LongTensor[B] of class indices in
+            ``[0, C)`` with B the batch's size (or see ``unpack``). Batches of 0 samples are skipped; a loader
+            without any sample raises.
         thresholds: thresholds in [0, 1]; ``None`` means no exit.
-        flops: ``None`` (count them), ``False`` (skip: ``flops_per_sample`` is ``None``), or a mapping
-            ``{"delegator": float, "experts": [float] * K}`` of per-sample FLOPs.
+        flops: ``None`` (count them on the first non-empty batch), ``False`` (skip: ``flops_per_sample`` is
+            ``None``), or a mapping ``{"delegator": float, "experts": [float] * K}`` of per-sample FLOPs (finite
+            numbers >= 0).
         unpack: ``batch -> (inputs tuple, target)``.
         device: where to run (default: the model's device).
 

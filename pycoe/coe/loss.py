@@ -216,8 +216,9 @@ class CoELoss(nn.Module):
 
         Args:
             output: the :class:`~pycoe.coe.model.CoETrainOutput` of a CoE in training mode.
-            target: the experts' target (for the default loss: class indices LongTensor[B]).
-            rough_target: the rough head's target (class indices LongTensor[B]); defaults to ``target``.
+            target: the experts' target (for the default loss: class indices LongTensor[B] in [0, C), or class
+                probabilities Tensor[B, C]).
+            rough_target: the rough head's target (class indices LongTensor[B] in [0, C)); defaults to ``target``.
 
         Returns:
             ``(loss, info)``: ``loss`` is a 0-dim tensor to call ``backward()`` on. ``info`` holds detached values:
@@ -232,6 +233,9 @@ class CoELoss(nn.Module):
             ``agreement`` (float, fraction of samples whose argmax expert is the LGM label); and, for class labels
             (logits ``[K, B, C]`` and integer targets ``[B]``), ``oracle_accuracy`` (some expert is right) and
             ``routed_accuracy`` (the argmax expert is right).
+
+        A batch of 0 samples gives a zero loss attached to the graph (``backward()`` gives zero gradients), counts
+        of 0 and ``NaN`` rates; under synchronisation such a rank still takes part in every collective.
         """
         if not all(hasattr(output, a) for a in ("selection_logits", "rough_logits", "expert_outputs")):
             raise TypeError(

@@ -102,8 +102,14 @@ class CoE(ExitThresholdMixin, nn.Module):
     **Early exit and output shapes.** Exiting replaces a sample's output by its rough logits ``Tensor[C]``, so it
     needs a delegator with a rough head (``num_classes``) and experts whose per-sample output is also
     ``Tensor[C]`` (classification). For other tasks (e.g. sequence models with outputs ``[B, T, V]``) keep
-    ``exit_threshold=None``: the rough head can still be trained as an auxiliary task, but mixing its output with
-    the experts' would raise a ``ValueError``.
+    ``exit_threshold=None``: the rough head can still be trained as an auxiliary task. With a threshold, the first
+    forward (train or eval) raises a ``ValueError`` when the rough head's per-sample shape differs from the
+    experts', whether or not a sample exits; in eval mode, if the experts' output shape has not been seen yet,
+    expert 0 runs once on one sample to learn it.
+
+    **Checks.** The delegator and the experts must share a dtype and device (checked at construction); an input
+    of another dtype or device raises a ``TypeError`` naming the component that received it. A batch of 0
+    samples returns empty outputs of the right shape in both modes.
 
     Args:
         delegator: usually a :class:`~pycoe.coe.delegator.Delegator`; any module returning a
