@@ -7,6 +7,7 @@ and says what was expected, so that bad input never surfaces as a deep shape err
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
@@ -92,29 +93,40 @@ def check_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _is_real(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (a Python or NumPy scalar, or a one-element non-bool tensor;
+    ``bool`` is refused), else ``None``. Not checked for finiteness."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+        return None
+    return float(value)
 
 
 def check_finite_float(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise unless it is a finite real number (``bool`` is rejected)."""
-    if not _is_real(value):
+    real = _real(value)
+    if real is None or not math.isfinite(real):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return real
 
 
 def check_positive_float(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise unless it is a finite number > 0."""
-    if not _is_real(value) or value <= 0:
+    real = _real(value)
+    if real is None or not math.isfinite(real) or real <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return real
 
 
 def check_nonnegative_float(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise unless it is a finite number >= 0."""
-    if not _is_real(value) or value < 0:
+    real = _real(value)
+    if real is None or not math.isfinite(real) or real < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return real
 
 
 @overload
@@ -129,9 +141,10 @@ def check_probability(name: str, value: Any, *, allow_none: bool = False) -> flo
     """Return ``value`` as a float in [0, 1], or raise."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    real = _real(value)
+    if real is None or not 0.0 <= real <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+    return real
 
 
 def check_expert_index(name: str, index: Any, num_experts: int, *, allow_exited: bool = False) -> torch.Tensor:

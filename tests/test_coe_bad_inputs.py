@@ -481,6 +481,12 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         r"output.expert_outputs must have shape \[K=3, B=4",
     ),
     (
+        "loss/rough-logits-batch",
+        lambda: loss()(CoETrainOutput(torch.randn(4, K), torch.randn(3, C), torch.randn(K, 4, C)), y()),
+        ValueError,
+        r"output.rough_logits must be None or a Tensor\[B=4, C\]",
+    ),
+    (
         "loss/nan-selection-logits",
         lambda: loss()(CoETrainOutput(torch.full((4, K), NAN), None, torch.randn(K, 4, C)), y()),
         ValueError,
@@ -537,6 +543,12 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         lambda: _sweep_with_flops({"delegator": "abc", "experts": [1.0] * K}),
         ValueError,
         r"flops\['delegator'\] must be a finite number >= 0",
+    ),
+    (
+        "sweep/flops-unknown-key",
+        lambda: _sweep_with_flops({"delegator": 1.0, "experts": [1.0] * K, "expert": 2.0}),
+        ValueError,
+        r"flops has unknown keys \['expert'\]",
     ),
     (
         "sweep/flops-experts-not-sequence",
@@ -792,6 +804,21 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
 def test_bad_input_raises_a_clear_error(call, exception, message):
     with pytest.raises(exception, match=message):
         call()
+
+
+def test_numbers_may_be_numpy_scalars_one_element_tensors_or_arrays():
+    np = pytest.importorskip("numpy")
+    assert coe(exit_threshold=np.float32(0.5)).exit_threshold == 0.5
+    assert coe(exit_threshold=torch.tensor(0.25)).exit_threshold == 0.25
+    assert basisnet(temperature=np.float32(2.0)).temperature == 2.0
+    model, data = coe(), loader()
+    expected = threshold_sweep(model, data, [0.5, 0.9], flops={"delegator": 1.0, "experts": [1.0, 2.0, 3.0]})
+    assert threshold_sweep(model, data, np.array([0.5, 0.9]), flops={"delegator": 1, "experts": [1, 2, 3]}) == expected
+    table = {"delegator": torch.tensor(1.0), "experts": torch.tensor([1.0, 2.0, 3.0])}
+    assert threshold_sweep(model, data, torch.tensor([0.5, 0.9], dtype=torch.float64), flops=table) == expected
+    for bad in (np.bool_(True), torch.tensor(True), torch.tensor([0.5, 0.5])):
+        with pytest.raises(ValueError, match="exit_threshold must be a number in"):
+            coe(exit_threshold=bad)
 
 
 def test_case_ids_are_unique():

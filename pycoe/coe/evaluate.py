@@ -12,7 +12,6 @@ Einstein legend: ``n`` sample of the whole loader, ``b`` sample of a batch, ``k`
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -143,7 +142,10 @@ def _check_flops_table(flops: Any, num_experts: int) -> tuple[float, list[float]
             'flops must be None, False or a mapping {"delegator": float, "experts": [float, ...]}, got '
             f"{type(flops).__name__ if not isinstance(flops, Mapping) else sorted(map(str, flops))}"
         )
-    experts = flops["experts"]
+    unknown = sorted(str(key) for key in flops if key not in ("delegator", "experts"))
+    if unknown:
+        raise ValueError(f'flops has unknown keys {unknown}; expected {{"delegator": float, "experts": [float, ...]}}')
+    experts = _as_list(flops["experts"])
     if not isinstance(experts, Sequence) or isinstance(experts, (str, bytes)):
         raise TypeError(
             f"flops['experts'] must be a sequence of {num_experts} numbers (one per expert), got "
@@ -152,16 +154,18 @@ def _check_flops_table(flops: Any, num_experts: int) -> tuple[float, list[float]
     if len(experts) != num_experts:
         raise ValueError(f"flops['experts'] must have one entry per expert ({num_experts}), got {len(experts)}")
 
-    def number(name: str, value: Any) -> float:
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
-            value = float(value)  # numpy scalars
-        return check_nonnegative_float(name, value)
-
-    return number("flops['delegator']", flops["delegator"]), [
-        number(f"flops['experts'][{k}]", f) for k, f in enumerate(experts)
+    return check_nonnegative_float("flops['delegator']", flops["delegator"]), [
+        check_nonnegative_float(f"flops['experts'][{k}]", f) for k, f in enumerate(experts)
     ]
+
+
+def _as_list(value: Any) -> Any:
+    """A 1-D tensor or NumPy array as a list (other values unchanged), so that either may stand for a sequence."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.tolist()
+    if type(value).__name__ == "ndarray" and getattr(value, "ndim", None) == 1:
+        return value.tolist()
+    return value
 
 
 def threshold_sweep(
@@ -205,6 +209,7 @@ def threshold_sweep(
         ``num_samples``.
     """
     model = _check_model(model)
+    thresholds = _as_list(thresholds)
     if not isinstance(thresholds, Sequence) or isinstance(thresholds, (str, bytes)):
         raise TypeError(
             "thresholds must be a sequence of numbers in [0, 1] (or None), e.g. [0.5, 0.9, None], got "

@@ -252,6 +252,9 @@ class CoELoss(nn.Module):
             raise ValueError(
                 f"output.expert_outputs must have shape [K={k}, B={batch}, ...], got {tuple(expert_outputs.shape)}"
             )
+        if rough is not None and (not isinstance(rough, torch.Tensor) or rough.dim() != 2 or rough.shape[0] != batch):
+            shape = tuple(rough.shape) if isinstance(rough, torch.Tensor) else type(rough).__name__
+            raise ValueError(f"output.rough_logits must be None or a Tensor[B={batch}, C], got {shape}")
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
         if target.dim() == 0 or target.shape[0] != batch:
