@@ -62,7 +62,14 @@ class InputMismatchError(TypeError):
 
 # Words in torch's messages about mismatched dtypes or devices (e.g. "mat1 and mat2 must have the same dtype",
 # "Input type (double) and bias type (float) should be the same", "Expected all tensors to be on the same device").
-_MISMATCH_WORDS = ("dtype", "type", "double", "float", "half", "long", "int", "device", "cuda", "cpu", "meta")
+_MISMATCH_PHRASES = ("dtype", "scalar type", "input type", "device")  # compared case-insensitively
+_TYPE_NAMES = ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Byte", "Char", "Bool")
+
+
+def _mentions_dtype_or_device(err: BaseException) -> bool:
+    message = str(err)
+    lower = message.lower()
+    return any(p in lower for p in _MISMATCH_PHRASES) or any(name in message for name in _TYPE_NAMES)
 
 
 def explain_input_mismatch(err: BaseException, component: str, module: nn.Module, x: Any) -> InputMismatchError | None:
@@ -74,7 +81,7 @@ def explain_input_mismatch(err: BaseException, component: str, module: nn.Module
     """
     if isinstance(err, InputMismatchError):  # a nested component already diagnosed it: rename the component
         dtype, device = err.dtype, err.device
-    elif isinstance(x, torch.Tensor) and any(word in str(err).lower() for word in _MISMATCH_WORDS):
+    elif isinstance(x, torch.Tensor) and _mentions_dtype_or_device(err):
         dtype, device = x.dtype, x.device
     else:
         return None
