@@ -301,8 +301,7 @@ def check_class_targets(
     """Check classification targets for logits ``[B, C]``: class indices ``LongTensor[B]`` in ``[0, C)``, or, when
     ``probabilities``, class probabilities ``Tensor[B, C]`` (floating point). Returns ``target``.
 
-    The range check reads the targets' minimum and maximum (a device synchronisation on GPUs); it is skipped while
-    ``torch.compile`` traces, where a data-dependent branch would break the graph.
+    The range check reads the data: under ``torch.compile`` it is a ``torch._assert_async`` (see :func:`check_data`).
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(target).__name__}")
@@ -320,11 +319,10 @@ def check_class_targets(
             f"{name} must be class indices LongTensor[B={batch}], got shape {tuple(target.shape)} and dtype "
             f"{target.dtype}"
         )
-    if target.numel() and not torch.compiler.is_compiling():
-        low, high = int(target.min()), int(target.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"{name} must hold class indices in [0, {num_classes}) (C = {num_classes} classes of the logits), "
-                f"got values in [{low}, {high}]"
-            )
+    if target.numel():
+        check_data(
+            ((target >= 0) & (target < num_classes)).all(),
+            f"{name} must hold class indices in [0, {num_classes}) (C = {num_classes} classes of the logits)",
+            lambda: f", got values in [{int(target.min())}, {int(target.max())}]",
+        )
     return target
