@@ -367,6 +367,17 @@ def test_early_exit_semantics():
         torch.testing.assert_close(out.coefficients, coefficients)
 
 
+def test_basisnet_loss_of_an_empty_batch_is_zero_and_differentiable():
+    logits = torch.zeros(0, 5, dtype=DT, requires_grad=True)
+    rough = torch.zeros(0, 5, dtype=DT, requires_grad=True)
+    coefficients = torch.zeros(0, 3, dtype=DT)
+    output = BasisNetTrainOutput(logits, coefficients, coefficients, rough)
+    loss, info = basisnet_loss(output, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and info["specialist"].item() == 0.0 and info["rough"].item() == 0.0
+    assert logits.grad.shape == (0, 5) and rough.grad.shape == (0, 5)
+
+
 def test_a_confidence_exactly_on_the_threshold_exits():
     net = _net(num_bases=2, num_classes=4).eval()
     with torch.no_grad():  # a zero rough head: four equal logits, confidence exactly 1/4 for every sample

@@ -415,7 +415,7 @@ def basisnet_loss(
 
     Returns:
         ``(loss Tensor[], info)`` with ``info = {"specialist": ..., "rough": ...}`` (detached scalars; "rough"
-        only with a rough head).
+        only with a rough head). A batch of 0 samples gives a zero loss attached to the graph.
     """
     if not isinstance(output, BasisNetTrainOutput):
         raise TypeError(
@@ -434,6 +434,14 @@ def basisnet_loss(
             raise ValueError(f"criterion must return a scalar loss tensor, got {shape} for the {what}")
         return value.reshape(())
 
+    if isinstance(output.output, torch.Tensor) and output.output.dim() > 0 and output.output.shape[0] == 0:
+        # a batch of 0 samples: a zero loss attached to the graph (a mean over no sample would be NaN)
+        loss = output.output.sum() * 0.0
+        info = {"specialist": loss.detach()}
+        if output.rough_logits is not None:
+            loss = loss + output.rough_logits.sum() * 0.0
+            info["rough"] = info["specialist"].clone()
+        return loss, info
     specialist_loss = scalar(criterion(output.output, target), "specialist's output")
     info = {"specialist": specialist_loss.detach()}
     loss = specialist_loss
