@@ -28,6 +28,7 @@ from torch import nn
 from pycoe._modules import traceable_paths
 from pycoe.basisnet import BasisNet, BasisSpecialist
 from pycoe.coe import CoE, Delegator, ExpertPool
+from pycoe.cotrain import CoTrainingEnsemble, CoTrainingOutput
 from pycoe.export import ExportError, export, output_names, prepare_for_export, to_onnx
 from pycoe.layers import PWLU, convert_conv2d_to_condconv
 
@@ -245,6 +246,24 @@ def test_exported_basisnet_with_early_exit_matches_eager():
             got, ref = program.module()(x), net(x)
         torch.testing.assert_close(got.output, ref.output, rtol=1e-4, atol=1e-4)
         assert torch.equal(got.exited, ref.exited)
+
+
+def test_exported_cotraining_ensemble_matches_eager():
+    torch.manual_seed(12)
+    members = [conv_net(), conv_net(width=4)]
+    for m in members:
+        randomise_batchnorm(m)
+    ensemble = CoTrainingEnsemble(members).eval()
+    program = export(ensemble, torch.randn(4, 3, RES, RES))
+    members_program = export(ensemble, torch.randn(4, 3, RES, RES), example_kwargs={"return_members": True})
+    for b in (1, 5, 64):
+        x = torch.randn(b, 3, RES, RES)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), ensemble(x), rtol=1e-4, atol=1e-5)
+            got, ref = members_program.module()(x, return_members=True), ensemble(x, return_members=True)
+        assert isinstance(got, CoTrainingOutput)
+        torch.testing.assert_close(got.member_outputs, ref.member_outputs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.ensemble, ref.ensemble, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- preparation
