@@ -118,9 +118,10 @@ class _UseCounter(TorchFunctionMode):
         return result
 
 
-def _foldable_pairs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, str]:
+def _foldable_pairs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
     """``{batchnorm name: producer name}`` for the BatchNorms whose input, in one forward on the example, is the
-    output of a convolution / linear layer that nothing else uses (each module called once)."""
+    output of a convolution / linear layer that nothing else uses (each module called once); and the output of
+    that forward."""
     modules = dict(model.named_modules())
     names = {id(m): name for name, m in modules.items()}
     calls: dict[int, int] = {}
@@ -148,7 +149,7 @@ def _foldable_pairs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
     try:
         # the traceable paths call every expert (also those that receive no sample), as the exported graph does
         with torch.no_grad(), traceable_paths(), counter:
-            model(*args, **kwargs)
+            reference = model(*args, **kwargs)
     except Exception as error:
         raise ExportError(
             f"the model failed on example_inputs when run as it will be exported: {type(error).__name__}: {error}. "
@@ -169,7 +170,24 @@ def _foldable_pairs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
         if bn.num_features != channels or (isinstance(producer, nn.Linear) and output.dim() != 2):
             continue
         pairs[names[bn_id]] = names[producer_id]
-    return pairs
+    return pairs, reference
+
+
+def _check_unchanged(reference: Any, prepared: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """The prepared copy must compute the model's outputs on the example, up to the rounding of the folding."""
+    with torch.no_grad(), traceable_paths():
+        outputs = prepared(*args, **kwargs)
+    expected, got = pytree.tree_leaves(reference), pytree.tree_leaves(outputs)
+    for a, b in zip(expected, got):
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel():
+            scale = float(a.detach().abs().max())
+            if not torch.allclose(b.float(), a.float(), rtol=1e-3, atol=1e-3 * max(scale, 1.0), equal_nan=True):
+                error = float((b.float() - a.float()).abs().max())
+                raise ExportError(
+                    f"folding the BatchNorms changed the model's outputs on example_inputs (max abs difference "
+                    f"{error:.3g} for values up to {scale:.3g}): a layer or BatchNorm this preparation does not "
+                    "understand; export with prepare=False, or fold the BatchNorms yourself"
+                )
 
 
 def prepare_for_export(
@@ -195,6 +213,8 @@ def prepare_for_export(
     Raises:
         ValueError: a module is in training mode, or an eval BatchNorm uses batch statistics
             (``track_running_stats=False``): its output depends on the other samples of the batch.
+        ExportError: the model fails on the example when every expert is called (also on an empty batch), or
+            the prepared copy's outputs on the example differ from the model's by more than rounding (checked).
     """
     _check_eval(model)
     args = _as_args(example_inputs)
@@ -207,7 +227,7 @@ def prepare_for_export(
                 "sample's output. Train it with running statistics, or replace it (e.g. by nn.GroupNorm)"
             )
     prepared = copy.deepcopy(model)
-    pairs = _foldable_pairs(prepared, args, kwargs)
+    pairs, reference = _foldable_pairs(prepared, args, kwargs)
     fused: dict[str, nn.Module] = {}
     for bn_name, producer_name in pairs.items():
         producer = prepared.get_submodule(producer_name)
@@ -224,7 +244,9 @@ def prepare_for_export(
         lambda name, m: type(m) in _BATCH_NORMS,
         lambda name, m: _BatchNormAffine(m),  # type: ignore[arg-type]
     )
-    return prepared.eval()
+    prepared.eval()
+    _check_unchanged(reference, prepared, args, kwargs)
+    return prepared
 
 
 # ---------------------------------------------------------------------------------------------- export

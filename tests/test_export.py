@@ -336,6 +336,20 @@ def test_prepare_does_not_fold_into_a_shared_convolution():
         torch.testing.assert_close(prepared(x), net(x), rtol=1e-5, atol=1e-6)
 
 
+def test_prepare_checks_the_prepared_copy_against_the_model(monkeypatch):
+    def wrong_fold(conv, bn):
+        fused = copy.deepcopy(conv)
+        with torch.no_grad():
+            fused.weight.mul_(2.0)  # a folding gone wrong
+        return fused
+
+    monkeypatch.setattr(torch.nn.utils.fusion, "fuse_conv_bn_eval", wrong_fold)
+    net = conv_net()
+    randomise_batchnorm(net)
+    with pytest.raises(ExportError, match="changed the model's outputs"):
+        prepare_for_export(net.eval(), torch.randn(3, 3, RES, RES))
+
+
 def test_prepare_rejects_batchnorm_without_running_statistics():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     with pytest.raises(ValueError, match=r"'1'.*running statistics"):
