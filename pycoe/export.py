@@ -297,6 +297,30 @@ def _explain(error: Exception, model: nn.Module) -> ExportError:
     return ExportError(f"cannot export {module}: {type(error).__name__}: {first_line}\n{hint}")
 
 
+class _KeywordInputsLast(nn.Module):
+    """``model`` with its keyword inputs given as trailing positional inputs.
+
+    torch 2.14 generates a broken input check (a ``NameError`` when ``ExportedProgram.module()`` is called) for a
+    ``forward(*inputs, **kwargs)`` whose keyword tensors share the dynamic batch: such a model is exported through
+    this wrapper, and the program takes the keyword inputs positionally, after the positional ones.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = tuple(names)
+
+    def forward(self, *args: Any) -> Any:
+        n = len(args) - len(self.names)
+        return self.model(*args[:n], **dict(zip(self.names, args[n:])))
+
+
+def _takes_var_keyword(model: nn.Module) -> bool:
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
 def export(
     model: nn.Module,
     example_inputs: Any,
@@ -317,7 +341,10 @@ def export(
         model: an ``nn.Module`` in eval mode; not modified.
         example_inputs: a tensor or a tuple of the model's positional inputs, with a batch of at least 2 (torch
             specialises a size of 1).
-        example_kwargs: keyword inputs.
+        example_kwargs: keyword inputs. For a model whose forward takes ``**kwargs`` (such as
+            :class:`~pycoe.coe.model.CoE`) with a dynamic batch, the program takes them as trailing positional
+            inputs, in this order (``program.module()(x, y, scale)`` for ``model(x, y, scale=s)``): torch 2.14
+            cannot check the inputs of such a signature.
         dynamic_batch: ``True`` (default): dim 0 of every tensor input whose size equals the first input's batch
             is one dynamic ``batch`` dimension; ``False``: the program accepts only the example's shapes.
         prepare: ``True`` (default): export :func:`prepare_for_export`'s copy; ``False``: export ``model`` as it is
@@ -344,8 +371,13 @@ def export(
                 f"{batch}), got batch size {batch}; the exported program still runs on batches of 1 (or pass "
                 "dynamic_batch=False)"
             )
+    traced: nn.Module = prepared
+    if kwargs and dynamic_batch and _takes_var_keyword(prepared):
+        traced = _KeywordInputsLast(prepared, list(kwargs))
+        args, kwargs = (*args, *kwargs.values()), {}
+        dynamic_shapes, _ = _batch_dynamic_shapes(traced, args, kwargs)
     try:
-        return torch.export.export(prepared, args, kwargs, dynamic_shapes=dynamic_shapes)
+        return torch.export.export(traced, args, kwargs, dynamic_shapes=dynamic_shapes)
     except Exception as error:  # re-raised with the submodule's name, the cause chained
         raise _explain(error, prepared) from error
 

@@ -84,16 +84,19 @@ def test_traceable_forward_routed_matches_plain_path_and_reference():
         torch.testing.assert_close(traced, reference, rtol=1e-4, atol=1e-4)
 
 
+class PairExpert(nn.Module):
+    """Two inputs (like a translation expert reading source and target prefix) and a keyword scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(5, 4)
+
+    def forward(self, x, y, scale=None):
+        out = self.a(x) + self.b(y)
+        return out if scale is None else out * scale
+
+
 def test_traceable_forward_routed_splits_every_batched_input():
-    class PairExpert(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 4), nn.Linear(5, 4)
-
-        def forward(self, x, y, scale=None):
-            out = self.a(x) + self.b(y)
-            return out if scale is None else out * scale
-
     pool = ExpertPool([PairExpert() for _ in range(3)])
     x, y, scale = torch.randn(6, 3), torch.randn(6, 5), torch.randn(6, 1)
     index = torch.tensor([2, 0, 2, 2, 0, 0])  # expert 1 receives nothing
@@ -158,6 +161,36 @@ def test_export_without_exit_threshold():
         xb = torch.randn(b, 3, RES, RES)
         with torch.no_grad():
             assert_same_coe_output(program.module()(xb), model(xb))
+
+
+def test_export_of_a_coe_with_several_inputs_and_a_keyword_input(tmp_path):
+    torch.manual_seed(13)
+    delegator = Delegator(
+        nn.Sequential(nn.Linear(3, 6), nn.ReLU()),
+        num_experts=3,
+        num_classes=4,
+        feature_dim=6,
+        classifier=None,
+        zero_init_selection=False,
+    )
+    model = CoE(delegator, ExpertPool([PairExpert() for _ in range(3)]), exit_threshold=0.4).eval()
+    example = (torch.randn(6, 3), torch.randn(6, 5))
+    program = export(model, example, example_kwargs={"scale": torch.randn(6, 1)})
+    path = tmp_path / "pair.onnx"
+    to_onnx(model, example, path, example_kwargs={"scale": torch.randn(6, 1)})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_0", "input_1", "input_2"]
+    exits = 0
+    for b in (1, 7, 40):
+        x, y, scale = torch.randn(b, 3), torch.randn(b, 5), torch.randn(b, 1)
+        with torch.no_grad():
+            ref = model(x, y, scale=scale)
+            # the keyword input comes last, positionally (see export's docstring)
+            assert_same_coe_output(program.module()(x, y, scale), ref)
+        onnx_out = session.run(None, {"input_0": x.numpy(), "input_1": y.numpy(), "input_2": scale.numpy()})
+        torch.testing.assert_close(torch.from_numpy(onnx_out[0]), ref.output, rtol=1e-4, atol=1e-5)
+        exits += int(ref.exited.sum())
+    assert 0 < exits < 48
 
 
 def test_export_with_a_static_batch():
