@@ -31,46 +31,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from pycoe._batchnorm_folding import BATCH_NORMS, BatchNormAffine, foldable_pairs, output_mismatch
 from pycoe._modules import replace_modules, traceable_paths
 
 __all__ = ["ExportError", "prepare_for_export", "export", "to_onnx", "output_names", "compile_inference"]
 
-# Exactly these types are folded into: a subclass may change what its weight means (e.g. weight standardisation).
-_FOLDABLE_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-# Exactly these types are folded or frozen: their eval forward is the affine map of their running statistics.
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
 
 class ExportError(RuntimeError):
     """A model (or one of its submodules) cannot be exported; the message names the submodule and what to do."""
-
-
-class _BatchNormAffine(nn.Module):
-    """An eval-mode BatchNorm that cannot be folded, as the affine map it computes: ``x * scale + shift`` per
-    channel (dim 1). Same values as the BatchNorm, without its batch-size checks."""
-
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-    def __init__(self, bn: _BatchNorm) -> None:
-        super().__init__()
-        assert bn.running_mean is not None and bn.running_var is not None
-        with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-        self.register_buffer("scale", scale.detach().clone())
-        self.register_buffer("shift", shift.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.scale.reshape(shape) + self.shift.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------- preparation
@@ -101,93 +71,15 @@ def _check_eval(model: nn.Module) -> None:
         )
 
 
-class _UseCounter(TorchFunctionMode):
-    """Counts, for each watched tensor, the torch calls that take it and return a tensor (computational uses;
-    metadata queries such as ``.dim()`` or ``.shape`` return no tensor and are not counted)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.uses: dict[int, int] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if self.uses and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(result)):
-            for t in pytree.tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor) and id(t) in self.uses:
-                    self.uses[id(t)] += 1
-        return result
-
-
-def _foldable_pairs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
-    """``{batchnorm name: producer name}`` for the BatchNorms whose input, in one forward on the example, is the
-    output of a convolution / linear layer that nothing else uses (each module called once); and the output of
-    that forward."""
-    modules = dict(model.named_modules())
-    names = {id(m): name for name, m in modules.items()}
-    calls: dict[int, int] = {}
-    produced: dict[int, tuple[int, torch.Tensor]] = {}  # id(output) -> (id(producer), output kept alive)
-    consumed: dict[int, int] = {}  # id(batchnorm) -> id(its input)
-    counter = _UseCounter()
-
-    def after_producer(module: nn.Module, inputs: Any, output: Any) -> None:
-        calls[id(module)] = calls.get(id(module), 0) + 1
-        if isinstance(output, torch.Tensor):
-            produced[id(output)] = (id(module), output)
-            counter.uses[id(output)] = 0
-
-    def before_norm(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        calls[id(module)] = calls.get(id(module), 0) + 1
-        if inputs and isinstance(inputs[0], torch.Tensor):
-            consumed[id(module)] = id(inputs[0])
-
-    handles = []
-    for m in model.modules():
-        if type(m) in _FOLDABLE_INTO:
-            handles.append(m.register_forward_hook(after_producer))
-        elif type(m) in _BATCH_NORMS:
-            handles.append(m.register_forward_pre_hook(before_norm))
-    try:
-        # the traceable paths call every expert (also those that receive no sample), as the exported graph does
-        with torch.no_grad(), traceable_paths(), counter:
-            reference = model(*args, **kwargs)
-    except Exception as error:
-        raise ExportError(
-            f"the model failed on example_inputs when run as it will be exported: {type(error).__name__}: {error}. "
-            "Every expert is called, also on an empty sub-batch when it receives no sample: it must accept one"
-        ) from error
-    finally:
-        for h in handles:
-            h.remove()
-    pairs: dict[str, str] = {}
-    for bn_id, tensor_id in consumed.items():
-        if tensor_id not in produced or calls.get(bn_id) != 1:
-            continue
-        producer_id, output = produced[tensor_id]
-        producer, bn = modules[names[producer_id]], modules[names[bn_id]]
-        if calls.get(producer_id) != 1 or counter.uses[tensor_id] != 1:
-            continue  # a shared layer, or its raw output is used elsewhere too (e.g. a residual)
-        channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-        if bn.num_features != channels or (isinstance(producer, nn.Linear) and output.dim() != 2):
-            continue
-        pairs[names[bn_id]] = names[producer_id]
-    return pairs, reference
-
-
 def _check_unchanged(reference: Any, prepared: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     """The prepared copy must compute the model's outputs on the example, up to the rounding of the folding."""
     with torch.no_grad(), traceable_paths():
-        outputs = prepared(*args, **kwargs)
-    expected, got = pytree.tree_leaves(reference), pytree.tree_leaves(outputs)
-    for a, b in zip(expected, got):
-        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel():
-            scale = float(a.detach().abs().max())
-            if not torch.allclose(b.float(), a.float(), rtol=1e-3, atol=1e-3 * max(scale, 1.0), equal_nan=True):
-                error = float((b.float() - a.float()).abs().max())
-                raise ExportError(
-                    f"folding the BatchNorms changed the model's outputs on example_inputs (max abs difference "
-                    f"{error:.3g} for values up to {scale:.3g}): a layer or BatchNorm this preparation does not "
-                    "understand; export with prepare=False, or fold the BatchNorms yourself"
-                )
+        mismatch = output_mismatch(reference, prepared(*args, **kwargs))
+    if mismatch is not None:
+        raise ExportError(
+            f"folding the BatchNorms changed the model's outputs on example_inputs ({mismatch}): a layer or "
+            "BatchNorm this preparation does not understand; export with prepare=False, or fold them yourself"
+        )
 
 
 def prepare_for_export(
@@ -227,7 +119,14 @@ def prepare_for_export(
                 "sample's output. Train it with running statistics, or replace it (e.g. by nn.GroupNorm)"
             )
     prepared = copy.deepcopy(model)
-    pairs, reference = _foldable_pairs(prepared, args, kwargs)
+    try:
+        pairs, reference = foldable_pairs(prepared, args, kwargs)
+    except Exception as error:
+        raise ExportError(
+            f"the model failed on example_inputs when run as it will be exported: {type(error).__name__}: {error}. "
+            "Every expert (and BasisNet's specialist) is called, also on an empty batch when it receives no "
+            "sample: it must accept one"
+        ) from error
     fused: dict[str, nn.Module] = {}
     for bn_name, producer_name in pairs.items():
         producer = prepared.get_submodule(producer_name)
@@ -241,8 +140,8 @@ def prepare_for_export(
     replace_modules(prepared, lambda name, m: name in pairs, lambda name, m: nn.Identity())
     replace_modules(
         prepared,
-        lambda name, m: type(m) in _BATCH_NORMS,
-        lambda name, m: _BatchNormAffine(m),  # type: ignore[arg-type]
+        lambda name, m: type(m) in BATCH_NORMS,
+        lambda name, m: BatchNormAffine(m),  # type: ignore[arg-type]
     )
     prepared.eval()
     _check_unchanged(reference, prepared, args, kwargs)
