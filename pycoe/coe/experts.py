@@ -182,8 +182,10 @@ class ExpertPool(nn.Module):
             **kwargs: keyword inputs.
 
         Returns:
-            Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order. Experts that receive
-            no sample are not called.
+            Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order. Eagerly, experts that
+            receive no sample are not called; under ``torch.compile`` / ``torch.export`` (no Python branch on the
+            counts) every expert is called on its rows ``nonzero(index == k)``, possibly none, so experts must
+            accept an empty batch there.
         """
         index = check_expert_index("index", index, self.num_experts)
         batch = index.shape[0]
