@@ -23,6 +23,7 @@ __all__ = [
     "check_probability",
     "check_choice",
     "check_finite",
+    "check_factory_kwargs",
 ]
 
 
@@ -122,3 +123,19 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value
+
+
+def check_factory_kwargs(device: Any, dtype: Any, *, floating: bool = False) -> None:
+    """Raise, naming the argument, for ``device`` / ``dtype`` factory keywords that torch would reject.
+
+    ``None`` is accepted for both; ``floating=True`` also requires a floating-point ``dtype``.
+    """
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or (floating and not dtype.is_floating_point):
+            kind = "a floating-point torch.dtype" if floating else "a torch.dtype"
+            raise TypeError(f"dtype must be {kind} or None, got {dtype!r}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must be a torch.device, a device string or None, got {device!r}") from err

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference.pwlu import pwlu_reference
 from torch import nn
 
-from pycoe.functional.pwlu import pwlu, pwlu_reference
-from pycoe.layers.pwlu import INIT_NAMES, PWLU, convert_activations_to_pwlu, realign_pwlu
+from pycoe.functional import pwlu
+from pycoe.layers import PWLU, convert_activations_to_pwlu, realign_pwlu
+from pycoe.layers.pwlu import INIT_NAMES
 
-# the module itself (``pycoe.functional.pwlu`` as an attribute is the re-exported function)
-fpwlu = importlib.import_module("pycoe.functional.pwlu")
+# the eager CPU kernel (its chunk size is patched to make tiny inputs take every kind of piece)
+eager = importlib.import_module("pycoe.functional._pwlu_eager")
 F64 = torch.float64
 
 
@@ -42,7 +44,7 @@ def all_grads(fn, x, params, channel_dim, gout):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Make the fast path split tiny tensors into many pieces (all three kinds of piece)."""
-    monkeypatch.setattr(fpwlu, "_CHUNK_BYTES", 8 * 24)
+    monkeypatch.setattr(eager, "CHUNK_BYTES", 8 * 24)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,12 +95,12 @@ def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes
     x = (3 * torch.randn(shape, dtype=F64, generator=gen)).requires_grad_()
     params = random_params(rows, n, gen=gen)
     gout = torch.randn(shape, dtype=F64, generator=gen)
-    old = fpwlu._CHUNK_BYTES
-    fpwlu._CHUNK_BYTES = chunk_bytes
+    old = eager.CHUNK_BYTES
+    eager.CHUNK_BYTES = chunk_bytes
     try:
         y, grads = all_grads(pwlu, x, params, channel_dim, gout)
     finally:
-        fpwlu._CHUNK_BYTES = old
+        eager.CHUNK_BYTES = old
     y_ref, grads_ref = all_grads(pwlu_reference, x, params, channel_dim, gout)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for g, g_ref in zip(grads, grads_ref):
@@ -600,11 +602,10 @@ def test_resnet18_close_after_collect_and_realign():
 
 def test_threaded_fast_path_matches_one_thread_and_is_reproducible():
     """Large CPU inputs split their chunks between torch.get_num_threads() threads."""
-    mod = importlib.import_module("pycoe.functional.pwlu")
     x = torch.randn(8, 16, 48, 48, generator=torch.Generator().manual_seed(3))
     points = torch.randn(16, 17, generator=torch.Generator().manual_seed(4))
     bounds = (torch.full((16,), -2.0), torch.full((16,), 2.5), torch.full((16,), 0.1), torch.full((16,), 0.9))
-    chunk = mod._CHUNK_BYTES // 4
+    chunk = eager.CHUNK_BYTES // 4
     pieces = -(-x.numel() // chunk)
     saved = torch.get_num_threads()
 
@@ -612,13 +613,13 @@ def test_threaded_fast_path_matches_one_thread_and_is_reproducible():
         torch.set_num_threads(threads)
         xi = x.to(dtype).clone().requires_grad_()
         params = [points.to(dtype).clone().requires_grad_()] + [b.to(dtype).clone().requires_grad_() for b in bounds]
-        y = mod.pwlu(xi, *params, channel_dim=1)
+        y = pwlu(xi, *params, channel_dim=1)
         y.backward(torch.cos(x).to(dtype))
         return [y.detach(), xi.grad] + [p.grad for p in params]
 
     try:
         torch.set_num_threads(2)
-        assert mod._workers(x, pieces) == 2  # the split really happens at this size
+        assert eager._workers(x, pieces) == 2  # the split really happens at this size
         one, two, again = run(1), run(2), run(2)
         exact = run(1, torch.float64)
     finally:
