@@ -22,7 +22,17 @@ from pycoe.layers.pwlu import INIT_NAMES
 
 # the eager CPU kernel (its chunk size is patched to make tiny inputs take every kind of piece)
 eager = importlib.import_module("pycoe.functional._pwlu_eager")
+# the module (``pycoe.functional.pwlu`` as an attribute is the function), for its fused kernel
+fmod = importlib.import_module("pycoe.functional.pwlu")
 F64 = torch.float64
+
+
+def fused_pwlu(x, *params, channel_dim=1):
+    """The kernel that torch.compile and torch.export use (and other devices), called eagerly on the CPU."""
+    return fmod._FusedPWLU.apply(x, *fmod._prepare(x, *params, channel_dim))
+
+
+KERNELS = {"eager": pwlu, "fused": fused_pwlu}
 
 
 def random_params(rows: int, n: int, dtype=F64, requires_grad=True, gen=None):
@@ -51,14 +61,16 @@ def small_chunks(monkeypatch):
 # functional: gradcheck, reference agreement, continuity, deterministic path
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
     "rows,shape,channel_dim",
     [(1, (2, 3, 4, 3), 1), (3, (2, 3, 4, 3), 1), (4, (2, 5, 4), -1)],
 )
-def test_gradcheck_input_and_every_parameter(rows, shape, channel_dim, small_chunks):
+def test_gradcheck_input_and_every_parameter(kernel, rows, shape, channel_dim, small_chunks):
     x = (2.5 * torch.randn(shape, dtype=F64)).requires_grad_()
     params = random_params(rows, 5)
-    assert torch.autograd.gradcheck(lambda *a: pwlu(*a, channel_dim=channel_dim), (x, *params))
+    fn = KERNELS[kernel]
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, channel_dim=channel_dim), (x, *params))
 
 
 def test_gradcheck_deterministic_path():
@@ -85,9 +97,10 @@ def test_reference_gradcheck():
     n=st.integers(1, 9),
     per_channel=st.booleans(),
     chunk_bytes=st.sampled_from([8, 8 * 7, 8 * 40, 1 << 16]),
+    kernel=st.sampled_from(sorted(KERNELS)),
     seed=st.integers(0, 2**16),
 )
-def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes, seed):
+def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes, kernel, seed):
     shape = tuple(data.draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
     channel_dim = data.draw(st.integers(-ndim, ndim - 1))
     rows = shape[channel_dim] if per_channel else 1
@@ -98,7 +111,7 @@ def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes
     old = eager.CHUNK_BYTES
     eager.CHUNK_BYTES = chunk_bytes
     try:
-        y, grads = all_grads(pwlu, x, params, channel_dim, gout)
+        y, grads = all_grads(KERNELS[kernel], x, params, channel_dim, gout)
     finally:
         eager.CHUNK_BYTES = old
     y_ref, grads_ref = all_grads(pwlu_reference, x, params, channel_dim, gout)
@@ -107,13 +120,14 @@ def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_float32_agrees_with_float64_reference():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float32_agrees_with_float64_reference(kernel):
     x = 3 * torch.randn(4, 6, 9, 9)
     params = [p.float() for p in random_params(6, 16, requires_grad=False)]
     params = [p.requires_grad_() for p in params]
     x.requires_grad_()
     gout = torch.randn_like(x)
-    y, grads = all_grads(pwlu, x, params, 1, gout)
+    y, grads = all_grads(KERNELS[kernel], x, params, 1, gout)
     x64 = x.detach().double().requires_grad_()
     p64 = [p.detach().double().requires_grad_() for p in params]
     y_ref, grads_ref = all_grads(pwlu_reference, x64, p64, 1, gout.double())
@@ -122,16 +136,18 @@ def test_float32_agrees_with_float64_reference():
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-3)
 
 
-def test_deterministic_path_agrees_and_repeats():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_deterministic_path_agrees_and_repeats(kernel):
     x = (3 * torch.randn(4, 5, 30, dtype=torch.float32)).requires_grad_()
     params = [p.float().detach().requires_grad_() for p in random_params(5, 16)]
     gout = torch.randn_like(x)
-    _, default = all_grads(pwlu, x, params, 1, gout)
+    fn = KERNELS[kernel]
+    _, default = all_grads(fn, x, params, 1, gout)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        _, det1 = all_grads(pwlu, x, params, 1, gout)
-        _, det2 = all_grads(pwlu, x, params, 1, gout)
+        _, det1 = all_grads(fn, x, params, 1, gout)
+        _, det2 = all_grads(fn, x, params, 1, gout)
     finally:
         torch.use_deterministic_algorithms(prev)
     for a, b, c in zip(default, det1, det2):
@@ -139,8 +155,9 @@ def test_deterministic_path_agrees_and_repeats():
         assert torch.equal(b, c)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_continuity_and_values_at_every_knot(rows):
+def test_continuity_and_values_at_every_knot(kernel, rows):
     n = 7
     pts, lb, rb, ks, kr = random_params(rows, n, requires_grad=False)
     j = torch.arange(n + 1, dtype=F64)
@@ -148,27 +165,59 @@ def test_continuity_and_values_at_every_knot(rows):
     eps = 1e-9
     for offset in (-eps, 0.0, eps):
         x = (knots + offset).T.contiguous().unsqueeze(0)  # [1, K, rows]: channel_dim=2
-        y = pwlu(x, pts, lb, rb, ks, kr, channel_dim=2)
+        y = KERNELS[kernel](x, pts, lb, rb, ks, kr, channel_dim=2)
         torch.testing.assert_close(y[0].T, pts, rtol=0, atol=1e-7)
 
 
-def test_linear_extrapolation_outside_the_bounds():
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_inputs_exactly_on_the_bounds_and_knots(kernel, dtype):
+    """Exactly representable bounds and knots: the value is the knot's, and both sides meet there."""
+    n = 8
+    pts = torch.randn(1, n + 1, dtype=dtype)
+    lb, rb = -2.0, 2.0  # d = 0.5: every knot B_L + j d is exact in binary
+    ks, kr = 0.25, 1.5
+    knots = torch.linspace(lb, rb, n + 1, dtype=dtype)
+    y = KERNELS[kernel](knots, pts, lb, rb, ks, kr)
+    torch.testing.assert_close(y, pts[0], rtol=0, atol=2e-6 if dtype == torch.float32 else 1e-12)
+    # the one-sided neighbours agree with the reference (which decides the segment by the same rule)
+    for side in (-1, 1):
+        near = torch.nextafter(knots, torch.full_like(knots, side * math.inf))
+        torch.testing.assert_close(
+            KERNELS[kernel](near, pts, lb, rb, ks, kr), pwlu_reference(near, pts, lb, rb, ks, kr), rtol=0, atol=1e-5
+        )
+    # the bounds themselves: B_L is the first knot value, B_R the last, and the rays start there
+    x = torch.tensor([lb, rb, lb - 1.0, rb + 1.0], dtype=dtype)
+    expected = torch.stack([pts[0, 0], pts[0, n], pts[0, 0] - ks, pts[0, n] + kr])
+    torch.testing.assert_close(KERNELS[kernel](x, pts, lb, rb, ks, kr), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_linear_extrapolation_outside_the_bounds(kernel):
     pts, lb, rb, ks, kr = random_params(1, 4, requires_grad=False)
     x = torch.tensor([lb.item() - 5.0, lb.item() - 1.0, rb.item() + 1.0, rb.item() + 7.0], dtype=F64)
-    y = pwlu(x, pts, lb, rb, ks, kr)
+    y = KERNELS[kernel](x, pts, lb, rb, ks, kr)
     expected = torch.stack([pts[0, 0] - 5 * ks[0], pts[0, 0] - ks[0], pts[0, -1] + kr[0], pts[0, -1] + 7 * kr[0]])
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_nan_inf_and_empty_inputs():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nan_inf_and_empty_inputs(kernel):
+    fn = KERNELS[kernel]
     pts, lb, rb, ks, kr = random_params(1, 4, requires_grad=False)
     ks.fill_(0.5)
     kr.fill_(2.0)
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=F64)
-    y = pwlu(x, pts, lb, rb, ks, kr)
+    y = fn(x, pts, lb, rb, ks, kr)
     assert torch.isnan(y[0]) and y[1] == float("inf") and y[2] == -float("inf") and torch.isfinite(y[3])
-    empty = torch.empty(0, 3, dtype=F64)
-    assert pwlu(empty, pts, lb, rb, ks, kr).shape == (0, 3)
+    # a batch of 0 samples gives an empty output (like nn.ReLU), forward and backward, both granularities
+    for rows, shape in ((1, (0, 3)), (3, (0, 3, 4, 4))):
+        params = random_params(rows, 4)
+        empty = torch.empty(shape, dtype=F64, requires_grad=True)
+        out = fn(empty, *params, channel_dim=1)
+        assert out.shape == shape
+        grads = torch.autograd.grad(out.sum(), [empty, *params])
+        assert grads[0].shape == shape and all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
 
 
 def test_scalar_parameters_broadcast_over_channels():
@@ -186,14 +235,16 @@ def test_scalar_parameters_broadcast_over_channels():
     torch.testing.assert_close(y, y_ref)
 
 
-def test_channels_last_and_permuted_inputs():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_channels_last_and_permuted_inputs(kernel):
+    fn = KERNELS[kernel]
     x = 2 * torch.randn(3, 6, 5, 4)
     params = [p.float().detach().requires_grad_() for p in random_params(6, 8)]
     gout = torch.randn_like(x)
     xc = x.clone().requires_grad_()
-    y, grads = all_grads(pwlu, xc, params, 1, gout)
+    y, grads = all_grads(fn, xc, params, 1, gout)
     xl = x.clone().to(memory_format=torch.channels_last).requires_grad_()
-    yl, grads_l = all_grads(pwlu, xl, params, 1, gout)
+    yl, grads_l = all_grads(fn, xl, params, 1, gout)
     assert yl.is_contiguous(memory_format=torch.channels_last)
     assert grads_l[0].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(yl, y, rtol=0, atol=0)
@@ -202,10 +253,10 @@ def test_channels_last_and_permuted_inputs():
     # a non-dense view (a slice with gaps) and a (B, T, C) sequence view made by a transpose
     xs = x[:, ::2]
     ps = [p.detach()[:3] for p in params]
-    torch.testing.assert_close(pwlu(xs, *ps), pwlu_reference(xs, *ps), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fn(xs, *ps), pwlu_reference(xs, *ps), rtol=1e-6, atol=1e-6)
     xt = x.flatten(2).transpose(1, 2)  # [B, T, C] with C = 6 strided
     pt = [p.detach() for p in params]
-    torch.testing.assert_close(pwlu(xt, *pt, channel_dim=-1), pwlu_reference(xt, *pt, channel_dim=-1))
+    torch.testing.assert_close(fn(xt, *pt, channel_dim=-1), pwlu_reference(xt, *pt, channel_dim=-1))
 
 
 def test_bfloat16_under_cpu_autocast():
@@ -444,6 +495,75 @@ def test_realign_pwlu_helper():
     assert fresh[0].collecting  # all-or-nothing
 
 
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_non_finite_batches_are_skipped_while_collecting(granularity):
+    """A batch holding NaN or an infinity changes neither the statistics nor the batch count."""
+    nc = 3 if granularity == "channel" else None
+    unit = PWLU(granularity=granularity, num_channels=nc, dtype=F64)
+    clean = PWLU(granularity=granularity, num_channels=nc, dtype=F64)
+    a = torch.randn(8, 3, 5, dtype=F64)
+    b = 2 + 3 * torch.randn(8, 3, 5, dtype=F64)
+    bad_nan, bad_inf, bad_big = a.clone(), a.clone(), a.clone()
+    bad_nan[0, 1, 2] = float("nan")
+    bad_inf[3, 0, 0] = -float("inf")
+    bad_big[0, 0, 0] = 1e300  # finite, but its square overflows the variance
+    for batch in (bad_nan, a, bad_inf, bad_big, b):
+        unit(batch)
+    for batch in (a, b):
+        clean(batch)
+    assert int(unit.num_batches_tracked) == 2
+    torch.testing.assert_close(unit.running_mean, clean.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(unit.running_var, clean.running_var, rtol=0, atol=0)
+    realign_pwlu(unit)
+    clean.realign()
+    x = 4 * torch.randn(6, 3, 5, dtype=F64)
+    y = unit(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, clean(x), rtol=0, atol=0)
+
+
+def test_only_non_finite_batches_leave_nothing_to_realign():
+    unit = PWLU()
+    unit(torch.tensor([1.0, float("nan")]))
+    assert int(unit.num_batches_tracked) == 0
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        unit.realign()
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        realign_pwlu(nn.Sequential(unit))
+    unit(torch.tensor([1.0, 3.0]))  # the first finite batch initialises the statistics
+    assert unit.running_mean.item() == 2.0 and unit.running_var.item() == 1.0
+
+
+def test_realign_refuses_non_finite_statistics():
+    unit = PWLU()
+    unit(torch.randn(10))
+    state = unit.state_dict()
+    state["running_var"] = torch.tensor([float("inf")])
+    unit.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="finite"):
+        unit.realign()
+    model = nn.Sequential(nn.Linear(2, 2), unit)
+    with pytest.raises(RuntimeError, match="non-finite statistics: 1"):
+        realign_pwlu(model)
+    assert unit.collecting
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_empty_batches_in_both_phases(granularity):
+    nc = 4 if granularity == "channel" else None
+    unit = PWLU(granularity=granularity, num_channels=nc)
+    empty = torch.empty(0, 4, 3, 3, requires_grad=True)
+    out = unit(empty)  # collecting, training mode: nothing to track
+    assert out.shape == (0, 4, 3, 3) and int(unit.num_batches_tracked) == 0
+    unit(torch.randn(2, 4, 3, 3))
+    unit.realign()
+    out = unit(empty)
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert empty.grad.shape == (0, 4, 3, 3)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in unit.parameters())
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input
 
@@ -468,6 +588,12 @@ def test_realign_pwlu_helper():
         ({"channel_dim": 1.0}, TypeError, "channel_dim"),
         ({"collect": 1}, TypeError, "collect"),
         ({"dtype": torch.int32}, TypeError, "dtype"),
+        ({"dtype": "float32"}, TypeError, "dtype"),
+        ({"device": "gpu"}, ValueError, "device"),
+        ({"device": 3.5}, ValueError, "device"),
+        ({"negative_slope": float("nan")}, ValueError, "negative_slope"),
+        ({"right_bound": -4.0}, ValueError, "left_bound must be smaller"),
+        ({"momentum": "0.9"}, ValueError, "momentum"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, exc, match):
@@ -514,6 +640,53 @@ def test_bad_functional_arguments():
         pwlu(x, pts, *ok[:3], "1")
     with pytest.raises(ValueError, match="points must have 1 or 2 dimensions"):
         pwlu(x, torch.randn(1, 3, 5), *ok)
+    with pytest.raises(TypeError, match="points must be a torch.Tensor"):
+        pwlu(x, [[0.0, 1.0]], *ok)
+    with pytest.raises(TypeError, match="channel_dim must be an int"):
+        pwlu(x, pts, *ok, channel_dim=1.0)
+    with pytest.raises(TypeError, match="left_bound must be a tensor or a float"):
+        pwlu(x, pts, True, 1.0, 0.0, 1.0)
+    with pytest.raises(TypeError, match="left_slope must be a floating-point tensor"):
+        pwlu(x, pts, -1.0, 1.0, torch.zeros(3, dtype=torch.long), 1.0)
+
+
+@pytest.mark.parametrize(
+    "bounds_and_slopes,match",
+    [
+        ((1.0, 1.0, 0.0, 1.0), "left_bound must be smaller than right_bound, got 1.0 and 1.0"),
+        ((2.0, -2.0, 0.0, 1.0), "left_bound must be smaller than right_bound"),
+        ((float("nan"), 1.0, 0.0, 1.0), "left_bound must be finite"),
+        ((-1.0, float("inf"), 0.0, 1.0), "right_bound must be finite"),
+        ((-1.0, 1.0, float("-inf"), 1.0), "left_slope must be finite"),
+        ((-1.0, 1.0, 0.0, float("nan")), "right_slope must be finite"),
+    ],
+)
+def test_functional_python_number_parameters_are_checked(bounds_and_slopes, match):
+    with pytest.raises(ValueError, match=match):
+        pwlu(torch.randn(5), torch.randn(1, 4), *bounds_and_slopes)
+
+
+def test_functional_tensor_parameters_are_checked_on_the_cpu():
+    x, pts = torch.randn(2, 3, 4), torch.randn(3, 5)
+    lb, rb, ks, kr = -torch.ones(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    rb_bad = rb.clone()
+    rb_bad[1] = -1.0  # row 1: B_R == B_L
+    with pytest.raises(ValueError, match="row 1 has left_bound=-1.0 and right_bound=-1.0"):
+        pwlu(x, pts, lb, rb_bad, ks, kr)
+    with pytest.raises(ValueError, match="left_bound must be smaller than right_bound on every row"):
+        pwlu(x, pts, torch.tensor(2.0), 1.0, 0.0, 1.0)  # a tensor bound against a number
+    pts_bad = pts.clone()
+    pts_bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="points must be finite"):
+        pwlu(x, pts_bad, lb, rb, ks, kr)
+    with pytest.raises(ValueError, match="right_slope must be finite"):
+        pwlu(x, pts, lb, rb, ks, torch.full((3,), float("inf")))
+    # the module's parameters go through the same check
+    unit = PWLU(collect=False)
+    with torch.no_grad():
+        unit.left_bound.fill_(5.0)
+    with pytest.raises(ValueError, match="left_bound must be smaller than right_bound"):
+        unit(torch.randn(3))
 
 
 def test_bad_conversion_arguments():
@@ -542,6 +715,51 @@ def test_bad_conversion_arguments():
 
     with pytest.raises(ValueError, match="several"):
         convert_activations_to_pwlu(Shared(), granularity="channel", example_inputs=torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"activations": nn.ReLU()}, TypeError, "activations must be a sequence"),
+        ({"activations": ()}, ValueError, "activations must name at least one"),
+        ({"num_intervals": 0}, ValueError, "num_intervals"),
+        ({"channel_dim": "1"}, TypeError, "channel_dim"),
+        ({"bound_std": -1.0}, ValueError, "bound_std"),
+        ({"momentum": 2.0}, ValueError, "momentum"),
+        ({"dtype": torch.int64}, TypeError, "dtype"),
+        ({"device": "tpu0"}, ValueError, "device"),
+        ({"predicate": "relu"}, TypeError, "predicate"),
+        ({"granularity": "channel", "example_inputs": {"x": 1}}, TypeError, "example_inputs must be a tensor"),
+        ({"granularity": "channel", "example_inputs": "abc"}, TypeError, "example_inputs must be a tensor"),
+    ],
+)
+def test_bad_conversion_options(kwargs, exc, match):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with pytest.raises(exc, match=match):
+        convert_activations_to_pwlu(model, **kwargs)
+    assert isinstance(model[1], nn.ReLU)  # nothing converted
+
+
+def test_conversion_with_a_wrong_example_names_the_argument():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2), nn.ReLU())
+    with pytest.raises(ValueError, match=r"example_inputs do not fit the model.*\(2, 4, 8, 8\)") as info:
+        convert_activations_to_pwlu(model, granularity="channel", example_inputs=torch.randn(2, 4, 8, 8))
+    assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error, chained
+    with pytest.raises(ValueError, match="example_inputs do not fit the model"):
+        convert_activations_to_pwlu(model, granularity="channel", example_inputs=(torch.randn(2, 3, 8, 8), 5))
+    assert isinstance(model[1], nn.ReLU) and isinstance(model[4], nn.ReLU)
+    # a channel_dim that does not exist in an activation's input is named as such, not as a model error
+    with pytest.raises(ValueError, match="channel_dim=3 is out of range for the input of '4'"):
+        convert_activations_to_pwlu(model, granularity="channel", channel_dim=3, example_inputs=torch.randn(2, 3, 8, 8))
+    names = convert_activations_to_pwlu(model, granularity="channel", example_inputs=[torch.randn(2, 3, 8, 8)])
+    assert names == ["1", "4"] and model[1].num_channels == 8 and model[4].num_channels == 2
+
+
+def test_realign_pwlu_checks_its_arguments():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        realign_pwlu([PWLU()])
+    with pytest.raises(TypeError, match="synchronize must be a bool"):
+        realign_pwlu(PWLU(), synchronize="yes")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -58,7 +58,9 @@ def _check_values(points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor
     A handful of tiny reductions over the ``[P]`` / ``[P, K]`` parameters; the caller skips it where it
     would synchronise a device or break a traced graph.
     """
-    named = (("points", points), ("left_bound", lb), ("right_bound", rb), ("left_slope", ks), ("right_slope", kr))
+    named = [(name, t.detach()) for name, t in (("points", points), ("left_bound", lb), ("right_bound", rb))]
+    named += [("left_slope", ks.detach()), ("right_slope", kr.detach())]
+    lb, rb = named[1][1], named[2][1]
     with torch.no_grad():
         ok = bool(torch.stack([torch.isfinite(t).all() for _, t in named] + [(lb < rb).all()]).all())
         if ok:
