@@ -852,3 +852,57 @@ def test_threaded_fast_path_matches_one_thread_and_is_reproducible():
         err_one = (a.double() - ref).abs().max()
         err_two = (b.double() - ref).abs().max()
         assert err_two <= 2 * err_one + 1e-6 * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# export: torch.export and ONNX (onnxruntime) of a realigned model, dynamic batch
+
+
+def _realigned_net() -> nn.Module:
+    """A small CNN with a channel PWLU and a layer PWLU, statistics collected and realigned, in eval mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(64, 5)
+    )
+    convert_activations_to_pwlu(net, predicate=lambda name, m: name == "3")  # layer granularity
+    convert_activations_to_pwlu(net, granularity="channel", num_intervals=8, example_inputs=torch.randn(1, 3, 6, 6))
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(16, 3, 6, 6))
+    assert realign_pwlu(net) == 2
+    with torch.no_grad():  # move the learned function away from its init, as training would
+        for m in net.modules():
+            if isinstance(m, PWLU):
+                m.points.add_(0.1 * torch.randn_like(m.points))
+    return net.eval()
+
+
+@pytest.mark.slow
+def test_torch_export_with_a_dynamic_batch_matches_eager():
+    net = _realigned_net()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(net, (torch.randn(3, 3, 6, 6),), dynamic_shapes={"input": {0: batch}})
+    exported = program.module()
+    for b in (1, 5, 64):
+        x = 3 * torch.randn(b, 3, 6, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_export_runs_in_onnxruntime_and_matches_eager(tmp_path):
+    import onnxruntime as ort  # the `deploy` extra (part of `test`)
+
+    net = _realigned_net()
+    path = tmp_path / "pwlu.onnx"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(
+        net, (torch.randn(3, 3, 6, 6),), str(path), dynamo=True, dynamic_shapes={"input": {0: batch}}, verbose=False
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for b in (1, 5, 64):
+        x = 3 * torch.randn(b, 3, 6, 6)
+        (out,) = session.run(None, {name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(out), net(x), rtol=1e-5, atol=1e-5)
