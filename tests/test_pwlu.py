@@ -29,7 +29,8 @@ F64 = torch.float64
 
 def fused_pwlu(x, *params, channel_dim=1):
     """The kernel that torch.compile and torch.export use (and other devices), called eagerly on the CPU."""
-    return fmod._FusedPWLU.apply(x, *fmod._prepare(x, *params, channel_dim))
+    # sums_op=False: the parameter gradients reduced with index_put (the op is the eager kernel's reduction)
+    return fmod._FusedPWLU.apply(x, *fmod._prepare(x, *params, channel_dim), False)
 
 
 KERNELS = {"eager": pwlu, "fused": fused_pwlu}
@@ -280,19 +281,36 @@ def test_bfloat16_under_cpu_autocast():
     assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
 
 
-def test_torch_compile_smoke():
-    x = (2 * torch.randn(2, 4, 5, 5)).requires_grad_()
-    params = [p.float().detach().requires_grad_() for p in random_params(4, 8)]
-    gout = torch.randn_like(x)
-    y, grads = all_grads(pwlu, x, params, 1, gout)
+def _compiled_matches_eager(backend: str, threads: int) -> None:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the fused backward reduces with inductor (1 thread) or the eager op (> 1)
+    try:
+        for rows, channel_dim in ((1, 1), (4, 1)):
+            x = (2 * torch.randn(2, 4, 5, 5)).requires_grad_()
+            params = [p.float().detach().requires_grad_() for p in random_params(rows, 8)]
+            gout = torch.randn_like(x)
+            y, grads = all_grads(pwlu, x, params, channel_dim, gout)  # the eager kernel
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda a, *p: pwlu(a, *p, channel_dim=1), backend=backend, fullgraph=True)
+            yc = compiled(x, *params)
+            grads_c = torch.autograd.grad(yc, [x, *params], gout)
+            torch.testing.assert_close(yc, y, rtol=1e-6, atol=1e-6)
+            for a, b in zip(grads, grads_c):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_torch_compile_traces_the_fused_kernel_without_graph_breaks(threads):
     # aot_eager traces the autograd.Function through dynamo and AOTAutograd (fullgraph: no graph break)
-    # without spending CI time in inductor's C++ compiler.
-    compiled = torch.compile(lambda a, *p: pwlu(a, *p, channel_dim=1), backend="aot_eager", fullgraph=True)
-    yc = compiled(x, *params)
-    grads_c = torch.autograd.grad(yc, [x, *params], gout)
-    torch.testing.assert_close(yc, y)
-    for a, b in zip(grads, grads_c):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # without spending time in inductor's C++ compiler
+    _compiled_matches_eager("aot_eager", threads)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_pwlu_gives_the_eager_values_and_gradients():
+    _compiled_matches_eager("inductor", torch.get_num_threads())
 
 
 # ------------------------------------------------------------------------------------------------

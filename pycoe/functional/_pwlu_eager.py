@@ -25,12 +25,15 @@ from torch import Tensor
 
 from pycoe.functional._pwlu_tables import SegmentTables, compute_dtype, segment_tables, tables_backward
 
-__all__ = ["EagerPWLU", "segment_sums"]
+__all__ = ["EagerPWLU", "eager_tables", "segment_sums"]
 
-# Bytes of input (in the compute dtype) per chunk: 30,720 float32 elements, just below ATen's intra-op
-# grain (32,768), so that every op on a chunk runs on the calling thread (threads are used one level up);
-# a chunk's scratch buffers then stay in the L2 cache. Any value gives the same result.
+# Bytes of input (in the compute dtype) per chunk when torch may use several threads: 30,720 float32
+# elements, just below ATen's intra-op grain (32,768), so that every op on a chunk runs on the calling
+# thread (the chunks are split between threads one level up) and its scratch stays in the L2 cache.
 CHUNK_BYTES = 120 << 10
+# ... and with torch.get_num_threads() == 1, when no op can fork: larger chunks, fewer calls per element.
+# Any value gives the same result.
+SERIAL_CHUNK_BYTES = 512 << 10
 # Chunks accumulated in the compute dtype before the partial segment sums are added into float64 totals
 # (keeps the float32 reduction error small on large batches).
 _FLUSH_EVERY = 8
@@ -95,14 +98,20 @@ class _Layout:
         return [("inner", i0, min(i0 + chunk, inner), r) for r in range(outer * rows) for i0 in range(0, inner, chunk)]
 
 
-def _piece(t3: Tensor, piece: Piece) -> Tensor:
-    """The piece of a contiguous ``[O, P, I]`` tensor (a contiguous view)."""
-    kind, a, b, r = piece
-    if kind == "outer":
-        return t3[a:b]
-    if kind == "rows":
-        return t3.view(-1, t3.shape[2])[a:b]
-    return t3.view(-1, t3.shape[2])[r, a:b]
+class _Pieces:
+    """A contiguous ``[O, P, I]`` tensor and the views its pieces are cut from (one view op per piece)."""
+
+    def __init__(self, t3: Tensor):
+        self.t3, self.t2, self.flat = t3, t3.view(t3.shape[0] * t3.shape[1], t3.shape[2]), t3.view(-1)
+        self.inner = t3.shape[2]
+
+    def __getitem__(self, piece: Piece) -> Tensor:
+        kind, a, b, r = piece
+        if kind == "outer":
+            return self.t3[a:b]
+        if kind == "rows":
+            return self.t2[a:b]
+        return self.flat[r * self.inner + a : r * self.inner + b]
 
 
 class _RowParams:
@@ -113,17 +122,17 @@ class _RowParams:
         self.vecs, self.rows = vecs, rows
         self.outer_form = [v.view(1, rows, 1) for v in vecs]
         self.rows_form: list[Tensor] = []
-        if rows == 1:
-            self.rows_form = [v.view(1, 1) for v in vecs]
-        elif "rows" in kinds:  # [O * P, 1]: row r belongs to channel r % P
+        if rows > 1 and "rows" in kinds:  # [O * P, 1]: row r belongs to channel r % P
             self.rows_form = [v.repeat(layout.outer).unsqueeze(1) for v in vecs]
 
     def __call__(self, piece: Piece) -> list[Tensor]:
+        if self.rows == 1:  # a single value broadcasts against any piece
+            return self.vecs
         kind, a, b, r = piece
         if kind == "outer":
             return self.outer_form
         if kind == "rows":
-            return self.rows_form if self.rows == 1 else [v[a:b] for v in self.rows_form]
+            return [v[a:b] for v in self.rows_form]
         p = r % self.rows
         return [v[p : p + 1] for v in self.vecs]
 
@@ -136,11 +145,20 @@ class _Workspace:
         self.w = torch.empty(size, dtype=dtype, device=device)
         self.index = torch.empty(size, dtype=torch.int32, device=device)
         self.long_index = torch.empty(size if long_index else 0, dtype=torch.int64, device=device)
+        self._views: dict[torch.Size, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
-    def views(self, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
-        """The flat int32 index buffer and two float buffers of ``shape``, for a piece of ``shape``."""
-        numel = shape.numel()
-        return self.index[:numel], self.v[:numel].view(shape), self.w[:numel].view(shape)
+    def views(self, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The flat int32 and int64 index buffers and two float buffers of ``shape``, for a piece of ``shape``.
+
+        Cached: the pieces of a call have at most a few distinct shapes.
+        """
+        views = self._views.get(shape)
+        if views is None:
+            numel = shape.numel()
+            long_index = self.long_index[:numel] if self.long_index.numel() else self.long_index
+            views = (self.index[:numel], long_index, self.v[:numel].view(shape), self.w[:numel].view(shape))
+            self._views[shape] = views
+        return views
 
 
 def _segment_index(xc: Tensor, params: list[Tensor], n: int, idx: Tensor, v: Tensor) -> None:
@@ -207,7 +225,9 @@ def _run_split(pieces: Sequence[Piece], workers: int, task: Callable[[Sequence[P
 
 
 def _chunk(dtype: torch.dtype) -> int:
-    return max(1, CHUNK_BYTES // dtype.itemsize)
+    """Elements per chunk (see CHUNK_BYTES and SERIAL_CHUNK_BYTES)."""
+    serial = torch.get_num_threads() == 1
+    return max(1, (SERIAL_CHUNK_BYTES if serial else CHUNK_BYTES) // dtype.itemsize)
 
 
 def eager_forward(x: Tensor, tab: SegmentTables, channel_dim: int) -> Tensor:
@@ -218,6 +238,7 @@ def eager_forward(x: Tensor, tab: SegmentTables, channel_dim: int) -> Tensor:
     layout = _Layout(x, rows, channel_dim)
     x3 = layout.view3(x)
     out3, out = layout.empty3(x)
+    xs, outs = _Pieces(x3), _Pieces(out3)
     chunk = _chunk(cdt)
     pieces = layout.pieces(chunk)
     params = _row_params(tab, layout, n, pieces)
@@ -226,12 +247,12 @@ def eager_forward(x: Tensor, tab: SegmentTables, channel_dim: int) -> Tensor:
     def task(group: Sequence[Piece]) -> None:
         ws = _Workspace(size, cdt, x.device, long_index=False)
         for piece in group:
-            xc = _piece(x3, piece)
-            idx, v, w = ws.views(xc.shape)
+            xc = xs[piece]
+            idx, _, v, w = ws.views(xc.shape)
             _segment_index(xc, params(piece), n, idx, v)
             torch.index_select(alpha, 0, idx, out=w.view(-1))
             torch.index_select(beta, 0, idx, out=v.view(-1))
-            torch.addcmul(w, v, xc, out=_piece(out3, piece))  # rounded once to x's dtype
+            torch.addcmul(w, v, xc, out=outs[piece])  # rounded once to x's dtype
 
     _run_split(pieces, _workers(x, len(pieces)), task)
     return out
@@ -249,13 +270,14 @@ def eager_backward(
     beta = tab.beta.reshape(-1)
     deterministic = torch.are_deterministic_algorithms_enabled()
     layout = _Layout(x, rows, channel_dim)
-    x3, g3 = layout.view3(x), layout.view3(grad)
+    xs, gs = _Pieces(layout.view3(x)), _Pieces(layout.view3(grad))
     gx3, grad_x = layout.empty3(x) if need_x else (None, None)
+    gxs = _Pieces(gx3) if gx3 is not None else None
     bins = rows * (n + 2)
     chunk = _chunk(cdt)
     pieces = layout.pieces(chunk)
     params = _row_params(tab, layout, n, pieces)
-    size = min(chunk, max(1, x3.numel()))
+    size = min(chunk, max(1, xs.flat.numel()))
 
     def task(group: Sequence[Piece]) -> Tensor | None:
         ws = _Workspace(size, cdt, x.device, long_index=need_sums and not deterministic)
@@ -264,12 +286,12 @@ def eager_backward(
         part_b = torch.zeros(bins, dtype=cdt, device=x.device)
         pending = 0
         for piece in group:
-            xc, gc = _piece(x3, piece), _piece(g3, piece)
-            idx, v, w = ws.views(xc.shape)
+            xc, gc = xs[piece], gs[piece]
+            idx, lidx, v, w = ws.views(xc.shape)
             _segment_index(xc, params(piece), n, idx, v)
-            if gx3 is not None:
+            if gxs is not None:
                 torch.index_select(beta, 0, idx, out=w.view(-1))
-                torch.mul(w, gc, out=_piece(gx3, piece))  # rounded once to x's dtype
+                torch.mul(w, gc, out=gxs[piece])  # rounded once to x's dtype
             if total is None:
                 continue
             if gc.dtype != cdt:
@@ -281,7 +303,6 @@ def eager_backward(
                 part_a.index_put_((idx,), gf, accumulate=True)
                 part_b.index_put_((idx,), gxf, accumulate=True)
             else:  # scatter_add_ needs an int64 index; the copy is cheaper than an int64 conversion above
-                lidx = ws.long_index[: idx.numel()]
                 lidx.copy_(idx)
                 part_a.scatter_add_(0, lidx, gf)
                 part_b.scatter_add_(0, lidx, gxf)
@@ -308,38 +329,68 @@ def eager_backward(
     return grad_x, sums
 
 
-def segment_sums(x: Tensor, grad: Tensor, tab: SegmentTables, channel_dim: int) -> Tensor:
-    """Tensor[2, P, S] float64: the sums of ``grad`` and ``grad * x`` over the elements of each segment."""
+@torch.library.custom_op("pycoe::pwlu_segment_sums", mutates_args=())
+def segment_sums(
+    x: Tensor, grad: Tensor, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor, channel_dim: int
+) -> Tensor:
+    """Tensor[2, P, S] float64: the sums of ``grad`` and ``grad * x`` over the elements of each segment.
+
+    The eager kernel's reduction as one opaque op, for the fused kernel's backward on the CPU under
+    ``torch.compile`` (inductor's own scatter into ``P * S`` bins is serial per bin, and atomic across
+    threads).
+    """
+    tab = eager_tables(x, points, lb, rb, ks, kr)
     sums = eager_backward(x, grad, tab, channel_dim, need_x=False, need_sums=True)[1]
     assert sums is not None
     return sums
 
 
-def _tables(x: Tensor, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> SegmentTables:
+@segment_sums.register_fake
+def _(
+    x: Tensor, grad: Tensor, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor, channel_dim: int
+) -> Tensor:
+    return x.new_empty((2, points.shape[0], points.shape[1] + 1), dtype=torch.float64)
+
+
+def eager_tables(x: Tensor, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> SegmentTables:
+    """The segment tables in the compute dtype, without autograd (the kernel's chain rule is its own)."""
     cdt = compute_dtype(x, points)
-    return segment_tables(points.to(cdt), lb.to(cdt), rb.to(cdt), ks.to(cdt), kr.to(cdt))
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        return segment_tables(points.to(cdt), lb.to(cdt), rb.to(cdt), ks.to(cdt), kr.to(cdt))
 
 
 class EagerPWLU(torch.autograd.Function):
-    """``apply(x, points [P, K], lb, rb, ks, kr [P], channel_dim)``; saves only ``x`` and the parameters."""
+    """``apply(x, points [P, K], lb, rb, ks, kr [P], channel_dim, tables)``, ``tables`` from :func:`eager_tables`.
+
+    Saves only ``x`` and the parameters (the small tables ride along on ``ctx``).
+    """
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor, channel_dim: int
+        ctx: Any,
+        x: Tensor,
+        points: Tensor,
+        lb: Tensor,
+        rb: Tensor,
+        ks: Tensor,
+        kr: Tensor,
+        channel_dim: int,
+        tab: SegmentTables,
     ) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = eager_forward(x, _tables(x, points, lb, rb, ks, kr), channel_dim)
+            out = eager_forward(x, tab, channel_dim)
         ctx.save_for_backward(x, points, lb, rb, ks, kr)
         ctx.channel_dim = channel_dim
+        ctx.tab = tab
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, points, lb, rb, ks, kr = ctx.saved_tensors
+        tab: SegmentTables = ctx.tab
         need_p = ctx.needs_input_grad[1:6]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tab = _tables(x, points, lb, rb, ks, kr)
             grad_x, sums = eager_backward(
                 x, grad_out, tab, ctx.channel_dim, need_x=ctx.needs_input_grad[0], need_sums=any(need_p)
             )
@@ -348,4 +399,4 @@ class EagerPWLU(torch.autograd.Function):
                 g_all = tables_backward(tab, sums[0].to(tab.alpha.dtype), sums[1].to(tab.alpha.dtype))
                 params = (points, lb, rb, ks, kr)
                 grads = tuple(g.to(p.dtype) if need else None for g, p, need in zip(g_all, params, need_p))
-        return (grad_x, *grads, None)
+        return (grad_x, *grads, None, None)

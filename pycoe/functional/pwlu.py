@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from pycoe._validation import check_int, check_tensor
-from pycoe.functional._pwlu_eager import EagerPWLU
+from pycoe.functional._pwlu_eager import EagerPWLU, eager_tables, segment_sums
 from pycoe.functional._pwlu_tables import SegmentTables, compute_dtype, segment_tables, tables_backward
 
 __all__ = ["pwlu"]
@@ -52,26 +52,29 @@ def _as_param_row(name: str, value: Tensor | float, rows: int, like: Tensor) -> 
     raise ValueError(f"{name} must hold 1 value or one per row of points ({rows}), got shape {tuple(value.shape)}")
 
 
-def _check_values(points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> None:
+def _check_values(tab: SegmentTables, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> None:
     """Raise, naming the argument, unless every parameter is finite and ``B_L < B_R`` on every row.
 
-    A handful of tiny reductions over the ``[P]`` / ``[P, K]`` parameters; the caller skips it where it
-    would synchronise a device or break a traced graph.
+    Checked on the small tables built from the parameters (finite lines, ``d > 0``), one synchronising
+    ``bool``; the caller skips it where that would synchronise a device or break a traced graph.
     """
-    named = [(name, t.detach()) for name, t in (("points", points), ("left_bound", lb), ("right_bound", rb))]
-    named += [("left_slope", ks.detach()), ("right_slope", kr.detach())]
-    lb, rb = named[1][1], named[2][1]
     with torch.no_grad():
-        ok = bool(torch.stack([torch.isfinite(t).all() for _, t in named] + [(lb < rb).all()]).all())
-        if ok:
+        if bool(torch.isfinite(tab.alpha).all() & torch.isfinite(tab.beta).all() & (tab.d > 0).all()):
             return
+        named = (("points", points), ("left_bound", lb), ("right_bound", rb), ("left_slope", ks), ("right_slope", kr))
         for name, t in named:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} must be finite, but it holds NaN or an infinite value")
-        row = int(torch.nonzero(lb >= rb)[0, 0])
+        bad = torch.nonzero(lb >= rb)
+        if bad.numel():
+            row = int(bad[0, 0])
+            raise ValueError(
+                f"left_bound must be smaller than right_bound on every row, but row {row} has "
+                f"left_bound={float(lb[row])} and right_bound={float(rb[row])}"
+            )
     raise ValueError(
-        f"left_bound must be smaller than right_bound on every row, but row {row} has "
-        f"left_bound={float(lb[row])} and right_bound={float(rb[row])}"
+        "the PWLU parameters are finite with left_bound < right_bound, but the interval width or the segment "
+        "lines they imply overflow or underflow (bounds too far apart or too close for the dtype)"
     )
 
 
@@ -118,8 +121,6 @@ def _prepare(
                 f"x has {x.shape[cd]} channels along channel_dim={channel_dim} (shape {tuple(x.shape)}), "
                 f"but points has {rows} rows (one per channel)"
             )
-    if points.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_values(points, lb, rb, ks, kr)
     return points, lb, rb, ks, kr, cd
 
 
@@ -155,7 +156,15 @@ class _FusedPWLU(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor, channel_dim: int
+        ctx: Any,
+        x: Tensor,
+        points: Tensor,
+        lb: Tensor,
+        rb: Tensor,
+        ks: Tensor,
+        kr: Tensor,
+        channel_dim: int,
+        sums_op: bool,
     ) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             tab = _fused_tables(x, points, lb, rb, ks, kr)
@@ -164,6 +173,7 @@ class _FusedPWLU(torch.autograd.Function):
             out = torch.addcmul(tab.alpha.reshape(-1)[idx], tab.beta.reshape(-1)[idx], xc).to(x.dtype)
         ctx.save_for_backward(x, points, lb, rb, ks, kr)
         ctx.channel_dim = channel_dim
+        ctx.sums_op = sums_op
         return out
 
     @staticmethod
@@ -182,15 +192,25 @@ class _FusedPWLU(torch.autograd.Function):
                 grad_x = (tab.beta.reshape(-1)[idx] * g).to(x.dtype)
             if any(need_p):
                 # per-segment sums of g and g * x, accumulated in float64
-                g64 = g.to(torch.float64)
-                zeros = torch.zeros(tab.alpha.numel(), dtype=torch.float64, device=x.device)
-                s_a = zeros.index_put((idx,), g64, accumulate=True)
-                s_b = zeros.index_put((idx,), g64 * xc.to(torch.float64), accumulate=True)
                 shape = tab.alpha.shape
+                if ctx.sums_op:
+                    sums = segment_sums(x, grad_out, points, lb, rb, ks, kr, ctx.channel_dim)
+                    s_a, s_b = sums[0], sums[1]
+                else:
+                    g64 = g.to(torch.float64)
+                    zeros = torch.zeros(tab.alpha.numel(), dtype=torch.float64, device=x.device)
+                    s_a = zeros.index_put((idx,), g64, accumulate=True)
+                    s_b = zeros.index_put((idx,), g64 * xc.to(torch.float64), accumulate=True)
                 g_all = tables_backward(tab, s_a.to(cdt).view(shape), s_b.to(cdt).view(shape))
                 params = (points, lb, rb, ks, kr)
                 grads = tuple(g.to(p.dtype) if need else None for g, p, need in zip(g_all, params, need_p))
-        return (grad_x, *grads, None)
+        return (grad_x, *grads, None, None)
+
+
+@torch.compiler.assume_constant_result
+def _threaded() -> bool:
+    """Whether torch may use several threads (a constant of the traced graph under ``torch.compile``)."""
+    return torch.get_num_threads() > 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,7 +278,12 @@ def pwlu(
     """
     points, lb, rb, ks, kr, cd = _prepare(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
-        out: Tensor = _FusedPWLU.apply(x, points, lb, rb, ks, kr, cd)
-    else:
-        out = EagerPWLU.apply(x, points, lb, rb, ks, kr, cd)
+        # on the CPU with several threads, backward reduces with the eager kernel's op (inductor's scatter
+        # into the P * S bins would be atomic across threads); otherwise with index_put (fused by inductor)
+        sums_op = x.device.type == "cpu" and _threaded()
+        out: Tensor = _FusedPWLU.apply(x, points, lb, rb, ks, kr, cd, sums_op)
+        return out
+    tab = eager_tables(x, points, lb, rb, ks, kr)
+    _check_values(tab, points.detach(), lb.detach(), rb.detach(), ks.detach(), kr.detach())
+    out = EagerPWLU.apply(x, points, lb, rb, ks, kr, cd, tab)
     return out
