@@ -16,6 +16,13 @@ Also the bytes that autograd saves for backward per input byte, measured with
     python benchmarks/bench_pwlu.py                          # both shapes, eager and compiled
     python benchmarks/bench_pwlu.py --threads 1,2 --repeats 21
     python benchmarks/bench_pwlu.py --modes eager --quick    # a smoke run
+    python benchmarks/bench_pwlu.py --floor                  # the ATen ops of the eager kernel, per element
+
+``--floor`` times, on one cache-resident chunk (in a loop, no allocation, no Python between the ops beyond the
+calls themselves), the exact sequence of ATen ops that the eager kernel issues per chunk (forward: index,
+two gathers, multiply-add; backward: index, gather, two products, int64 copy, two ``scatter_add_``) next to
+ReLU's forward and backward on the same chunk: the lowest cost per element that any kernel built from these
+ATen ops can reach.
 
 Targets (issue 10): eager PWLU fwd+bwd <= 4x ReLU; compiled PWLU <= 2x compiled ReLU; at (32, 64, 28, 28)
 and (64, 64, 56, 56); at most 1 byte saved per input byte.
@@ -101,7 +108,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats per candidate (median)")
     parser.add_argument("--modes", default="eager,compiled", help="eager and/or compiled")
     parser.add_argument("--with-gather", action="store_true", help="also time the gather-style autograd PWLU")
+    parser.add_argument("--floor", action="store_true", help="time the eager kernel's ATen ops on one chunk")
     args = parser.parse_args()
+    if args.floor:
+        for threads in [int(t) for t in args.threads.split(",")] if args.threads else [1]:
+            torch.set_num_threads(threads)
+            op_floor(args.repeats)
+        return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in ("eager", "compiled"):
@@ -173,6 +186,75 @@ def run_shape(shape: tuple[int, ...], modes: list[str], repeats: int, with_gathe
     if "compiled" in modes:
         first = ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items() if k.startswith("compiled"))
         print(f"\n(first call, including compilation: {first})")
+
+
+def op_floor(repeats: int, chunk: int = 1 << 17) -> None:
+    """CPU time per element of the eager kernel's per-chunk ATen ops, and of ReLU, on one resident chunk."""
+    torch.manual_seed(0)
+    n = N_INTERVALS
+    x, g = 3 * torch.randn(chunk), torch.randn(chunk)
+    v, w, out, gx = torch.empty(chunk), torch.empty(chunk), torch.empty(chunk), torch.empty(chunk)
+    idx, lidx = torch.empty(chunk, dtype=torch.int32), torch.empty(chunk, dtype=torch.int64)
+    alpha, beta = torch.randn(n + 2), torch.randn(n + 2)
+    part_a, part_b = torch.zeros(n + 2), torch.zeros(n + 2)
+    scale, shift = torch.tensor([n / 6.0]), torch.tensor([1.0 + 3.0 * n / 6.0])
+
+    def index() -> None:
+        torch.mul(x, scale, out=v)
+        v.add_(shift)
+        v.clamp_(0, n + 1)
+        idx.copy_(v)
+        idx.clamp_(0, n + 1)
+
+    def forward() -> None:
+        index()
+        torch.index_select(alpha, 0, idx, out=w)
+        torch.index_select(beta, 0, idx, out=v)
+        torch.addcmul(w, v, x, out=out)
+
+    def backward() -> None:
+        index()
+        torch.index_select(beta, 0, idx, out=w)
+        torch.mul(w, g, out=gx)
+        torch.mul(g, x, out=v)
+        lidx.copy_(idx)
+        part_a.scatter_add_(0, lidx, g)
+        part_b.scatter_add_(0, lidx, v)
+
+    def relu_forward() -> None:
+        torch.relu(x)
+
+    def relu_backward() -> None:
+        torch.ops.aten.threshold_backward(g, out, 0.0)
+
+    results = {}
+    for name, fn in {"PWLU forward": forward, "PWLU backward": backward}.items():
+        results[name] = _ns_per_element(fn, chunk, repeats)
+    for name, fn in {"ReLU forward": relu_forward, "ReLU backward": relu_backward}.items():
+        results[name] = _ns_per_element(fn, chunk, repeats)
+    print(
+        f"\n### ATen op floor, one chunk of {chunk} float32 elements, torch.get_num_threads() = "
+        f"{torch.get_num_threads()}; {load()}\n"
+    )
+    print("| ops | CPU ns / element (median) |")
+    print("|---|---|")
+    for name, ns in results.items():
+        print(f"| {name} | {ns:.2f} |")
+    pw = results["PWLU forward"] + results["PWLU backward"]
+    rl = results["ReLU forward"] + results["ReLU backward"]
+    print(f"| PWLU fwd+bwd / ReLU fwd+bwd | {pw / rl:.1f}x |")
+
+
+def _ns_per_element(fn: Callable[[], None], chunk: int, repeats: int, calls: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        for _ in range(calls):
+            fn()
+        times.append((time.process_time() - c0) / calls)
+    return statistics.median(times) / chunk * 1e9
 
 
 if __name__ == "__main__":

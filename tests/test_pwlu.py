@@ -905,6 +905,12 @@ def test_torch_export_with_a_dynamic_batch_matches_eager():
         x = 3 * torch.randn(b, 3, 6, 6)
         with torch.no_grad():
             torch.testing.assert_close(exported(x), net(x), rtol=1e-5, atol=1e-5)
+    # a unit still collecting exports as its init function
+    collecting = nn.Sequential(nn.Linear(4, 4), PWLU(init="silu")).eval()
+    program = torch.export.export(collecting, (torch.randn(3, 4),), dynamic_shapes={"input": {0: batch}})
+    x = torch.randn(7, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), collecting(x), rtol=0, atol=0)
 
 
 @pytest.mark.slow
