@@ -18,7 +18,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["SegmentTables", "segment_tables", "tables_backward", "compute_dtype"]
+__all__ = [
+    "SegmentTables",
+    "segment_tables",
+    "tables_backward",
+    "compute_dtype",
+    "segment_tables_op",
+    "tables_backward_op",
+]
 
 
 def compute_dtype(x: Tensor, points: Tensor) -> torch.dtype:
@@ -87,3 +94,37 @@ def tables_backward(
     g_lb = g_knots[:, :n].sum(dim=1) - g_d / n
     g_rb = g_knots[:, n] + g_d / n
     return g_points, g_lb, g_rb, g_beta_total[:, 0], g_beta_total[:, -1]
+
+
+# The same two computations as opaque custom ops, for the fused kernel under torch.compile: inductor
+# would otherwise parallelise these [P, S]-sized loops (for P of a few dozen channels and more) with
+# OpenMP barriers between them, a fixed cost per call that dominates small inputs when threads must wait.
+
+
+@torch.library.custom_op("pycoe::pwlu_segment_tables", mutates_args=())
+def segment_tables_op(y: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> list[Tensor]:
+    """:func:`segment_tables` as one opaque op (its fields as a list, in order)."""
+    with torch.no_grad():
+        return [t.clone() for t in segment_tables(y, lb, rb, ks, kr)]
+
+
+@segment_tables_op.register_fake
+def _(y: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> list[Tensor]:
+    rows, k = y.shape
+    table, row = y.new_empty((rows, k + 1)), y.new_empty((rows,))
+    return [table, table.clone(), table.clone(), y.new_empty((rows, k - 1)), row, row.clone(), row.clone()]
+
+
+@torch.library.custom_op("pycoe::pwlu_tables_backward", mutates_args=())
+def tables_backward_op(
+    y: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor, g_alpha: Tensor, g_beta: Tensor
+) -> list[Tensor]:
+    """:func:`tables_backward` of the tables of these parameters, as one opaque op."""
+    with torch.no_grad():
+        return [t.clone() for t in tables_backward(segment_tables(y, lb, rb, ks, kr), g_alpha, g_beta)]
+
+
+@tables_backward_op.register_fake
+def _(y: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor, g_alpha: Tensor, g_beta: Tensor) -> list[Tensor]:
+    row = y.new_empty((y.shape[0],))
+    return [y.new_empty(y.shape), row, row.clone(), row.clone(), row.clone()]

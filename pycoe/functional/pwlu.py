@@ -26,7 +26,14 @@ from torch import Tensor
 
 from pycoe._validation import check_int, check_tensor
 from pycoe.functional._pwlu_eager import EagerPWLU, eager_tables, segment_sums
-from pycoe.functional._pwlu_tables import SegmentTables, compute_dtype, segment_tables, tables_backward
+from pycoe.functional._pwlu_tables import (
+    SegmentTables,
+    compute_dtype,
+    segment_tables,
+    segment_tables_op,
+    tables_backward,
+    tables_backward_op,
+)
 
 __all__ = ["pwlu"]
 
@@ -142,9 +149,17 @@ def _flat_index(x: Tensor, tab: SegmentTables, channel_dim: int) -> Tensor:
     return idx
 
 
+def _opaque_tables() -> bool:
+    """Under torch.compile (not export), the [P, S]-sized table work runs as opaque ops (see _pwlu_tables)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 def _fused_tables(x: Tensor, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> SegmentTables:
     cdt = compute_dtype(x, points)
-    return segment_tables(points.to(cdt), lb.to(cdt), rb.to(cdt), ks.to(cdt), kr.to(cdt))
+    args = (points.to(cdt), lb.to(cdt), rb.to(cdt), ks.to(cdt), kr.to(cdt))
+    if _opaque_tables():
+        return SegmentTables(*segment_tables_op(*args))
+    return segment_tables(*args)
 
 
 class _FusedPWLU(torch.autograd.Function):
@@ -201,7 +216,12 @@ class _FusedPWLU(torch.autograd.Function):
                     zeros = torch.zeros(tab.alpha.numel(), dtype=torch.float64, device=x.device)
                     s_a = zeros.index_put((idx,), g64, accumulate=True)
                     s_b = zeros.index_put((idx,), g64 * xc.to(torch.float64), accumulate=True)
-                g_all = tables_backward(tab, s_a.to(cdt).view(shape), s_b.to(cdt).view(shape))
+                g_alpha, g_beta = s_a.to(cdt).view(shape), s_b.to(cdt).view(shape)
+                if _opaque_tables():
+                    cast = [t.to(cdt) for t in (points, lb, rb, ks, kr)]
+                    g_all = tuple(tables_backward_op(*cast, g_alpha, g_beta))
+                else:
+                    g_all = tables_backward(tab, g_alpha, g_beta)
                 params = (points, lb, rb, ks, kr)
                 grads = tuple(g.to(p.dtype) if need else None for g, p, need in zip(g_all, params, need_p))
         return (grad_x, *grads, None, None)
