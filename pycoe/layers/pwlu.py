@@ -316,7 +316,9 @@ def realign_pwlu(model: nn.Module, synchronize: bool = True) -> int:
         raise TypeError(f"synchronize must be a bool, got {type(synchronize).__name__}")
     todo = [(name, m) for name, m in model.named_modules() if isinstance(m, PWLU) and m.collecting]
     sync = synchronize and is_distributed()
-    counts = torch.tensor([int(m.num_batches_tracked) for _, m in todo], dtype=torch.long)
+    # on the units' device: a NCCL process group reduces CUDA tensors only
+    device = todo[0][1].num_batches_tracked.device if todo else torch.device("cpu")
+    counts = torch.tensor([int(m.num_batches_tracked) for _, m in todo], dtype=torch.long, device=device)
     if sync and todo:
         all_reduce(counts, op="min")
     empty = [name or "<model>" for (name, _), c in zip(todo, counts.tolist()) if c == 0]
