@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._modules import preserve_training_modes
+from .utils import preserve_training_modes
 
 __all__ = ["count_flops", "flops_per_sample"]
 

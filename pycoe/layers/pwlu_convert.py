@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pycoe._modules import eval_mode, replace_modules
+from pycoe._modules import floating_reference, replace_modules
 from pycoe._validation import (
     check_choice,
     check_factory_kwargs,
@@ -24,6 +24,7 @@ from pycoe._validation import (
 )
 from pycoe.layers._pwlu_inits import CONVERTIBLE_ACTIVATIONS, init_of_activation
 from pycoe.layers.pwlu import PWLU
+from pycoe.utils import eval_mode
 
 __all__ = ["convert_activations_to_pwlu", "DEFAULT_PWLU_ACTIVATIONS"]
 
@@ -86,9 +87,10 @@ def convert_activations_to_pwlu(
             converted.
         bound_std: passed to every PWLU.
         momentum: passed to every PWLU.
-        device: of the new parameters; default: that of the model's first parameter (CPU if none).
-        dtype: of the new parameters; default: that of the model's first floating parameter (float32 if
-            none).
+        device: of the new parameters; default: that of the model's first floating parameter or buffer (CPU
+            if none).
+        dtype: of the new parameters; default: that of the model's first floating parameter or buffer
+            (float32 if none).
 
     Returns:
         The qualified names of the replaced modules.
@@ -128,12 +130,10 @@ def convert_activations_to_pwlu(
     def selected(name: str, module: nn.Module) -> bool:
         return isinstance(module, types) and (predicate is None or bool(predicate(name, module)))
 
-    if device is None or dtype is None:
-        first = next((p for p in model.parameters() if p.is_floating_point()), None)
-        if device is None:
-            device = first.device if first is not None else None
-        if dtype is None:
-            dtype = first.dtype if first is not None else None
+    reference = floating_reference(model)
+    if reference is not None:
+        device = reference.device if device is None else device
+        dtype = reference.dtype if dtype is None else dtype
 
     channels: dict[int, int] = {}
     if granularity == "channel":
