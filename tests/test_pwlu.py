@@ -29,7 +29,8 @@ F64 = torch.float64
 
 def fused_pwlu(x, *params, channel_dim=1):
     """The kernel that torch.compile and torch.export use (and other devices), called eagerly on the CPU."""
-    # sums_op=False: the parameter gradients reduced with index_put (the op is the eager kernel's reduction)
+    # sums_op=False: the parameter gradients reduced with index_put, as on devices other than the CPU (the
+    # op, used on the CPU, is the eager kernel's reduction)
     return fmod._FusedPWLU.apply(x, *fmod._prepare(x, *params, channel_dim), False)
 
 
@@ -283,7 +284,7 @@ def test_bfloat16_under_cpu_autocast():
 
 def _compiled_matches_eager(backend: str, threads: int) -> None:
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the fused backward reduces with inductor (1 thread) or the eager op (> 1)
+    torch.set_num_threads(threads)
     try:
         for rows, channel_dim in ((1, 1), (4, 1)):
             x = (2 * torch.randn(2, 4, 5, 5)).requires_grad_()

@@ -227,12 +227,6 @@ class _FusedPWLU(torch.autograd.Function):
         return (grad_x, *grads, None, None)
 
 
-@torch.compiler.assume_constant_result
-def _threaded() -> bool:
-    """Whether torch may use several threads (a constant of the traced graph under ``torch.compile``)."""
-    return torch.get_num_threads() > 1
-
-
 # ----------------------------------------------------------------------------------------------------
 # Public function
 
@@ -298,9 +292,9 @@ def pwlu(
     """
     points, lb, rb, ks, kr, cd = _prepare(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
-        # on the CPU with several threads, backward reduces with the eager kernel's op (inductor's scatter
-        # into the P * S bins would be atomic across threads); otherwise with index_put (fused by inductor)
-        sums_op = x.device.type == "cpu" and _threaded()
+        # on the CPU, backward reduces with the eager kernel's op: inductor's scatter into the P * S bins is
+        # atomic across threads (see the benchmarks in the user guide); elsewhere with index_put
+        sums_op = x.device.type == "cpu"
         out: Tensor = _FusedPWLU.apply(x, points, lb, rb, ks, kr, cd, sums_op)
         return out
     tab = eager_tables(x, points, lb, rb, ks, kr)
