@@ -667,6 +667,10 @@ def test_bad_functional_arguments():
         pwlu(x, pts, True, 1.0, 0.0, 1.0)
     with pytest.raises(TypeError, match="left_slope must be a floating-point tensor"):
         pwlu(x, pts, -1.0, 1.0, torch.zeros(3, dtype=torch.long), 1.0)
+    with pytest.raises(ValueError, match="x is on meta but points is on cpu"):
+        pwlu(x.to("meta"), pts, *ok)
+    with pytest.raises(ValueError, match="right_bound is on meta but points is on cpu"):
+        pwlu(x, pts, ok[0], ok[1].to("meta"), *ok[2:])
 
 
 @pytest.mark.parametrize(
