@@ -12,6 +12,7 @@ not break the graph, and a violation raises ``RuntimeError`` with the same messa
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
@@ -29,10 +30,14 @@ __all__ = [
     "check_probability",
     "check_choice",
     "check_finite",
-    "check_factory_kwargs",
     "check_data",
     "check_expert_index",
     "check_bool",
+    "check_callable",
+    "check_dtype",
+    "check_device",
+    "check_generator",
+    "check_class_targets",
     "check_number",
 ]
 
@@ -128,32 +133,39 @@ def check_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _is_finite_real(name: str, value: Any, expected: str) -> bool:
-    """Raise ArgumentTypeError unless ``value`` is a real number (``bool`` is not); return whether it is finite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
-    return math.isfinite(value)
+def _real(name: str, value: Any, expected: str) -> float:
+    """``value`` as a float if it is a real number: a Python or NumPy scalar, or a one-element non-bool tensor
+    (``bool`` is not). Raise :class:`ArgumentTypeError` otherwise. Not checked for finiteness."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+            return float(value.item())
+    elif not isinstance(value, bool) and isinstance(value, numbers.Real) and type(value).__name__ != "bool_":
+        return float(value)
+    raise ArgumentTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def check_finite_float(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise unless it is a finite real number (``bool`` is rejected)."""
-    if not _is_finite_real(name, value, "a finite number"):
+    real = _real(name, value, "a finite number")
+    if not math.isfinite(real):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return real
 
 
 def check_positive_float(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise unless it is a finite number > 0."""
-    if not _is_finite_real(name, value, "a finite number > 0") or value <= 0:
+    real = _real(name, value, "a finite number > 0")
+    if not math.isfinite(real) or real <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return real
 
 
 def check_nonnegative_float(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise unless it is a finite number >= 0."""
-    if not _is_finite_real(name, value, "a finite number >= 0") or value < 0:
+    real = _real(name, value, "a finite number >= 0")
+    if not math.isfinite(real) or real < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return real
 
 
 @overload
@@ -168,11 +180,10 @@ def check_probability(name: str, value: Any, *, allow_none: bool = False) -> flo
     """Return ``value`` as a float in [0, 1], or raise."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name} must be a number in [0, 1], got {value!r} ({type(value).__name__})")
-    if not 0.0 <= float(value) <= 1.0:
+    real = _real(name, value, "a number in [0, 1]")
+    if not 0.0 <= real <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+    return real
 
 
 def check_expert_index(
@@ -241,17 +252,77 @@ def check_number(
     return float(value)
 
 
-def check_factory_kwargs(device: Any, dtype: Any, *, floating: bool = False) -> None:
-    """Raise, naming the argument, for ``device`` / ``dtype`` factory keywords that torch would reject.
+def check_callable(name: str, value: Any, *, allow_none: bool = False, expected: str = "") -> Any:
+    """Return ``value`` if it is callable (or ``None`` when allowed), or raise ``TypeError``."""
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        what = f" ({expected})" if expected else ""
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be callable{what}{none}, got {type(value).__name__}")
+    return value
 
-    ``None`` is accepted for both; ``floating=True`` also requires a floating-point ``dtype``.
+
+def check_dtype(name: str, value: Any, *, floating: bool = True, allow_none: bool = True) -> torch.dtype | None:
+    """Return ``value`` if it is a ``torch.dtype`` (floating point when ``floating``), or ``None`` when allowed."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype (e.g. torch.float32), got {value!r}")
+    if floating and not value.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.dtype (e.g. torch.float32), got {value}")
+    return value
+
+
+def check_device(name: str, value: Any, *, allow_none: bool = True) -> torch.device | None:
+    """Return ``value`` as a ``torch.device`` (from a device or a string such as ``"cuda:0"``), or ``None``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda:0', got {value!r}")
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a valid device such as 'cpu' or 'cuda:0', got {value!r}") from None
+
+
+def check_generator(name: str, value: Any) -> torch.Generator | None:
+    """Return ``value`` if it is a ``torch.Generator`` or ``None``, or raise ``TypeError``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
+def check_class_targets(
+    name: str, target: Any, batch: int, num_classes: int, *, probabilities: bool = False
+) -> torch.Tensor:
+    """Check classification targets for logits ``[B, C]``: class indices ``LongTensor[B]`` in ``[0, C)``, or, when
+    ``probabilities``, class probabilities ``Tensor[B, C]`` (floating point). Returns ``target``.
+
+    The range check reads the data: under ``torch.compile`` it is a ``torch._assert_async`` (see :func:`check_data`).
     """
-    if dtype is not None:
-        if not isinstance(dtype, torch.dtype) or (floating and not dtype.is_floating_point):
-            kind = "a floating-point torch.dtype" if floating else "a torch.dtype"
-            raise TypeError(f"dtype must be {kind} or None, got {dtype!r}")
-    if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device must be a torch.device, a device string or None, got {device!r}") from err
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dim() == 0 or target.shape[0] != batch:
+        raise ValueError(f"{name} must be batch-first with B={batch}, got shape {tuple(target.shape)}")
+    if target.is_floating_point() or target.is_complex():
+        if probabilities and target.is_floating_point() and tuple(target.shape) == (batch, num_classes):
+            return target
+        want = f"class indices LongTensor[B={batch}]"
+        if probabilities:
+            want += f" or class probabilities Tensor[B={batch}, C={num_classes}]"
+        raise TypeError(f"{name} must be {want}, got shape {tuple(target.shape)} and dtype {target.dtype}")
+    if target.dtype == torch.bool or target.dim() != 1:
+        raise TypeError(
+            f"{name} must be class indices LongTensor[B={batch}], got shape {tuple(target.shape)} and dtype "
+            f"{target.dtype}"
+        )
+    if target.numel():
+        check_data(
+            ((target >= 0) & (target < num_classes)).all(),
+            f"{name} must hold class indices in [0, {num_classes}) (C = {num_classes} classes of the logits)",
+            lambda: f", got values in [{int(target.min())}, {int(target.max())}]",
+        )
+    return target

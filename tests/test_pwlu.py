@@ -609,7 +609,7 @@ def test_empty_batches_in_both_phases(granularity):
         ({"dtype": torch.int32}, TypeError, "dtype"),
         ({"dtype": "float32"}, TypeError, "dtype"),
         ({"device": "gpu"}, ValueError, "device"),
-        ({"device": 3.5}, ValueError, "device"),
+        ({"device": 3.5}, TypeError, "device"),
         ({"negative_slope": float("nan")}, ValueError, "negative_slope"),
         ({"right_bound": -4.0}, ValueError, "left_bound must be smaller"),
         ({"momentum": "0.9"}, ValueError, "momentum"),

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from pycoe._validation import (
     check_choice,
-    check_factory_kwargs,
+    check_device,
+    check_dtype,
     check_finite_float,
     check_int,
     check_positive_float,
@@ -143,7 +144,8 @@ class PWLU(nn.Module):
             raise TypeError(f"collect must be a bool, got {type(collect).__name__}")
         self.collect = collect
         self._init_spec = get_init(self.init, self.negative_slope)
-        check_factory_kwargs(device, dtype, floating=True)
+        check_device("device", device)
+        check_dtype("dtype", dtype)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         rows = self.num_channels if self.num_channels is not None else 1
         self.points = nn.Parameter(torch.empty(rows, self.num_intervals + 1, **factory))

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from pycoe._modules import floating_reference, replace_modules
 from pycoe._validation import (
     check_choice,
-    check_factory_kwargs,
+    check_device,
+    check_dtype,
     check_int,
     check_positive_float,
     check_positive_int,
@@ -122,7 +123,8 @@ def convert_activations_to_pwlu(
     check_int("channel_dim", channel_dim)
     check_positive_float("bound_std", bound_std)
     check_probability("momentum", momentum)
-    check_factory_kwargs(device, dtype, floating=True)
+    check_device("device", device)
+    check_dtype("dtype", dtype)
     if predicate is not None and not callable(predicate):
         raise TypeError(f"predicate must be callable or None, got {type(predicate).__name__}")
     inputs = _as_inputs(example_inputs)
