@@ -7,11 +7,10 @@ from pycoe.functional.mixture import (
     mixture_conv2d,
     mixture_conv2d_reference,
 )
-from pycoe.functional.pwlu import pwlu, pwlu_reference
+from pycoe.functional.pwlu import pwlu
 
 __all__ = [
     "pwlu",
-    "pwlu_reference",
     "mixture_conv2d",
     "mixture_conv2d_reference",
     "choose_mixture_strategy",
