@@ -224,6 +224,17 @@ def test_choose_mixture_strategy_rule():
     # a dynamic batch while tracing: the batch-independent weight mixing
     assert choose_mixture_strategy(None, 64, 64, 3, 4, 28) == "bmm"
     assert choose_mixture_strategy(64, 64, 64, 3, 4, 28) in EXPLICIT
+    # where nothing measured beat it, timm's grouped convolution; a dense 1x1 conv: the batched matmul
+    assert choose_mixture_strategy(64, 64, 64, 3, 4, 28) == "weight"
+    assert choose_mixture_strategy(64, 128, 128, 3, 4, 14, groups=128, requires_grad=True) == "weight"
+    assert choose_mixture_strategy(8, 32, 64, 1, 4, (56, 56)) == "bmm"
+    assert choose_mixture_strategy(8, 32, 64, 1, 4, 56, groups=2) == "weight"
+    with pytest.raises(TypeError, match="out_hw"):
+        choose_mixture_strategy(8, 32, 64, 1, 4, "56")
+    with pytest.raises(ValueError, match="out_hw"):
+        choose_mixture_strategy(8, 32, 64, 1, 4, (0, 3))
+    with pytest.raises(TypeError, match="kernel_size"):
+        choose_mixture_strategy(8, 32, 64, 1.0, 4, 3)
 
 
 # ---------------------------------------------------------------------------------------------- router
@@ -445,11 +456,13 @@ BATCHES = (1, 5, 64)
 @pytest.mark.slow
 def test_torch_export_with_a_dynamic_batch_matches_eager():
     model = _SmallNet().eval()
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(model, (torch.randn(4, 3, 16, 16),), dynamic_shapes={"x": {0: batch}})
+    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+    dims.update({2: torch.export.Dim("height", min=8, max=256), 3: torch.export.Dim("width", min=8, max=256)})
+    program = torch.export.export(model, (torch.randn(4, 3, 16, 20),), dynamic_shapes={"x": dims})
     exported = program.module()
-    for b in BATCHES:
-        x = torch.randn(b, 3, 16, 16)
+    sizes = [(b, 16, 16) for b in BATCHES] + [(5, 32, 23), (64, 9, 11)]  # odd sizes: asymmetric strided "same"
+    for b, h, w in sizes:
+        x = torch.randn(b, 3, h, w)
         with torch.no_grad():
             torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-6)
 

@@ -151,7 +151,8 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int,
     """TF-style "same" padding along one axis: output size ceil(size / stride), the odd pixel after."""
     effective = (kernel - 1) * dilation + 1
     out = -(-size // stride)
-    total = max((out - 1) * stride + effective - size, 0)
+    # sym_max: no branch on a traced (symbolic) size; an int for an int size
+    total: int = torch.sym_max((out - 1) * stride + effective - size, 0)  # type: ignore[assignment]
     return total // 2, total - total // 2
 
 
@@ -169,7 +170,9 @@ def _resolve_padding(
         return x, (0, 0)
     top, bottom = _same_pads(x.shape[-2], kernel[0], stride[0], dilation[0])
     left, right = _same_pads(x.shape[-1], kernel[1], stride[1], dilation[1])
-    if top == bottom and left == right:
+    # A traced spatial size (a SymInt) takes the explicit pad: whether the padding is symmetric depends on it.
+    static = isinstance(top, int) and isinstance(left, int)
+    if static and top == bottom and left == right:
         return x, (top, left)
     return F.pad(x, (left, right, top, bottom)), (0, 0)
 
@@ -396,6 +399,21 @@ def mixture_conv2d(
     return out
 
 
+def _output_size(out_hw: object) -> tuple[int, int]:
+    """``out_hw`` as a pair; its entries may be symbolic (a traced spatial size), which are not compared here."""
+    if isinstance(out_hw, (int, torch.SymInt)) and not isinstance(out_hw, bool):
+        pair = (out_hw, out_hw)
+    elif isinstance(out_hw, Sequence) and not isinstance(out_hw, str) and len(out_hw) == 2:
+        pair = (out_hw[0], out_hw[1])
+    else:
+        raise TypeError(f"out_hw must be an int or a pair of ints, got {out_hw!r}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) for v in pair):
+        raise TypeError(f"out_hw must be an int or a pair of ints, got {out_hw!r}")
+    if any(isinstance(v, int) and v < 1 for v in pair):
+        raise ValueError(f"out_hw must be >= 1, got {out_hw!r}")
+    return pair  # type: ignore[return-value]
+
+
 def choose_mixture_strategy(
     batch: int | None,
     in_channels: int,
@@ -434,7 +452,7 @@ def choose_mixture_strategy(
         ``"weight"``, ``"bmm"`` or ``"output"``.
     """
     kh, kw = check_int_pair("kernel_size", kernel_size, minimum=1)
-    oh, ow = check_int_pair("out_hw", out_hw, minimum=1)
+    oh, ow = _output_size(out_hw)
     if oh * ow == 1:
         return "output"
     if batch is None or (kh == kw == 1 and groups == 1):
