@@ -137,10 +137,10 @@ def bench_cell(
     return median, ratio
 
 
-def _pick(b: int, c: int, o: int, k: int, g: int, h: int, e: int, backward: bool) -> str:
+def _pick(b: int, k: int, g: int, h: int) -> str:
     if b == 1:
         return "conv"  # batch 1: one F.conv2d with the mixed kernel
-    return choose_mixture_strategy(b, c, o, k, e, h, g, requires_grad=backward)
+    return choose_mixture_strategy(b, k, h, g)
 
 
 def run_grid(shapes, batches, kernel_counts, modes, repeats, min_time, strategies, clock):
@@ -162,7 +162,7 @@ def run_grid(shapes, batches, kernel_counts, modes, repeats, min_time, strategie
                             E=e,
                             B=b,
                             backward=backward,
-                            pick=_pick(b, c, o, k, g, h, e, backward),
+                            pick=_pick(b, k, g, h),
                             time=median,
                             ratio=ratio,
                         )

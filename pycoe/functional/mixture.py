@@ -377,22 +377,7 @@ def mixture_conv2d(
         # the lean path: one conv with the mixed kernel; conv2d keeps a channels_last x channels_last
         return _single_sample(x_padded, weight_bank, coefficients, bias_bank, stride_, conv_padding, dilation_, groups)
     elif strategy == "auto":
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad
-            or weight_bank.requires_grad
-            or coefficients.requires_grad
-            or (bias_bank is not None and bias_bank.requires_grad)
-        )
-        strategy = choose_mixture_strategy(
-            batch if static_batch else None,
-            x.shape[1],
-            weight_bank.shape[1],
-            (kh, kw),
-            weight_bank.shape[0],
-            (out_h, out_w),
-            groups,
-            requires_grad=needs_grad,
-        )
+        strategy = choose_mixture_strategy(batch if static_batch else None, (kh, kw), (out_h, out_w), groups)
     out = _IMPLS[strategy](x_padded, weight_bank, coefficients, bias_bank, stride_, conv_padding, dilation_, groups)
     if static_batch and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
@@ -416,13 +401,9 @@ def _output_size(out_hw: object) -> tuple[int, int]:
 
 def choose_mixture_strategy(
     batch: int | None,
-    in_channels: int,
-    out_channels: int,
     kernel_size: int | Sequence[int],
-    num_kernels: int,
     out_hw: int | Sequence[int],
     groups: int = 1,
-    requires_grad: bool = False,
 ) -> str:
     """The strategy that ``strategy="auto"`` runs for a batch of B >= 2 samples: a fixed rule, no state.
 
@@ -437,16 +418,15 @@ def choose_mixture_strategy(
        the input as it lies in memory (no im2col).
     4. Otherwise: ``"weight"``, timm's algorithm (one grouped convolution).
 
-    Rules 1 and 3 are where a strategy measurably beats the grouped convolution (``benchmarks/bench_condconv.py``,
-    CPU; see the CondConv guide); elsewhere the grouped convolution costs about what one ordinary convolution of
-    the batch costs, and no other strategy was faster. ``in_channels``, ``num_kernels`` and ``requires_grad``
-    do not change the answer today; they are part of the signature so that a rule may use them.
+    Rules 1 and 3 are where a strategy measurably beats the grouped convolution, forward and forward + backward,
+    at E = 4 and 8 (``benchmarks/bench_condconv.py`` on the CPU; see the CondConv guide); elsewhere the grouped
+    convolution costs about what one ordinary convolution of the batch costs, and no other strategy was faster.
 
     Args:
         batch: B, or ``None`` when the batch is not known while tracing.
-        in_channels: C.  out_channels: O.  kernel_size: k or (kh, kw).  num_kernels: E.
-        out_hw: output spatial size, int or (h, w).  groups: g.
-        requires_grad: whether a backward pass will follow.
+        kernel_size: k or (kh, kw).
+        out_hw: output spatial size, int or (h, w) (symbolic sizes are accepted).
+        groups: convolution groups g.
 
     Returns:
         ``"weight"``, ``"bmm"`` or ``"output"``.
