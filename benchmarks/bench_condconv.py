@@ -50,6 +50,30 @@ SHAPES = [
     ("SE 1x1 256->64 @1", 256, 64, 1, 1, 1),  # a squeeze-excitation conv on a 1x1 map
 ]
 QUICK_SHAPES = [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6]]
+# More layers of common CNNs (ResNet stages, MobileNet depthwise and pointwise layers): the evidence for the rule
+# of strategy="auto" beyond the main grid (--grid extended).
+EXTENDED_SHAPES = [
+    ("3x3 16->16 @32", 16, 16, 3, 1, 32),
+    ("3x3 32->32 @32", 32, 32, 3, 1, 32),
+    ("3x3 32->32 @16", 32, 32, 3, 1, 16),
+    ("3x3 64->64 @56", 64, 64, 3, 1, 56),
+    ("3x3 128->128 @28", 128, 128, 3, 1, 28),
+    ("3x3 256->256 @14", 256, 256, 3, 1, 14),
+    ("3x3 256->256 @7", 256, 256, 3, 1, 7),
+    ("3x3 512->512 @7", 512, 512, 3, 1, 7),
+    ("1x1 64->256 @56", 64, 256, 1, 1, 56),
+    ("1x1 128->512 @28", 128, 512, 1, 1, 28),
+    ("1x1 512->512 @7", 512, 512, 1, 1, 7),
+    ("1x1 1024->256 @7", 1024, 256, 1, 1, 7),
+    ("dw3x3 32 @112", 32, 32, 3, 32, 112),
+    ("dw3x3 96 @56", 96, 96, 3, 96, 56),
+    ("dw3x3 144 @56", 144, 144, 3, 144, 56),
+    ("dw3x3 192 @28", 192, 192, 3, 192, 28),
+    ("dw3x3 384 @14", 384, 384, 3, 384, 14),
+    ("dw3x3 576 @14", 576, 576, 3, 576, 14),
+    ("dw3x3 960 @7", 960, 960, 3, 960, 7),
+    ("dw5x5 240 @14", 240, 240, 5, 240, 14),
+]
 BATCHES = (1, 8, 64)
 KERNEL_COUNTS = (4, 8)
 EXPLICIT = tuple(s for s in MIXTURE_STRATEGIES if s != "auto")
@@ -137,10 +161,10 @@ def bench_cell(
     return median, ratio
 
 
-def _pick(b: int, k: int, g: int, h: int) -> str:
+def _pick(b: int, c: int, o: int, k: int, g: int, h: int, backward: bool) -> str:
     if b == 1:
         return "conv"  # batch 1: one F.conv2d with the mixed kernel
-    return choose_mixture_strategy(b, k, h, g)
+    return choose_mixture_strategy(b, c, o, k, h, g, requires_grad=backward)
 
 
 def run_grid(shapes, batches, kernel_counts, modes, repeats, min_time, strategies, clock):
@@ -162,7 +186,7 @@ def run_grid(shapes, batches, kernel_counts, modes, repeats, min_time, strategie
                             E=e,
                             B=b,
                             backward=backward,
-                            pick=_pick(b, k, g, h),
+                            pick=_pick(b, c, o, k, g, h, backward),
                             time=median,
                             ratio=ratio,
                         )
@@ -214,13 +238,14 @@ def summary(rows) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced grid (4 shapes, E=4)")
+    parser.add_argument("--grid", choices=("main", "extended"), default="main", help="the shapes (see the source)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.02, help="seconds per timing (calls are repeated)")
     parser.add_argument("--batches", default="1,8,64", help="comma list of batch sizes")
     parser.add_argument("--kernels", default=None, help="comma list of kernel counts E (default 4,8; --quick: 4)")
     parser.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
-    parser.add_argument("--shapes", default=None, help="comma list of shape indices into SHAPES")
+    parser.add_argument("--shapes", default=None, help="comma list of shape indices into the grid")
     parser.add_argument("--strategies", default="", help="explicit strategies to time too: comma list, or 'all'")
     parser.add_argument("--clock", choices=("cpu", "wall"), default=None, help="default: cpu with 1 thread, else wall")
     parser.add_argument("--json", default=None, help="write the raw results to this file")
@@ -230,9 +255,10 @@ def main() -> None:
     torch.manual_seed(0)
     import timm
 
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    grid = EXTENDED_SHAPES if args.grid == "extended" else SHAPES
+    shapes = QUICK_SHAPES if args.quick else grid
     if args.shapes:
-        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+        shapes = [grid[int(i)] for i in args.shapes.split(",")]
     kernel_counts = (4,) if args.quick else KERNEL_COUNTS
     if args.kernels:
         kernel_counts = tuple(int(e) for e in args.kernels.split(","))

@@ -20,12 +20,12 @@ STRATEGIES = MIXTURE_STRATEGIES
 EXPLICIT = tuple(s for s in STRATEGIES if s != "auto")
 
 
-def _inputs(batch, channels, out_channels, kernel, groups, experts, size=(7, 6), bias=True, dtype=torch.float64):
+def _inputs(batch, channels, out_channels, kernel, groups, kernels, size=(7, 6), bias=True, dtype=torch.float64):
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     x = torch.randn(batch, channels, *size, dtype=dtype, requires_grad=True)
-    bank = torch.randn(experts, out_channels, channels // groups, kh, kw, dtype=dtype, requires_grad=True)
-    coef = torch.rand(batch, experts, dtype=dtype, requires_grad=True)
-    bias_bank = torch.randn(experts, out_channels, dtype=dtype, requires_grad=True) if bias else None
+    bank = torch.randn(kernels, out_channels, channels // groups, kh, kw, dtype=dtype, requires_grad=True)
+    coef = torch.rand(batch, kernels, dtype=dtype, requires_grad=True)
+    bias_bank = torch.randn(kernels, out_channels, dtype=dtype, requires_grad=True) if bias else None
     return x, bank, coef, bias_bank
 
 
@@ -59,7 +59,7 @@ CASES = [
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategies_match_reference_forward_and_backward(case, strategy):
     batch, c, o, k, stride, padding, dilation, groups, bias, size = case
-    x, bank, coef, bias_bank = _inputs(batch, c, o, k, groups, experts=3, size=size, bias=bias)
+    x, bank, coef, bias_bank = _inputs(batch, c, o, k, groups, kernels=3, size=size, bias=bias)
     args = (stride, padding, dilation, groups)
     ref = mixture_conv2d_reference(x, bank, coef, bias_bank, *args)
     out = mixture_conv2d(x, bank, coef, bias_bank, *args, strategy=strategy)
@@ -74,7 +74,7 @@ def test_strategies_match_reference_forward_and_backward(case, strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_float32_matches_reference(strategy):
-    x, bank, coef, bias_bank = _inputs(4, 8, 8, 3, 2, experts=4, size=(9, 9), dtype=torch.float32)
+    x, bank, coef, bias_bank = _inputs(4, 8, 8, 3, 2, kernels=4, size=(9, 9), dtype=torch.float32)
     ref = mixture_conv2d_reference(x, bank, coef, bias_bank, 1, 1, 1, 2)
     out = mixture_conv2d(x, bank, coef, bias_bank, 1, 1, 1, 2, strategy=strategy)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -91,7 +91,7 @@ def test_float32_matches_reference(strategy):
     cpg=st.integers(1, 3),
     groups=st.integers(1, 3),
     opg=st.integers(1, 2),
-    experts=st.integers(1, 4),
+    kernels=st.integers(1, 4),
     kh=st.integers(1, 3),
     kw=st.integers(1, 3),
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
@@ -102,10 +102,10 @@ def test_float32_matches_reference(strategy):
     strategy=st.sampled_from(STRATEGIES),
 )
 def test_random_configurations_match_reference(
-    batch, cpg, groups, opg, experts, kh, kw, stride, dilation, padding, bias, channels_last, strategy
+    batch, cpg, groups, opg, kernels, kh, kw, stride, dilation, padding, bias, channels_last, strategy
 ):
     c, o = cpg * groups, opg * groups
-    x, bank, coef, bias_bank = _inputs(batch, c, o, (kh, kw), groups, experts, size=(7, 8), bias=bias)
+    x, bank, coef, bias_bank = _inputs(batch, c, o, (kh, kw), groups, kernels, size=(7, 8), bias=bias)
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     args = (stride, padding, dilation, groups)
@@ -128,7 +128,7 @@ def test_random_configurations_match_reference(
 )
 def test_gradcheck_float64(strategy, config):
     batch, kernel, stride, padding, groups = config
-    x, bank, coef, bias_bank = _inputs(batch, 2, 2, kernel, groups, experts=2, size=(4, 3))
+    x, bank, coef, bias_bank = _inputs(batch, 2, 2, kernel, groups, kernels=2, size=(4, 3))
 
     def fn(x, bank, coef, bias_bank):
         return mixture_conv2d(x, bank, coef, bias_bank, stride, padding, 1, groups, strategy=strategy)
@@ -137,7 +137,7 @@ def test_gradcheck_float64(strategy, config):
 
 
 def test_same_padding_conventions():
-    x, bank, coef, _ = _inputs(2, 3, 4, 3, 1, experts=1, size=(8, 8), bias=False)
+    x, bank, coef, _ = _inputs(2, 3, 4, 3, 1, kernels=1, size=(8, 8), bias=False)
     coef = torch.ones(2, 1, dtype=x.dtype)
     # stride 1: torch's own padding="same"
     for k in (3, 4):
@@ -159,7 +159,7 @@ def test_same_padding_conventions():
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_channels_last_input(strategy):
-    x, bank, coef, bias_bank = _inputs(3, 8, 8, 3, 1, experts=4, size=(6, 6), dtype=torch.float32)
+    x, bank, coef, bias_bank = _inputs(3, 8, 8, 3, 1, kernels=4, size=(6, 6), dtype=torch.float32)
     x_cl = x.detach().contiguous(memory_format=torch.channels_last)
     out = mixture_conv2d(x_cl, bank, coef, bias_bank, padding=1, strategy=strategy)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -167,7 +167,7 @@ def test_channels_last_input(strategy):
 
 
 def test_single_kernel_with_unit_coefficient_is_conv2d():
-    x, bank, _, bias_bank = _inputs(3, 4, 6, 3, 2, experts=1)
+    x, bank, _, bias_bank = _inputs(3, 4, 6, 3, 2, kernels=1)
     coef = torch.ones(3, 1, dtype=x.dtype)
     for strategy in STRATEGIES:
         torch.testing.assert_close(
@@ -179,7 +179,7 @@ def test_single_kernel_with_unit_coefficient_is_conv2d():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("padding", [1, "same", "valid"])
 def test_empty_batch_gives_an_empty_batch_like_conv2d(strategy, padding):
-    x, bank, coef, bias_bank = _inputs(0, 4, 6, 3, 2, experts=3, size=(8, 7))
+    x, bank, coef, bias_bank = _inputs(0, 4, 6, 3, 2, kernels=3, size=(8, 7))
     out = mixture_conv2d(x, bank, coef, bias_bank, 2, padding, 1, 2, strategy=strategy)
     conv = nn.Conv2d(4, 6, 3, stride=1 if padding == "same" else 2, padding=padding, groups=2).double()
     expected_hw = conv(x.detach()).shape[-2:] if padding != "same" else (4, 4)  # "same" at stride 2: ceil(H/2)
@@ -189,11 +189,11 @@ def test_empty_batch_gives_an_empty_batch_like_conv2d(strategy, padding):
 
 
 def test_batch_one_is_a_single_convolution_with_the_mixed_kernel(monkeypatch):
-    x, bank, coef, bias_bank = _inputs(1, 4, 6, 3, 2, experts=3)
+    x, bank, coef, bias_bank = _inputs(1, 4, 6, 3, 2, kernels=3)
     calls = []
     real = F.conv2d
     monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
-    for strategy in ("weight", "bmm", "auto"):
+    for strategy in ("weight", "loop", "bmm", "auto"):
         calls.clear()
         out = mixture_conv2d(x, bank, coef, bias_bank, 1, 1, 1, 2, strategy=strategy)
         assert calls == [(6, 2, 3, 3)]  # one conv, with one [O, C/g, kh, kw] kernel
@@ -205,7 +205,7 @@ def test_batch_one_is_a_single_convolution_with_the_mixed_kernel(monkeypatch):
 def test_auto_runs_the_strategy_choose_mixture_strategy_names(monkeypatch):
     import pycoe.functional.mixture as mixture
 
-    x, bank, coef, bias_bank = _inputs(2, 4, 4, 3, 1, experts=3)
+    x, bank, coef, bias_bank = _inputs(2, 4, 4, 3, 1, kernels=3)
     seen = []
     for choice in EXPLICIT:
         monkeypatch.setattr(mixture, "choose_mixture_strategy", lambda *a, choice=choice, **k: seen.append(a) or choice)
@@ -213,27 +213,53 @@ def test_auto_runs_the_strategy_choose_mixture_strategy_names(monkeypatch):
         torch.testing.assert_close(
             auto, mixture_conv2d(x, bank, coef, bias_bank, padding=1, strategy=choice), rtol=0, atol=0
         )
-    # (batch, kernel, out_hw, groups): asked on every call, no memo
-    assert len(seen) == len(EXPLICIT) and seen[0] == (2, (3, 3), (7, 6), 1)
+    # (batch, in_channels, out_channels, kernel, out_hw, groups): asked on every call, no memo
+    assert len(seen) == len(EXPLICIT) and seen[0] == (2, 4, 4, (3, 3), (7, 6), 1)
 
 
 def test_choose_mixture_strategy_rule():
-    # a 1x1 output map (a squeeze-excitation conv): output mixing, at any batch, known or not
+    # 1. a 1x1 output map (a squeeze-excitation conv): output mixing, at any batch, known or not
     for batch in (2, 64, None):
-        assert choose_mixture_strategy(batch, 1, 1) == "output"
-    # a dynamic batch while tracing: the batch-independent weight mixing
-    assert choose_mixture_strategy(None, 3, 28) == "bmm"
-    # a dense 1x1 conv: the batched matmul; otherwise timm's grouped convolution (nothing measured beat it)
-    assert choose_mixture_strategy(8, 1, (56, 56)) == "bmm"
-    assert choose_mixture_strategy(8, 1, 56, groups=2) == "weight"
-    assert choose_mixture_strategy(64, 3, 28) == "weight"
-    assert choose_mixture_strategy(64, (3, 3), 14, groups=128) == "weight"
+        assert choose_mixture_strategy(batch, 256, 64, 1, 1) == "output"
+    # 2. a dynamic batch while tracing: the batch-independent weight mixing
+    assert choose_mixture_strategy(None, 64, 64, 3, 28) == "bmm"
+    # 3. the per-sample loop: dense kxk with >= 64 channels in inference from batch 16; depthwise on maps of
+    # 28x28 or more from batch 32 in inference, from batch 64 in training
+    assert choose_mixture_strategy(16, 64, 64, 3, 28) == "loop"
+    assert choose_mixture_strategy(8, 128, 128, 3, 14) == "weight"  # a smaller batch
+    assert choose_mixture_strategy(64, 64, 64, 3, 28, requires_grad=True) == "weight"  # training
+    assert choose_mixture_strategy(64, 32, 32, 3, 32) == "weight"  # fewer channels
+    assert choose_mixture_strategy(32, 96, 96, 3, (56, 56), groups=96) == "loop"
+    assert choose_mixture_strategy(32, 96, 96, 3, 56, groups=96, requires_grad=True) == "weight"
+    assert choose_mixture_strategy(64, 128, 128, 3, 28, groups=128, requires_grad=True) == "loop"
+    assert choose_mixture_strategy(16, 96, 96, 3, 56, groups=96) == "weight"  # a smaller batch
+    assert choose_mixture_strategy(64, 256, 256, 3, 14, groups=256) == "weight"  # a smaller map
+    # 4. a dense 1x1 conv: the batched matmul; 5. otherwise timm's grouped convolution
+    assert choose_mixture_strategy(64, 256, 256, 1, 14) == "bmm"
+    assert choose_mixture_strategy(8, 32, 64, 1, (56, 56), requires_grad=True) == "bmm"
+    assert choose_mixture_strategy(8, 32, 64, 1, 56, groups=2) == "weight"
+    assert choose_mixture_strategy(8, 64, 64, 3, 28) == "weight"
     with pytest.raises(TypeError, match="out_hw"):
-        choose_mixture_strategy(8, 1, "56")
+        choose_mixture_strategy(8, 32, 64, 1, "56")
     with pytest.raises(ValueError, match="out_hw"):
-        choose_mixture_strategy(8, 1, (0, 3))
+        choose_mixture_strategy(8, 32, 64, 1, (0, 3))
     with pytest.raises(TypeError, match="kernel_size"):
-        choose_mixture_strategy(8, 1.0, 3)
+        choose_mixture_strategy(8, 32, 64, 1.0, 3)
+    with pytest.raises(ValueError, match="in_channels"):
+        choose_mixture_strategy(8, 0, 64, 1, 3)
+
+
+def test_auto_does_not_unroll_the_loop_under_compile(monkeypatch):
+    import pycoe.functional.mixture as mixture
+
+    x, bank, coef, _ = _inputs(2, 4, 4, 3, 1, kernels=3)
+    monkeypatch.setattr(mixture, "choose_mixture_strategy", lambda *a, **k: "loop")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ran = []
+    monkeypatch.setitem(mixture._IMPLS, "weight", lambda *a: ran.append("weight") or mixture._weight_mixing(*a))
+    monkeypatch.setitem(mixture._IMPLS, "loop", lambda *a: ran.append("loop") or mixture._loop_mixing(*a))
+    mixture_conv2d(x, bank, coef, padding=1)
+    assert ran == ["weight"]
 
 
 # ---------------------------------------------------------------------------------------------- router
@@ -466,6 +492,13 @@ def test_torch_export_with_a_dynamic_batch_matches_eager():
             torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_loop_strategy_refuses_a_dynamic_batch():
+    layer = CondConv2d(3, 4, 3, num_kernels=2, strategy="loop").eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with pytest.raises(ValueError, match="strategy='loop' .* needs a static batch"):
+        torch.export.export(layer, (torch.randn(4, 3, 8, 8),), dynamic_shapes={"x": {0: batch}})
+
+
 @pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -518,7 +551,7 @@ def test_compile_with_inductor_matches_eager():
 
 # ---------------------------------------------------------------------------------------------- bad input
 def _ok():
-    return _inputs(2, 4, 6, 3, 2, experts=3, dtype=torch.float32)
+    return _inputs(2, 4, 6, 3, 2, kernels=3, dtype=torch.float32)
 
 
 def _mixture_call(**change):
@@ -546,7 +579,7 @@ MIXTURE_BAD = [
     (dict(bias_bank=_BIAS[0]), ValueError, "bias_bank must have 2 dimensions"),
     (dict(bias_bank=[0.0]), TypeError, "bias_bank must be a torch.Tensor"),
     (dict(bias_bank=_BIAS.double()), TypeError, "bias_bank must have the dtype of x"),
-    (dict(groups=0), ValueError, "groups must be >= 1"),
+    (dict(groups=0), ValueError, "groups must be a positive integer"),
     (dict(groups=2.0), TypeError, "groups must be an int"),
     (dict(groups=True), TypeError, "groups must be an int"),
     (dict(groups=3), ValueError, "not divisible by groups=3"),

@@ -38,12 +38,19 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pycoe._validation import check_choice, check_conv_padding, check_int_pair, check_tensor
+from pycoe._validation import (
+    check_choice,
+    check_conv_padding,
+    check_int,
+    check_int_pair,
+    check_positive_int,
+    check_tensor,
+)
 
 __all__ = ["mixture_conv2d", "choose_mixture_strategy", "MIXTURE_STRATEGIES"]
 
 #: The strategies accepted by :func:`mixture_conv2d`.
-MIXTURE_STRATEGIES = ("auto", "weight", "bmm", "output")
+MIXTURE_STRATEGIES = ("auto", "weight", "loop", "bmm", "output")
 
 _PadArg = int | Sequence[int] | str
 _Pair = tuple[int, int]
@@ -52,12 +59,9 @@ _Pair = tuple[int, int]
 # ----------------------------------------------------------------------------------------------------------------
 # argument handling
 # ----------------------------------------------------------------------------------------------------------------
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+def _check_count(name: str, value: object) -> int:
+    """An int >= 1: ``TypeError`` for another type, ``ValueError`` for a smaller int."""
+    return check_positive_int(name, check_int(name, value))
 
 
 def _arguments_look_valid(
@@ -114,7 +118,7 @@ def _check_arguments(
     check_tensor("coefficients", coefficients, ndim=2, floating=True)
     if bias_bank is not None:
         check_tensor("bias_bank", bias_bank, ndim=2, floating=True)
-    groups = _check_int("groups", groups, 1)
+    groups = _check_count("groups", groups)
     batch, channels = x.shape[:2]
     num_kernels, out_channels, cpg = weight_bank.shape[:3]
     if num_kernels < 1:
@@ -222,6 +226,29 @@ def _weight_mixing(
     return out.reshape(batch, out_channels, out.shape[-2], out.shape[-1])
 
 
+def _loop_mixing(
+    x: torch.Tensor,
+    bank: torch.Tensor,
+    coef: torch.Tensor,
+    bias: torch.Tensor | None,
+    s: _Pair,
+    p: _Pair,
+    d: _Pair,
+    g: int,
+) -> torch.Tensor:
+    flat = bank.reshape(bank.shape[0], -1)
+    kernel_shape = bank.shape[1:]
+    biases: list[torch.Tensor | None] = [None] * x.shape[0] if bias is None else list((coef @ bias).unbind(0))
+    # Each sample's kernel is mixed right before its convolution, so that it is still in cache when the
+    # convolution reads it (weight mixing writes all B kernels first, then reads them back); unbind (not
+    # x[b:b+1]): its backward stacks the per-sample gradients once instead of B zero-filled copies.
+    outs = [
+        F.conv2d(xb.unsqueeze(0), (cb @ flat).reshape(kernel_shape), bb, s, p, d, g)
+        for xb, cb, bb in zip(x.unbind(0), coef.unbind(0), biases)
+    ]
+    return torch.cat(outs, dim=0)
+
+
 def _bmm_mixing(
     x: torch.Tensor,
     bank: torch.Tensor,
@@ -284,7 +311,7 @@ def _output_mixing(
     return out
 
 
-_IMPLS = {"weight": _weight_mixing, "bmm": _bmm_mixing, "output": _output_mixing}
+_IMPLS = {"weight": _weight_mixing, "loop": _loop_mixing, "bmm": _bmm_mixing, "output": _output_mixing}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,7 +404,28 @@ def mixture_conv2d(
         # the lean path: one conv with the mixed kernel; conv2d keeps a channels_last x channels_last
         return _single_sample(x_padded, weight_bank, coefficients, bias_bank, stride_, conv_padding, dilation_, groups)
     elif strategy == "auto":
-        strategy = choose_mixture_strategy(batch if static_batch else None, (kh, kw), (out_h, out_w), groups)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or weight_bank.requires_grad
+            or coefficients.requires_grad
+            or (bias_bank is not None and bias_bank.requires_grad)
+        )
+        strategy = choose_mixture_strategy(
+            batch if static_batch else None,
+            x.shape[1],
+            weight_bank.shape[1],
+            (kh, kw),
+            (out_h, out_w),
+            groups,
+            requires_grad=needs_grad,
+        )
+        if strategy == "loop" and torch.compiler.is_compiling():
+            strategy = "weight"  # the loop is an eager fast path: traced, it would unroll into B convolutions
+    elif strategy == "loop" and not static_batch:
+        raise ValueError(
+            "strategy='loop' runs one convolution per sample and needs a static batch; under torch.export or "
+            "torch.compile with a dynamic batch use 'auto', 'bmm' or 'output'"
+        )
     out = _IMPLS[strategy](x_padded, weight_bank, coefficients, bias_bank, stride_, conv_padding, dilation_, groups)
     if static_batch and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
@@ -401,9 +449,12 @@ def _output_size(out_hw: object) -> tuple[int, int]:
 
 def choose_mixture_strategy(
     batch: int | None,
+    in_channels: int,
+    out_channels: int,
     kernel_size: int | Sequence[int],
     out_hw: int | Sequence[int],
     groups: int = 1,
+    requires_grad: bool = False,
 ) -> str:
     """The strategy that ``strategy="auto"`` runs for a batch of B >= 2 samples: a fixed rule, no state.
 
@@ -414,27 +465,44 @@ def choose_mixture_strategy(
     2. The batch is unknown (``batch=None``: tracing with a dynamic batch, under ``torch.export`` or
        ``torch.compile``): ``"bmm"``, the weight mixing whose graph does not depend on the batch (a grouped
        convolution with ``groups = B*g`` cannot export with a symbolic B; ONNX needs a static group count).
-    3. A dense (``groups=1``) 1x1 convolution: ``"bmm"``, the convolution as one batched matrix product on
-       the input as it lies in memory (no im2col).
-    4. Otherwise: ``"weight"``, timm's algorithm (one grouped convolution).
+    3. ``"loop"``, one convolution per sample with its kernel mixed just before (under ``torch.compile``,
+       :func:`mixture_conv2d` runs ``"weight"`` instead), for a dense (``groups=1``) convolution with a kernel
+       larger than 1x1 and at least 64 input and output channels, without a backward pass, from B = 16 on;
+       and for a depthwise convolution (``groups == C == O``) with an output map of at least 28x28, from
+       B = 32 on without a backward pass and from B = 64 on with one.
+    4. A dense 1x1 convolution: ``"bmm"``, the convolution as one batched matrix product on the input as it
+       lies in memory (no im2col).
+    5. Otherwise: ``"weight"``, timm's algorithm (one grouped convolution).
 
-    Rules 1 and 3 are where a strategy measurably beats the grouped convolution, forward and forward + backward,
-    at E = 4 and 8 (``benchmarks/bench_condconv.py`` on the CPU; see the CondConv guide); elsewhere the grouped
-    convolution costs about what one ordinary convolution of the batch costs, and no other strategy was faster.
+    Rules 1, 3 and 4 are where a strategy measurably beats the grouped convolution on the CPU
+    (``benchmarks/bench_condconv.py``; the tables are in the CondConv guide); elsewhere no strategy was
+    faster than it.
 
     Args:
         batch: B, or ``None`` when the batch is not known while tracing.
-        kernel_size: k or (kh, kw).
+        in_channels: C.  out_channels: O.  kernel_size: k or (kh, kw).
         out_hw: output spatial size, int or (h, w) (symbolic sizes are accepted).
         groups: convolution groups g.
+        requires_grad: whether a backward pass will follow.
 
     Returns:
-        ``"weight"``, ``"bmm"`` or ``"output"``.
+        ``"weight"``, ``"loop"``, ``"bmm"`` or ``"output"``.
     """
+    in_channels = _check_count("in_channels", in_channels)
+    out_channels = _check_count("out_channels", out_channels)
+    groups = _check_count("groups", groups)
     kh, kw = check_int_pair("kernel_size", kernel_size, minimum=1)
     oh, ow = _output_size(out_hw)
     if oh * ow == 1:
         return "output"
-    if batch is None or (kh == kw == 1 and groups == 1):
+    if batch is None:
+        return "bmm"
+    dense_large = groups == 1 and kh * kw > 1 and min(in_channels, out_channels) >= 64
+    if dense_large and not requires_grad and batch >= 16:
+        return "loop"
+    depthwise_large = groups == in_channels == out_channels and oh * ow >= 28 * 28
+    if depthwise_large and batch >= (64 if requires_grad else 32):
+        return "loop"
+    if kh == kw == 1 and groups == 1:
         return "bmm"
     return "weight"
