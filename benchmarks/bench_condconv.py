@@ -164,7 +164,7 @@ def bench_cell(
 def _pick(b: int, c: int, o: int, k: int, g: int, h: int, backward: bool) -> str:
     if b == 1:
         return "conv"  # batch 1: one F.conv2d with the mixed kernel
-    return choose_mixture_strategy(b, c, o, k, h, g, requires_grad=backward)
+    return choose_mixture_strategy(b, k, h, g)
 
 
 def run_grid(shapes, batches, kernel_counts, modes, repeats, min_time, strategies, clock):

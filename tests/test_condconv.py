@@ -193,7 +193,7 @@ def test_batch_one_is_a_single_convolution_with_the_mixed_kernel(monkeypatch):
     calls = []
     real = F.conv2d
     monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
-    for strategy in ("weight", "loop", "bmm", "auto"):
+    for strategy in ("weight", "bmm", "auto"):
         calls.clear()
         out = mixture_conv2d(x, bank, coef, bias_bank, 1, 1, 1, 2, strategy=strategy)
         assert calls == [(6, 2, 3, 3)]  # one conv, with one [O, C/g, kh, kw] kernel
@@ -213,53 +213,30 @@ def test_auto_runs_the_strategy_choose_mixture_strategy_names(monkeypatch):
         torch.testing.assert_close(
             auto, mixture_conv2d(x, bank, coef, bias_bank, padding=1, strategy=choice), rtol=0, atol=0
         )
-    # (batch, in_channels, out_channels, kernel, out_hw, groups): asked on every call, no memo
-    assert len(seen) == len(EXPLICIT) and seen[0] == (2, 4, 4, (3, 3), (7, 6), 1)
+    # (batch, kernel, out_hw, groups): asked on every call, no memo
+    assert len(seen) == len(EXPLICIT) and seen[0] == (2, (3, 3), (7, 6), 1)
 
 
 def test_choose_mixture_strategy_rule():
     # 1. a 1x1 output map (a squeeze-excitation conv): output mixing, at any batch, known or not
     for batch in (2, 64, None):
-        assert choose_mixture_strategy(batch, 256, 64, 1, 1) == "output"
+        assert choose_mixture_strategy(batch, 1, 1) == "output"
     # 2. a dynamic batch while tracing: the batch-independent weight mixing
-    assert choose_mixture_strategy(None, 64, 64, 3, 28) == "bmm"
-    # 3. the per-sample loop: dense kxk with >= 64 channels in inference from batch 16; depthwise on maps of
-    # 28x28 or more from batch 32 in inference, from batch 64 in training
-    assert choose_mixture_strategy(16, 64, 64, 3, 28) == "loop"
-    assert choose_mixture_strategy(8, 128, 128, 3, 14) == "weight"  # a smaller batch
-    assert choose_mixture_strategy(64, 64, 64, 3, 28, requires_grad=True) == "weight"  # training
-    assert choose_mixture_strategy(64, 32, 32, 3, 32) == "weight"  # fewer channels
-    assert choose_mixture_strategy(32, 96, 96, 3, (56, 56), groups=96) == "loop"
-    assert choose_mixture_strategy(32, 96, 96, 3, 56, groups=96, requires_grad=True) == "weight"
-    assert choose_mixture_strategy(64, 128, 128, 3, 28, groups=128, requires_grad=True) == "loop"
-    assert choose_mixture_strategy(16, 96, 96, 3, 56, groups=96) == "weight"  # a smaller batch
-    assert choose_mixture_strategy(64, 256, 256, 3, 14, groups=256) == "weight"  # a smaller map
-    # 4. a dense 1x1 conv: the batched matmul; 5. otherwise timm's grouped convolution
-    assert choose_mixture_strategy(64, 256, 256, 1, 14) == "bmm"
-    assert choose_mixture_strategy(8, 32, 64, 1, (56, 56), requires_grad=True) == "bmm"
-    assert choose_mixture_strategy(8, 32, 64, 1, 56, groups=2) == "weight"
-    assert choose_mixture_strategy(8, 64, 64, 3, 28) == "weight"
+    assert choose_mixture_strategy(None, 3, 28) == "bmm"
+    # 3. a dense 1x1 conv: the batched matmul; 4. otherwise timm's grouped convolution (nothing measured beat it)
+    assert choose_mixture_strategy(8, 1, (56, 56)) == "bmm"
+    assert choose_mixture_strategy(64, (1, 1), 14) == "bmm"
+    assert choose_mixture_strategy(8, 1, 56, groups=2) == "weight"
+    assert choose_mixture_strategy(64, 3, 28) == "weight"
+    assert choose_mixture_strategy(64, (3, 3), 14, groups=128) == "weight"
     with pytest.raises(TypeError, match="out_hw"):
-        choose_mixture_strategy(8, 32, 64, 1, "56")
+        choose_mixture_strategy(8, 1, "56")
     with pytest.raises(ValueError, match="out_hw"):
-        choose_mixture_strategy(8, 32, 64, 1, (0, 3))
+        choose_mixture_strategy(8, 1, (0, 3))
     with pytest.raises(TypeError, match="kernel_size"):
-        choose_mixture_strategy(8, 32, 64, 1.0, 3)
-    with pytest.raises(ValueError, match="in_channels"):
-        choose_mixture_strategy(8, 0, 64, 1, 3)
-
-
-def test_auto_does_not_unroll_the_loop_under_compile(monkeypatch):
-    import pycoe.functional.mixture as mixture
-
-    x, bank, coef, _ = _inputs(2, 4, 4, 3, 1, kernels=3)
-    monkeypatch.setattr(mixture, "choose_mixture_strategy", lambda *a, **k: "loop")
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    ran = []
-    monkeypatch.setitem(mixture._IMPLS, "weight", lambda *a: ran.append("weight") or mixture._weight_mixing(*a))
-    monkeypatch.setitem(mixture._IMPLS, "loop", lambda *a: ran.append("loop") or mixture._loop_mixing(*a))
-    mixture_conv2d(x, bank, coef, padding=1)
-    assert ran == ["weight"]
+        choose_mixture_strategy(8, 1.0, 3)
+    with pytest.raises(ValueError, match="groups"):
+        choose_mixture_strategy(8, 1, 3, groups=0)
 
 
 # ---------------------------------------------------------------------------------------------- router
@@ -490,13 +467,6 @@ def test_torch_export_with_a_dynamic_batch_matches_eager():
         x = torch.randn(b, 3, h, w)
         with torch.no_grad():
             torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-6)
-
-
-def test_loop_strategy_refuses_a_dynamic_batch():
-    layer = CondConv2d(3, 4, 3, num_kernels=2, strategy="loop").eval()
-    batch = torch.export.Dim("batch", min=1, max=64)
-    with pytest.raises(ValueError, match="strategy='loop' .* needs a static batch"):
-        torch.export.export(layer, (torch.randn(4, 3, 8, 8),), dynamic_shapes={"x": {0: batch}})
 
 
 @pytest.mark.slow

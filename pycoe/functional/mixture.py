@@ -50,7 +50,7 @@ from pycoe._validation import (
 __all__ = ["mixture_conv2d", "choose_mixture_strategy", "MIXTURE_STRATEGIES"]
 
 #: The strategies accepted by :func:`mixture_conv2d`.
-MIXTURE_STRATEGIES = ("auto", "weight", "loop", "bmm", "output")
+MIXTURE_STRATEGIES = ("auto", "weight", "bmm", "output")
 
 _PadArg = int | Sequence[int] | str
 _Pair = tuple[int, int]
@@ -226,29 +226,6 @@ def _weight_mixing(
     return out.reshape(batch, out_channels, out.shape[-2], out.shape[-1])
 
 
-def _loop_mixing(
-    x: torch.Tensor,
-    bank: torch.Tensor,
-    coef: torch.Tensor,
-    bias: torch.Tensor | None,
-    s: _Pair,
-    p: _Pair,
-    d: _Pair,
-    g: int,
-) -> torch.Tensor:
-    flat = bank.reshape(bank.shape[0], -1)
-    kernel_shape = bank.shape[1:]
-    biases: list[torch.Tensor | None] = [None] * x.shape[0] if bias is None else list((coef @ bias).unbind(0))
-    # Each sample's kernel is mixed right before its convolution, so that it is still in cache when the
-    # convolution reads it (weight mixing writes all B kernels first, then reads them back); unbind (not
-    # x[b:b+1]): its backward stacks the per-sample gradients once instead of B zero-filled copies.
-    outs = [
-        F.conv2d(xb.unsqueeze(0), (cb @ flat).reshape(kernel_shape), bb, s, p, d, g)
-        for xb, cb, bb in zip(x.unbind(0), coef.unbind(0), biases)
-    ]
-    return torch.cat(outs, dim=0)
-
-
 def _bmm_mixing(
     x: torch.Tensor,
     bank: torch.Tensor,
@@ -311,7 +288,7 @@ def _output_mixing(
     return out
 
 
-_IMPLS = {"weight": _weight_mixing, "loop": _loop_mixing, "bmm": _bmm_mixing, "output": _output_mixing}
+_IMPLS = {"weight": _weight_mixing, "bmm": _bmm_mixing, "output": _output_mixing}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,28 +381,7 @@ def mixture_conv2d(
         # the lean path: one conv with the mixed kernel; conv2d keeps a channels_last x channels_last
         return _single_sample(x_padded, weight_bank, coefficients, bias_bank, stride_, conv_padding, dilation_, groups)
     elif strategy == "auto":
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad
-            or weight_bank.requires_grad
-            or coefficients.requires_grad
-            or (bias_bank is not None and bias_bank.requires_grad)
-        )
-        strategy = choose_mixture_strategy(
-            batch if static_batch else None,
-            x.shape[1],
-            weight_bank.shape[1],
-            (kh, kw),
-            (out_h, out_w),
-            groups,
-            requires_grad=needs_grad,
-        )
-        if strategy == "loop" and torch.compiler.is_compiling():
-            strategy = "weight"  # the loop is an eager fast path: traced, it would unroll into B convolutions
-    elif strategy == "loop" and not static_batch:
-        raise ValueError(
-            "strategy='loop' runs one convolution per sample and needs a static batch; under torch.export or "
-            "torch.compile with a dynamic batch use 'auto', 'bmm' or 'output'"
-        )
+        strategy = choose_mixture_strategy(batch if static_batch else None, (kh, kw), (out_h, out_w), groups)
     out = _IMPLS[strategy](x_padded, weight_bank, coefficients, bias_bank, stride_, conv_padding, dilation_, groups)
     if static_batch and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
@@ -449,12 +405,9 @@ def _output_size(out_hw: object) -> tuple[int, int]:
 
 def choose_mixture_strategy(
     batch: int | None,
-    in_channels: int,
-    out_channels: int,
     kernel_size: int | Sequence[int],
     out_hw: int | Sequence[int],
     groups: int = 1,
-    requires_grad: bool = False,
 ) -> str:
     """The strategy that ``strategy="auto"`` runs for a batch of B >= 2 samples: a fixed rule, no state.
 
@@ -465,31 +418,23 @@ def choose_mixture_strategy(
     2. The batch is unknown (``batch=None``: tracing with a dynamic batch, under ``torch.export`` or
        ``torch.compile``): ``"bmm"``, the weight mixing whose graph does not depend on the batch (a grouped
        convolution with ``groups = B*g`` cannot export with a symbolic B; ONNX needs a static group count).
-    3. ``"loop"``, one convolution per sample with its kernel mixed just before (under ``torch.compile``,
-       :func:`mixture_conv2d` runs ``"weight"`` instead), for a dense (``groups=1``) convolution with a kernel
-       larger than 1x1 and at least 64 input and output channels, without a backward pass, from B = 16 on;
-       and for a depthwise convolution (``groups == C == O``) with an output map of at least 28x28, from
-       B = 32 on without a backward pass and from B = 64 on with one.
-    4. A dense 1x1 convolution: ``"bmm"``, the convolution as one batched matrix product on the input as it
-       lies in memory (no im2col).
-    5. Otherwise: ``"weight"``, timm's algorithm (one grouped convolution).
+    3. A dense (``groups=1``) 1x1 convolution: ``"bmm"``, the convolution as one batched matrix product on
+       the input as it lies in memory (no im2col).
+    4. Otherwise: ``"weight"``, timm's algorithm (one grouped convolution).
 
-    Rules 1, 3 and 4 are where a strategy measurably beats the grouped convolution on the CPU
-    (``benchmarks/bench_condconv.py``; the tables are in the CondConv guide); elsewhere no strategy was
-    faster than it.
+    Rules 1 and 3 are where a strategy measurably beats the grouped convolution on the CPU, forward and forward
+    + backward (``benchmarks/bench_condconv.py``; the tables are in the CondConv guide); elsewhere no strategy
+    was faster than it.
 
     Args:
         batch: B, or ``None`` when the batch is not known while tracing.
-        in_channels: C.  out_channels: O.  kernel_size: k or (kh, kw).
+        kernel_size: k or (kh, kw).
         out_hw: output spatial size, int or (h, w) (symbolic sizes are accepted).
         groups: convolution groups g.
-        requires_grad: whether a backward pass will follow.
 
     Returns:
-        ``"weight"``, ``"loop"``, ``"bmm"`` or ``"output"``.
+        ``"weight"``, ``"bmm"`` or ``"output"``.
     """
-    in_channels = _check_count("in_channels", in_channels)
-    out_channels = _check_count("out_channels", out_channels)
     groups = _check_count("groups", groups)
     kh, kw = check_int_pair("kernel_size", kernel_size, minimum=1)
     oh, ow = _output_size(out_hw)
@@ -497,12 +442,6 @@ def choose_mixture_strategy(
         return "output"
     if batch is None:
         return "bmm"
-    dense_large = groups == 1 and kh * kw > 1 and min(in_channels, out_channels) >= 64
-    if dense_large and not requires_grad and batch >= 16:
-        return "loop"
-    depthwise_large = groups == in_channels == out_channels and oh * ow >= 28 * 28
-    if depthwise_large and batch >= (64 if requires_grad else 32):
-        return "loop"
     if kh == kw == 1 and groups == 1:
         return "bmm"
     return "weight"
