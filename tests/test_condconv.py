@@ -567,6 +567,7 @@ MIXTURE_BAD = [
     (dict(strategy="fast"), ValueError, "strategy must be one of"),
     (dict(strategy=3), TypeError, "strategy must be a str"),
     (dict(x=_X[..., :1, :1]), ValueError, "too small"),
+    (dict(validate_args=1), TypeError, "validate_args must be a bool"),
 ]
 
 

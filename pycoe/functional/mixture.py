@@ -352,7 +352,7 @@ def mixture_conv2d(
     stride_: _Pair
     dilation_: _Pair
     padding_: _Pair | str
-    if validate_args:
+    if validate_args is True:
         stride_ = check_int_pair("stride", stride, minimum=1)
         dilation_ = check_int_pair("dilation", dilation, minimum=1)
         padding_ = check_conv_padding("padding", padding)
@@ -362,8 +362,10 @@ def mixture_conv2d(
             check_choice("strategy", strategy, MIXTURE_STRATEGIES)
         if not _arguments_look_valid(x, weight_bank, coefficients, bias_bank, groups):
             _check_arguments(x, weight_bank, coefficients, bias_bank, groups)  # raises, naming the argument
-    else:
+    elif validate_args is False:
         stride_, dilation_, padding_ = stride, dilation, padding  # type: ignore[assignment]
+    else:
+        raise TypeError(f"validate_args must be a bool, got {validate_args!r}")
     kh, kw = weight_bank.shape[3], weight_bank.shape[4]
     x_padded, conv_padding = _resolve_padding(x, padding_, (kh, kw), stride_, dilation_)
     out_h = _conv_out_size(x_padded.shape[-2], kh, stride_[0], conv_padding[0], dilation_[0])
