@@ -550,8 +550,8 @@ MIXTURE_BAD = [
     (dict(bias_bank=[0.0]), TypeError, "bias_bank must be a torch.Tensor"),
     (dict(bias_bank=_BIAS.double()), TypeError, "bias_bank must have the dtype of x"),
     (dict(groups=0), ValueError, "groups must be a positive integer"),
-    (dict(groups=2.0), TypeError, "groups must be an int"),
-    (dict(groups=True), TypeError, "groups must be an int"),
+    (dict(groups=2.0), TypeError, "groups must be a positive integer"),
+    (dict(groups=True), TypeError, "groups must be a positive integer"),
     (dict(groups=3), ValueError, "not divisible by groups=3"),
     (dict(groups=1), ValueError, "weight_bank must have shape"),
     (dict(weight_bank=_BANK[:, :5], bias_bank=None, groups=2), ValueError, "5 output channels"),
@@ -579,7 +579,7 @@ def test_mixture_conv2d_bad_input(change, error, match):
 
 CONSTRUCTOR_BAD = [
     (dict(in_channels=0), ValueError, "in_channels must be a positive integer"),
-    (dict(in_channels=4.0), TypeError, "in_channels must be an int"),
+    (dict(in_channels=4.0), TypeError, "in_channels must be a positive integer"),
     (dict(out_channels=-1), ValueError, "out_channels must be a positive integer"),
     (dict(kernel_size=0), ValueError, "kernel_size must be >= 1"),
     (dict(kernel_size=(3, 3, 3)), TypeError, "kernel_size must be an int or a pair"),
@@ -589,16 +589,18 @@ CONSTRUCTOR_BAD = [
     (dict(dilation=1.5), TypeError, "dilation must be an int or a pair"),
     (dict(groups=4), ValueError, "divisible by groups"),
     (dict(out_channels=6, groups=4, in_channels=8), ValueError, "divisible by groups"),
-    (dict(groups="2"), TypeError, "groups must be an int"),
+    (dict(groups="2"), TypeError, "groups must be a positive integer"),
     (dict(bias="yes"), TypeError, "bias must be a bool"),
     (dict(num_kernels=0), ValueError, "num_kernels must be a positive integer"),
-    (dict(num_kernels=2.5), TypeError, "num_kernels must be an int"),
+    (dict(num_kernels=2.5), TypeError, "num_kernels must be a positive integer"),
     (dict(router="theirs"), TypeError, "router must be True, False or an nn.Module"),
     (dict(router=None), TypeError, "router must be True, False or an nn.Module"),
     (dict(strategy="fast"), ValueError, "strategy must be one of"),
     (dict(strategy=None), TypeError, "strategy must be a str"),
-    (dict(dtype=torch.int64), TypeError, "dtype must be a floating-point dtype"),
+    (dict(dtype=torch.int64), TypeError, "dtype must be a floating-point torch.dtype"),
     (dict(dtype="float32"), TypeError, "dtype must be a torch.dtype"),
+    (dict(device=3.0), TypeError, "device must be a torch.device or a string"),
+    (dict(device="nowhere"), ValueError, "device must be a valid device"),
 ]
 
 
@@ -651,11 +653,11 @@ def test_condconv2d_forward_needs_routing_weights_or_a_router_with_the_right_out
 
 ROUTER_BAD = [
     (dict(in_channels=0), ValueError, "in_channels must be a positive integer"),
-    (dict(num_kernels="4"), TypeError, "num_kernels must be an int"),
+    (dict(num_kernels="4"), TypeError, "num_kernels must be a positive integer"),
     (dict(normalization="softmax"), ValueError, "normalization must be one of 'sigmoid', 'normalized_sigmoid'"),
     (dict(normalization=None), TypeError, "normalization must be a str"),
     (dict(bias=1), TypeError, "bias must be a bool"),
-    (dict(dtype=torch.int32), TypeError, "dtype must be a floating-point dtype"),
+    (dict(dtype=torch.int32), TypeError, "dtype must be a floating-point torch.dtype"),
 ]
 
 
@@ -690,7 +692,7 @@ def _convertible_model():
 CONVERT_BAD = [
     (dict(model="resnet"), TypeError, "model must be an nn.Module"),
     (dict(num_kernels=0), ValueError, "num_kernels must be a positive integer"),
-    (dict(num_kernels=2.0), TypeError, "num_kernels must be an int"),
+    (dict(num_kernels=2.0), TypeError, "num_kernels must be a positive integer"),
     (dict(predicate=3), TypeError, "predicate must be None, a callable or a collection"),
     (dict(predicate="0"), TypeError, "predicate must be None, a callable or a collection"),
     (dict(predicate=[0]), TypeError, "predicate must hold qualified names"),

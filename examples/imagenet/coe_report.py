@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from pycoe.coe.early_exit import exit_mask, rough_confidence
+
 __all__ = [
     "collect_outputs",
     "sweep_from_cache",
@@ -53,7 +55,7 @@ def collect_outputs(coe, batches, device) -> dict[str, torch.Tensor]:
             logits = coe.experts(x)  # [K, B, C]
             parts["labels"].append(y.cpu())
             parts["choice"].append(d.selection_logits.argmax(1).cpu())
-            parts["confidence"].append(torch.softmax(d.rough_logits.float(), 1).amax(1).cpu())
+            parts["confidence"].append(rough_confidence(d.rough_logits).cpu())
             parts["rough_pred"].append(d.rough_logits.argmax(1).cpu())
             parts["expert_pred"].append(logits.argmax(2).T.cpu())  # [B, K]
     finally:
@@ -71,7 +73,7 @@ def sweep_from_cache(
     rough_ok = cache["rough_pred"] == y
     out = []
     for t in thresholds:
-        exited = torch.zeros_like(expert_ok) if t is None else conf >= t
+        exited = exit_mask(conf, t)
         acc = float(torch.where(exited, rough_ok, expert_ok).float().mean())
         rate = float(exited.float().mean())
         out.append(

@@ -2,11 +2,10 @@
 
 from pycoe.functional.cotrain import js_divergence, pairwise_kl
 from pycoe.functional.mixture import MIXTURE_STRATEGIES, choose_mixture_strategy, mixture_conv2d
-from pycoe.functional.pwlu import pwlu, pwlu_reference
+from pycoe.functional.pwlu import pwlu
 
 __all__ = [
     "pwlu",
-    "pwlu_reference",
     "mixture_conv2d",
     "choose_mixture_strategy",
     "MIXTURE_STRATEGIES",

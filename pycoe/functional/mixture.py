@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from pycoe._validation import (
     check_choice,
     check_conv_padding,
-    check_int,
     check_int_pair,
     check_positive_int,
     check_tensor,
@@ -59,11 +58,6 @@ _Pair = tuple[int, int]
 # ----------------------------------------------------------------------------------------------------------------
 # argument handling
 # ----------------------------------------------------------------------------------------------------------------
-def _check_count(name: str, value: object) -> int:
-    """An int >= 1: ``TypeError`` for another type, ``ValueError`` for a smaller int."""
-    return check_positive_int(name, check_int(name, value))
-
-
 def _arguments_look_valid(
     x: torch.Tensor,
     weight_bank: torch.Tensor,
@@ -118,7 +112,7 @@ def _check_arguments(
     check_tensor("coefficients", coefficients, ndim=2, floating=True)
     if bias_bank is not None:
         check_tensor("bias_bank", bias_bank, ndim=2, floating=True)
-    groups = _check_count("groups", groups)
+    groups = check_positive_int("groups", groups)
     batch, channels = x.shape[:2]
     num_kernels, out_channels, cpg = weight_bank.shape[:3]
     if num_kernels < 1:
@@ -437,7 +431,7 @@ def choose_mixture_strategy(
     Returns:
         ``"weight"``, ``"bmm"`` or ``"output"``.
     """
-    groups = _check_count("groups", groups)
+    groups = check_positive_int("groups", groups)
     kh, kw = check_int_pair("kernel_size", kernel_size, minimum=1)
     oh, ow = _output_size(out_hw)
     if oh * ow == 1:

@@ -19,9 +19,11 @@ from torch import nn
 
 from pycoe._modules import replace_modules
 from pycoe._validation import (
+    check_bool,
     check_choice,
     check_conv_padding,
-    check_int,
+    check_device,
+    check_dtype,
     check_int_pair,
     check_positive_int,
     check_tensor,
@@ -34,10 +36,6 @@ __all__ = ["CondConvRouter", "CondConv2d", "convert_conv2d_to_condconv"]
 _NORMALIZATIONS = ("sigmoid", "normalized_sigmoid")
 
 
-def _check_count(name: str, value: Any) -> int:
-    return check_positive_int(name, check_int(name, value))
-
-
 def _check_strategy(strategy: Any) -> str:
     if not isinstance(strategy, str):
         raise TypeError(f"strategy must be a str, got {type(strategy).__name__}")
@@ -48,15 +46,6 @@ def _check_normalization(normalization: Any) -> str:
     if not isinstance(normalization, str):
         raise TypeError(f"normalization must be a str, got {type(normalization).__name__}")
     return check_choice("normalization", normalization, _NORMALIZATIONS)
-
-
-def _check_dtype(dtype: Any) -> None:
-    if dtype is None:
-        return
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
 
 
 def _explain_input(x: Any, in_channels: int, dtype: torch.dtype, device: torch.device, owner: str) -> None:
@@ -103,12 +92,12 @@ class CondConvRouter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels = _check_count("in_channels", in_channels)
-        self.num_kernels = _check_count("num_kernels", num_kernels)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.num_kernels = check_positive_int("num_kernels", num_kernels)
         self.normalization = _check_normalization(normalization)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
-        _check_dtype(dtype)
+        check_bool("bias", bias)
+        check_device("device", device)
+        check_dtype("dtype", dtype)
         self.fc = nn.Linear(in_channels, num_kernels, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,10 +169,10 @@ class CondConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels = _check_count("in_channels", in_channels)
-        self.out_channels = _check_count("out_channels", out_channels)
-        self.groups = _check_count("groups", groups)
-        self.num_kernels = _check_count("num_kernels", num_kernels)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.groups = check_positive_int("groups", groups)
+        self.num_kernels = check_positive_int("num_kernels", num_kernels)
         if in_channels % groups != 0:
             raise ValueError(f"in_channels={in_channels} must be divisible by groups={groups}")
         if out_channels % groups != 0:
@@ -193,9 +182,9 @@ class CondConv2d(nn.Module):
         self.dilation = check_int_pair("dilation", dilation, minimum=1)
         self.padding = check_conv_padding("padding", padding)
         self.strategy = _check_strategy(strategy)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
-        _check_dtype(dtype)
+        check_bool("bias", bias)
+        check_device("device", device)
+        check_dtype("dtype", dtype)
         shape = (num_kernels, out_channels, in_channels // groups, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(num_kernels, out_channels, device=device, dtype=dtype)) if bias else None
@@ -357,7 +346,7 @@ def convert_conv2d_to_condconv(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    num_kernels = _check_count("num_kernels", num_kernels)
+    num_kernels = check_positive_int("num_kernels", num_kernels)
     normalization = _check_normalization(normalization)
     _check_strategy(strategy)
     if not isinstance(router, bool):
