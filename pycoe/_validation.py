@@ -39,6 +39,8 @@ __all__ = [
     "check_generator",
     "check_class_targets",
     "check_number",
+    "check_int_pair",
+    "check_conv_padding",
 ]
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -326,3 +328,35 @@ def check_class_targets(
             lambda: f", got values in [{int(target.min())}, {int(target.max())}]",
         )
     return target
+
+
+def check_int_pair(name: str, value: Any, *, minimum: int = 0) -> tuple[int, int]:
+    """Return an int (repeated) or a pair of ints as a pair of ints >= ``minimum``, or raise.
+
+    ``TypeError`` for anything but an int or a length-2 sequence of ints (``bool`` is rejected), ``ValueError``
+    for a value below ``minimum``.
+    """
+    pair: tuple[int, int]
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        pair = value  # the common case first: this check runs on every forward of a convolution layer
+    elif type(value) is int:
+        pair = (value, value)
+    elif (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def check_conv_padding(name: str, value: Any) -> tuple[int, int] | str:
+    """Return a convolution padding as ``"same"``, ``"valid"`` or a pair of ints >= 0, or raise."""
+    if isinstance(value, str):
+        return check_choice(name, value, ("same", "valid"))
+    return check_int_pair(name, value, minimum=0)

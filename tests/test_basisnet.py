@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from reference.mixture import mixture_conv2d_reference
 from torch import nn
 
 from pycoe.basisnet import (
@@ -21,7 +22,6 @@ from pycoe.basisnet import (
 )
 from pycoe.coe.delegator import Delegator
 from pycoe.flops import count_flops, flops_per_sample
-from pycoe.functional.mixture import mixture_conv2d_reference
 from pycoe.layers.condconv import CondConv2d
 
 DT = torch.float64
