@@ -9,10 +9,23 @@ subpackages:
 - :mod:`pycoe.functional`: the pure-function forms (``pwlu``, ``mixture_conv2d``, co-training losses);
 - :mod:`pycoe.basisnet`: BasisNet (a lightweight model synthesises a specialist from basis models);
 - :mod:`pycoe.cotrain`: Divide-and-Co-training;
+- :mod:`pycoe.export`: ``torch.export``/ONNX export, BatchNorm folding and compiled inference of a trained model;
 - :mod:`pycoe.flops`, :mod:`pycoe.checkpoint`, :mod:`pycoe.distributed`, :mod:`pycoe.utils`: utilities.
 """
 
-from pycoe import basisnet, checkpoint, coe, cotrain, distributed, flops, functional, layers, routing, utils
+from pycoe import (
+    basisnet,
+    checkpoint,
+    coe,
+    cotrain,
+    distributed,
+    export,
+    flops,
+    functional,
+    layers,
+    routing,
+    utils,
+)
 from pycoe.checkpoint import load_checkpoint, save_checkpoint
 from pycoe.coe import CoE, CoELoss, Delegator, ExpertPool, threshold_sweep
 from pycoe.flops import count_flops
@@ -45,6 +58,7 @@ __all__ = [
     "coe",
     "cotrain",
     "distributed",
+    "export",
     "flops",
     "functional",
     "layers",

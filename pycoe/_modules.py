@@ -7,7 +7,9 @@ are built on :func:`replace_modules`. The public mode helpers (``eval_mode``, ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,7 +23,30 @@ __all__ = [
     "InputMismatchError",
     "explain_input_mismatch",
     "check_same_dtype_and_device",
+    "traceable",
+    "traceable_paths",
 ]
+
+_TRACEABLE_PATHS = contextvars.ContextVar("pycoe_traceable_paths", default=False)
+
+
+def traceable() -> bool:
+    """Whether pycoe's forward passes take their traceable paths (no Python branch on a data-dependent count).
+
+    True under ``torch.compile`` and ``torch.export`` (:func:`torch.compiler.is_compiling`), and eagerly inside
+    :func:`traceable_paths` (which lets the export preparation and the tests run those paths eagerly).
+    """
+    return torch.compiler.is_compiling() or _TRACEABLE_PATHS.get()
+
+
+@contextlib.contextmanager
+def traceable_paths() -> Iterator[None]:
+    """Make :func:`traceable` true in this thread for the duration of the block."""
+    token = _TRACEABLE_PATHS.set(True)
+    try:
+        yield
+    finally:
+        _TRACEABLE_PATHS.reset(token)
 
 
 def module_device(module: nn.Module) -> torch.device | None:

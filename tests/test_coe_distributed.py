@@ -117,7 +117,7 @@ def test_ddp_gradients_equal_single_process_on_the_global_batch(ranks, epsilon):
         torch.testing.assert_close(r0["grads"][name], g, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(r1["grads"][name], g, rtol=1e-5, atol=1e-6, msg=name)
     # the per-rank losses are world_size x their share: their mean is the single-process loss
-    assert (r0["loss"] + r1["loss"]) / 2 == pytest.approx(single_info["loss"], rel=1e-5)
+    assert float(r0["loss"] + r1["loss"]) / 2 == pytest.approx(float(single_info["loss"]), rel=1e-5)
 
 
 def test_ddp_expert_without_samples_needs_no_find_unused_parameters(ranks):

@@ -11,7 +11,7 @@ from torch import nn
 
 from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
-from pycoe.coe.loss import CoELoss
+from pycoe.coe.loss import CoELoss, scalar_info
 from pycoe.coe.model import CoE, CoETrainOutput
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.metrics import load_balance_cv2
@@ -75,6 +75,7 @@ def test_loss_and_every_gradient_match_the_reference(epsilon, lgm):
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(info["per_sample_losses"], ref_losses.detach())
+    info = scalar_info(info)  # the metrics are tensors; scalar_info gives the floats
     assert info["loss"] == pytest.approx(float(ref.detach()), rel=1e-5)
     assert info["expert_loss"] + info["selection_loss"] + info["rough_loss"] == pytest.approx(info["loss"], rel=1e-5)
     g, g_ref = grads(model), grads(ref_model)
@@ -208,10 +209,10 @@ def test_reduction_balance_and_metrics():
     assert info["wgm_load"].sum() == 8 and info["label_load"].sum() == 8
     losses = info["per_sample_losses"]
     assert info["label_load"].tolist() == torch.bincount(losses.argmin(1), minlength=3).tolist()
-    assert info["agreement"] == pytest.approx(float((choice == losses.argmin(1)).float().mean()))
+    assert float(info["agreement"]) == pytest.approx(float((choice == losses.argmin(1)).float().mean()))
     correct = out.expert_outputs.argmax(2) == y  # [K, B]
-    assert info["oracle_accuracy"] == pytest.approx(float(correct.any(0).float().mean()))
-    assert info["routed_accuracy"] == pytest.approx(float(correct[choice, torch.arange(8)].float().mean()))
+    assert float(info["oracle_accuracy"]) == pytest.approx(float(correct.any(0).float().mean()))
+    assert float(info["routed_accuracy"]) == pytest.approx(float(correct[choice, torch.arange(8)].float().mean()))
     assert 0.0 <= info["assignment_entropy"] <= 1.0
 
 
@@ -264,3 +265,12 @@ def test_bad_input():
         CoELoss(wgm, lgm, sync="always")
     with pytest.raises(TypeError, match="per_sample_loss"):
         CoELoss(wgm, lgm, per_sample_loss="ce")
+
+
+def test_scalar_info_turns_the_scalar_tensors_into_floats():
+    info = {"loss": torch.tensor(2.5), "load": torch.tensor([3, 5]), "count": 4, "agreement": torch.tensor([0.25])}
+    assert scalar_info(info) == {"loss": 2.5, "count": 4.0, "agreement": 0.25}
+    assert all(type(v) is float for v in scalar_info(info).values())
+    assert scalar_info({}) == {}
+    with pytest.raises(TypeError, match="info must be a mapping"):
+        scalar_info([("loss", 1.0)])

@@ -147,6 +147,11 @@ class BasisNetTrainOutput:
     rough_logits: torch.Tensor | None
 
 
+torch.export.register_dataclass(
+    BasisNetTrainOutput, serialized_type_name="pycoe.basisnet.BasisNetTrainOutput"
+)  # exported models return it too
+
+
 @dataclass
 class BasisNetOutput:
     """What :class:`BasisNet` returns in eval mode.
@@ -163,6 +168,11 @@ class BasisNetOutput:
     exited: torch.Tensor
     confidence: torch.Tensor
     coefficients: torch.Tensor
+
+
+torch.export.register_dataclass(
+    BasisNetOutput, serialized_type_name="pycoe.basisnet.BasisNetOutput"
+)  # exported models return it too
 
 
 def _size_pair(value: Any) -> tuple[int, int] | None:
@@ -390,7 +400,8 @@ class BasisNet(ExitThresholdMixin, nn.Module):
             self._specialist_sample_shape = tuple(out.shape[1:])
             return out
 
-        output = merge_early_exit(rough, exited, run_specialist, what="specialist")
+        # exited=None when no sample can exit: the traced graph then needs no merge at all
+        output = merge_early_exit(rough, None if threshold is None else exited, run_specialist, what="specialist")
         return BasisNetOutput(output=output, exited=exited, confidence=confidence, coefficients=coefficients)
 
 

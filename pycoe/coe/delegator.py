@@ -46,6 +46,11 @@ class DelegatorOutput:
     rough_logits: torch.Tensor | None = None
 
 
+torch.export.register_dataclass(
+    DelegatorOutput, serialized_type_name="pycoe.coe.DelegatorOutput"
+)  # exported models return it too
+
+
 @dataclass
 class _Surgery:
     """A classifier found in a backbone, and how to remove it (nothing is modified until ``apply``)."""

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from pycoe._modules import traceable
 from pycoe._validation import check_probability, check_tensor
 
 __all__ = [
@@ -115,17 +116,23 @@ def exit_decision(
 
 def merge_early_exit(
     rough_logits: torch.Tensor | None,
-    exited: torch.Tensor,
+    exited: torch.Tensor | None,
     run: Callable[[torch.Tensor | None], torch.Tensor],
     what: str,
 ) -> torch.Tensor:
     """Rough logits for the exited samples, the second stage's output for the others, in the input order.
 
+    Under ``torch.compile`` and ``torch.export`` (:func:`torch.compiler.is_compiling`) there is no Python branch
+    on how many samples exit: the kept samples are ``nonzero(~exited)`` (a data-dependent, possibly empty or full
+    selection), ``run`` is always called on them, and its output is written into the rough logits with
+    ``index_copy``. Eagerly, the same result takes shortcuts: ``run(None)`` when no sample exits, no call when
+    every sample exits.
+
     Args:
-        rough_logits: ``Tensor[B, C]`` (may be ``None`` only when no sample exited).
-        exited: ``BoolTensor[B]``.
+        rough_logits: ``Tensor[B, C]`` (may be ``None`` only when no sample can exit).
+        exited: ``BoolTensor[B]``, or ``None`` when no sample can exit (no threshold): then ``run(None)``.
         run: ``keep -> Tensor[B_kept, ...]`` runs the second stage on the samples ``keep`` (``LongTensor[B_kept]``)
-            or, when ``keep`` is ``None``, on the whole batch. It is not called when every sample exited.
+            or, when ``keep`` is ``None``, on the whole batch. Eagerly, it is not called when every sample exited.
         what: names the second stage's outputs for the error message (e.g. ``"expert"``).
 
     Returns:
@@ -134,6 +141,12 @@ def merge_early_exit(
     Raises:
         ValueError: some samples exited and the second stage's per-sample shape differs from the rough logits'.
     """
+    if exited is None:
+        return run(None)
+    if traceable():
+        if rough_logits is None:  # exit_decision lets no sample exit without rough logits
+            return run(None)
+        return _merge(rough_logits, (~exited).nonzero().squeeze(1), run, what)
     batch = exited.shape[0]
     n_exit = int(exited.sum())
     if n_exit == 0:
@@ -142,7 +155,13 @@ def merge_early_exit(
         raise ValueError("merge_early_exit: samples exited but rough_logits is None")
     if n_exit == batch:
         return rough_logits
-    keep = (~exited).nonzero().squeeze(1)  # LongTensor[B_kept]
+    return _merge(rough_logits, (~exited).nonzero().squeeze(1), run, what)
+
+
+def _merge(
+    rough_logits: torch.Tensor, keep: torch.Tensor, run: Callable[[torch.Tensor | None], torch.Tensor], what: str
+) -> torch.Tensor:
+    """``rough_logits`` with the rows ``keep`` (``LongTensor[B_kept]``) replaced by ``run(keep)``."""
     routed = run(keep)
     if routed.shape[1:] != rough_logits.shape[1:]:
         raise ValueError(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._modules import explain_input_mismatch
+from .._modules import explain_input_mismatch, traceable
 from .._validation import check_choice, check_expert_index, check_positive_int
 
 __all__ = ["ExpertPool"]
@@ -182,8 +182,10 @@ class ExpertPool(nn.Module):
             **kwargs: keyword inputs.
 
         Returns:
-            Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order. Experts that receive
-            no sample are not called.
+            Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order. Eagerly, experts that
+            receive no sample are not called; under ``torch.compile`` / ``torch.export`` (no Python branch on the
+            counts) every expert is called on its rows ``nonzero(index == k)``, possibly none, so experts must
+            accept an empty batch there.
         """
         index = check_expert_index("index", index, self.num_experts)
         batch = index.shape[0]
@@ -194,6 +196,8 @@ class ExpertPool(nn.Module):
                 f"index has {batch} entries but the first input has batch size {inputs[0].shape[0]}; they must match"
             )
         pos, keys = _batched_inputs(inputs, kwargs, batch)
+        if traceable():
+            return self._forward_routed_traceable(index, inputs, kwargs, pos, keys)
         if batch == 0:
             return self._call_expert(0, inputs, kwargs)  # lets the expert define the empty output's shape
         counts = torch.bincount(index, minlength=self.num_experts).tolist()
@@ -239,3 +243,43 @@ class ExpertPool(nn.Module):
         result = concatenated.new_empty(concatenated.shape)
         # scatter back: row j of the sorted batch is sample order[j]
         return result.index_copy(0, order, concatenated)
+
+    def _forward_routed_traceable(
+        self, index: torch.Tensor, inputs: Sequence[Any], kwargs: dict[str, Any], pos: list[int], keys: list[str]
+    ) -> torch.Tensor:
+        """The routed path without a Python branch on the per-expert counts (``torch.export`` / ``torch.compile``).
+
+        Expert k runs on the rows ``nonzero(index == k)``: a sub-batch whose size is only known at run time (an
+        unbacked size when traced), possibly empty; its outputs are written back with ``index_copy``. Every
+        expert is in the traced graph; at run time each one still computes only its own samples.
+        """
+        parts = []
+        for k in range(self.num_experts):
+            rows = (index == k).nonzero().squeeze(1)  # LongTensor[B_k]
+            sub_inputs = list(inputs)
+            for i in pos:
+                sub_inputs[i] = inputs[i].index_select(0, rows)
+            sub_kwargs = dict(kwargs)
+            for key in keys:
+                sub_kwargs[key] = kwargs[key].index_select(0, rows)
+            out = self._call_expert(k, sub_inputs, sub_kwargs)
+            if out.dim() == 0:
+                raise ValueError(f"expert {k} returned a 0-d tensor; expert outputs must be batched on dim 0")
+            message = f"expert {k} must return one output row per sample (outputs batched on dim 0)"
+            torch._check(out.shape[0] == rows.shape[0], lambda: message)  # noqa: B023 (called at once)
+            parts.append((rows, out))
+        shapes = {tuple(out.shape[1:]) for _, out in parts}
+        if len(shapes) != 1:
+            raise ValueError(
+                "the experts returned outputs of different per-sample shapes "
+                f"{sorted(shapes)}; all experts must agree to be gathered into one [B, ...] tensor"
+            )
+        dtype = parts[0][1].dtype
+        for _, out in parts[1:]:
+            if out.dtype != dtype:  # (a traced promote_types would be a graph node)
+                dtype = torch.promote_types(dtype, out.dtype)
+        first = parts[0][1]
+        result = first.new_zeros((index.shape[0], *first.shape[1:]), dtype=dtype)
+        for rows, out in parts:
+            result = result.index_copy(0, rows, out if out.dtype == dtype else out.to(dtype))
+        return result

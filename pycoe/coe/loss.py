@@ -15,7 +15,7 @@ Einstein legend: ``b`` sample (B on this rank, N over all ranks), ``k`` expert (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from ..routing.labels import LabelGenerator
 from ..routing.weighting import BalancedTransportWeighter
 from .model import CoETrainOutput
 
-__all__ = ["CoELoss"]
+__all__ = ["CoELoss", "scalar_info"]
 
 
 class CoELoss(nn.Module):
@@ -211,7 +211,7 @@ class CoELoss(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self, output: CoETrainOutput, target: Any, rough_target: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the loss for one batch.
 
         Args:
@@ -221,18 +221,20 @@ class CoELoss(nn.Module):
             rough_target: the rough head's target (class indices LongTensor[B] in [0, C)); defaults to ``target``.
 
         Returns:
-            ``(loss, info)``: ``loss`` is a 0-dim tensor to call ``backward()`` on. ``info`` holds detached values:
-            the weighted components ``expert_loss``, ``selection_loss``, ``rough_loss`` (when computed),
-            ``balance_loss`` (when ``balance_weight > 0``) and ``loss`` (floats; under global normalisation, this
-            rank's contribution in the units of the loss, so that their mean over ranks is the global value);
-            ``expert_losses`` Tensor[K] (each expert's weighted mean loss, before the expert weight);
-            ``per_sample_losses`` Tensor[B, K]; routing metrics: ``wgm_load`` LongTensor[K] (the WGM partition,
-            global under a global scope), ``load`` LongTensor[K] (samples per expert under the delegator's
-            argmax, i.e. the inference routing without exit), ``label_load`` LongTensor[K] (LGM labels per
-            expert), ``assignment_entropy`` (float, entropy of ``load`` divided by log K: 1 = balanced),
-            ``agreement`` (float, fraction of samples whose argmax expert is the LGM label); and, for class labels
-            (logits ``[K, B, C]`` and integer targets ``[B]``), ``oracle_accuracy`` (some expert is right) and
-            ``routed_accuracy`` (the argmax expert is right).
+            ``(loss, info)``: ``loss`` is a 0-dim tensor to call ``backward()`` on. ``info`` holds detached
+            **tensors** (no device synchronisation and nothing that breaks a ``torch.compile`` graph; turn the
+            scalars into floats where you log them, e.g. with :func:`scalar_info`): the weighted components
+            ``expert_loss``, ``selection_loss``, ``rough_loss`` (when computed), ``balance_loss`` (when
+            ``balance_weight > 0``) and ``loss`` (0-dim; under global normalisation, this rank's contribution in
+            the units of the loss, so that their mean over ranks is the global value); ``expert_losses``
+            Tensor[K] (each expert's weighted mean loss, before the expert weight); ``per_sample_losses``
+            Tensor[B, K]; routing metrics: ``wgm_load`` LongTensor[K] (the WGM partition, global under a global
+            scope), ``load`` LongTensor[K] (samples per expert under the delegator's argmax, i.e. the inference
+            routing without exit), ``label_load`` LongTensor[K] (LGM labels per expert), ``assignment_entropy``
+            (0-dim, entropy of ``load`` divided by log K: 1 = balanced), ``agreement`` (0-dim, fraction of samples
+            whose argmax expert is the LGM label); and, for class labels (logits ``[K, B, C]`` and integer
+            targets ``[B]``), ``oracle_accuracy`` (some expert is right) and ``routed_accuracy`` (the argmax
+            expert is right), both 0-dim.
 
         A batch of 0 samples gives a zero loss attached to the graph (``backward()`` gives zero gradients), counts
         of 0 and ``NaN`` rates; under synchronisation such a rank still takes part in every collective.
@@ -291,7 +293,7 @@ class CoELoss(nn.Module):
             probs, label_index = sel.detach().new_zeros((0, k)), torch.zeros(0, dtype=torch.long, device=sel.device)
 
         # normalisers: per-expert weight mass and the number of samples (global under synchronisation)
-        norms = torch.cat([weights.sum(dim=0), weights.new_tensor([float(batch)])])  # [K + 1]
+        norms = torch.cat([weights.sum(dim=0), weights.new_full((1,), batch)])  # [K + 1]
         scale = 1.0
         if synchronised:
             _dist.all_reduce(norms)
@@ -333,27 +335,56 @@ class CoELoss(nn.Module):
             loss = loss + balance
             parts["balance_loss"] = balance
 
-        info: dict[str, Any] = {name: float(value.detach()) for name, value in parts.items()}
-        info["loss"] = float(loss.detach())
+        # Tensors, not floats: no device synchronisation per step, and nothing that breaks a compiled graph.
+        info: dict[str, torch.Tensor] = {name: value.detach() for name, value in parts.items()}
+        info["loss"] = loss.detach()
         with torch.no_grad():
             choice = sel.detach().argmax(dim=1)
             info["expert_losses"] = expert_terms.detach()
             info["per_sample_losses"] = losses.detach()
             info["wgm_load"] = (
-                wgm.load.detach() if hasattr(wgm, "load") else torch.bincount(weights.argmax(dim=1), minlength=k)
+                wgm.load.detach() if hasattr(wgm, "load") else _metrics.expert_load(weights.argmax(dim=1), k)
             )
             info["load"] = _metrics.expert_load(choice, k)
             info["label_load"] = _metrics.expert_load(label_index, k)
             if batch == 0:  # rates over no sample
-                info["assignment_entropy"] = info["agreement"] = float("nan")
+                nan = sel.new_full((), float("nan"))
+                info["assignment_entropy"] = info["agreement"] = nan
                 if expert_outputs.dim() == 3:
-                    info["oracle_accuracy"] = info["routed_accuracy"] = float("nan")
+                    info["oracle_accuracy"] = info["routed_accuracy"] = nan
             else:
-                info["assignment_entropy"] = float(_metrics.assignment_entropy(choice, k, normalize=True))
-                info["agreement"] = float(_metrics.agreement(sel.detach(), label_index))
+                info["assignment_entropy"] = _metrics.assignment_entropy(choice, k, normalize=True)
+                info["agreement"] = _metrics.agreement(sel.detach(), label_index)
             if batch > 0 and expert_outputs.dim() == 3 and target.dim() == 1 and not target.is_floating_point():
                 logits = expert_outputs.detach()
-                info["oracle_accuracy"] = float(_metrics.oracle_accuracy(logits.float(), target))
+                info["oracle_accuracy"] = _metrics.oracle_accuracy(logits.float(), target)
                 chosen = logits[choice, torch.arange(batch, device=choice.device)]  # [B, C]
-                info["routed_accuracy"] = float((chosen.argmax(dim=1) == target).float().mean())
+                info["routed_accuracy"] = (chosen.argmax(dim=1) == target).float().mean()
         return loss, info
+
+
+def scalar_info(info: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar entries of a loss's ``info`` dict as Python floats, for logging.
+
+    :class:`CoELoss` returns its metrics as tensors so that a training step neither waits for the device nor
+    breaks a compiled graph; call this where you log them (one synchronisation for all of them).
+
+    Args:
+        info: e.g. the ``info`` of :class:`CoELoss`; entries that are numbers or one-element tensors are kept, the
+            others (per-expert loads, per-sample losses) are left out.
+
+    Returns:
+        ``{name: float}``, in the order of ``info``.
+
+    Example:
+        >>> info = {"loss": torch.tensor(2.5), "load": torch.tensor([3, 5]), "agreement": torch.tensor(0.25)}
+        >>> scalar_info(info)
+        {'loss': 2.5, 'agreement': 0.25}
+    """
+    if not isinstance(info, Mapping):
+        raise TypeError(f"info must be a mapping (the info dict of a loss), got {type(info).__name__}")
+    names = [n for n, v in info.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+    values = torch.stack([info[n].detach().reshape(()).double().cpu() for n in names]).tolist() if names else []
+    scalars = {n: float(v) for n, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars.update(zip(names, values))
+    return {n: scalars[n] for n in info if n in scalars}

@@ -47,6 +47,11 @@ class CoETrainOutput:
     expert_outputs: torch.Tensor
 
 
+torch.export.register_dataclass(
+    CoETrainOutput, serialized_type_name="pycoe.coe.CoETrainOutput"
+)  # exported models return it too
+
+
 @dataclass
 class CoEOutput:
     """What :class:`CoE` returns in eval mode.
@@ -64,6 +69,9 @@ class CoEOutput:
     expert_index: torch.Tensor
     exited: torch.Tensor
     confidence: torch.Tensor
+
+
+torch.export.register_dataclass(CoEOutput, serialized_type_name="pycoe.coe.CoEOutput")  # exported models return it too
 
 
 def _as_delegator_output(out: Any) -> DelegatorOutput:
@@ -301,8 +309,9 @@ class CoE(ExitThresholdMixin, nn.Module):
             :class:`CoEOutput`.
         """
         batch = self._check_inputs(inputs)
+        threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
         d = self.delegate(inputs[0])
-        expert_index, exited, confidence = self.route(d, exit_threshold)
+        expert_index, exited, confidence = self.route(d, threshold)
         batched_keys = [
             key for key, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
         ]
@@ -324,5 +333,6 @@ class CoE(ExitThresholdMixin, nn.Module):
             self._expert_sample_shape = tuple(out.shape[1:])
             return out
 
-        output = merge_early_exit(d.rough_logits, exited, run_experts, what="expert")
+        # exited=None when no sample can exit: the traced graph then needs no merge at all
+        output = merge_early_exit(d.rough_logits, None if threshold is None else exited, run_experts, what="expert")
         return CoEOutput(output=output, expert_index=expert_index, exited=exited, confidence=confidence)
