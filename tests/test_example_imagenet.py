@@ -19,6 +19,7 @@ sys.path.insert(0, str(EXAMPLE_DIR))
 import coe_data  # noqa: E402
 import coe_kmeans  # noqa: E402
 import coe_models  # noqa: E402
+import coe_report  # noqa: E402
 import train_coe  # noqa: E402
 from coe_runtime import Dist  # noqa: E402
 
@@ -578,3 +579,66 @@ def test_kmeans_selection_init_end_to_end(tmp_path):
     r = s["coe"]["routing"]
     assert 0.0 <= r["routed_correct_given_oracle"] <= 1.0
     assert s["config"]["selection_init"] == "kmeans"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several seeds
+# ---------------------------------------------------------------------------------------------------------------
+def test_seed_driver_aggregates_every_entry(tmp_path):
+    import statistics
+
+    import run_seeds
+
+    tiny = [*FAST, "--dataset", "synthetic", "--train-subset", "96", "--test-subset", "32", "--image-size", "12"]
+    tiny += ["--no-figures", "--baselines", "", "--match-flops"]
+    result = run_seeds.main(["--seeds", "3,4", "--jobs", "2", "--out-dir", str(tmp_path), "--", *tiny])
+    runs = [json.loads((tmp_path / f"seed{s}" / "results.json").read_text()) for s in (3, 4)]
+    assert [r["config"]["seed"] for r in runs] == [3, 4]
+    assert result["seeds"] == [3, 4] and set(result["wall_seconds"]) == {3, 4}
+    for name, e in result["entries"].items():
+        values = [r["entries"][name] for r in runs]
+        assert e["values"] == values and e["n"] == 2
+        assert e["mean"] == pytest.approx(statistics.fmean(values))
+        assert e["std"] == pytest.approx(statistics.stdev(values))
+    assert "diff: CoE no exit - FLOPs-matched single" in result["entries"]
+    assert "diff: CoE exit - cascade exit (top-1)" in result["entries"]
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "Paired differences" in md and "CoE no exit - FLOPs-matched single" in md
+    # aggregating again from the files gives the same numbers, wall times included
+    again = run_seeds.main(["--out-dir", str(tmp_path), "--aggregate-only"])
+    assert again["entries"] == json.loads(json.dumps(result["entries"]))
+    assert again["wall_seconds"] == result["wall_seconds"]
+    with pytest.raises(SystemExit):
+        run_seeds.main(["--seeds", "1,1", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        run_seeds.main(["--out-dir", str(tmp_path), "--", "--seed", "3"])
+
+
+def test_figure_labels_do_not_collide():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    # crowded points, as the thresholds 0.98 / 0.99 / 0.995 / 0.999 of a trained CoE are
+    xs = [1.0, 1.02, 1.04, 1.05, 3.0, 5.0]
+    ys = [80.0, 80.05, 80.1, 80.1, 85.0, 86.0]
+    ax.plot(xs, ys, "o")
+    ax.legend(["points"], loc="lower right")
+    items = [
+        {"x": x, "y": y, "text": f"0.99{i}", "color": "k", "required": i >= 4} for i, (x, y) in enumerate(zip(xs, ys))
+    ]
+    placed = coe_report.place_labels(ax, items, list(zip(xs, ys)))
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in placed]
+    texts = [t.get_text() for t in placed]
+    assert "0.994" in texts and "0.995" in texts  # required labels are always placed
+    for i, a in enumerate(boxes):  # no two labels overlap
+        for b in boxes[i + 1 :]:
+            assert a.x1 <= b.x0 + 1 or b.x1 <= a.x0 + 1 or a.y1 <= b.y0 + 1 or b.y1 <= a.y0 + 1
+    markers = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    for t, box in zip(placed, boxes):  # and no label covers a marker's centre
+        for mx, my in markers:
+            assert not (box.x0 < mx < box.x1 and box.y0 < my < box.y1), t.get_text()
+    plt.close(fig)
