@@ -1,4 +1,4 @@
-"""CoE inference throughput against its ideal, and fused vs looped ExpertPool training steps.
+"""CoE inference throughput against its ideal.
 
 Collaboration of Experts (Zhang, Chen and Zhong, ICML 2022, arXiv:2107.03815) sends each sample to one expert.
 Samples routed to the same expert can be batched, so a CoE should run almost as fast as the delegator plus a
@@ -9,8 +9,7 @@ Samples routed to the same expert can be batched, so a CoE should run almost as 
   - ``coe``: ``CoE.eval()`` routing every sample to its argmax expert, batched by expert (no early exit),
   - ``loop``: the same CoE called on one sample at a time,
   - ``dense``: delegator + every expert on the whole batch (what training mode costs),
-  with ratios to ``ideal`` (target for ``coe`` at batch 256: >= 0.95);
-* the time of one training step (CoE forward, CoELoss, backward) with the looped and the fused ExpertPool.
+  with ratios to ``ideal`` (target for ``coe`` at batch 256: >= 0.95).
 
 Every measurement is the median of repeats, and the variants are interleaved within each repeat (the machine is
 shared and noisy). The routing of the untrained delegator is spread over the experts on purpose (its BatchNorm
@@ -25,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -34,10 +34,7 @@ from torch import nn
 
 from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
-from pycoe.coe.loss import CoELoss
 from pycoe.coe.model import CoE
-from pycoe.routing.labels import LabelGenerator
-from pycoe.routing.weighting import BalancedTransportWeighter
 
 
 def markdown(headers: list[str], rows: list[list]) -> str:
@@ -133,53 +130,6 @@ def bench_eval(args) -> None:
     print()
 
 
-def bench_train(args) -> None:
-    k, classes, res = args.experts, 10, args.resolution
-    rows = []
-    cases = {
-        "resnet18": (
-            lambda: torchvision.models.resnet18(weights=None, num_classes=classes),
-            (args.train_batch, 3, res, res),
-        ),
-        "mlp": (
-            lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, classes)),
-            (128, 3, 8, 8),
-        ),
-    }
-    for name, (factory, shape) in cases.items():
-        torch.manual_seed(0)
-        delegator = Delegator(
-            nn.Sequential(nn.Flatten(), nn.Linear(shape[1] * shape[2] * shape[3], 32), nn.ReLU()),
-            k,
-            num_classes=classes,
-            feature_dim=32,
-            classifier=None,
-        )
-        model = CoE(delegator, ExpertPool.from_template(factory(), k, init="reinit")).train()
-        criterion = CoELoss(BalancedTransportWeighter(k), LabelGenerator())
-        x, y = torch.randn(*shape), torch.randint(0, classes, (shape[0],))
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            loss, _ = criterion(model(x), y)
-            loss.backward()
-
-        times = {False: [], True: []}
-        for fused in (False, True):  # warm-up
-            model.experts.fused = fused
-            step()
-        for _ in range(args.repeats):
-            for fused in (False, True):
-                model.experts.fused = fused
-                times[fused].append(timed(step))
-        loop_t, fused_t = statistics.median(times[False]), statistics.median(times[True])
-        rows.append([name, shape[0], loop_t * 1e3, fused_t * 1e3, fused_t / loop_t])
-    print(f"Training step (forward + CoELoss + backward), K={k} experts, median ms")
-    print()
-    print(markdown(["experts", "batch", "loop ms", "fused ms", "fused/loop"], rows))
-    print()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batches 1 and 32 only")
@@ -187,9 +137,6 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--train-batch", type=int, default=32)
-    parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.repeats is None:
@@ -197,15 +144,11 @@ def main() -> None:
     args.batches = [1, 32] if args.quick else [1, 32, 256]
     if args.quick:
         args.resolution = min(args.resolution, 32)
-        args.train_batch = min(args.train_batch, 16)
     print(
         f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, repeats = {args.repeats}, "
-        f"quick = {args.quick}"
+        f"quick = {args.quick}, load average (1, 5, 15 min) = {os.getloadavg()}"
     )
-    if not args.skip_eval:
-        bench_eval(args)
-    if not args.skip_train:
-        bench_train(args)
+    bench_eval(args)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,17 @@ exclude_patterns = ["_build"]
 html_static_path = ["_static"]
 html_theme = "furo"
 html_title = f"pycoe {release}"
+
+
+def _skip_undocumented_torch_overrides(app, what, name, obj, skip, options):
+    """Hide overrides of ``nn.Module`` methods that have no docstring of their own (e.g. ``extra_repr``):
+    autodoc would otherwise show torch's inherited boilerplate ("you should re-implement this method")."""
+    import torch
+
+    if hasattr(torch.nn.Module, name) and getattr(obj, "__doc__", None) is None:
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_undocumented_torch_overrides)

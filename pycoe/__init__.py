@@ -1,77 +1,43 @@
 """pycoe: Collaboration of Experts for PyTorch.
 
-The main classes are re-exported here; the subpackages hold the rest:
+The names of the CoE workflow and the layers are re-exported here; everything else is reached through the
+subpackages:
 
-- :mod:`pycoe.coe`: :class:`Delegator`, :class:`ExpertPool`, :class:`CoE`, :class:`CoELoss`, evaluation;
-- :mod:`pycoe.routing`: the balanced transportation solver, :class:`BalancedTransportWeighter` (WGM),
-  :class:`LabelGenerator` (LGM) and routing metrics;
+- :mod:`pycoe.coe`: the delegator, the expert pool, the early-exit rule, the model, its loss and its evaluation;
+- :mod:`pycoe.routing`: the balanced transportation solver, the WGM and the LGM, routing metrics;
 - :mod:`pycoe.layers`: :class:`PWLU`, :class:`CondConv2d` and the conversion helpers;
 - :mod:`pycoe.functional`: the pure-function forms (``pwlu``, ``mixture_conv2d``, co-training losses);
-- :mod:`pycoe.cotrain`: Divide-and-Co-training;
 - :mod:`pycoe.basisnet`: BasisNet (a lightweight model synthesises a specialist from basis models);
-- :mod:`pycoe.flops`, :mod:`pycoe.checkpoint`, :mod:`pycoe.distributed`: utilities.
+- :mod:`pycoe.cotrain`: Divide-and-Co-training;
+- :mod:`pycoe.flops`, :mod:`pycoe.checkpoint`, :mod:`pycoe.distributed`, :mod:`pycoe.utils`: utilities.
 """
 
-from pycoe import basisnet, checkpoint, coe, cotrain, distributed, flops, functional, layers, routing
-from pycoe.basisnet import BasisNet, BasisSpecialist
+from pycoe import basisnet, checkpoint, coe, cotrain, distributed, flops, functional, layers, routing, utils
 from pycoe.checkpoint import load_checkpoint, save_checkpoint
-from pycoe.coe import (
-    CoE,
-    CoELoss,
-    CoEOutput,
-    CoETrainOutput,
-    Delegator,
-    DelegatorOutput,
-    ExpertPool,
-    predict,
-    threshold_sweep,
-)
-from pycoe.cotrain import CoTrainingEnsemble, divide_by_factory, divide_module
-from pycoe.flops import count_flops, flops_per_sample
-from pycoe.layers import (
-    PWLU,
-    CondConv2d,
-    CondConvRouter,
-    convert_activations_to_pwlu,
-    convert_conv2d_to_condconv,
-    realign_pwlu,
-)
-from pycoe.routing import (
-    BalancedTransportWeighter,
-    LabelGenerator,
-    balanced_assignment,
-    solve_balanced_transport,
-)
+from pycoe.coe import CoE, CoELoss, Delegator, ExpertPool, threshold_sweep
+from pycoe.flops import count_flops
+from pycoe.layers import PWLU, CondConv2d, convert_activations_to_pwlu, convert_conv2d_to_condconv, realign_pwlu
+from pycoe.routing import BalancedTransportWeighter, LabelGenerator, balanced_assignment
 
 __version__ = "0.1.0.dev0"
 
+# The curated top-level API: the one list that repeats names defined elsewhere (each is also in the __all__ of the
+# module that defines it).
 __all__ = [
     "Delegator",
-    "DelegatorOutput",
     "ExpertPool",
     "CoE",
-    "CoEOutput",
-    "CoETrainOutput",
     "CoELoss",
-    "predict",
-    "threshold_sweep",
     "BalancedTransportWeighter",
     "LabelGenerator",
     "balanced_assignment",
-    "solve_balanced_transport",
-    "PWLU",
-    "realign_pwlu",
-    "convert_activations_to_pwlu",
-    "CondConv2d",
-    "CondConvRouter",
-    "convert_conv2d_to_condconv",
-    "BasisNet",
-    "BasisSpecialist",
-    "CoTrainingEnsemble",
-    "divide_by_factory",
-    "divide_module",
+    "threshold_sweep",
     "count_flops",
-    "flops_per_sample",
+    "PWLU",
+    "CondConv2d",
+    "convert_activations_to_pwlu",
+    "convert_conv2d_to_condconv",
+    "realign_pwlu",
     "save_checkpoint",
     "load_checkpoint",
     "basisnet",
@@ -83,4 +49,5 @@ __all__ = [
     "functional",
     "layers",
     "routing",
+    "utils",
 ]

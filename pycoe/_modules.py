@@ -1,42 +1,45 @@
-"""Module surgery and mode handling shared by pycoe's helpers.
+"""Private module helpers shared by pycoe's modules: module surgery and small look-ups.
 
 The conversion helpers (activations to :class:`~pycoe.PWLU`, convolutions to :class:`~pycoe.CondConv2d`)
-are built on :func:`replace_modules`; the dry runs, FLOP counts and evaluation loops use
-:func:`preserve_training_modes` and :func:`eval_mode`.
+are built on :func:`replace_modules`. The public mode helpers (``eval_mode``, ``preserve_training_modes``) live in
+:mod:`pycoe.utils`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["replace_modules", "preserve_training_modes", "eval_mode"]
+__all__ = ["replace_modules", "module_device", "floating_reference", "tensors_in"]
 
 
-@contextlib.contextmanager
-def preserve_training_modes(module: nn.Module) -> Iterator[nn.Module]:
-    """Restore every submodule's ``training`` flag on exit, as it was on entry (even if they differed).
-
-    ``module.train(flag)`` afterwards would instead force one flag on every submodule, losing e.g. a
-    BatchNorm deliberately kept in eval mode inside a model in training mode.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter, else of its first buffer; ``None`` for a module without tensors."""
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
+    return None
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode under ``torch.no_grad()``; restore every submodule's mode on exit."""
-    with preserve_training_modes(module), torch.no_grad():
-        module.eval()
-        yield module
+def floating_reference(module: nn.Module) -> torch.Tensor | None:
+    """``module``'s first floating-point parameter or buffer (the dtype and device new layers should follow)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            return buffer
+    return None
+
+
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside a (nested) structure of tuples, lists and dicts, in ``torch.utils._pytree`` order."""
+    flat, _ = torch.utils._pytree.tree_flatten(obj)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
 
 
 def replace_modules(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -23,7 +23,10 @@ __all__ = [
     "check_probability",
     "check_choice",
     "check_finite",
+    "check_expert_index",
 ]
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_tensor(
@@ -108,6 +111,14 @@ def check_nonnegative_float(name: str, value: Any) -> float:
     return float(value)
 
 
+@overload
+def check_probability(name: str, value: Any, *, allow_none: Literal[False] = False) -> float: ...
+
+
+@overload
+def check_probability(name: str, value: Any, *, allow_none: bool) -> float | None: ...
+
+
 def check_probability(name: str, value: Any, *, allow_none: bool = False) -> float | None:
     """Return ``value`` as a float in [0, 1], or raise."""
     if value is None and allow_none:
@@ -115,6 +126,22 @@ def check_probability(name: str, value: Any, *, allow_none: bool = False) -> flo
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
+
+
+def check_expert_index(name: str, index: Any, num_experts: int, *, allow_exited: bool = False) -> torch.Tensor:
+    """Check a ``LongTensor[B]`` of expert ids in ``[0, num_experts)`` (``-1`` allowed for exited samples when
+    ``allow_exited``) and return it as int64."""
+    check_tensor(name, index, ndim=1)
+    if index.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (expert ids), got dtype {index.dtype}")
+    low = -1 if allow_exited else 0
+    if index.numel() and (int(index.min()) < low or int(index.max()) >= num_experts):
+        lo = "-1 (exited)" if allow_exited else "0"
+        raise ValueError(
+            f"{name} entries must lie in [{lo}, {num_experts}) (num_experts={num_experts}), "
+            f"got range [{int(index.min())}, {int(index.max())}]"
+        )
+    return index.long()
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:

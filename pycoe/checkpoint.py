@@ -100,6 +100,10 @@ def save_checkpoint(obj: dict, path: str | os.PathLike, *, verify: bool = True) 
     _fsync_directory(directory)
 
 
+def _not_a_checkpoint(path: str, why: str) -> ValueError:
+    return ValueError(f"{path!r} is not a pycoe/torch checkpoint ({why}; truncated or corrupt?)")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
 
@@ -115,16 +119,33 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        pickle.UnpicklingError: the file refers to types that ``weights_only`` loading rejects.
+        ValueError: the file is not a torch checkpoint at all (empty, truncated, corrupt, or another kind of
+            file).
+        pickle.UnpicklingError: a genuine torch checkpoint that refers to types ``weights_only`` loading
+            rejects (the message names them).
     """
     path = _check_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
+    if os.path.getsize(path) == 0:
+        raise _not_a_checkpoint(path, "the file is empty")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        # Either a real checkpoint holding types that weights_only refuses, or bytes that are no checkpoint:
+        # only the former gets the advice about trusted files.
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        if not unsafe:
+            raise _not_a_checkpoint(path, "its contents cannot be read as a torch.save archive") from err
         raise pickle.UnpicklingError(
-            f"refusing to load {path!r} with weights_only=True: it contains objects other than tensors, "
-            "state_dicts and plain Python containers. If you trust the file, load it with torch.load(path, "
-            f"weights_only=False), or allow the types with torch.serialization.add_safe_globals.\n{err}"
+            f"refusing to load {path!r} with weights_only=True: it refers to {', '.join(sorted(unsafe))}, which "
+            "are not tensors, state_dicts or plain Python containers. If you trust the file, allow those types "
+            "with torch.serialization.add_safe_globals, or load it with torch.load(path, weights_only=False)."
         ) from err
+    except (PermissionError, IsADirectoryError):
+        raise
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, UnicodeDecodeError, OSError) as err:
+        raise _not_a_checkpoint(path, f"torch.load failed with {type(err).__name__}") from err

@@ -1,4 +1,4 @@
-"""Forward FLOPs of any module on an example input, counted by ``torch.utils.flop_counter``.
+r"""Forward FLOPs of any module on an example input, counted by ``torch.utils.flop_counter``.
 
 Collaboration of Experts (Zhang, Chen and Zhong, ICML 2022, arXiv:2107.03815) reports its accuracy against
 *average* inference FLOPs (80.7% top-1 at 194M FLOPs). A CoE's cost depends on the data (samples that exit
@@ -13,26 +13,50 @@ activations, pooling, softmax) is not counted. So torchvision's ResNet-18 at 224
 Conventions vary between papers: many mobile-network papers report multiply-adds under the name "FLOPs"
 (divide the counts of this module by 2 to compare with them). Which convention the CoE paper uses could not be
 confirmed from a public source.
+
+Attention is counted as the computation it performs: while counting, :func:`count_flops` turns off the fused
+fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (taken in eval mode under
+``no_grad``, and invisible to the counter) and restricts scaled-dot-product attention to its math backend
+(whose matrix products are counted), then restores both settings. The outputs are the same; only the
+kernels differ. So ``nn.MultiheadAttention`` with sequence length L and width d counts
+:math:`2\,(4 L d^2 + 2 L^2 d)` FLOPs, and torchvision's ViT-B/16 counts exactly twice its published
+multiply-adds.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._modules import preserve_training_modes
+from .utils import preserve_training_modes
 
 __all__ = ["count_flops", "flops_per_sample"]
+
+
+@contextlib.contextmanager
+def _countable_attention() -> Iterator[None]:
+    """Route attention through kernels whose matrix products FlopCounterMode sees; restore the settings after."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def count_flops(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> int:
     """Forward FLOPs of one call ``module(*example_inputs, **example_kwargs)`` on that whole batch.
 
     Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts 2 FLOPs; only
-    matrix products, convolutions and attention are counted, see the module docstring). Forward only:
+    matrix products, convolutions and attention are counted, see the module docstring). Fused attention fast
+    paths are turned off during the call so that attention is counted (and restored afterwards). Forward only:
     the call runs under ``torch.no_grad()``, so no backward cost is included. The module runs in its
     current train/eval mode (put it in eval mode to count inference FLOPs, e.g. with early exit), and its
     mode and buffers (such as batch-norm running statistics) are left as they were.
@@ -59,7 +83,7 @@ def count_flops(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) 
     buffers = [(b, b.detach().clone()) for b in module.buffers()] if is_module else []
     with preserve_training_modes(module) if is_module else contextlib.nullcontext():
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with torch.no_grad(), _countable_attention(), FlopCounterMode(display=False) as counter:
                 module(*example_inputs, **example_kwargs)
         finally:
             with torch.no_grad():

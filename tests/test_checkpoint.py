@@ -147,3 +147,48 @@ def test_bad_input(tmp_path):
         save_checkpoint({}, tmp_path / "missing_dir" / "c.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+def _write_zip(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("random.pt", lambda p: p.write_bytes(bytes(range(256)) * 4)),
+        ("text.pt", lambda p: p.write_text("hello world\n" * 10)),
+        ("empty.pt", lambda p: p.write_bytes(b"")),
+        ("other.zip", _write_zip),
+        ("pickle.pkl", lambda p: p.write_bytes(pickle.dumps({"a": 1}))),
+    ],
+)
+def test_load_says_not_a_checkpoint_and_never_suggests_unsafe_loading(tmp_path, name, write):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ValueError, match="is not a pycoe/torch checkpoint") as info:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)
+    assert "truncated or corrupt?" in str(info.value)
+
+
+def test_load_truncated_checkpoint(tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint({"w": torch.arange(1000.0)}, good)
+    data = good.read_bytes()
+    for cut in (len(data) // 2, len(data) - 10, 10):
+        bad = tmp_path / f"cut{cut}.pt"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a pycoe/torch checkpoint"):
+            load_checkpoint(bad)
+
+
+def test_unsafe_types_are_named(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save({"m": nn.Linear(2, 2)}, path)
+    with pytest.raises(pickle.UnpicklingError, match=r"torch\.nn\.modules\.linear\.Linear"):
+        load_checkpoint(path)

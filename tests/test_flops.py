@@ -100,3 +100,57 @@ def test_bad_input():
         flops_per_sample(nn.Identity(), torch.tensor(1.0))
     with pytest.raises(ValueError, match="batch size 0"):
         flops_per_sample(nn.Linear(2, 2), torch.randn(0, 2))
+
+
+def _mha_flops(length, dim):
+    # q, k, v and output projections: 4 * L * d^2 multiply-adds; scores and weighted sum: 2 * L^2 * d.
+    return 2 * (4 * length * dim**2 + 2 * length**2 * dim)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_multihead_attention_counts_its_matrix_products(training):
+    length, dim = 9, 16
+    mha = nn.MultiheadAttention(dim, num_heads=4, batch_first=True, dropout=0.0).train(training)
+    x = torch.randn(2, length, dim)
+    assert count_flops(mha, x, x, x) == 2 * _mha_flops(length, dim)
+
+
+def test_transformer_encoder_counts_attention_and_feedforward():
+    length, dim, ff, layers = 7, 16, 32, 2
+    layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=ff, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False).eval()
+    per_layer = _mha_flops(length, dim) + 2 * 2 * length * dim * ff
+    assert count_flops(encoder, torch.randn(1, length, dim)) == layers * per_layer
+
+
+def test_attention_settings_restored():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = nn.MultiheadAttention(8, num_heads=2, batch_first=True).eval()
+    x = torch.randn(1, 3, 8)
+    before = torch.backends.mha.get_fastpath_enabled()
+    count_flops(mha, x, x, x)
+    assert torch.backends.mha.get_fastpath_enabled() is before
+    with sdpa_kernel(SDPBackend.MATH):  # an outer user setting survives the count, too
+        count_flops(mha, x, x, x)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        count_flops(mha, x, x, x)
+        assert torch.backends.mha.get_fastpath_enabled() is False
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("builder", "weights"),
+    [
+        (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+        (torchvision.models.vit_b_16, torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1),
+    ],
+)
+def test_twice_torchvisions_published_multiply_adds(builder, weights):
+    # torchvision publishes GFLOPS as multiply-adds ("_ops"); a multiply-add counts 2 FLOPs here.
+    model = builder(weights=None).eval()
+    published = weights.meta["_ops"] * 1e9
+    assert count_flops(model, torch.randn(1, 3, 224, 224)) == pytest.approx(2 * published, rel=2e-3)

@@ -1,4 +1,5 @@
-"""Shared private helpers: argument checks, mode handling, the early-exit rule, and the import structure."""
+"""Shared helpers: argument checks, mode handling (pycoe.utils), the early-exit rule, the import structure and the
+public API's layout."""
 
 import ast
 import math
@@ -11,9 +12,23 @@ import pytest
 import torch
 from torch import nn
 
-from pycoe._early_exit import exit_decision, merge_early_exit, resolve_exit_threshold, rough_confidence
-from pycoe._modules import eval_mode, preserve_training_modes
-from pycoe._validation import check_finite_float, check_int, check_nonnegative_float, check_positive_float
+import pycoe
+from pycoe._modules import floating_reference, module_device, tensors_in
+from pycoe._validation import (
+    check_expert_index,
+    check_finite_float,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+)
+from pycoe.coe.early_exit import (
+    exit_decision,
+    exit_mask,
+    merge_early_exit,
+    resolve_exit_threshold,
+    rough_confidence,
+)
+from pycoe.utils import eval_mode, preserve_training_modes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,13 +102,32 @@ def test_exit_decision_matches_the_softmax_rule():
     confidence, exited = exit_decision(rough, 0.9, 3, rough.device)
     expected = torch.softmax(rough.float(), dim=1).amax(dim=1)
     torch.testing.assert_close(confidence, expected)
+    torch.testing.assert_close(rough_confidence(rough), expected)
     assert exited.tolist() == [True, False, True]
     # threshold 0 exits every sample, None none; without rough logits the confidence is NaN
     assert exit_decision(rough, 0.0, 3, rough.device)[1].all()
     assert not exit_decision(rough, None, 3, rough.device)[1].any()
-    assert torch.isnan(rough_confidence(None, 2, torch.device("cpu"))).all()
+    assert torch.isnan(exit_decision(None, None, 2, torch.device("cpu"))[0]).all()
     with pytest.raises(ValueError, match="the delegator returned rough_logits=None"):
         exit_decision(None, 0.5, 3, rough.device, source="the delegator")
+
+
+def test_exit_mask_is_inclusive_at_the_threshold():
+    """The rule is ``confidence >= threshold``: a confidence exactly on the threshold exits."""
+    confidence = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    assert exit_mask(confidence, 0.5).tolist() == [False, True, True, True]
+    assert exit_mask(confidence, 1.0).tolist() == [False, False, False, True]
+    assert exit_mask(confidence, 0.0).all() and not exit_mask(confidence, None).any()
+    # through the logits: two equal logits give confidence exactly 0.5
+    rough = torch.zeros(2, 2)
+    assert exit_decision(rough, 0.5, 2, rough.device)[1].tolist() == [True, True]
+    assert exit_decision(rough, 0.5 + 1e-6, 2, rough.device)[1].tolist() == [False, False]
+    with pytest.raises(ValueError, match="threshold"):
+        exit_mask(confidence, 1.5)
+    with pytest.raises(ValueError, match="confidence must have 1"):
+        exit_mask(confidence[:, None], 0.5)
+    with pytest.raises(TypeError, match="rough_logits must be a floating-point"):
+        rough_confidence(torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_resolve_exit_threshold():
@@ -127,6 +161,34 @@ def test_merge_early_exit_against_a_per_sample_loop():
     assert merge_early_exit(rough, torch.ones(5, dtype=torch.bool), run, "expert") is rough and calls == []
     with pytest.raises(ValueError, match="early exit mixes .* specialist outputs"):
         merge_early_exit(rough, exited, lambda keep: torch.zeros(len(keep), 7), "specialist")
+
+
+# ---------------------------------------------------------------------------------------------- small helpers
+
+
+def test_module_lookups_and_tensor_flattening():
+    assert module_device(nn.ReLU()) is None and floating_reference(nn.ReLU()) is None
+    bn = nn.BatchNorm1d(2, affine=False)  # buffers only; the first one (running_mean) is floating point
+    assert module_device(bn) == torch.device("cpu") and floating_reference(bn) is bn.running_mean
+    lin = nn.Linear(2, 2, dtype=torch.float64)
+    assert floating_reference(lin) is lin.weight
+    a, b = torch.zeros(1), torch.ones(2)
+    assert [t is u for t, u in zip(tensors_in({"x": (a, 3, [b])}), (a, b))] == [True, True]
+
+
+def test_expert_index_check():
+    assert check_expert_index("i", torch.tensor([0, 2], dtype=torch.int32), 3).dtype == torch.int64
+    assert check_expert_index("i", torch.tensor([-1, 2]), 3, allow_exited=True).tolist() == [-1, 2]
+    with pytest.raises(ValueError, match=r"i entries must lie in \[0, 3\)"):
+        check_expert_index("i", torch.tensor([-1, 2]), 3)
+    with pytest.raises(ValueError, match=r"i entries must lie in \[-1 \(exited\), 3\)"):
+        check_expert_index("i", torch.tensor([3]), 3, allow_exited=True)
+    with pytest.raises(TypeError, match="i must be an integer tensor"):
+        check_expert_index("i", torch.tensor([0.0]), 3)
+    with pytest.raises(TypeError, match="i must be a torch.Tensor"):
+        check_expert_index("i", [0], 3)
+    with pytest.raises(ValueError, match="i must have 1 dimensions"):
+        check_expert_index("i", torch.zeros(2, 1, dtype=torch.long), 3)
 
 
 # ---------------------------------------------------------------------------------------------- imports
@@ -172,3 +234,66 @@ def test_import_pycoe_is_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def _public_modules():
+    for path in sorted((ROOT / "pycoe").rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        if any(part.startswith("_") for part in rel.parts[1:]):
+            continue  # private modules and __init__ files
+        yield ".".join(rel.parts)
+
+
+def test_every_public_name_is_listed_in_exactly_one_module_all():
+    import importlib
+
+    owners: dict[str, list[str]] = {}
+    for name in _public_modules():
+        module = importlib.import_module(name)
+        for item in getattr(module, "__all__", []):
+            obj = getattr(module, item)
+            if isinstance(obj, type) or callable(obj):
+                assert obj.__module__ == name, f"{name}.__all__ lists {item}, defined in {obj.__module__}"
+            owners.setdefault(item, []).append(name)
+    duplicates = {k: v for k, v in owners.items() if len(v) > 1}
+    assert not duplicates, duplicates
+    # a subpackage's __all__ is composed of its modules' (the root's curated list is the one exception)
+    for sub in ("coe", "basisnet"):
+        package = importlib.import_module(f"pycoe.{sub}")
+        composed = [
+            item
+            for name in _public_modules()
+            if name.startswith(f"pycoe.{sub}.")
+            for item in importlib.import_module(name).__all__
+        ]
+        assert sorted(package.__all__) == sorted(composed)
+
+
+def test_the_root_api_is_small():
+    names = [n for n in pycoe.__all__ if not isinstance(getattr(pycoe, n), type(pycoe))]
+    expected = [
+        "Delegator",
+        "ExpertPool",
+        "CoE",
+        "CoELoss",
+        "BalancedTransportWeighter",
+        "LabelGenerator",
+        "balanced_assignment",
+        "threshold_sweep",
+        "count_flops",
+        "PWLU",
+        "CondConv2d",
+        "convert_activations_to_pwlu",
+        "convert_conv2d_to_condconv",
+        "realign_pwlu",
+        "save_checkpoint",
+        "load_checkpoint",
+    ]
+    assert sorted(set(names) - {"calibrate_exit_threshold"}) == sorted(expected)
+    modules = {n for n in pycoe.__all__ if n not in names}
+    subpackages = {"basisnet", "coe", "cotrain", "functional", "layers", "routing"}
+    utilities = {"checkpoint", "distributed", "flops", "utils"}
+    assert subpackages | utilities <= modules <= subpackages | utilities | {"export"}

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pycoe.coe.calibrate import ExitCalibration
+from pycoe.utils import eval_mode
 
 __all__ = [
     "collect_outputs",
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 
-@torch.no_grad()
 def collect_outputs(coe, batches, device) -> dict[str, torch.Tensor]:
     """Dense evaluation of the delegator and all experts, in eval mode (every submodule's mode restored).
 
@@ -45,10 +45,8 @@ def collect_outputs(coe, batches, device) -> dict[str, torch.Tensor]:
         dict with ``labels`` LongTensor[N], ``choice`` LongTensor[N] (argmax expert, ties to the lowest index),
         ``rough_pred`` LongTensor[N] and ``expert_pred`` LongTensor[N, K].
     """
-    modes = [(m, m.training) for m in coe.modules()]
-    coe.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("labels", "choice", "rough_pred", "expert_pred")}
-    try:
+    with eval_mode(coe):
         for x, y in batches:
             x = x.to(device)
             d = coe.delegate(x)
@@ -58,9 +56,6 @@ def collect_outputs(coe, batches, device) -> dict[str, torch.Tensor]:
             parts["choice"].append(choice.cpu())
             parts["rough_pred"].append(d.rough_logits.argmax(1).cpu())
             parts["expert_pred"].append(logits.argmax(2).T.cpu())  # [B, K]
-    finally:
-        for m, training in modes:
-            m.training = training
     return {k: torch.cat(v) for k, v in parts.items()}
 
 

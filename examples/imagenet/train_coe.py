@@ -74,6 +74,7 @@ from pycoe.coe.model import CoE
 from pycoe.flops import count_flops
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.utils import eval_mode
 
 CHECKPOINT_FORMAT = "pycoe-example-imagenet/2"
 LABELLED_THRESHOLDS = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.97,0.98,0.99,0.995,0.999"
@@ -411,14 +412,8 @@ def kmeans_start(args, delegator: Delegator, dataset, device) -> dict:
         )
     else:
         batches = coe_data.TensorBatches(dataset.take(idx), 512, False, 0, 1, 0)
-    modes = [(m, m.training) for m in delegator.modules()]
-    delegator.eval()
-    try:
-        with torch.no_grad():
-            feats = torch.cat([delegator.features(to_device(x, device, args)).float().cpu() for x, _ in batches])
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(delegator):
+        feats = torch.cat([delegator.features(to_device(x, device, args)).float().cpu() for x, _ in batches])
     return dict(coe_kmeans.kmeans_selection_init(delegator, feats, g), indices=idx)
 
 

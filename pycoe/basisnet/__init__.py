@@ -5,24 +5,8 @@ from basis models (every basis layer mixes its N kernels with the same coefficie
 the lightweight model's own prediction.
 """
 
-from pycoe.basisnet.model import (
-    NORMALIZATIONS,
-    BasisNet,
-    BasisNetOutput,
-    BasisNetTrainOutput,
-    basis_coefficients,
-    basis_dropout,
-    basisnet_loss,
-)
-from pycoe.basisnet.specialist import BasisSpecialist
+from pycoe.basisnet import model, specialist
+from pycoe.basisnet.model import *
+from pycoe.basisnet.specialist import *
 
-__all__ = [
-    "BasisNet",
-    "BasisNetOutput",
-    "BasisNetTrainOutput",
-    "BasisSpecialist",
-    "basis_coefficients",
-    "basis_dropout",
-    "basisnet_loss",
-    "NORMALIZATIONS",
-]
+__all__ = [*model.__all__, *specialist.__all__]

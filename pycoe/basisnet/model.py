@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pycoe._early_exit import exit_decision, merge_early_exit, resolve_exit_threshold
 from pycoe._validation import (
     check_choice,
     check_nonnegative_float,
@@ -37,6 +36,7 @@ from pycoe._validation import (
 )
 from pycoe.basisnet.specialist import BasisSpecialist
 from pycoe.coe.delegator import Delegator
+from pycoe.coe.early_exit import ExitThresholdMixin, exit_decision, merge_early_exit, resolve_exit_threshold
 
 __all__ = [
     "BasisNet",
@@ -168,7 +168,7 @@ def _size_pair(value: Any) -> tuple[int, int] | None:
     raise ValueError(f"preview_size must be None, a positive int or a pair of positive ints, got {value!r}")
 
 
-class BasisNet(nn.Module):
+class BasisNet(ExitThresholdMixin, nn.Module):
     """BasisNet: the lightweight model's coefficients synthesise the specialist; confident samples exit early.
 
     ``coefficient_logits, rough_logits = lightweight(x)``; ``coefficients = normalize(coefficient_logits /
@@ -214,6 +214,8 @@ class BasisNet(nn.Module):
         >>> out.output.shape, out.coefficients.shape
         (torch.Size([2, 10]), torch.Size([2, 4]))
     """
+
+    first_stage = "the lightweight model"
 
     def __init__(
         self,
@@ -272,19 +274,9 @@ class BasisNet(nn.Module):
         self.exit_threshold = exit_threshold
 
     @property
-    def exit_threshold(self) -> float | None:
-        """The early-exit threshold in [0, 1], or ``None`` (never exit)."""
-        return self._exit_threshold
-
-    @exit_threshold.setter
-    def exit_threshold(self, value: float | None) -> None:
-        value = check_probability("exit_threshold", value, allow_none=True)
-        if value is not None and self.num_classes is None:
-            raise ValueError(
-                "exit_threshold needs a rough prediction, but the lightweight model has no rough head "
-                "(num_classes=None); give num_classes or keep exit_threshold=None"
-            )
-        self._exit_threshold = value
+    def has_rough_head(self) -> bool:
+        """Whether the lightweight model has a rough head (``num_classes`` is not ``None``)."""
+        return self.num_classes is not None
 
     def extra_repr(self) -> str:
         return (
@@ -351,8 +343,6 @@ class BasisNet(nn.Module):
             :class:`BasisNetOutput`.
         """
         threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
-        if threshold is not None and self.num_classes is None:
-            raise ValueError("exit_threshold needs a rough prediction, but the lightweight model has no rough head")
         coefficients, _, rough = self.preview(x)
         confidence, exited = exit_decision(
             rough, threshold, x.shape[0], coefficients.device, source="the lightweight model"

@@ -250,9 +250,15 @@ class BasisSpecialist(nn.Module):
                 dtype=w.dtype,
             )
             c = coefficients.to(device=w.device, dtype=w.dtype)
-            conv.weight.copy_(sum(c[n] * w[n] for n in range(self.num_bases)))
-            if layer.bias is not None:
-                conv.bias.copy_(sum(c[n] * layer.bias[n] for n in range(self.num_bases)))
+            kernel = torch.zeros_like(w[0])
+            for n in range(self.num_bases):
+                kernel = kernel + c[n] * w[n]
+            conv.weight.copy_(kernel)
+            if layer.bias is not None and conv.bias is not None:
+                bias = torch.zeros_like(layer.bias[0])
+                for n in range(self.num_bases):
+                    bias = bias + c[n] * layer.bias[n]
+                conv.bias.copy_(bias)
             conv.train(layer.training)
             return conv
 

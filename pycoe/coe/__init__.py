@@ -1,19 +1,19 @@
-"""The Collaboration-of-Experts model: delegator, expert pool, the model, its loss and its evaluation."""
+"""The Collaboration-of-Experts model: delegator, expert pool, the early-exit rule, the model, its loss and its
+evaluation."""
 
-from pycoe.coe.delegator import Delegator, DelegatorOutput
-from pycoe.coe.evaluate import predict, threshold_sweep
-from pycoe.coe.experts import ExpertPool
-from pycoe.coe.loss import CoELoss
-from pycoe.coe.model import CoE, CoEOutput, CoETrainOutput
+from pycoe.coe import delegator, early_exit, evaluate, experts, loss, model
+from pycoe.coe.delegator import *
+from pycoe.coe.early_exit import *
+from pycoe.coe.evaluate import *
+from pycoe.coe.experts import *
+from pycoe.coe.loss import *
+from pycoe.coe.model import *
 
 __all__ = [
-    "Delegator",
-    "DelegatorOutput",
-    "ExpertPool",
-    "CoE",
-    "CoEOutput",
-    "CoETrainOutput",
-    "CoELoss",
-    "predict",
-    "threshold_sweep",
+    *delegator.__all__,
+    *experts.__all__,
+    *early_exit.__all__,
+    *model.__all__,
+    *loss.__all__,
+    *evaluate.__all__,
 ]

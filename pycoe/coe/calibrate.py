@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from .._modules import eval_mode
 from .._validation import check_nonnegative_float, check_positive_float, check_probability
 from ..flops import count_flops
+from ..utils import eval_mode
+from .early_exit import exit_mask
 from .evaluate import default_unpack, threshold_sweep
 from .model import CoE
 
@@ -366,9 +367,10 @@ def _basisnet_sweep(
     """:func:`~pycoe.coe.evaluate.threshold_sweep` for a BasisNet: one pass, then every threshold decides.
 
     Per batch the lightweight model runs once (``forward_eval`` with threshold 0: every sample exits, which gives
-    the rough logits, the confidence by the model's own rule and the coefficients) and the specialist once on
-    the whole batch with those coefficients. FLOPs per sample at threshold ``t``: lightweight + (fraction not
-    exited) x specialist, both counted on the first sample unless ``table`` is given.
+    the rough logits, the confidence and the coefficients) and the specialist once on the whole batch with those
+    coefficients; every threshold then applies the one exit rule, :func:`pycoe.coe.early_exit.exit_mask`. FLOPs
+    per sample at threshold ``t``: lightweight + (fraction not exited) x specialist, both counted on the first
+    sample unless ``table`` is given.
     """
     confidences, rough_ok, final_ok = [], [], []
     with eval_mode(model):
@@ -396,7 +398,7 @@ def _basisnet_sweep(
     n = conf.numel()
     results = []
     for t in thresholds:
-        exited = torch.zeros(n, dtype=torch.bool) if t is None else conf >= t
+        exited = exit_mask(conf, t)
         correct = torch.where(exited, r_ok, s_ok)
         results.append(
             {

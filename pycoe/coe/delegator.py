@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pycoe._modules import eval_mode
+from pycoe._modules import floating_reference
 from pycoe._validation import check_positive_int, check_probability
+from pycoe.utils import eval_mode
 
 __all__ = ["Delegator", "DelegatorOutput"]
 
@@ -58,9 +59,10 @@ class _Surgery:
 
     def apply(self, backbone: nn.Module) -> None:
         """Strip the classifier in place, remembering how to undo it."""
-        self._undo = None
+        self._undo: tuple[nn.Module, str, nn.Module, Any] | None = None
+        timm_model: Any = backbone  # timm's classifier API, duck-typed
         if self.timm:
-            head = backbone.get_classifier()
+            head = timm_model.get_classifier()
             for _name, mod in backbone.named_modules():
                 for child_name, child in mod.named_children():
                     if child is head:
@@ -68,22 +70,24 @@ class _Surgery:
                         break
                 if self._undo is not None:
                     break
-            backbone.reset_classifier(0)
+            timm_model.reset_classifier(0)
         else:
+            assert self.parent is not None and self.child_name is not None
             self._undo = (self.parent, self.child_name, getattr(self.parent, self.child_name), None)
             setattr(self.parent, self.child_name, nn.Identity())
 
     def undo(self, backbone: nn.Module) -> None:
         """Best-effort restoration of the classifier (used when construction fails after ``apply``)."""
-        if getattr(self, "_undo", None) is None:
+        undo = getattr(self, "_undo", None)
+        if undo is None:
             return
-        parent, child_name, module, num_classes = self._undo
+        parent, child_name, module, num_classes = undo
         setattr(parent, child_name, module)
         if self.timm and num_classes is not None:
             backbone.num_classes = num_classes
 
 
-def _last_linear(module: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module] | str:
+def _last_linear(module: nn.Module, path: str) -> tuple[nn.Module | None, str, nn.Linear] | str:
     """Find the final ``nn.Linear`` of a classifier module.
 
     Returns ``(parent, child_name, linear)``, or a string explaining why the classifier is not supported.
@@ -93,7 +97,8 @@ def _last_linear(module: nn.Module, path: str) -> tuple[nn.Module, str, nn.Modul
     if isinstance(module, nn.Sequential):
         if len(module) == 0:
             return f"'{path}' is an empty nn.Sequential"
-        parent, last = module, module[-1]
+        parent: nn.Module = module
+        last: nn.Module = module[-1]
         while isinstance(last, nn.Sequential) and len(last) > 0:
             parent, last = last, last[-1]
         child_name = list(parent._modules.keys())[-1]
@@ -115,12 +120,14 @@ def _resolve(backbone: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]
     parts = path.split(".")
     parent = backbone
     for part in parts[:-1]:
-        if part not in parent._modules:
+        child = parent._modules.get(part)
+        if child is None:
             raise ValueError(f"classifier={path!r}: {type(backbone).__name__} has no submodule {path!r}")
-        parent = parent._modules[part]
-    if parts[-1] not in parent._modules or parent._modules[parts[-1]] is None:
+        parent = child
+    module = parent._modules.get(parts[-1])
+    if module is None:
         raise ValueError(f"classifier={path!r}: {type(backbone).__name__} has no submodule {path!r}")
-    return parent, parts[-1], parent._modules[parts[-1]]
+    return parent, parts[-1], module
 
 
 def _is_timm_model(backbone: nn.Module) -> bool:
@@ -145,11 +152,11 @@ def _find_classifier(backbone: nn.Module, classifier: str) -> _Surgery | str:
         return _Surgery(_name_of(backbone, linear), linear, linear.in_features, sub_parent, sub_name)
 
     if _is_timm_model(backbone):
-        head = backbone.get_classifier()
+        timm_model: Any = backbone  # timm's classifier API, duck-typed
+        head = timm_model.get_classifier()
         path = next((n for n, m in backbone.named_modules() if m is head and n), "<timm classifier>")  # for messages
-        dim = getattr(backbone, "head_hidden_size", None) or backbone.num_features
-        linear = head if isinstance(head, nn.Linear) else None
-        return _Surgery(path, linear, int(dim), timm=True)
+        dim = getattr(backbone, "head_hidden_size", None) or timm_model.num_features
+        return _Surgery(path, head if isinstance(head, nn.Linear) else None, int(dim), timm=True)
 
     # Generic search: among the known attribute names, prefer the one registered last (the classifier is
     # normally the last child of a torchvision model).
@@ -164,15 +171,16 @@ def _find_classifier(backbone: nn.Module, classifier: str) -> _Surgery | str:
     candidates.sort(key=children.index, reverse=True)
     reasons = []
     for attr in candidates:
-        module = backbone._modules[attr]
-        found = _last_linear(module, attr)
+        candidate = backbone._modules[attr]
+        assert candidate is not None
+        found = _last_linear(candidate, attr)
         if isinstance(found, str):
             reasons.append(found)
             continue
-        parent, name, linear = found
-        if parent is None:
-            parent, name = backbone, attr
-        return _Surgery(_name_of(backbone, linear), linear, linear.in_features, parent, name)
+        holder, holder_name, linear = found
+        if holder is None:
+            holder, holder_name = backbone, attr
+        return _Surgery(_name_of(backbone, linear), linear, linear.in_features, holder, holder_name)
     return "; ".join(reasons)
 
 
@@ -200,7 +208,7 @@ def _dry_run(backbone: nn.Module, example_input: Any) -> Any:
 
 
 def _factory_kwargs(backbone: nn.Module, device, dtype) -> dict:
-    ref = next((t for t in list(backbone.parameters()) + list(backbone.buffers()) if t.is_floating_point()), None)
+    ref = floating_reference(backbone)
     if device is None and ref is not None:
         device = ref.device
     if dtype is None and ref is not None:
@@ -330,6 +338,7 @@ class Delegator(nn.Module):
                     "reuse_classifier=True needs a backbone whose classifier ends with an nn.Linear that pycoe can "
                     f"find ({not_found if surgery is None else f'the classifier at {surgery.path!r} is not one'})"
                 )
+            assert surgery is not None
             if num_classes is None:
                 num_classes = linear.out_features
             elif linear.out_features != num_classes:

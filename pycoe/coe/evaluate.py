@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
-from .._modules import eval_mode
+from .._modules import module_device
 from .._validation import check_probability
 from ..flops import count_flops
+from ..utils import eval_mode
+from .early_exit import exit_mask
 from .model import CoE, CoEOutput
 
-__all__ = ["predict", "threshold_sweep"]
+__all__ = ["predict", "threshold_sweep", "default_unpack"]
 
 Unpack = Callable[[Any], tuple[tuple, Any]]
 
@@ -44,12 +46,6 @@ def default_unpack(batch: Any) -> tuple[tuple, Any]:
         "each loader item must be a tensor, or a tuple (x, y) / (x1, ..., xm, y) with the target last; got "
         f"{type(batch).__name__}. Pass unpack=lambda batch: ((inputs...), target) for other layouts"
     )
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -92,7 +88,7 @@ def predict(
         expert_index LongTensor[N], exited BoolTensor[N], confidence Tensor[N].
     """
     model = _check_model(model)
-    device = _device_of(model) if device is None else torch.device(device)
+    device = (module_device(model) or torch.device("cpu")) if device is None else torch.device(device)
     parts: list[CoEOutput] = []
     with eval_mode(model):
         for inputs, _ in _batches(loader, unpack, device):
@@ -168,7 +164,7 @@ def threshold_sweep(
         table: tuple[float, list[float]] | None = (float(flops["delegator"]), [float(f) for f in flops["experts"]])
     else:
         table = None
-    device = _device_of(model) if device is None else torch.device(device)
+    device = (module_device(model) or torch.device("cpu")) if device is None else torch.device(device)
 
     confidences, choices, expert_ok, rough_ok = [], [], [], []
     with eval_mode(model):
@@ -198,7 +194,7 @@ def threshold_sweep(
     n = choice.numel()
     results = []
     for t in thresholds:
-        exited = torch.zeros(n, dtype=torch.bool) if t is None else conf >= t
+        exited = exit_mask(conf, t)
         correct = torch.where(exited, r_ok, e_ok)
         routed_choice = choice[~exited]
         load = torch.bincount(routed_choice, minlength=model.num_experts)

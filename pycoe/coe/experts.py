@@ -9,9 +9,6 @@ the two ways CoE needs:
 - **routed** (``pool.forward_routed(index, *inputs)``): each sample goes to one expert; one forward per
   non-empty expert on its sub-batch, outputs scattered back in the original order. Inference uses it.
 
-For experts of identical architecture the dense path can be *fused*: the K parameter sets are stacked and one
-:func:`torch.func.vmap` over :func:`torch.func.functional_call` runs them all (see ``fused``).
-
 Einstein legend: ``k`` expert (K of them), ``b`` sample (B), ``...`` the experts' own output dimensions.
 """
 
@@ -24,23 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_positive_int
+from .._validation import check_choice, check_expert_index, check_positive_int
 
 __all__ = ["ExpertPool"]
-
-_FUSED_CHOICES = ("auto", True, False)
-
-
-def _architecture_key(module: nn.Module) -> tuple:
-    """What must agree between two experts for one to run with the other's parameters.
-
-    Module types and their ``repr`` (which carries hyper-parameters such as stride and padding through
-    ``extra_repr``), parameter and buffer names, shapes, dtypes and devices, and every submodule's train flag.
-    """
-    modules = tuple((name, type(m), m.training) for name, m in module.named_modules())
-    params = tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in module.named_parameters())
-    buffers = tuple((n, tuple(b.shape), b.dtype, b.device) for n, b in module.named_buffers())
-    return modules, params, buffers, repr(module)
 
 
 def _batched_inputs(inputs: Sequence[Any], kwargs: dict[str, Any], batch: int) -> tuple[list[int], list[str]]:
@@ -59,21 +42,6 @@ class ExpertPool(nn.Module):
 
     Args:
         experts: the K expert networks (K >= 1), registered as ``self.experts`` (an :class:`~torch.nn.ModuleList`).
-        fused: how the dense path runs the experts.
-
-            - ``False``: a Python loop, one forward per expert.
-            - ``True``: stack the K parameter (and buffer) sets and run one
-              :func:`torch.func.vmap` over :func:`torch.func.functional_call`. Requires experts of identical
-              architecture (same module types, hyper-parameters, parameter shapes and train flags); a
-              ``ValueError`` is raised otherwise. Buffers updated by the forward (BatchNorm running statistics
-              in train mode) are written back to every expert. Random layers (dropout) draw independent
-              randomness per expert. Expert 0's code runs with every expert's tensors, so experts must not
-              differ in state that is neither a parameter, a buffer nor shown in their ``repr`` (true for
-              :meth:`from_template` pools). Code that vmap cannot batch (e.g. ``.item()``) raises.
-            - ``"auto"`` (default): the loop. In ``benchmarks/bench_coe.py`` (CPU, one thread) a CoE training step
-              with the fused path took 1.7x (ResNet-18 experts) and 1.9x (MLP experts) the time of the loop, so
-              ``"auto"`` keeps the loop; the name is kept so the default can follow future measurements
-              (e.g. on GPUs, not measured).
 
     Attributes:
         experts (nn.ModuleList): the experts.
@@ -86,7 +54,7 @@ class ExpertPool(nn.Module):
         torch.Size([5, 3])
     """
 
-    def __init__(self, experts: Sequence[nn.Module], fused: bool | str = "auto") -> None:
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
         super().__init__()
         if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
             raise TypeError(
@@ -108,15 +76,10 @@ class ExpertPool(nn.Module):
                 "use ExpertPool.from_template to make independent copies"
             )
         self.experts = nn.ModuleList(experts)
-        self.fused = fused
-        # (architecture key, meta-device template); a tuple so that nn.Module does not register the template
-        self._fused_cache: tuple[tuple, nn.Module] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_template(
-        cls, model: nn.Module, num_experts: int, init: str = "copy", fused: bool | str = "auto"
-    ) -> ExpertPool:
+    def from_template(cls, model: nn.Module, num_experts: int, init: str = "copy") -> ExpertPool:
         """K independent deep copies of ``model``.
 
         Args:
@@ -126,7 +89,6 @@ class ExpertPool(nn.Module):
                 model); ``"reinit"`` calls ``reset_parameters()`` on every submodule of every copy that has it,
                 so each expert gets its own random initialisation (modules without ``reset_parameters`` keep
                 the template's values).
-            fused: see :class:`ExpertPool`.
 
         Returns:
             ExpertPool: the pool, on the template's device and dtype.
@@ -142,7 +104,7 @@ class ExpertPool(nn.Module):
                     reset = getattr(m, "reset_parameters", None)
                     if callable(reset):
                         reset()
-        return cls(experts, fused=fused)
+        return cls(experts)
 
     # ------------------------------------------------------------------ container protocol
     @property
@@ -159,24 +121,8 @@ class ExpertPool(nn.Module):
     def __iter__(self) -> Iterator[nn.Module]:
         return iter(self.experts)
 
-    @property
-    def fused(self) -> bool | str:
-        """The dense-path mode: ``"auto"``, ``True`` or ``False`` (see :class:`ExpertPool`)."""
-        return self._fused
-
-    @fused.setter
-    def fused(self, value: bool | str) -> None:
-        if not any(value is c or (isinstance(c, str) and value == c) for c in _FUSED_CHOICES):
-            raise ValueError(f"fused must be one of 'auto', True, False, got {value!r}")
-        self._fused = value
-
-    def is_homogeneous(self) -> bool:
-        """Whether every expert has the same architecture (the fused path's requirement)."""
-        key = _architecture_key(self.experts[0])
-        return all(_architecture_key(e) == key for e in self.experts[1:])
-
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, fused={self.fused!r}"
+        return f"num_experts={self.num_experts}"
 
     # ------------------------------------------------------------------ dense path
     def forward(self, *inputs: Any, **kwargs: Any) -> torch.Tensor:
@@ -190,11 +136,6 @@ class ExpertPool(nn.Module):
         Returns:
             Tensor[K, B, ...]: expert k's output at index k.
         """
-        if self._fused is True:
-            return self._forward_fused(inputs, kwargs)
-        return self._forward_loop(inputs, kwargs)
-
-    def _forward_loop(self, inputs: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
         outputs = [self._call_expert(k, inputs, kwargs) for k in range(self.num_experts)]
         shapes = {tuple(o.shape) for o in outputs}
         if len(shapes) != 1:
@@ -211,59 +152,6 @@ class ExpertPool(nn.Module):
                 f"expert {k} ({type(self.experts[k]).__name__}) returned {type(out).__name__}; "
                 "experts must return a single tensor (wrap the model to select its main output)"
             )
-        return out
-
-    def _template(self) -> nn.Module:
-        """A parameter-free (meta-device) copy of expert 0, rebuilt when any expert's modules change."""
-        # Cheap per-call key: module and parameter identities, shapes and train flags of every expert. The full
-        # architecture comparison (including hyper-parameters through repr) runs only when this key changes.
-        quick = tuple(
-            (
-                tuple((id(m), m.training) for m in e.modules()),
-                tuple((id(p), p.shape, p.requires_grad) for p in e.parameters()),
-                tuple((id(b), b.shape) for b in e.buffers()),
-            )
-            for e in self.experts
-        )
-        if self._fused_cache is None or self._fused_cache[0] != quick:
-            key = _architecture_key(self.experts[0])
-            for k in range(1, self.num_experts):
-                if _architecture_key(self.experts[k]) != key:
-                    raise ValueError(
-                        f"fused=True requires experts of identical architecture, but expert {k} differs from "
-                        "expert 0 (module types, hyper-parameters, parameter/buffer shapes or train/eval flags); "
-                        "use fused=False for heterogeneous experts"
-                    )
-            self._fused_cache = (quick, copy.deepcopy(self.experts[0]).to("meta"))
-        template = self._fused_cache[1]
-        for m_t, m_0 in zip(template.modules(), self.experts[0].modules()):
-            m_t.training = m_0.training
-        return template
-
-    def _forward_fused(self, inputs: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-        from torch.func import functional_call, vmap
-
-        template = self._template()
-        named_params = [dict(e.named_parameters()) for e in self.experts]
-        named_buffers = [dict(e.named_buffers()) for e in self.experts]
-        # torch.stack (not stack_module_state, whose stacks are detached leaves): gradients flow back to every
-        # expert's own parameters, so optimisers, DDP hooks and state_dicts keep working unchanged.
-        params = {n: torch.stack([p[n] for p in named_params]) for n in named_params[0]}
-        buffers = {n: torch.stack([b[n] for b in named_buffers]) for n in named_buffers[0]}
-
-        def run(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *xs: Any) -> torch.Tensor:
-            return functional_call(template, (p, b), xs, kwargs, strict=True)
-
-        in_dims = (0, 0) + (None,) * len(inputs)
-        out = vmap(run, in_dims=in_dims, randomness="different")(params, buffers, *inputs)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"experts must return a single tensor, got {type(out).__name__}")
-        # Buffers mutated in place inside the call (BatchNorm running statistics) live in the stacked copies:
-        # write them back to each expert.
-        with torch.no_grad():
-            for n, stacked in buffers.items():
-                for k, b in enumerate(named_buffers):
-                    b[n].copy_(stacked[k])
         return out
 
     # ------------------------------------------------------------------ routed path
@@ -283,7 +171,7 @@ class ExpertPool(nn.Module):
             Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order. Experts that receive
             no sample are not called.
         """
-        index = self._check_index(index)
+        index = check_expert_index("index", index, self.num_experts)
         batch = index.shape[0]
         if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
             raise TypeError("forward_routed needs at least one positional tensor input batched on dim 0")
@@ -337,18 +225,3 @@ class ExpertPool(nn.Module):
         result = concatenated.new_empty(concatenated.shape)
         # scatter back: row j of the sorted batch is sample order[j]
         return result.index_copy(0, order, concatenated)
-
-    def _check_index(self, index: Any) -> torch.Tensor:
-        if not isinstance(index, torch.Tensor):
-            raise TypeError(f"index must be a torch.LongTensor of shape [B], got {type(index).__name__}")
-        if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"index must be an integer tensor (expert ids), got dtype {index.dtype}")
-        if index.dim() != 1:
-            raise ValueError(f"index must have shape [B], got {tuple(index.shape)}")
-        index = index.long()
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_experts):
-            raise ValueError(
-                f"index values must lie in [0, {self.num_experts}) (num_experts={self.num_experts}), "
-                f"got min {int(index.min())} and max {int(index.max())}"
-            )
-        return index

@@ -229,9 +229,7 @@ class CoELoss(nn.Module):
         synchronised = self._synchronised()
         scale = 1.0
         if synchronised:
-            import torch.distributed as dist
-
-            dist.all_reduce(norms)
+            _dist.all_reduce(norms)
             scale = float(_dist.get_world_size())
         mass, n_total = norms[:k], norms[k]
 

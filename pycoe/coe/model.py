@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._early_exit import exit_decision, merge_early_exit, resolve_exit_threshold
-from .._validation import check_probability
 from .delegator import DelegatorOutput
+from .early_exit import ExitThresholdMixin, exit_decision, merge_early_exit, resolve_exit_threshold
 from .experts import ExpertPool
 
 __all__ = ["CoE", "CoEOutput", "CoETrainOutput"]
@@ -77,7 +76,7 @@ def _as_delegator_output(out: Any) -> DelegatorOutput:
     )
 
 
-class CoE(nn.Module):
+class CoE(ExitThresholdMixin, nn.Module):
     """A Collaboration of Experts: the delegator picks one expert per sample, or exits early.
 
     - **Training mode** (``model.train()``): the delegator and *every* expert run on the whole batch (the WGM
@@ -121,6 +120,8 @@ class CoE(nn.Module):
         (torch.Size([3, 10]), torch.Size([3]))
     """
 
+    first_stage = "the delegator"
+
     def __init__(
         self,
         delegator: nn.Module,
@@ -148,19 +149,9 @@ class CoE(nn.Module):
         return self.experts.num_experts
 
     @property
-    def exit_threshold(self) -> float | None:
-        """The early-exit threshold in [0, 1], or ``None`` (never exit)."""
-        return self._exit_threshold
-
-    @exit_threshold.setter
-    def exit_threshold(self, value: float | None) -> None:
-        value = check_probability("exit_threshold", value, allow_none=True)
-        if value is not None and getattr(self.delegator, "num_classes", 0) is None:
-            raise ValueError(
-                "exit_threshold needs a rough prediction, but the delegator has no rough head "
-                "(num_classes=None); build the Delegator with num_classes=C or keep exit_threshold=None"
-            )
-        self._exit_threshold = value
+    def has_rough_head(self) -> bool:
+        """Whether the delegator has a rough head (``True`` for a delegator without a ``num_classes`` attribute)."""
+        return getattr(self.delegator, "num_classes", 0) is not None
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, exit_threshold={self.exit_threshold}"

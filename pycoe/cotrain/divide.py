@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from .._modules import replace_modules
+from .._modules import tensors_in as _tensors
 from .._validation import check_positive_int
 
 __all__ = [
@@ -280,11 +280,6 @@ class _LayerRecord:
     in_channels_dim: int | None = None  # norms: which input dim holds the features
     executed: bool = False
     is_output: bool = False
-
-
-def _tensors(obj: Any) -> list[Tensor]:
-    flat, _ = tree_flatten(obj)
-    return [t for t in flat if isinstance(t, Tensor)]
 
 
 def _channel_dim(module: nn.Module, ndim: int) -> int:

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._modules import module_device as _module_device
+from .._modules import tensors_in as _tensors
 from .._validation import check_choice, check_positive_int, check_tensor
 from ..functional.cotrain import js_divergence, pairwise_kl
 from .schedule import LinearWarmup
@@ -91,14 +93,6 @@ def combine_outputs(member_outputs: Tensor, combine: str | Callable[[Tensor], Te
             member_outputs.new_tensor(float(num))
         )
     return member_outputs.amax(dim=0)
-
-
-def _module_device(module: nn.Module) -> torch.device | None:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return None
 
 
 class CoTrainingEnsemble(nn.Module):
@@ -270,11 +264,6 @@ class CoTrainingEnsemble(nn.Module):
     def extra_repr(self) -> str:
         combine = self.combine if isinstance(self.combine, str) else getattr(self.combine, "__name__", "callable")
         return f"num_members={self.num_members}, combine={combine!r}, concurrent={self.concurrent}"
-
-
-def _tensors(obj: Any) -> list[Tensor]:
-    flat, _ = torch.utils._pytree.tree_flatten(obj)
-    return [t for t in flat if isinstance(t, Tensor)]
 
 
 class CoTrainingLoss(nn.Module):

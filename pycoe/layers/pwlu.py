@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pycoe._modules import eval_mode, replace_modules
+from pycoe._modules import replace_modules
 from pycoe._validation import (
     check_choice,
     check_finite_float,
@@ -38,6 +38,7 @@ from pycoe._validation import (
 )
 from pycoe.distributed import is_distributed
 from pycoe.functional.pwlu import pwlu
+from pycoe.utils import eval_mode
 
 __all__ = ["PWLU", "realign_pwlu", "convert_activations_to_pwlu", "DEFAULT_PWLU_ACTIVATIONS"]
 

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pycoe._validation import check_finite, check_positive_int, check_tensor
+from pycoe._validation import check_expert_index, check_finite, check_positive_int, check_tensor
 
 __all__ = [
     "expert_load",
@@ -28,20 +28,6 @@ __all__ = [
     "oracle_accuracy",
     "load_balance_cv2",
 ]
-
-
-def _check_index(name: str, index: torch.Tensor, num_experts: int, *, allow_exited: bool) -> torch.Tensor:
-    check_tensor(name, index, ndim=1)
-    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must be an integer tensor, got dtype {index.dtype}")
-    low = -1 if allow_exited else 0
-    if index.numel() and (int(index.min()) < low or int(index.max()) >= num_experts):
-        lo = "-1 (exited)" if allow_exited else "0"
-        raise ValueError(
-            f"{name} entries must lie in [{lo}, num_experts - 1 = {num_experts - 1}], "
-            f"got range [{int(index.min())}, {int(index.max())}]"
-        )
-    return index.long()
 
 
 def _check_logits(name: str, logits: torch.Tensor) -> torch.Tensor:
@@ -67,7 +53,7 @@ def expert_load(index: torch.Tensor, num_experts: int, *, normalize: bool = Fals
         LongTensor[K] of counts, or Tensor[K] (float32) of fractions.
     """
     k = check_positive_int("num_experts", num_experts)
-    idx = _check_index("index", index, k, allow_exited=True)
+    idx = check_expert_index("index", index, k, allow_exited=True)
     counts = torch.bincount(idx[idx >= 0], minlength=k)
     if not normalize:
         return counts
@@ -136,7 +122,7 @@ def agreement(selection_logits: torch.Tensor, label_index: torch.Tensor) -> torc
         Tensor[] (float32) in [0, 1].
     """
     z = _check_logits("selection_logits", selection_logits)
-    idx = _check_index("label_index", label_index, z.shape[1], allow_exited=False)
+    idx = check_expert_index("label_index", label_index, z.shape[1], allow_exited=False)
     if idx.shape[0] != z.shape[0]:
         raise ValueError(
             f"label_index must have shape [B={z.shape[0]}] to match selection_logits, got {tuple(idx.shape)}"
@@ -161,7 +147,7 @@ def oracle_accuracy(expert_logits: torch.Tensor, target: torch.Tensor) -> torch.
     if k == 0 or b == 0 or c == 0:
         raise ValueError(f"expert_logits must have shape [K, B, C] with all sizes >= 1, got {(k, b, c)}")
     check_tensor("target", target, shape=(b,))
-    tgt = _check_index("target", target, c, allow_exited=False)
+    tgt = check_expert_index("target", target, c, allow_exited=False)
     correct = expert_logits.argmax(dim=2) == tgt[None, :]  # [K, B]
     return correct.any(dim=0).float().mean()
 
