@@ -505,7 +505,7 @@ def plot_accuracy_flops(s: dict, path: Path) -> None:
     sx, sy = [p["flops_per_sample"] / 1e6 for p in sweep], [100 * p["accuracy"] for p in sweep]
     ax.plot(sx, sy, ".", color="tab:blue", ms=4)
     markers += list(zip(sx, sy))
-    # threshold labels: the exit-rate order (highest threshold first) keeps neighbours apart; dropped on collision
+    # threshold labels: dropped where they would collide (the baselines' labels, placed first, always stay)
     threshold_labels = [
         {"x": x, "y": y, "text": f"{p['threshold']:g}", "color": "tab:blue", "required": False}
         for x, y, p in zip(sx, sy, sweep)
