@@ -642,3 +642,39 @@ def test_figure_labels_do_not_collide():
         for mx, my in markers:
             assert not (box.x0 < mx < box.x1 and box.y0 < my < box.y1), t.get_text()
     plt.close(fig)
+
+
+def test_rough_temperature_fit_against_a_grid():
+    g = torch.Generator().manual_seed(0)
+    logits = 4.0 * torch.randn(300, 5, generator=g)  # over-confident logits: the fitted T is > 1
+    labels = torch.where(torch.rand(300, generator=g) < 0.6, logits.argmax(1), torch.randint(0, 5, (300,), generator=g))
+    t, before, after = coe_models.fit_rough_temperature(logits, labels)
+    grid = torch.linspace(0.05, 20, 20000, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits.double() / s, labels) for s in grid])
+    assert t == pytest.approx(float(grid[nll.argmin()]), rel=2e-3)
+    assert after == pytest.approx(float(nll.min()), abs=1e-7) and after < before
+    assert before == pytest.approx(float(torch.nn.functional.cross_entropy(logits.double(), labels)))
+    assert t > 1.0
+
+
+def test_scaled_rough_head_divides_the_logits_and_restores():
+    from pycoe.coe.delegator import Delegator
+
+    d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=2, num_classes=10).eval()
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        before = d(x).rough_logits
+        with coe_models.scaled_rough_head(d, 2.5):
+            scaled = d(x).rough_logits
+        after = d(x).rough_logits
+    assert torch.allclose(scaled, before / 2.5, atol=1e-6) and torch.equal(after, before)
+
+
+def test_fit_temperature_end_to_end(tmp_path):
+    s = _run(tmp_path, "temp", *SYN[:-1], "--no-figures", "--fit-temperature")
+    temp = s["temperature"]
+    assert temp["T"] > 0 and temp["val_cross_entropy"][1] <= temp["val_cross_entropy"][0] + 1e-9
+    for name in ("coe", "cascade"):
+        assert 0.0 <= temp[name]["test"]["accuracy"] <= 1.0
+    assert "CoE exit, T-scaled rough head: top-1" in s["entries"]
+    assert "temperature T=" in s["table_markdown"]

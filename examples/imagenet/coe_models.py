@@ -10,7 +10,9 @@ Shapes: B batch, C channels, H/W height/width, D feature size, N classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,6 +33,8 @@ __all__ = [
     "matched_width",
     "RoughStage",
     "make_cascade",
+    "fit_rough_temperature",
+    "scaled_rough_head",
 ]
 
 TORCHVISION_HINT = "e.g. mobilenet_v3_small, resnet18, resnet50, efficientnet_b0, regnet_y_400mf"
@@ -212,3 +216,60 @@ class RoughStage(nn.Module):
 def make_cascade(delegator: Delegator, network: nn.Module) -> CoE:
     """A cascade of ``delegator``'s rough head and ``network``, as a one-expert CoE (modules shared, not copied)."""
     return CoE(RoughStage(delegator), ExpertPool([network]))
+
+
+@torch.no_grad()
+def fit_rough_temperature(rough_logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+    """Temperature scaling of a rough head (Guo et al., ICML 2017): ``T`` minimising ``CE(rough_logits / T, y)``.
+
+    The cross-entropy is convex in ``1 / T``, so a golden-section search on ``1 / T`` in ``[0.05, 20]`` finds it.
+
+    Args:
+        rough_logits: Tensor[N, C] on held-out data.
+        labels: LongTensor[N].
+
+    Returns:
+        ``(T, cross-entropy at T = 1, cross-entropy at T)``.
+    """
+    z = rough_logits.double()
+
+    def nll(beta: float) -> float:
+        return float(torch.nn.functional.cross_entropy(beta * z, labels))
+
+    lo, hi = 0.05, 20.0
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(80):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    beta = (lo + hi) / 2
+    return 1.0 / beta, nll(1.0), nll(beta)
+
+
+@contextlib.contextmanager
+def scaled_rough_head(delegator: Delegator, temperature: float) -> Iterator[Delegator]:
+    """Divide the rough head's weight and bias by ``temperature`` inside the block (restored afterwards).
+
+    The rough logits become ``rough_logits / T`` exactly (the head is linear), so the rough predictions do not
+    change, only the confidences that the exit rule thresholds.
+    """
+    head = delegator.rough_head
+    if not isinstance(head, nn.Linear):
+        raise TypeError("temperature scaling needs the delegator's rough head to be an nn.Linear")
+    saved = [p.detach().clone() for p in head.parameters()]
+    try:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.div_(temperature)
+        yield delegator
+    finally:
+        with torch.no_grad():
+            for p, old in zip(head.parameters(), saved):
+                p.copy_(old)

@@ -130,8 +130,9 @@ def summarise(
     compute_seconds: float,
     world_size: int,
     num_val: int,
+    temperature: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the table, the JSON and the figures need."""
+    """Everything the table, the JSON and the figures need (``temperature``: ``--fit-temperature``'s report)."""
     k = args.num_experts
     y, choice = cache["labels"], cache["choice"]
     right = cache["expert_pred"] == y[:, None]  # [N, K]
@@ -196,6 +197,7 @@ def summarise(
         },
         "phases": phase_results,
         "classes": list(classes),
+        "temperature": temperature,
     }
     summary["entries"] = table_entries(summary)
     summary["table_markdown"] = table_markdown(summary)
@@ -225,6 +227,15 @@ def table_entries(s: dict[str, Any]) -> dict[str, float]:
         e[f"{name} exit: exit rate (%)"] = 100 * t["exit_rate"]
         e[f"{name} exit: FLOPs saved (%)"] = 100 * t["flops_saving"]
         e[f"{name} exit: top-1 change vs no exit"] = -100 * t["accuracy_drop"]
+    temp = s.get("temperature")
+    if temp:
+        e["rough-head temperature T (val)"] = temp["T"]
+        for name in ("coe", "cascade"):
+            t = temp[name]["test"]
+            label = "CoE" if name == "coe" else "cascade"
+            e[f"{label} exit, T-scaled rough head: top-1"] = 100 * t["accuracy"]
+            e[f"{label} exit, T-scaled rough head: MFLOPs"] = t["flops_per_sample"] / 1e6
+            e[f"{label} exit, T-scaled rough head: exit rate (%)"] = 100 * t["exit_rate"]
     e["cascade no exit: top-1"] = 100 * s["cascade"]["accuracy"]
     e["cascade no exit: MFLOPs"] = s["cascade"]["flops_per_sample"] / 1e6
     c = s["comparison"]
@@ -358,6 +369,16 @@ def table_markdown(s: dict) -> str:
             f"CoE with exit vs the single networks interpolated at its average FLOPs: "
             f"{100 * (e['test']['accuracy'] - c['baseline_interpolated_at_exit_flops']):+.2f} points"
         )
+    temp = s.get("temperature")
+    if temp:
+        for label, name in (("CoE", "coe"), ("cascade", "cascade")):
+            t = temp[name]["test"]
+            notes.append(
+                f"{label} with the rough head's temperature T={temp['T']:.3f} fitted on the validation split "
+                f"(cross-entropy {temp['val_cross_entropy'][0]:.4f} -> {temp['val_cross_entropy'][1]:.4f}), "
+                f"threshold {_thr(temp[name]['threshold'])} chosen the same way: {_p(t['accuracy'])}% at "
+                f"{_m(t['flops_per_sample'])} MFLOPs ({100 * t['exit_rate']:.1f}% exit)"
+            )
     tp = e["test_picked"]
     notes.append(
         f"for comparison only, the same rule applied to the test set would pick {_thr(tp['threshold'])} "

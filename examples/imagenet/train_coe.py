@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--thresholds", default=LABELLED_THRESHOLDS, help="thresholds labelled in the figure and listed in the sweep"
     )
+    g.add_argument(
+        "--fit-temperature",
+        action="store_true",
+        help="also fit a temperature of the rough head on the validation split (minimum cross-entropy) and report "
+        "the CoE and the cascade exiting on the temperature-scaled confidence, calibrated the same way",
+    )
     g = p.add_argument_group("baselines")
     g.add_argument(
         "--baselines",
@@ -717,6 +723,24 @@ class Runner:
         )
         return {"val": val, "test": test}, report
 
+    def temperature_report(self, coe: CoE, cascade: CoE, vb, tb) -> dict:
+        """``--fit-temperature``: T fitted on the validation split's rough logits, then both models calibrated and
+        tested again with the rough head scaled by ``1 / T`` (the rough predictions do not change)."""
+        delegator = self.models["delegator"]
+        with eval_mode(delegator):
+            parts = [(delegator(x.to(self.device)).rough_logits.float().cpu(), y) for x, y in vb]
+        logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        t, before, after = coe_models.fit_rough_temperature(logits, labels)
+        self.log(
+            f"rough-head temperature fitted on the validation split: T={t:.3f} "
+            f"(cross-entropy {before:.4f} -> {after:.4f})"
+        )
+        out: dict[str, Any] = {"T": t, "val_cross_entropy": [before, after]}
+        with coe_models.scaled_rough_head(delegator, t):
+            for name, model in (("coe", coe), ("cascade", cascade)):
+                _, out[name] = self.calibrate(model, f"{name}, T={t:.3f}", vb, tb)
+        return out
+
     def final_report(self) -> dict:
         a = self.args
         coe = self.ensure_coe()
@@ -726,6 +750,7 @@ class Runner:
         calibrations, exits = {}, {}
         for name, model in (("coe", coe), ("cascade", cascade)):
             calibrations[name], exits[name] = self.calibrate(model, name, vb, tb)
+        temperature = self.temperature_report(coe, cascade, vb, tb) if a.fit_temperature else None
         coe.exit_threshold = exits["coe"]["threshold"]
         self.calibration = {
             "exit_threshold": exits["coe"]["threshold"],
@@ -767,6 +792,7 @@ class Runner:
             self.compute_seconds,
             self.d.world_size,
             len(self.val_set),
+            temperature,
         )
         coe_report.write_outputs(summary, self.out_dir, figures=not a.no_figures)
         print(summary["table_markdown"], flush=True)
