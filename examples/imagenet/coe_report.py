@@ -420,10 +420,11 @@ def write_outputs(summary: dict, out_dir: Path, figures: bool = True) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Offsets (points) tried in turn for a label: right-above, right-below, left-above, left-below, above, below, and
 # farther out. The first whose box overlaps no other label, no marker and stays inside the axes wins.
+_LABEL_BOX = {"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75}  # lines stay visible below
 _OFFSETS = [(6, 5), (6, -12), (-6, 5), (-6, -12), (0, 9), (0, -16), (12, 12), (12, -20), (-12, 12), (-12, -20)]
 
 
-def place_labels(ax, items: list[dict], markers: list[tuple[float, float]], marker_px: float = 6.0) -> list:
+def place_labels(ax, items: list[dict], markers: list[tuple[float, float]], marker_px: float = 7.0) -> list:
     """Place text labels next to data points so that they overlap neither each other nor the markers.
 
     Args:
@@ -465,6 +466,7 @@ def place_labels(ax, items: list[dict], markers: list[tuple[float, float]], mark
                 ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
                 fontsize=7,
                 color=it["color"],
+                bbox=_LABEL_BOX,
             )
             bb = text.get_window_extent(renderer)
             box = (bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1)
@@ -482,7 +484,7 @@ def place_labels(ax, items: list[dict], markers: list[tuple[float, float]], mark
                 xytext=(dx, dy),
                 fontsize=7,
                 color=it["color"],
-                bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+                bbox=_LABEL_BOX,
             )
             bb = text.get_window_extent(renderer)
             chosen = (text, (bb.x0, bb.y0, bb.x1, bb.y1))
