@@ -207,6 +207,11 @@ def test_synthetic_end_to_end(tmp_path):
     out_t = predict(coe, batches, exit_threshold=s["exit"]["threshold"])
     assert float((out_t.output.argmax(1) == labels).float().mean()) == pytest.approx(s["exit"]["test"]["accuracy"])
     assert float(out_t.exited.float().mean()) == pytest.approx(s["exit"]["test"]["exit_rate"])
+    # the cascade exits exactly the samples the CoE exits at the same threshold (the same rough head decides)
+    same = coe_report.cascade_at_coe_threshold(s)
+    assert same["exit_rate"] == s["exit"]["test"]["exit_rate"]
+    for p_coe, p_cascade in zip(s["curves"]["coe"]["test"], s["curves"]["cascade"]["test"]):
+        assert p_coe["threshold"] == p_cascade["threshold"] and p_coe["exit_rate"] == p_cascade["exit_rate"]
     # the flat entries the multi-seed driver averages
     e = s["entries"]
     assert e["CoE no exit: top-1"] == pytest.approx(100 * s["coe"]["accuracy"])

@@ -253,7 +253,20 @@ def table_entries(s: dict[str, Any]) -> dict[str, float]:
     e["diff: CoE exit - cascade exit (MFLOPs)"] = (
         s["exit"]["test"]["flops_per_sample"] - s["cascade"]["exit"]["test"]["flops_per_sample"]
     ) / 1e6
+    same = cascade_at_coe_threshold(s)
+    if same is not None:
+        e["diff: CoE exit - cascade at the CoE's threshold (top-1)"] = 100 * (
+            s["exit"]["test"]["accuracy"] - same["accuracy"]
+        )
     return e
+
+
+def cascade_at_coe_threshold(s: dict[str, Any]) -> dict[str, Any] | None:
+    """The cascade's test numbers at the CoE's own threshold: the same exit decisions (same rough head), so the
+    same samples reach the second stage and the FLOPs agree up to the selection head; the accuracy difference is
+    what the routed experts add over the single network on the samples that do not exit."""
+    t = s["exit"]["threshold"]
+    return next((p for p in s["curves"]["cascade"]["test"] if p["threshold"] == t), None)
 
 
 def _expert_name(args) -> str:
@@ -364,6 +377,13 @@ def table_markdown(s: dict) -> str:
         f"{100 * (e['test']['accuracy'] - ce['test']['accuracy']):+.2f} points at "
         f"{_m(e['test']['flops_per_sample'])} vs {_m(ce['test']['flops_per_sample'])} MFLOPs"
     )
+    same = cascade_at_coe_threshold(s)
+    if same is not None:
+        notes.append(
+            f"CoE with exit vs the cascade at the same threshold {_thr(e['threshold'])} (the same samples exit; "
+            f"{_m(e['test']['flops_per_sample'])} vs {_m(same['flops_per_sample'])} MFLOPs): "
+            f"{100 * (e['test']['accuracy'] - same['accuracy']):+.2f} points"
+        )
     if c.get("baseline_interpolated_at_exit_flops") is not None:
         notes.append(
             f"CoE with exit vs the single networks interpolated at its average FLOPs: "

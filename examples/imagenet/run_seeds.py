@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from coe_report import table_entries
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -103,12 +106,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(out_dir: Path, seeds: list[int] | None = None) -> dict:
-    """Mean and sample standard deviation of every table entry over the seeds' ``results.json``."""
+    """Mean and sample standard deviation of every table entry over the seeds' ``results.json``.
+
+    The entries are recomputed from each run's stored results by :func:`coe_report.table_entries`, so runs made
+    before an entry was added aggregate with it too.
+    """
     runs = {}
     for path in sorted(out_dir.glob("seed*/results.json")):
         seed = int(path.parent.name[4:])
         if seeds is None or seed in seeds:
             runs[seed] = json.loads(path.read_text())
+            runs[seed]["entries"] = table_entries(runs[seed])  # from the stored results, with today's entries
     if not runs:
         raise SystemExit(f"no seed*/results.json under {out_dir}")
     configs = {
