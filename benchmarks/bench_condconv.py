@@ -1,18 +1,24 @@
-"""Benchmark pycoe's CondConv2d (each mixture strategy and "auto") against timm's CondConv2d.
+"""Benchmark pycoe's CondConv2d (its default strategy, and optionally each explicit strategy) against timm's CondConv2d.
 
-The strategies are ``weight`` (one grouped conv, timm's algorithm), ``loop`` (the per-sample loop: one
-``F.conv2d`` per sample with its mixed kernel), ``bmm`` (the convolution as one batched matmul) and ``output``.
+Every method gets the same kernel bank and the same routing weights [B, E] from outside (timm's layer has no
+router; a router costs the same for all and is left out). The column ``conv2d`` is the floor: a plain
+``nn.Conv2d`` (one kernel) on the same batch. Forward only (under ``torch.no_grad``) and forward +
+backward (gradients for x, the kernel bank and the routing weights). The methods of a cell are timed interleaved,
+in a random order, ``--repeats`` times; one timing runs a method once untimed (so that it does not pay for the
+memory the previous method freed), then often enough to last ``--min-time`` seconds.
+Reported: the median time per call of each method, and the median over the repeats of the ratio method / timm of
+the same repeat (paired ratios: a burst of load from other processes slows both sides of a pair alike).
 
-Every method gets the same expert kernels and the same routing weights [B, E] from outside (timm's layer has no
-router; the router's cost is the same for all and left out). Forward only (under ``torch.no_grad``) and forward +
-backward (gradients for x, the kernel bank and the routing weights). The methods of one cell are timed
-interleaved, ``--repeats`` times, and the median is reported with the ratio to timm's median of the same run.
+Clock: with one intra-op thread (``--threads 1``) the default is the CPU time of the calling thread
+(``time.thread_time``), which does not count the time the operating system gives to other processes: on a shared
+machine it measures the operation, not the load. With several threads the default is the wall clock
+(``time.perf_counter``), since the work runs on other threads too. ``--clock`` overrides either.
 
 Usage::
 
-    python benchmarks/bench_condconv.py              # full grid (a few minutes on 2 cores)
-    python benchmarks/bench_condconv.py --quick      # reduced grid
-    python benchmarks/bench_condconv.py --calibrate  # also fit the constants of pycoe's cost model
+    python benchmarks/bench_condconv.py --threads 1                     # the default strategy against timm
+    python benchmarks/bench_condconv.py --threads 1 --strategies all    # also every explicit strategy
+    python benchmarks/bench_condconv.py --quick                         # reduced grid
 
 Needs timm (the ``bench`` extra).
 """
@@ -21,16 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from pycoe.functional.mixture import _cost_features, choose_mixture_strategy
+from pycoe.functional.mixture import MIXTURE_STRATEGIES, choose_mixture_strategy
 from pycoe.layers.condconv import CondConv2d
 
-# (label, C, O, kernel, groups, spatial)
+# (label, C, O, kernel, groups, spatial size)
 SHAPES = [
     ("3x3 64->64 @28", 64, 64, 3, 1, 28),
     ("3x3 128->128 @14", 128, 128, 3, 1, 14),
@@ -38,90 +47,134 @@ SHAPES = [
     ("1x1 256->256 @14", 256, 256, 1, 1, 14),
     ("dw3x3 128 @28", 128, 128, 3, 128, 28),
     ("dw3x3 256 @14", 256, 256, 3, 256, 14),
-    ("SE 1x1 256->64 @1", 256, 64, 1, 1, 1),  # squeeze-excitation conv: where output mixing wins
+    ("SE 1x1 256->64 @1", 256, 64, 1, 1, 1),  # a squeeze-excitation conv on a 1x1 map
 ]
 QUICK_SHAPES = [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6]]
+# More layers of common CNNs (ResNet stages, MobileNet depthwise and pointwise layers): the evidence for the rule
+# of strategy="auto" beyond the main grid (--grid extended).
+EXTENDED_SHAPES = [
+    ("3x3 16->16 @32", 16, 16, 3, 1, 32),
+    ("3x3 32->32 @32", 32, 32, 3, 1, 32),
+    ("3x3 32->32 @16", 32, 32, 3, 1, 16),
+    ("3x3 64->64 @56", 64, 64, 3, 1, 56),
+    ("3x3 128->128 @28", 128, 128, 3, 1, 28),
+    ("3x3 256->256 @14", 256, 256, 3, 1, 14),
+    ("3x3 256->256 @7", 256, 256, 3, 1, 7),
+    ("3x3 512->512 @7", 512, 512, 3, 1, 7),
+    ("1x1 64->256 @56", 64, 256, 1, 1, 56),
+    ("1x1 128->512 @28", 128, 512, 1, 1, 28),
+    ("1x1 512->512 @7", 512, 512, 1, 1, 7),
+    ("1x1 1024->256 @7", 1024, 256, 1, 1, 7),
+    ("dw3x3 32 @112", 32, 32, 3, 32, 112),
+    ("dw3x3 96 @56", 96, 96, 3, 96, 56),
+    ("dw3x3 144 @56", 144, 144, 3, 144, 56),
+    ("dw3x3 192 @28", 192, 192, 3, 192, 28),
+    ("dw3x3 384 @14", 384, 384, 3, 384, 14),
+    ("dw3x3 576 @14", 576, 576, 3, 576, 14),
+    ("dw3x3 960 @7", 960, 960, 3, 960, 7),
+    ("dw5x5 240 @14", 240, 240, 5, 240, 14),
+]
 BATCHES = (1, 8, 64)
-EXPERTS = (4, 8)
-STRATEGIES = ("weight", "loop", "bmm", "output")
-METHODS = (*STRATEGIES, "auto", "timm")
+KERNEL_COUNTS = (4, 8)
+EXPLICIT = tuple(s for s in MIXTURE_STRATEGIES if s != "auto")
 
 
-def _timm_layer(c, o, k, g, e, bank):
+def _load() -> str:
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def _make_cell(c: int, o: int, k: int, g: int, h: int, e: int, b: int, strategies: tuple[str, ...]):
     from timm.layers import CondConv2d as TimmCondConv2d
 
-    layer = TimmCondConv2d(c, o, k, stride=1, padding=k // 2, groups=g, bias=False, num_experts=e)
-    with torch.no_grad():
-        layer.weight.copy_(bank.reshape(e, -1))
-    return layer
-
-
-def _make_cell(c, o, k, g, h, e, b):
     x = torch.randn(b, c, h, h)
     routing = torch.sigmoid(torch.randn(b, e))
-    layers = {
-        s: CondConv2d(c, o, k, padding=k // 2, groups=g, bias=False, num_experts=e, router=False, strategy=s)
-        for s in (*STRATEGIES, "auto")
+    layers: dict[str, torch.nn.Module] = {
+        "pycoe": CondConv2d(c, o, k, padding=k // 2, groups=g, bias=False, num_kernels=e, router=False)
     }
-    bank = layers["weight"].weight.detach()
+    for s in strategies:
+        layers[s] = CondConv2d(c, o, k, padding=k // 2, groups=g, bias=False, num_kernels=e, router=False, strategy=s)
+    bank = layers["pycoe"].weight.detach()
     for layer in layers.values():
         with torch.no_grad():
-            layer.weight.copy_(bank)
-    timm_layer = _timm_layer(c, o, k, g, e, bank)
-
-    def run(method, x, r):
-        if method in layers:
-            return layers[method](x, r)
-        return timm_layer(x, r)
-
-    return x, routing, run
-
-
-def _time_once(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+            layer.weight.copy_(bank)  # type: ignore[operator]
+    timm_layer = TimmCondConv2d(c, o, k, stride=1, padding=k // 2, groups=g, bias=False, num_experts=e)
+    with torch.no_grad():
+        timm_layer.weight.copy_(bank.reshape(e, -1))
+    layers["timm"] = timm_layer
+    # the floor: one ordinary convolution of the batch with a single kernel (what a plain nn.Conv2d costs)
+    layers["conv2d"] = _PlainConv(torch.nn.Conv2d(c, o, k, padding=k // 2, groups=g, bias=False))
+    return x, routing, layers
 
 
-def bench_cell(c, o, k, g, h, e, b, backward, repeats, methods):
-    x, routing, run = _make_cell(c, o, k, g, h, e, b)
+class _PlainConv(torch.nn.Module):
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def bench_cell(
+    cell: tuple, backward: bool, repeats: int, min_time: float, strategies: tuple[str, ...], clock: Callable[[], float]
+):
+    _, c, o, k, g, h, e, b = cell
+    x, routing, layers = _make_cell(c, o, k, g, h, e, b, strategies)
     if backward:
         x.requires_grad_()
         routing.requires_grad_()
 
-    def step(method):
+    def step(layer: torch.nn.Module) -> None:
         if backward:
-            y = run(method, x, routing)
+            y = layer(x, routing)
             y.backward(torch.ones_like(y))
         else:
             with torch.no_grad():
-                run(method, x, routing)
+                layer(x, routing)
 
-    fns = {m: (lambda m=m: step(m)) for m in methods}
-    first = {m: _time_once(f) for m, f in fns.items()}  # warm-up
-    times = {m: [] for m in methods}
-    reps = repeats if max(first.values()) < 1.0 else max(3, repeats // 2)
-    for _ in range(reps):
-        for m in methods:
-            if first[m] > 3.0 and len(times[m]) >= 1:  # very slow method (the loop at batch 64): 1-2 samples suffice
-                continue
-            times[m].append(_time_once(fns[m]))
-    return {m: statistics.median(v) for m, v in times.items()}, {m: min(v) for m, v in times.items()}
+    steps: dict[str, Callable[[], None]] = {m: (lambda layer=layer: step(layer)) for m, layer in layers.items()}
+    inner = {}
+    for m, fn in steps.items():  # warm-up, and the number of calls per timing
+        fn()
+        start = clock()
+        fn()
+        once = max(clock() - start, 1e-6)
+        inner[m] = max(1, int(min_time / once))
+    methods = list(steps)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    shuffle = random.Random(0)
+    for _ in range(repeats):
+        order = shuffle.sample(methods, len(methods))
+        for m in order:
+            fn = steps[m]
+            fn()  # untimed: the allocator settles after whatever the previous method freed
+            start = clock()
+            for _ in range(inner[m]):
+                fn()
+            times[m].append((clock() - start) / inner[m])
+    median = {m: statistics.median(v) for m, v in times.items()}
+    ratio = {m: statistics.median(t / u for t, u in zip(times[m], times["timm"])) for m in methods}
+    return median, ratio
 
 
-def _fmt(t):
-    return f"{t * 1e3:.2f}"
+def _pick(b: int, c: int, o: int, k: int, g: int, h: int, backward: bool) -> str:
+    if b == 1:
+        return "conv"  # batch 1: one F.conv2d with the mixed kernel
+    return choose_mixture_strategy(b, k, h, g)
 
 
-def run_grid(shapes, batches, experts, repeats, modes):
+def run_grid(shapes, batches, kernel_counts, modes, repeats, min_time, strategies, clock):
     rows = []
     for backward in modes:
         for label, c, o, k, g, h in shapes:
-            for e in experts:
+            for e in kernel_counts:
                 for b in batches:
-                    med, best = bench_cell(c, o, k, g, h, e, b, backward, repeats, METHODS)
-                    # at batch 1 every strategy but "output" is one F.conv2d with the mixed kernel
-                    choice = "conv" if b == 1 else choose_mixture_strategy(b, c, o, k, e, h, g, requires_grad=backward)
+                    cell = (label, c, o, k, g, h, e, b)
+                    median, ratio = bench_cell(cell, backward, repeats, min_time, strategies, clock)
                     rows.append(
                         dict(
                             label=label,
@@ -133,139 +186,105 @@ def run_grid(shapes, batches, experts, repeats, modes):
                             E=e,
                             B=b,
                             backward=backward,
-                            choice=choice,
-                            **{m: med[m] for m in METHODS},
-                            **{f"min_{m}": best[m] for m in METHODS},
+                            pick=_pick(b, c, o, k, g, h, backward),
+                            time=median,
+                            ratio=ratio,
                         )
                     )
-                    print(f"  done {label} E={e} B={b} {'fwd+bwd' if backward else 'fwd'}", flush=True)
+                    print(
+                        f"  {label} E={e} B={b} {'fwd+bwd' if backward else 'fwd'}: pycoe/timm {ratio['pycoe']:.2f}",
+                        flush=True,
+                    )
     return rows
 
 
-def markdown(rows, backward):
-    head = (
-        "| shape | E | B | "
-        + " | ".join(f"{m} ms" for m in STRATEGIES)
-        + " | auto ms (pick) | timm ms | auto/timm | "
-        + " | ".join(f"{m}/timm" for m in STRATEGIES)
-        + " |"
+def markdown(rows, backward: bool, strategies: tuple[str, ...]) -> str:
+    cols = ["pycoe", *strategies, "conv2d"]
+    head = "| shape | E | B | timm ms | pycoe ms (strategy) | pycoe/timm |" + "".join(
+        f" {s}/timm |" for s in (*strategies, "conv2d")
     )
-    lines = [head, "|" + "---|" * (6 + 2 * len(STRATEGIES))]
+    lines = [head, "|" + "---|" * (7 + len(strategies))]
     for r in rows:
         if r["backward"] != backward:
             continue
-        t = r["timm"]
+        t = r["time"]
         lines.append(
-            f"| {r['label']} | {r['E']} | {r['B']} | "
-            + " | ".join(_fmt(r[m]) for m in STRATEGIES)
-            + f" | {_fmt(r['auto'])} ({r['choice']}) | {_fmt(t)} | {r['auto'] / t:.2f} | "
-            + " | ".join(f"{r[m] / t:.2f}" for m in STRATEGIES)
+            f"| {r['label']} | {r['E']} | {r['B']} | {t['timm'] * 1e3:.3f} | {t['pycoe'] * 1e3:.3f} ({r['pick']}) | "
+            + " | ".join(f"{r['ratio'][m]:.2f}" for m in cols)
             + " |"
         )
     return "\n".join(lines)
 
 
-def _geo(values):
+def _geo(values) -> float:
     return float(np.exp(np.mean(np.log(values))))
 
 
-def _picked(row):
-    return "weight" if row["choice"] == "conv" else row["choice"]
-
-
-def summary(rows):
+def summary(rows) -> str:
     out = []
     for backward in (False, True):
         for b in sorted({r["B"] for r in rows}):
-            sel = [r for r in rows if r["backward"] == backward and r["B"] == b]
-            if not sel:
+            ratios = [r["ratio"]["pycoe"] for r in rows if r["backward"] == backward and r["B"] == b]
+            if not ratios:
                 continue
-            ratios = [r["auto"] / r["timm"] for r in sel]
-            oracle = [min(r[m] for m in STRATEGIES) / r["timm"] for r in sel]
-            hits = sum(r[_picked(r)] <= 1.1 * min(r[m] for m in STRATEGIES) for r in sel)
-            under = sum(x <= 0.8 for x in ratios)
-            not_slower = sum(x <= 1.0 for x in ratios)
             out.append(
-                f"- {'fwd+bwd' if backward else 'fwd'}, B={b}: auto/timm geometric mean {_geo(ratios):.2f} "
-                f"(min {min(ratios):.2f}, max {max(ratios):.2f}; <= 0.8 in {under}/{len(sel)} cells, <= 1.0 in "
-                f"{not_slower}/{len(sel)}); fastest-strategy/timm geometric mean {_geo(oracle):.2f}; auto's pick "
-                f"within 10% of the fastest strategy in {hits}/{len(sel)} cells"
+                f"- {'fwd+bwd' if backward else 'fwd'}, B={b}: pycoe/timm geometric mean {_geo(ratios):.2f}, "
+                f"min {min(ratios):.2f}, max {max(ratios):.2f}; cells <= 1.00: {sum(x <= 1.0 for x in ratios)}"
+                f"/{len(ratios)}, <= 1.05: {sum(x <= 1.05 for x in ratios)}/{len(ratios)}"
             )
     return "\n".join(out)
 
 
-def calibrate(rows):
-    """Fit the cost-model constants: per strategy, non-negative least squares on the relative error of the
-    per-cell minima over the batch > 1 cells (at batch 1 the layer does not consult the model)."""
-    from scipy.optimize import nnls
-
-    result = {}
-    for backward in (False, True):
-        sel = [r for r in rows if r["backward"] == backward and r["B"] > 1]
-        if not sel:
-            continue
-        consts = {}
-        for strategy in STRATEGIES:
-            a = []
-            for r in sel:
-                feats = _cost_features(r["B"], r["C"], r["O"], r["k"], r["k"], r["E"], r["hw"], r["hw"], r["g"])
-                a.append(np.array(feats[strategy], dtype=float) / (r[f"min_{strategy}"] * 1e9))
-            consts[strategy], _ = nnls(np.array(a), np.ones(len(a)))
-        result[backward] = consts
-    return result
-
-
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced grid")
+    parser.add_argument("--quick", action="store_true", help="reduced grid (4 shapes, E=4)")
+    parser.add_argument("--grid", choices=("main", "extended"), default="main", help="the shapes (see the source)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", default=None, help="write the raw medians to this file")
-    parser.add_argument("--calibrate", action="store_true", help="fit the cost model's constants")
+    parser.add_argument("--min-time", type=float, default=0.02, help="seconds per timing (calls are repeated)")
+    parser.add_argument("--batches", default="1,8,64", help="comma list of batch sizes")
+    parser.add_argument("--kernels", default=None, help="comma list of kernel counts E (default 4,8; --quick: 4)")
     parser.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
-    parser.add_argument("--from-json", default=None, help="re-print the tables of a --json file instead of measuring")
-    parser.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,8,64)")
+    parser.add_argument("--shapes", default=None, help="comma list of shape indices into the grid")
+    parser.add_argument("--strategies", default="", help="explicit strategies to time too: comma list, or 'all'")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default=None, help="default: cpu with 1 thread, else wall")
+    parser.add_argument("--json", default=None, help="write the raw results to this file")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     import timm
 
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    experts = (4,) if args.quick else EXPERTS
+    grid = EXTENDED_SHAPES if args.grid == "extended" else SHAPES
+    shapes = QUICK_SHAPES if args.quick else grid
+    if args.shapes:
+        shapes = [grid[int(i)] for i in args.shapes.split(",")]
+    kernel_counts = (4,) if args.quick else KERNEL_COUNTS
+    if args.kernels:
+        kernel_counts = tuple(int(e) for e in args.kernels.split(","))
+    strategies = EXPLICIT if args.strategies == "all" else tuple(s for s in args.strategies.split(",") if s)
     modes = [m == "fwdbwd" for m in args.modes.split(",")]
+    batches = tuple(int(b) for b in args.batches.split(","))
+    clock_name = args.clock or ("cpu" if torch.get_num_threads() == 1 else "wall")
+    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
     print(
         f"torch {torch.__version__}, timm {timm.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
-        f"repeats = {args.repeats} (medians), float32, bias=False, padding=k//2, stride 1"
+        f"{os.cpu_count()} CPUs, clock: {'thread CPU time' if clock_name == 'cpu' else 'wall'}, "
+        f"repeats = {args.repeats}, min time per timing {args.min_time} s, float32, bias=False, padding=k//2, stride 1"
     )
+    print(f"load average (1, 5, 15 min) before: {_load()}", flush=True)
     start = time.perf_counter()
-    if args.from_json:
-        with open(args.from_json) as f:
-            rows = json.load(f)
-        for r in rows:
-            if r["B"] == 1:
-                r["choice"] = "conv"
-        for backward in modes:
-            print(f"### {'forward + backward' if backward else 'forward only'}\n")
-            print(markdown(rows, backward) + "\n")
-        print(summary(rows))
-        return
-    batches = BATCHES if args.batches is None else tuple(int(b) for b in args.batches.split(","))
-    rows = run_grid(shapes, batches, experts, args.repeats, modes)
-    print(f"\ngrid time {time.perf_counter() - start:.0f} s\n")
+    # one untimed cell first: the first convolutions of a process pay for one-off initialisation
+    bench_cell(("warm-up", *shapes[0][1:], kernel_counts[0], batches[0]), False, 1, 0.0, (), clock)
+    rows = run_grid(shapes, batches, kernel_counts, modes, args.repeats, args.min_time, strategies, clock)
+    print(f"\ngrid time {time.perf_counter() - start:.0f} s; load average after: {_load()}\n")
     for backward in modes:
-        print(f"### {'forward + backward' if backward else 'forward only'}\n")
-        print(markdown(rows, backward) + "\n")
+        print(f"{'Forward + backward' if backward else 'Forward only'}\n")
+        print(markdown(rows, backward, strategies) + "\n")
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    if args.calibrate:
-        print("\nfitted cost-model constants (ns per unit):")
-        for backward, consts in calibrate(rows).items():
-            print(f"  requires_grad={backward}:")
-            for strategy, c in consts.items():
-                print(f"    {strategy!r}: ({', '.join(f'{v:.3g}' for v in c)}),")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ S = 2 and 4, run on 32x32 images. For each (intra-op threads, S, batch) the two 
 side in the same process, alternating, and the medians of the repeats are reported with their ratio
 (sequential / concurrent: > 1 means the thread pool helps). Outputs are checked to be exactly equal.
 
+The machine's load average is printed before and after (the ratios are only meaningful with it).
+
 Run:  python benchmarks/bench_cotrain.py [--repeats 11] [--threads 1 2] [--batch-sizes 4 32] [--size 32]
 """
 
@@ -19,8 +21,12 @@ import time
 
 import torch
 
-from pycoe.cotrain.divide import count_parameters, divide_module
+from pycoe.cotrain import count_parameters, divide_module
 from pycoe.cotrain.ensemble import CoTrainingEnsemble
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"# {platform.machine()} {platform.processor()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}; "
         f"ResNet-18 ({count_parameters(base):,} params) divided into S members, {args.size}x{args.size} input; "
-        f"median of {args.repeats} repeats (modes alternated)"
+        f"median of {args.repeats} repeats (modes alternated); load average {_load()}"
     )
     rows = []
     ensembles = {}
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = {"threads": threads, "S": s, "batch": b, "sequential_ms": ms_seq, "concurrent_ms": ms_conc}
                 rows.append(row)
                 print(f"| {threads} | {s} | {b} | {ms_seq:.1f} | {ms_conc:.1f} | {ms_seq / ms_conc:.2f} |", flush=True)
+    print(f"# load average at the end: {_load()}")
     return rows
 
 

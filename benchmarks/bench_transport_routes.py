@@ -2,7 +2,8 @@
 
 ``solve_balanced_transport(method="exact")`` solves small problems with many experts as an assignment problem
 on capacity-replicated columns (scipy's ``linear_sum_assignment``) and everything else by warm start + flow
-repair. This script times both routes on the same instances (forcing each through the module's switch) to
+repair. This script times both routes on the same instances (forcing each through the switch in
+``pycoe.routing.transport.exact``) to
 check where the switch sits. Prints a markdown table of medians; both routes are exact, and the script checks
 that their objectives agree.
 
@@ -17,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-import pycoe.routing.transport as tr
+from pycoe.routing.transport import exact, solve_balanced_transport
 
 SIZES = [
     (64, 64),
@@ -37,16 +38,16 @@ SIZES = [
 
 
 def timed(scores: np.ndarray, limits: tuple[int, int], repeats: int) -> tuple[float, float]:
-    saved = (tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT)
-    tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT = limits
+    saved = (exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT)
+    exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT = limits
     try:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            res = tr.solve_balanced_transport(scores)
+            res = solve_balanced_transport(scores)
             times.append(time.perf_counter() - t0)
     finally:
-        tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT = saved
+        exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT = saved
     return float(np.median(times)) * 1e3, res.objective
 
 
@@ -66,7 +67,7 @@ def main() -> None:
         lsa_ms, lsa_obj = timed(s, (10**9, 10**9), args.repeats)
         if abs(flow_obj - lsa_obj) > 1e-9 * (1 + abs(flow_obj)):
             raise SystemExit(f"objectives differ at {n}x{k}: {flow_obj} vs {lsa_obj}")
-        default = "assignment" if tr._assignment_route(n, k) else "flow"
+        default = "assignment" if exact._assignment_route(n, k) else "flow"
         print(f"| {n} | {k} | {flow_ms:.2f} | {lsa_ms:.2f} | {flow_ms / lsa_ms:.2f} | {default} |")
 
 

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["replace_modules", "module_device", "floating_reference", "tensors_in"]
+__all__ = [
+    "replace_modules",
+    "module_device",
+    "floating_reference",
+    "tensors_in",
+    "InputMismatchError",
+    "explain_input_mismatch",
+    "check_same_dtype_and_device",
+]
 
 
 def module_device(module: nn.Module) -> torch.device | None:
@@ -40,6 +48,84 @@ def tensors_in(obj: Any) -> list[torch.Tensor]:
     """Every tensor inside a (nested) structure of tuples, lists and dicts, in ``torch.utils._pytree`` order."""
     flat, _ = torch.utils._pytree.tree_flatten(obj)
     return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+class InputMismatchError(TypeError):
+    """A module failed because its input's dtype or device disagrees with its parameters (see
+    :func:`explain_input_mismatch`); ``dtype`` and ``device`` are the input's."""
+
+    def __init__(self, message: str, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(message)
+        self.dtype = dtype
+        self.device = device
+
+
+# Words in torch's messages about mismatched dtypes or devices (e.g. "mat1 and mat2 must have the same dtype",
+# "Input type (double) and bias type (float) should be the same", "Expected all tensors to be on the same device").
+_MISMATCH_PHRASES = ("dtype", "scalar type", "input type", "device")  # compared case-insensitively
+_TYPE_NAMES = ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Byte", "Char", "Bool")
+
+
+def _mentions_dtype_or_device(err: BaseException) -> bool:
+    message = str(err)
+    lower = message.lower()
+    return any(p in lower for p in _MISMATCH_PHRASES) or any(name in message for name in _TYPE_NAMES)
+
+
+def explain_input_mismatch(err: BaseException, component: str, module: nn.Module, x: Any) -> InputMismatchError | None:
+    """An :class:`InputMismatchError` naming ``component`` when ``module`` failed with ``err`` on input ``x`` whose
+    dtype or device disagrees with the module's parameters; ``None`` when that is not the explanation.
+
+    Meant for use after a failure only (``except ...: raise explain(...) from err``), so that modules which convert
+    their inputs themselves are never refused up front.
+    """
+    if isinstance(err, InputMismatchError):  # a nested component already diagnosed it: rename the component
+        dtype, device = err.dtype, err.device
+    elif isinstance(x, torch.Tensor) and _mentions_dtype_or_device(err):
+        dtype, device = x.dtype, x.device
+    else:
+        return None
+    ref = floating_reference(module)
+    if ref is None:
+        return None
+    if device != ref.device:
+        message = (
+            f"{component} got an input on device {device}, but its parameters are on {ref.device}; move the input "
+            f"(x.to({str(ref.device)!r})) or the model to one device"
+        )
+    elif dtype != ref.dtype:
+        message = f"{component} got an input of dtype {dtype}, but its parameters are {ref.dtype}; "
+        if dtype.is_floating_point:
+            message += f"pass x.to({ref.dtype}) or convert the model (model.to({dtype}))"
+        else:
+            message += "pass a floating-point input"
+    else:
+        return None
+    return InputMismatchError(message, dtype, device)
+
+
+def check_same_dtype_and_device(components: list[tuple[str, nn.Module]]) -> None:
+    """Raise if the floating-point parameters of the named modules disagree in dtype or device (the first module
+    that has such parameters is the reference)."""
+    reference: tuple[str, torch.Tensor] | None = None
+    for name, module in components:
+        ref = floating_reference(module)
+        if ref is None:
+            continue
+        if reference is None:
+            reference = (name, ref)
+            continue
+        first, first_ref = reference
+        if ref.dtype != first_ref.dtype:
+            raise TypeError(
+                f"{first}'s parameters are {first_ref.dtype} but {name}'s are {ref.dtype}; convert them to one dtype "
+                "(module.to(dtype)) before combining them"
+            )
+        if ref.device != first_ref.device:
+            raise ValueError(
+                f"{first}'s parameters are on {first_ref.device} but {name}'s are on {ref.device}; move them to one "
+                "device before combining them"
+            )
 
 
 def replace_modules(

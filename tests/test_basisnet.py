@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from reference.mixture import mixture_conv2d_reference
 from torch import nn
 
 from pycoe.basisnet import (
@@ -21,7 +22,6 @@ from pycoe.basisnet import (
 )
 from pycoe.coe.delegator import Delegator
 from pycoe.flops import count_flops, flops_per_sample
-from pycoe.functional.mixture import mixture_conv2d_reference
 from pycoe.layers.condconv import CondConv2d
 
 DT = torch.float64
@@ -337,6 +337,9 @@ def test_early_exit_semantics():
         coefficients, _, rough = net.preview(x)
         full = net.specialist(x, coefficients)  # the specialist's output for every sample
         confidence = torch.softmax(rough, dim=1).amax(dim=1)
+        # a first forward without exit lets the net see the specialist's output shape (otherwise its first forward
+        # with a threshold runs the specialist on one sample to check it against the rough head's)
+        net.forward_eval(x, exit_threshold=None)
         calls.clear()
 
         out = net.forward_eval(x, exit_threshold=0.0)
@@ -362,6 +365,39 @@ def test_early_exit_semantics():
         torch.testing.assert_close(out.output[~exited], full[~exited], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out.confidence, confidence.float())
         torch.testing.assert_close(out.coefficients, coefficients)
+
+
+def test_basisnet_loss_of_an_empty_batch_is_zero_and_differentiable():
+    logits = torch.zeros(0, 5, dtype=DT, requires_grad=True)
+    rough = torch.zeros(0, 5, dtype=DT, requires_grad=True)
+    coefficients = torch.zeros(0, 3, dtype=DT)
+    output = BasisNetTrainOutput(logits, coefficients, coefficients, rough)
+    loss, info = basisnet_loss(output, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and info["specialist"].item() == 0.0 and info["rough"].item() == 0.0
+    assert logits.grad.shape == (0, 5) and rough.grad.shape == (0, 5)
+
+
+def test_a_confidence_exactly_on_the_threshold_exits():
+    net = _net(num_bases=2, num_classes=4).eval()
+    with torch.no_grad():  # a zero rough head: four equal logits, confidence exactly 1/4 for every sample
+        net.lightweight.rough_head.weight.zero_()
+        net.lightweight.rough_head.bias.zero_()
+        x = _x(3)
+        above = float(torch.nextafter(torch.tensor(0.25), torch.tensor(1.0)))
+        out = net.forward_eval(x, exit_threshold=0.25)
+        assert out.exited.tolist() == [True] * 3 and torch.equal(out.confidence, torch.full((3,), 0.25))
+        assert not net.forward_eval(x, exit_threshold=above).exited.any()
+
+
+def test_first_eval_forward_learns_the_specialist_output_shape_once():
+    net = _net(exit_threshold=0.0).eval()  # every sample exits
+    calls = _count_calls(net.specialist)
+    with torch.no_grad():
+        net(_x(4))
+        assert calls == [1]  # one sample, to check the specialist's output against the rough head
+        net(_x(4))
+    assert calls == [1]
 
 
 def test_average_flops_with_early_exit_is_lightweight_plus_kept_fraction_of_specialist():

@@ -1,5 +1,7 @@
 """CoE model: training/eval forwards against per-sample references, torchvision/user/seq2seq models, evaluation."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,6 +129,127 @@ def test_forward_eval_threshold_override_and_train_mode_methods():
     assert not out.exited.any()
     assert model.forward_eval(x).exited.all()
     assert isinstance(model.eval().forward_train(x), CoETrainOutput)
+
+
+# ---------------------------------------------------------------- boundaries: ties, exact thresholds, empty experts
+class ExactDelegator(nn.Module):
+    """Reads its outputs off the input: selection logits x[:, :K], rough logits x[:, K:K + C] (exact values)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+        self.num_experts, self.num_classes = k, C
+
+    def forward(self, x):
+        return DelegatorOutput(x[:, : self.k], x[:, self.k : self.k + C])
+
+
+def exact_coe(k=3, exit_threshold=None):
+    torch.manual_seed(0)
+    return CoE(ExactDelegator(k), [nn.Linear(k + C, C) for _ in range(k)], exit_threshold=exit_threshold).eval()
+
+
+def test_tied_selection_logits_go_to_the_lowest_expert_index():
+    model = exact_coe(k=3)
+    sel = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 3.0, 3.0], [0.0, 0.0, 5.0], [-1.0, -1.0, -1.0]])
+    x = torch.cat([sel, torch.randn(5, C)], dim=1)
+    with torch.no_grad():
+        out = model(x)
+    assert out.expert_index.tolist() == [0, 1, 0, 2, 0]
+    with torch.no_grad():
+        expected = torch.stack([model.experts[int(k)](x[i]) for i, k in enumerate(out.expert_index)])
+    torch.testing.assert_close(out.output, expected)
+
+
+def test_untrained_zero_init_delegator_ties_every_sample_to_expert_zero():
+    delegator = Delegator(
+        nn.Sequential(nn.Linear(D_IN, 16), nn.Tanh()), 3, num_classes=C, feature_dim=16, classifier=None
+    )  # zero_init_selection=True: every selection logit is 0
+    model = CoE(delegator, ExpertPool.from_template(mlp(), 3, init="reinit")).eval()
+    x = torch.randn(9, D_IN)
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(model.delegate(x).selection_logits, torch.zeros(9, 3))
+        torch.testing.assert_close(out.output, model.experts[0](x))
+    assert out.expert_index.tolist() == [0] * 9
+
+
+def test_a_confidence_exactly_on_the_threshold_exits():
+    # four equal rough logits and one at -inf: the confidence is exactly 1/4; one sample more confident
+    sel = torch.zeros(4, 3)
+    rough = torch.zeros(4, C)
+    rough[:, 4] = -math.inf
+    rough[3, 0] = 1.0  # confidence e / (e + 3) = 0.475...
+    x = torch.cat([sel, rough], dim=1)
+    above = float(torch.nextafter(torch.tensor(0.25), torch.tensor(1.0)))
+    with torch.no_grad():
+        assert exact_coe(exit_threshold=0.25)(x).exited.tolist() == [True] * 4
+        assert exact_coe(exit_threshold=above)(x).exited.tolist() == [False, False, False, True]
+        out = exact_coe().forward_eval(x, exit_threshold=0.25)
+    torch.testing.assert_close(out.confidence[:3], torch.full((3,), 0.25), rtol=0, atol=0)
+    torch.testing.assert_close(out.output, rough)
+    # the sweep applies the same rule to the same confidences
+    model = exact_coe()
+    loader = [(x, torch.tensor([0, 1, 2, 0]))]
+    results = threshold_sweep(model, loader, [0.25, above, None], flops={"delegator": 1.0, "experts": [5.0] * 3})
+    assert [r["exit_rate"] for r in results] == [1.0, 0.25, 0.0]
+    assert [r["flops_per_sample"] for r in results] == [1.0, 1.0 + 5.0 * 3 / 4, 1.0 + 5.0]
+    # rough logits [0, 0, 0, 0, -inf] predict class 0 (argmax ties to the first class): 2 of 4 correct at threshold 0.25
+    assert results[0]["accuracy"] == 0.5
+
+
+def test_sweep_counts_experts_that_receive_no_sample_and_skips_empty_batches():
+    model = exact_coe(k=3)
+    sel = torch.tensor([[0.0, 1.0, 0.0]] * 4)  # every sample to expert 1; experts 0 and 2 get none
+    x = torch.cat([sel, torch.randn(4, C)], dim=1)
+    y = torch.randint(0, C, (4,))
+    empty = (x[:0], y[:0])
+    results = threshold_sweep(model, [empty, (x, y), empty], [None], flops={"delegator": 2.0, "experts": [1, 10, 100]})
+    assert results[0]["expert_load"] == [0, 4, 0] and results[0]["num_samples"] == 4
+    assert results[0]["flops_per_sample"] == 12.0
+    with torch.no_grad():
+        expected = float((model.experts[1](x).argmax(1) == y).float().mean())
+    assert results[0]["accuracy"] == expected
+    # counted FLOPs come from the first non-empty batch (an empty one would count 0)
+    counted = threshold_sweep(model, [empty, (x, y)], [None])[0]
+    assert counted["flops_per_sample"] == count_flops(model.delegator, x[:1]) + count_flops(model.experts[1], x[:1])
+
+
+# ---------------------------------------------------------------- batches of 0 samples
+def test_a_batch_of_zero_samples_in_training_and_eval():
+    model = make_coe(k=3, exit_threshold=0.5)
+    x = torch.randn(0, D_IN)
+    out = model.train()(x)
+    assert out.selection_logits.shape == (0, 3) and out.rough_logits.shape == (0, C)
+    assert out.expert_outputs.shape == (3, 0, C)
+    loss, info = CoELoss(BalancedTransportWeighter(3), LabelGenerator())(out, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and info["per_sample_losses"].shape == (0, 3) and info["load"].tolist() == [0, 0, 0]
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    pred = model.eval()(x)
+    assert pred.output.shape == (0, C) and pred.expert_index.shape == (0,) and pred.exited.shape == (0,)
+    assert predict(model, [(x, torch.zeros(0, dtype=torch.long))]).output.shape == (0, C)
+
+
+def test_first_eval_forward_learns_the_experts_output_shape_once():
+    model = make_coe(k=2, exit_threshold=0.0).eval()  # every sample exits
+    sizes = []
+    for e in model.experts:
+        e.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    x = torch.randn(5, D_IN)
+    with torch.no_grad():
+        model(x)
+        assert sizes == [1]  # one sample through expert 0, to check its output against the rough head
+        model(x)
+        assert sizes == [1]
+    trained = make_coe(k=2, exit_threshold=0.0)
+    trained.train()(x)  # a training forward shows the shape too
+    sizes.clear()
+    for e in trained.experts:
+        e.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        trained.eval()(x)
+    assert sizes == []
 
 
 # ---------------------------------------------------------------- real and user-defined models

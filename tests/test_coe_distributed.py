@@ -92,6 +92,13 @@ def _rank_fn(rank, world_size):
         opt.step()
     dist.barrier()
     results["empty"] = {"grads": empty_grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+    # A rank with a batch of 0 samples: it still takes part in every collective (the weighter's gather, the
+    # normalisers' all_reduce, DDP's gradient averaging) and contributes nothing.
+    xz, yz = data(n=5, seed=3)
+    mine = slice(0, 5) if rank == 0 else slice(0, 0)
+    grads, info = one_step(build().train(), xz[mine], yz[mine], 0.1, wrap=lambda m: DDP(m))
+    results["zero_rank"] = {"grads": grads, "loss": info["loss"], "wgm_load": info["wgm_load"]}
     return results
 
 
@@ -121,3 +128,14 @@ def test_ddp_expert_without_samples_needs_no_find_unused_parameters(ranks):
             assert has_grad and total == 0.0
     for name, p in e0["params"].items():  # both ranks stayed in sync through the two steps
         torch.testing.assert_close(p, e1["params"][name], msg=name)
+
+
+def test_a_rank_with_zero_samples_contributes_nothing(ranks):
+    xz, yz = data(n=5, seed=3)
+    single_grads, single_info = one_step(build().train(), xz, yz, 0.1)
+    r0, r1 = ranks[0]["zero_rank"], ranks[1]["zero_rank"]
+    assert r0["wgm_load"].tolist() == r1["wgm_load"].tolist() == single_info["wgm_load"].tolist()
+    assert r1["loss"] == 0.0
+    for name, g in single_grads.items():
+        torch.testing.assert_close(r0["grads"][name], g, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(r1["grads"][name], g, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,10 +1,12 @@
 """CoELoss against a hand-written reference: values, gradients to delegator and experts, metrics, bad input."""
 
 import copy
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from reference.coe import wgm_weights
 from torch import nn
 
 from pycoe.coe.delegator import Delegator
@@ -36,7 +38,7 @@ def reference_loss(model, x, y, epsilon=0.0, weights=(1.0, 1.0, 1.0), soft_tempe
             for i in range(len(y))
         ]
     )  # [B, K]
-    w = BalancedTransportWeighter(k, epsilon=epsilon)(sel.detach()).weights
+    w = wgm_weights(sel, epsilon)  # brute force, independent of pycoe.routing
     expert = sum((w[:, j] * losses[:, j]).sum() / w[:, j].sum() for j in range(k) if w[:, j].sum() > 0)
     if soft_temperature is None:
         target = losses.detach().argmin(dim=1)
@@ -81,6 +83,62 @@ def test_loss_and_every_gradient_match_the_reference(epsilon, lgm):
     # both heads and the shared backbone get gradient
     for n in ("delegator.selection_head.weight", "delegator.rough_head.weight", "delegator.backbone.0.weight"):
         assert g[n].abs().sum() > 0, n
+
+
+class GradWeighter(nn.Module):
+    """A WGM whose weights carry a gradient (to a parameter of its own): the loss must detach them."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(0.7))
+        self.inputs_required_grad = []
+
+    def forward(self, selection_logits):
+        self.inputs_required_grad.append(selection_logits.requires_grad)
+        return types.SimpleNamespace(weights=torch.softmax(selection_logits / self.temperature, dim=1))
+
+
+class GradLabeler(nn.Module):
+    """An LGM whose targets carry a gradient (to a parameter of its own): the loss must detach them."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(0.5))
+        self.inputs_required_grad = []
+
+    def forward(self, losses):
+        self.inputs_required_grad.append(losses.requires_grad)
+        probs = torch.softmax(-losses / self.temperature, dim=1)
+        return types.SimpleNamespace(probs=probs, index=probs.argmax(dim=1))
+
+
+def test_weights_and_labels_are_detached_even_when_the_modules_could_carry_gradient():
+    """With differentiable WGM weights and LGM targets, every gradient still equals that of the formula with the
+    weights and targets held constant, and neither module receives gradient or a tensor that requires it."""
+    model = make_model()
+    ref_model = copy.deepcopy(model)
+    x, y = torch.randn(7, D_IN), torch.randint(0, C, (7,))
+    weighter, labeler = GradWeighter(3), GradLabeler()
+    loss, _ = CoELoss(weighter, labeler)(model(x), y)
+    loss.backward()
+    assert weighter.inputs_required_grad == [False] and labeler.inputs_required_grad == [False]
+    assert weighter.temperature.grad is None and labeler.temperature.grad is None
+
+    # reference: the documented formula with the same weights and targets as constants, written by hand
+    d = ref_model.delegator(x)
+    outputs = torch.stack([e(x) for e in ref_model.experts])  # [K, B, C]
+    losses = torch.stack([F.cross_entropy(outputs[j], y, reduction="none") for j in range(3)], dim=1)  # [B, K]
+    with torch.no_grad():
+        w = torch.softmax(d.selection_logits / 0.7, dim=1)
+        q = torch.softmax(-losses / 0.5, dim=1)
+    expert = sum((w[:, j] * losses[:, j]).sum() / w[:, j].sum() for j in range(3))
+    selection = -(q * F.log_softmax(d.selection_logits, dim=1)).sum(1).mean()
+    ref = expert + selection + F.cross_entropy(d.rough_logits, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    g, g_ref = grads(model), grads(ref_model)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], msg=n)
 
 
 def test_hard_partition_expert_gradient_comes_only_from_its_samples():

@@ -6,32 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference.cotrain import js_divergence_reference, pairwise_kl_reference
 
 from pycoe.functional.cotrain import js_divergence, pairwise_kl
-
-
-def _naive_js(logits):
-    """H(mean p) - mean H(p_i), straight from the definition, in float64."""
-    p = torch.softmax(logits.double(), dim=-1)
-    mean = p.mean(0)
-
-    def entropy(q):
-        return -(q * torch.log(q)).sum(-1)
-
-    return entropy(mean) - torch.stack([entropy(pi) for pi in p]).mean(0)
-
-
-def _naive_pairwise(logits):
-    p = torch.softmax(logits.double(), dim=-1)
-    s = p.shape[0]
-    rows = []
-    for i in range(s):
-        acc = 0
-        for j in range(s):
-            if j != i:
-                acc = acc + (p[j] * (torch.log(p[j]) - torch.log(p[i]))).sum(-1)
-        rows.append(acc / (s - 1))
-    return torch.stack(rows)  # [S, B]
 
 
 @settings(max_examples=30)  # small integer shapes: 30 examples cover them; keeps the file fast
@@ -42,7 +19,7 @@ def test_js_matches_naive_reference(s, b, c, seed, scale):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(s, b, c, generator=g, dtype=torch.float64) * scale
     got = js_divergence(logits, reduction="none")
-    torch.testing.assert_close(got, _naive_js(logits), atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(got, js_divergence_reference(logits), atol=1e-10, rtol=1e-8)
     assert torch.all(got >= -1e-12)
     assert js_divergence(logits) == pytest.approx(float(got.mean()), abs=1e-12)
     assert js_divergence(logits, reduction="sum") == pytest.approx(float(got.sum()), abs=1e-12)
@@ -55,7 +32,7 @@ def test_pairwise_kl_matches_naive_reference(s, b, c, seed):
     logits = torch.randn(s, b, c, generator=g, dtype=torch.float64) * 3
     got = pairwise_kl(logits, reduction="none")
     assert got.shape == (s, b)
-    torch.testing.assert_close(got, _naive_pairwise(logits), atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(got, pairwise_kl_reference(logits), atol=1e-10, rtol=1e-8)
     assert pairwise_kl(logits) == pytest.approx(float(got.mean(1).sum()), abs=1e-12)
     assert pairwise_kl(logits, reduction="sum") == pytest.approx(float(got.sum()), abs=1e-12)
     torch.testing.assert_close(pairwise_kl(logits, detach_peers=False, reduction="none"), got)
@@ -153,3 +130,22 @@ def test_bad_input():
         js_divergence("logits")
     with pytest.raises(TypeError, match="detach_peers"):
         pairwise_kl(torch.randn(2, 3, 4), detach_peers="yes")
+    with pytest.raises(TypeError, match="reduction must be one of .*, got int"):
+        js_divergence(torch.randn(2, 3, 4), reduction=1)
+    with pytest.raises(TypeError, match="reduction must be one of .*, got NoneType"):
+        pairwise_kl(torch.randn(2, 3, 4), reduction=None)
+    with pytest.raises(ValueError, match=r"at least one prediction \(S >= 1\)"):
+        js_divergence(torch.randn(0, 3, 4))
+    with pytest.raises(ValueError, match="at least one class"):
+        pairwise_kl(torch.randn(2, 3, 0))
+    with pytest.raises(TypeError, match=r"logits\[1\] must be a torch.Tensor"):
+        js_divergence([torch.randn(3, 4), "z"])
+
+
+@pytest.mark.parametrize("fn", [js_divergence, pairwise_kl])
+def test_empty_batch(fn):
+    empty = torch.randn(3, 0, 5)
+    with pytest.raises(ValueError, match="hold no sample: the mean over the batch is undefined"):
+        fn(empty)
+    assert fn(empty, reduction="sum").item() == 0.0
+    assert fn(empty, reduction="none").numel() == 0

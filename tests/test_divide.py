@@ -8,7 +8,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from pycoe.cotrain.divide import (
+from pycoe.cotrain import (
     DivisionError,
     count_parameters,
     divide_by_factory,
@@ -194,6 +194,107 @@ def test_errors():
         divide_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 2, example_input=torch.randn(2, 5))
 
 
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_splits": "2"}, TypeError, "num_splits must be an int, got str"),
+        ({"num_splits": 2.0}, TypeError, "num_splits must be an int, got float"),
+        ({"num_splits": True}, TypeError, "num_splits must be an int, got bool"),
+        ({"multiple": 0}, ValueError, "multiple must be a positive integer"),
+        ({"multiple": "8"}, TypeError, "multiple must be an int"),
+        ({"divide_groups": 1}, TypeError, "divide_groups must be a bool"),
+        ({"identical_init": "yes"}, TypeError, "identical_init must be a bool"),
+        ({"width_multiplier": float("inf")}, ValueError, "width_multiplier must be a finite number > 0, got inf"),
+        ({"width_multiplier": float("nan")}, ValueError, "width_multiplier must be a finite number > 0, got nan"),
+        ({"width_multiplier": 0.0}, ValueError, "width_multiplier must be a finite number > 0"),
+        ({"width_multiplier": -0.5}, ValueError, "width_multiplier must be a finite number > 0"),
+        ({"width_multiplier": [0.5]}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number, got list"),
+        ({"width_multiplier": True}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number, got bool"),
+        ({"example_input": "image"}, TypeError, "example_input must be a tensor or a tuple"),
+        ({"example_input": (1, 2)}, TypeError, "example_input must be a tensor or a tuple"),
+        ({"init_fn": 3}, TypeError, "init_fn must be callable or None"),
+    ],
+)
+def test_divide_module_bad_arguments(kwargs, error, message):
+    kwargs = {"num_splits": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        divide_module(_Tiny(), **kwargs)
+
+
+def test_divide_module_explicit_multiplier_and_tuple_input():
+    member = divide_module(_Tiny(), 2, width_multiplier=0.5, example_input=(torch.randn(2, 3, 8, 8),))[0]
+    assert member.conv.out_channels == 8 and member.fc.in_features == 8 and member.fc.out_features == 4
+
+
+def test_round_to_multiple_and_count_parameters_bad_input():
+    assert round_to_multiple(11.3, 8) == 8 and round_to_multiple(12.0, 8) == 16 and round_to_multiple(1, 8) == 8
+    with pytest.raises(ValueError, match="multiple must be a positive integer"):
+        round_to_multiple(10, 0)
+    with pytest.raises(TypeError, match="value must be a real number"):
+        round_to_multiple("10", 8)
+    with pytest.raises(ValueError, match="value must be a finite number"):
+        round_to_multiple(float("inf"), 8)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        count_parameters([nn.Linear(2, 2)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"factory": 3}, TypeError, "factory must be callable"),
+        ({"num_splits": 0}, ValueError, "num_splits must be a positive integer"),
+        ({"num_splits": 2.5}, TypeError, "num_splits must be an int, got float"),
+        ({"base_width": "64"}, TypeError, "base_width must be a real number, got str"),
+        ({"base_width": float("inf")}, ValueError, "base_width must be a finite number > 0, got inf"),
+        ({"base_width": float("nan")}, ValueError, "base_width must be a finite number > 0, got nan"),
+        ({"base_width": 0}, ValueError, "base_width must be a finite number > 0"),
+        ({"integer": "yes"}, TypeError, "integer must be a bool"),
+        ({"integer": True, "base_width": 64.5}, ValueError, "base_width must be an integer when integer=True"),
+        ({"rel_tol": "tight"}, TypeError, "rel_tol must be a real number, got str"),
+        ({"rel_tol": 0.0}, ValueError, "rel_tol must be a finite number > 0"),
+        ({"rel_tol": float("nan")}, ValueError, "rel_tol must be a finite number > 0"),
+        ({"max_iter": 0}, ValueError, "max_iter must be a positive integer"),
+        ({"max_iter": 1.5}, TypeError, "max_iter must be an int"),
+        ({"candidates": 5}, TypeError, "candidates must be an iterable of widths or None, got int"),
+        ({"candidates": "32"}, TypeError, "candidates must be an iterable of widths or None, got str"),
+        ({"candidates": []}, ValueError, "candidates must not be empty"),
+        ({"factory": lambda w: "net"}, TypeError, "factory must return an nn.Module, got str"),
+    ],
+)
+@pytest.mark.parametrize("fn", [search_width, divide_by_factory])
+def test_width_search_bad_arguments(fn, kwargs, error, message):
+    kwargs = {"factory": _mlp, "num_splits": 2, "base_width": 64.0, **kwargs}
+    with pytest.raises(error, match=message):
+        fn(**kwargs)
+
+
+def test_divide_by_factory_identical_init_must_be_a_bool():
+    with pytest.raises(TypeError, match="identical_init must be a bool"):
+        divide_by_factory(_mlp, 2, base_width=64.0, identical_init=1)
+
+
+def test_search_width_ties_and_unreachable_targets():
+    # an exactly reachable target: the width with the exact count wins
+    res = search_width(_mlp, 2, base_width=64.0, candidates=[30, 40, 50])
+    counts = {w: count_parameters(_mlp(w)) for w in (30, 40, 50)}
+    assert res.width == min(counts, key=lambda w: abs(counts[w] - res.target)) and res.evaluations == 3
+    # S = 1 keeps the base width whatever the candidates
+    assert search_width(_mlp, 1, base_width=64.0, candidates=[8]).width == 64.0
+    # a count that cannot go below the target: the largest width with the smallest count, not a vanishing one
+    flat = search_width(lambda w: nn.Linear(10, 10) if w < 2 else nn.Linear(10, 100), 4, base_width=4.0)
+    assert flat.params == 110 and flat.width >= 1.0
+
+
 # -- division by a width factory ---------------------------------------------------------------------------
 def test_search_width_continuous_and_integer():
     res = search_width(lambda w: tvm.mobilenet_v2(width_mult=w), 2)
@@ -246,6 +347,18 @@ def test_weight_decay_and_dropout_rules():
         scale_dropout(0.1, 2, rule="cube")
     with pytest.raises(ValueError, match="p must"):
         scale_dropout(1.5, 2)
+    with pytest.raises(TypeError, match="p must be a real number"):
+        scale_dropout("0.1", 2)
+    with pytest.raises(TypeError, match="num_splits must be an int"):
+        scale_dropout(0.1, 2.0)
+    with pytest.raises(TypeError, match="rule must be one of .*, got NoneType"):
+        apply_dropout_scaling(model, 2, rule=None)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        apply_dropout_scaling([nn.Dropout()], 2)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got nan"):
+        scale_weight_decay(float("nan"), 2)
+    with pytest.raises(TypeError, match="weight_decay must be a real number"):
+        scale_weight_decay("1e-4", 2)
 
 
 def test_linear_warmup():
@@ -262,3 +375,15 @@ def test_linear_warmup():
         linear_warmup(-1, 10, 0.5)
     with pytest.raises(ValueError, match="min_weight"):
         linear_warmup(0, 10, 0.5, min_weight=0.9)
+    with pytest.raises(TypeError, match="step must be an int, got float"):
+        linear_warmup(1.5, 10, 0.5)
+    with pytest.raises(TypeError, match="warmup_steps must be an int, got str"):
+        LinearWarmup("10", 0.5)
+    with pytest.raises(ValueError, match="warmup_steps must be a non-negative integer"):
+        LinearWarmup(-1, 0.5)
+    with pytest.raises(ValueError, match="max_weight must be a finite number >= 0, got inf"):
+        LinearWarmup(10, float("inf"))
+    with pytest.raises(ValueError, match="max_weight must be a finite number >= 0, got nan"):
+        linear_warmup(0, 10, float("nan"))
+    with pytest.raises(TypeError, match="min_weight must be a real number"):
+        LinearWarmup(10, 0.5, min_weight="0")

@@ -246,3 +246,33 @@ def test_bad_expert_outputs():
         pool(torch.randn(2, 3))
     with pytest.raises(ValueError, match="per-sample shapes"):
         pool.forward_routed(torch.tensor([0, 1]), torch.randn(2, 3))
+
+
+def test_dtype_diagnosis_names_the_expert_and_only_fires_for_a_real_mismatch():
+    x = torch.randn(4, 6)
+    with pytest.raises(TypeError, match=r"experts\[1\] \(Sequential\) got an input of dtype torch.float32, but its"):
+        ExpertPool([mlp(), mlp().double()])(x)
+
+    class Converts(nn.Module):  # converts its input itself: never refused up front
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4).double()
+
+        def forward(self, x):
+            return self.lin(x.double()).float()
+
+    assert ExpertPool([Converts(), Converts()])(x).shape == (2, 4, 4)
+
+    class Tokens(nn.Module):  # integer inputs are normal here; a shape error must stay the model's own error
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, tokens):
+            return self.lin(self.emb(tokens).mean(1))
+
+    tokens = torch.randint(0, 10, (4, 5))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        ExpertPool([Tokens()])(tokens)
+    assert not isinstance(info.value, TypeError)

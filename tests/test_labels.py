@@ -7,22 +7,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from scipy.optimize import linear_sum_assignment
+from reference.transport import lsa_optimum, near_equal
 
 from pycoe.routing.labels import LabelGenerator, LabelOutput, best_expert
 
 
-def near_equal(n, k):
-    return [n // k + (1 if j < n % k else 0) for j in range(k)]
-
-
 def min_total_loss(losses):
     """Minimal total loss over near-equal balanced assignments (Hungarian on replicated columns)."""
-    c = np.asarray(losses, dtype=np.float64)
-    n, k = c.shape
-    cols = np.repeat(np.arange(k), near_equal(n, k))
-    rows, j = linear_sum_assignment(c[:, cols])
-    return float(c[rows, cols[j]].sum())
+    return -lsa_optimum(-np.asarray(losses, dtype=np.float64))[0]
 
 
 def test_best_picks_argmin_with_ties_to_lowest_index():
@@ -115,14 +107,69 @@ def test_outputs_are_detached_and_deterministic(mode):
         ({"mode": "soft", "temperature": -1.0}, "temperature"),
         ({"mode": "soft", "temperature": float("inf")}, "temperature"),
         ({"mode": "soft", "temperature": float("nan")}, "temperature"),
-        ({"mode": "soft", "temperature": True}, "temperature"),
-        ({"mode": "soft", "temperature": "1"}, "temperature"),
         ({"mode": "balanced", "method": "lp"}, "method"),
+        ({"mode": "best", "solver_options": {}}, "solver_options are used only by mode='balanced'"),
+        ({"mode": "soft", "solver_options": {"max_iter": 3}}, "solver_options are used only by mode='balanced'"),
+        ({"mode": "balanced", "solver_options": {"max_iter": 3}}, "max_iter is used only by method='sinkhorn'"),
+        ({"mode": "balanced", "method": "sinkhorn", "solver_options": {"max_iter": 0}}, "max_iter must be"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LabelGenerator(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mode": "soft", "temperature": True}, "temperature"),
+        ({"mode": "soft", "temperature": "1"}, "temperature"),
+        ({"mode": "soft", "temperature": None}, "temperature"),
+        ({"mode": 1}, "mode"),
+        ({"mode": "balanced", "method": None}, "method"),
+        ({"mode": "balanced", "method": "sinkhorn", "solver_options": {"entropic_reg": "x"}}, "entropic_reg"),
+        ({"mode": "balanced", "method": "sinkhorn", "solver_options": 0.1}, "solver_options"),
+    ],
+)
+def test_constructor_arguments_of_wrong_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        LabelGenerator(**kwargs)
+
+
+def test_balanced_solver_options_are_used():
+    losses = torch.rand(10, 3, generator=torch.Generator().manual_seed(3)).double()
+    lgm = LabelGenerator("balanced", method="sinkhorn", solver_options={"entropic_reg": 0.05, "max_iter": 50})
+    from pycoe.routing.transport import balanced_assignment
+
+    expected = balanced_assignment(-losses, None, "sinkhorn", entropic_reg=0.05, max_iter=50)
+    assert torch.equal(lgm(losses).index, expected)
+    assert "solver_options=" in repr(lgm)
+
+
+def test_best_expert_bad_input():
+    with pytest.raises(TypeError, match="losses must be a torch.Tensor"):
+        best_expert([[0.1, 0.2]])
+    with pytest.raises(ValueError, match="losses must have 2 dimensions"):
+        best_expert(torch.zeros(3))
+    with pytest.raises(ValueError, match="K >= 1"):
+        best_expert(torch.zeros(3, 0))
+    with pytest.raises(ValueError, match="losses must be finite, but it contains NaN"):
+        best_expert(torch.tensor([[0.1, float("nan")]]))
+    assert best_expert(torch.zeros(0, 3)).shape == (0,)
+
+
+def test_boundaries_ties_and_single_sample():
+    tied = torch.zeros(5, 3)
+    assert LabelGenerator("best")(tied).index.tolist() == [0] * 5  # ties: lowest expert index
+    soft = LabelGenerator("soft", temperature=0.3)(tied).probs
+    assert torch.allclose(soft, torch.full((5, 3), 1 / 3))
+    bal = LabelGenerator("balanced")(tied).index
+    assert torch.bincount(bal, minlength=3).tolist() == [2, 2, 1]  # exact near-equal loads under full ties
+    one = LabelGenerator("balanced")(torch.tensor([[0.5, 0.1, 0.3]]))
+    assert one.index.tolist() == [0]  # B=1: capacities (1, 0, 0)
+    assert LabelGenerator("best")(torch.tensor([[0.5, 0.1, 0.3]])).index.tolist() == [1]
+    k1 = LabelGenerator("soft")(torch.randn(4, 1))
+    assert k1.index.tolist() == [0] * 4 and torch.equal(k1.probs, torch.ones(4, 1))
 
 
 def test_bad_losses():

@@ -1,8 +1,9 @@
 """The package metadata and the PyPI description: what a user sees before cloning anything."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -13,14 +13,28 @@ import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference.pwlu import pwlu_reference
 from torch import nn
 
-from pycoe.functional.pwlu import pwlu, pwlu_reference
-from pycoe.layers.pwlu import INIT_NAMES, PWLU, convert_activations_to_pwlu, realign_pwlu
+from pycoe.functional import pwlu
+from pycoe.layers import PWLU, convert_activations_to_pwlu, realign_pwlu
+from pycoe.layers.pwlu import INIT_NAMES
 
-# the module itself (``pycoe.functional.pwlu`` as an attribute is the re-exported function)
-fpwlu = importlib.import_module("pycoe.functional.pwlu")
+# the eager CPU kernel (its chunk size is patched to make tiny inputs take every kind of piece)
+eager = importlib.import_module("pycoe.functional._pwlu_eager")
+# the module (``pycoe.functional.pwlu`` as an attribute is the function), for its fused kernel
+fmod = importlib.import_module("pycoe.functional.pwlu")
 F64 = torch.float64
+
+
+def fused_pwlu(x, *params, channel_dim=1):
+    """The kernel that torch.compile and torch.export use (and other devices), called eagerly on the CPU."""
+    # sums_op=False: the parameter gradients reduced with index_put, as on devices other than the CPU (the
+    # op, used on the CPU, is the eager kernel's reduction)
+    return fmod._FusedPWLU.apply(x, *fmod._prepare(x, *params, channel_dim), False)
+
+
+KERNELS = {"eager": pwlu, "fused": fused_pwlu}
 
 
 def random_params(rows: int, n: int, dtype=F64, requires_grad=True, gen=None):
@@ -42,21 +56,23 @@ def all_grads(fn, x, params, channel_dim, gout):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Make the fast path split tiny tensors into many pieces (all three kinds of piece)."""
-    monkeypatch.setattr(fpwlu, "_CHUNK_BYTES", 8 * 24)
+    monkeypatch.setattr(eager, "CHUNK_BYTES", 8 * 24)
 
 
 # ------------------------------------------------------------------------------------------------
 # functional: gradcheck, reference agreement, continuity, deterministic path
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
     "rows,shape,channel_dim",
     [(1, (2, 3, 4, 3), 1), (3, (2, 3, 4, 3), 1), (4, (2, 5, 4), -1)],
 )
-def test_gradcheck_input_and_every_parameter(rows, shape, channel_dim, small_chunks):
+def test_gradcheck_input_and_every_parameter(kernel, rows, shape, channel_dim, small_chunks):
     x = (2.5 * torch.randn(shape, dtype=F64)).requires_grad_()
     params = random_params(rows, 5)
-    assert torch.autograd.gradcheck(lambda *a: pwlu(*a, channel_dim=channel_dim), (x, *params))
+    fn = KERNELS[kernel]
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, channel_dim=channel_dim), (x, *params))
 
 
 def test_gradcheck_deterministic_path():
@@ -83,9 +99,10 @@ def test_reference_gradcheck():
     n=st.integers(1, 9),
     per_channel=st.booleans(),
     chunk_bytes=st.sampled_from([8, 8 * 7, 8 * 40, 1 << 16]),
+    kernel=st.sampled_from(sorted(KERNELS)),
     seed=st.integers(0, 2**16),
 )
-def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes, seed):
+def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes, kernel, seed):
     shape = tuple(data.draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
     channel_dim = data.draw(st.integers(-ndim, ndim - 1))
     rows = shape[channel_dim] if per_channel else 1
@@ -93,25 +110,26 @@ def test_fast_path_agrees_with_reference(data, ndim, n, per_channel, chunk_bytes
     x = (3 * torch.randn(shape, dtype=F64, generator=gen)).requires_grad_()
     params = random_params(rows, n, gen=gen)
     gout = torch.randn(shape, dtype=F64, generator=gen)
-    old = fpwlu._CHUNK_BYTES
-    fpwlu._CHUNK_BYTES = chunk_bytes
+    old = eager.CHUNK_BYTES
+    eager.CHUNK_BYTES = chunk_bytes
     try:
-        y, grads = all_grads(pwlu, x, params, channel_dim, gout)
+        y, grads = all_grads(KERNELS[kernel], x, params, channel_dim, gout)
     finally:
-        fpwlu._CHUNK_BYTES = old
+        eager.CHUNK_BYTES = old
     y_ref, grads_ref = all_grads(pwlu_reference, x, params, channel_dim, gout)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_float32_agrees_with_float64_reference():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float32_agrees_with_float64_reference(kernel):
     x = 3 * torch.randn(4, 6, 9, 9)
     params = [p.float() for p in random_params(6, 16, requires_grad=False)]
     params = [p.requires_grad_() for p in params]
     x.requires_grad_()
     gout = torch.randn_like(x)
-    y, grads = all_grads(pwlu, x, params, 1, gout)
+    y, grads = all_grads(KERNELS[kernel], x, params, 1, gout)
     x64 = x.detach().double().requires_grad_()
     p64 = [p.detach().double().requires_grad_() for p in params]
     y_ref, grads_ref = all_grads(pwlu_reference, x64, p64, 1, gout.double())
@@ -120,16 +138,18 @@ def test_float32_agrees_with_float64_reference():
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-3)
 
 
-def test_deterministic_path_agrees_and_repeats():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_deterministic_path_agrees_and_repeats(kernel):
     x = (3 * torch.randn(4, 5, 30, dtype=torch.float32)).requires_grad_()
     params = [p.float().detach().requires_grad_() for p in random_params(5, 16)]
     gout = torch.randn_like(x)
-    _, default = all_grads(pwlu, x, params, 1, gout)
+    fn = KERNELS[kernel]
+    _, default = all_grads(fn, x, params, 1, gout)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        _, det1 = all_grads(pwlu, x, params, 1, gout)
-        _, det2 = all_grads(pwlu, x, params, 1, gout)
+        _, det1 = all_grads(fn, x, params, 1, gout)
+        _, det2 = all_grads(fn, x, params, 1, gout)
     finally:
         torch.use_deterministic_algorithms(prev)
     for a, b, c in zip(default, det1, det2):
@@ -137,8 +157,9 @@ def test_deterministic_path_agrees_and_repeats():
         assert torch.equal(b, c)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_continuity_and_values_at_every_knot(rows):
+def test_continuity_and_values_at_every_knot(kernel, rows):
     n = 7
     pts, lb, rb, ks, kr = random_params(rows, n, requires_grad=False)
     j = torch.arange(n + 1, dtype=F64)
@@ -146,27 +167,59 @@ def test_continuity_and_values_at_every_knot(rows):
     eps = 1e-9
     for offset in (-eps, 0.0, eps):
         x = (knots + offset).T.contiguous().unsqueeze(0)  # [1, K, rows]: channel_dim=2
-        y = pwlu(x, pts, lb, rb, ks, kr, channel_dim=2)
+        y = KERNELS[kernel](x, pts, lb, rb, ks, kr, channel_dim=2)
         torch.testing.assert_close(y[0].T, pts, rtol=0, atol=1e-7)
 
 
-def test_linear_extrapolation_outside_the_bounds():
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_inputs_exactly_on_the_bounds_and_knots(kernel, dtype):
+    """Exactly representable bounds and knots: the value is the knot's, and both sides meet there."""
+    n = 8
+    pts = torch.randn(1, n + 1, dtype=dtype)
+    lb, rb = -2.0, 2.0  # d = 0.5: every knot B_L + j d is exact in binary
+    ks, kr = 0.25, 1.5
+    knots = torch.linspace(lb, rb, n + 1, dtype=dtype)
+    y = KERNELS[kernel](knots, pts, lb, rb, ks, kr)
+    torch.testing.assert_close(y, pts[0], rtol=0, atol=2e-6 if dtype == torch.float32 else 1e-12)
+    # the one-sided neighbours agree with the reference (which decides the segment by the same rule)
+    for side in (-1, 1):
+        near = torch.nextafter(knots, torch.full_like(knots, side * math.inf))
+        torch.testing.assert_close(
+            KERNELS[kernel](near, pts, lb, rb, ks, kr), pwlu_reference(near, pts, lb, rb, ks, kr), rtol=0, atol=1e-5
+        )
+    # the bounds themselves: B_L is the first knot value, B_R the last, and the rays start there
+    x = torch.tensor([lb, rb, lb - 1.0, rb + 1.0], dtype=dtype)
+    expected = torch.stack([pts[0, 0], pts[0, n], pts[0, 0] - ks, pts[0, n] + kr])
+    torch.testing.assert_close(KERNELS[kernel](x, pts, lb, rb, ks, kr), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_linear_extrapolation_outside_the_bounds(kernel):
     pts, lb, rb, ks, kr = random_params(1, 4, requires_grad=False)
     x = torch.tensor([lb.item() - 5.0, lb.item() - 1.0, rb.item() + 1.0, rb.item() + 7.0], dtype=F64)
-    y = pwlu(x, pts, lb, rb, ks, kr)
+    y = KERNELS[kernel](x, pts, lb, rb, ks, kr)
     expected = torch.stack([pts[0, 0] - 5 * ks[0], pts[0, 0] - ks[0], pts[0, -1] + kr[0], pts[0, -1] + 7 * kr[0]])
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_nan_inf_and_empty_inputs():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nan_inf_and_empty_inputs(kernel):
+    fn = KERNELS[kernel]
     pts, lb, rb, ks, kr = random_params(1, 4, requires_grad=False)
     ks.fill_(0.5)
     kr.fill_(2.0)
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=F64)
-    y = pwlu(x, pts, lb, rb, ks, kr)
+    y = fn(x, pts, lb, rb, ks, kr)
     assert torch.isnan(y[0]) and y[1] == float("inf") and y[2] == -float("inf") and torch.isfinite(y[3])
-    empty = torch.empty(0, 3, dtype=F64)
-    assert pwlu(empty, pts, lb, rb, ks, kr).shape == (0, 3)
+    # a batch of 0 samples gives an empty output (like nn.ReLU), forward and backward, both granularities
+    for rows, shape in ((1, (0, 3)), (3, (0, 3, 4, 4))):
+        params = random_params(rows, 4)
+        empty = torch.empty(shape, dtype=F64, requires_grad=True)
+        out = fn(empty, *params, channel_dim=1)
+        assert out.shape == shape
+        grads = torch.autograd.grad(out.sum(), [empty, *params])
+        assert grads[0].shape == shape and all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
 
 
 def test_scalar_parameters_broadcast_over_channels():
@@ -184,14 +237,16 @@ def test_scalar_parameters_broadcast_over_channels():
     torch.testing.assert_close(y, y_ref)
 
 
-def test_channels_last_and_permuted_inputs():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_channels_last_and_permuted_inputs(kernel):
+    fn = KERNELS[kernel]
     x = 2 * torch.randn(3, 6, 5, 4)
     params = [p.float().detach().requires_grad_() for p in random_params(6, 8)]
     gout = torch.randn_like(x)
     xc = x.clone().requires_grad_()
-    y, grads = all_grads(pwlu, xc, params, 1, gout)
+    y, grads = all_grads(fn, xc, params, 1, gout)
     xl = x.clone().to(memory_format=torch.channels_last).requires_grad_()
-    yl, grads_l = all_grads(pwlu, xl, params, 1, gout)
+    yl, grads_l = all_grads(fn, xl, params, 1, gout)
     assert yl.is_contiguous(memory_format=torch.channels_last)
     assert grads_l[0].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(yl, y, rtol=0, atol=0)
@@ -200,10 +255,10 @@ def test_channels_last_and_permuted_inputs():
     # a non-dense view (a slice with gaps) and a (B, T, C) sequence view made by a transpose
     xs = x[:, ::2]
     ps = [p.detach()[:3] for p in params]
-    torch.testing.assert_close(pwlu(xs, *ps), pwlu_reference(xs, *ps), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fn(xs, *ps), pwlu_reference(xs, *ps), rtol=1e-6, atol=1e-6)
     xt = x.flatten(2).transpose(1, 2)  # [B, T, C] with C = 6 strided
     pt = [p.detach() for p in params]
-    torch.testing.assert_close(pwlu(xt, *pt, channel_dim=-1), pwlu_reference(xt, *pt, channel_dim=-1))
+    torch.testing.assert_close(fn(xt, *pt, channel_dim=-1), pwlu_reference(xt, *pt, channel_dim=-1))
 
 
 def test_bfloat16_under_cpu_autocast():
@@ -227,19 +282,36 @@ def test_bfloat16_under_cpu_autocast():
     assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
 
 
-def test_torch_compile_smoke():
-    x = (2 * torch.randn(2, 4, 5, 5)).requires_grad_()
-    params = [p.float().detach().requires_grad_() for p in random_params(4, 8)]
-    gout = torch.randn_like(x)
-    y, grads = all_grads(pwlu, x, params, 1, gout)
+def _compiled_matches_eager(backend: str, threads: int) -> None:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, channel_dim in ((1, 1), (4, 1)):
+            x = (2 * torch.randn(2, 4, 5, 5)).requires_grad_()
+            params = [p.float().detach().requires_grad_() for p in random_params(rows, 8)]
+            gout = torch.randn_like(x)
+            y, grads = all_grads(pwlu, x, params, channel_dim, gout)  # the eager kernel
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda a, *p: pwlu(a, *p, channel_dim=1), backend=backend, fullgraph=True)
+            yc = compiled(x, *params)
+            grads_c = torch.autograd.grad(yc, [x, *params], gout)
+            torch.testing.assert_close(yc, y, rtol=1e-6, atol=1e-6)
+            for a, b in zip(grads, grads_c):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_torch_compile_traces_the_fused_kernel_without_graph_breaks(threads):
     # aot_eager traces the autograd.Function through dynamo and AOTAutograd (fullgraph: no graph break)
-    # without spending CI time in inductor's C++ compiler.
-    compiled = torch.compile(lambda a, *p: pwlu(a, *p, channel_dim=1), backend="aot_eager", fullgraph=True)
-    yc = compiled(x, *params)
-    grads_c = torch.autograd.grad(yc, [x, *params], gout)
-    torch.testing.assert_close(yc, y)
-    for a, b in zip(grads, grads_c):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # without spending time in inductor's C++ compiler
+    _compiled_matches_eager("aot_eager", threads)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_pwlu_gives_the_eager_values_and_gradients():
+    _compiled_matches_eager("inductor", torch.get_num_threads())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,6 +514,75 @@ def test_realign_pwlu_helper():
     assert fresh[0].collecting  # all-or-nothing
 
 
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_non_finite_batches_are_skipped_while_collecting(granularity):
+    """A batch holding NaN or an infinity changes neither the statistics nor the batch count."""
+    nc = 3 if granularity == "channel" else None
+    unit = PWLU(granularity=granularity, num_channels=nc, dtype=F64)
+    clean = PWLU(granularity=granularity, num_channels=nc, dtype=F64)
+    a = torch.randn(8, 3, 5, dtype=F64)
+    b = 2 + 3 * torch.randn(8, 3, 5, dtype=F64)
+    bad_nan, bad_inf, bad_big = a.clone(), a.clone(), a.clone()
+    bad_nan[0, 1, 2] = float("nan")
+    bad_inf[3, 0, 0] = -float("inf")
+    bad_big[0, 0, 0] = 1e300  # finite, but its square overflows the variance
+    for batch in (bad_nan, a, bad_inf, bad_big, b):
+        unit(batch)
+    for batch in (a, b):
+        clean(batch)
+    assert int(unit.num_batches_tracked) == 2
+    torch.testing.assert_close(unit.running_mean, clean.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(unit.running_var, clean.running_var, rtol=0, atol=0)
+    realign_pwlu(unit)
+    clean.realign()
+    x = 4 * torch.randn(6, 3, 5, dtype=F64)
+    y = unit(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, clean(x), rtol=0, atol=0)
+
+
+def test_only_non_finite_batches_leave_nothing_to_realign():
+    unit = PWLU()
+    unit(torch.tensor([1.0, float("nan")]))
+    assert int(unit.num_batches_tracked) == 0
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        unit.realign()
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        realign_pwlu(nn.Sequential(unit))
+    unit(torch.tensor([1.0, 3.0]))  # the first finite batch initialises the statistics
+    assert unit.running_mean.item() == 2.0 and unit.running_var.item() == 1.0
+
+
+def test_realign_refuses_non_finite_statistics():
+    unit = PWLU()
+    unit(torch.randn(10))
+    state = unit.state_dict()
+    state["running_var"] = torch.tensor([float("inf")])
+    unit.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="finite"):
+        unit.realign()
+    model = nn.Sequential(nn.Linear(2, 2), unit)
+    with pytest.raises(RuntimeError, match="non-finite statistics: 1"):
+        realign_pwlu(model)
+    assert unit.collecting
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_empty_batches_in_both_phases(granularity):
+    nc = 4 if granularity == "channel" else None
+    unit = PWLU(granularity=granularity, num_channels=nc)
+    empty = torch.empty(0, 4, 3, 3, requires_grad=True)
+    out = unit(empty)  # collecting, training mode: nothing to track
+    assert out.shape == (0, 4, 3, 3) and int(unit.num_batches_tracked) == 0
+    unit(torch.randn(2, 4, 3, 3))
+    unit.realign()
+    out = unit(empty)
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert empty.grad.shape == (0, 4, 3, 3)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in unit.parameters())
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input
 
@@ -466,6 +607,12 @@ def test_realign_pwlu_helper():
         ({"channel_dim": 1.0}, TypeError, "channel_dim"),
         ({"collect": 1}, TypeError, "collect"),
         ({"dtype": torch.int32}, TypeError, "dtype"),
+        ({"dtype": "float32"}, TypeError, "dtype"),
+        ({"device": "gpu"}, ValueError, "device"),
+        ({"device": 3.5}, TypeError, "device"),
+        ({"negative_slope": float("nan")}, ValueError, "negative_slope"),
+        ({"right_bound": -4.0}, ValueError, "left_bound must be smaller"),
+        ({"momentum": "0.9"}, ValueError, "momentum"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, exc, match):
@@ -512,6 +659,57 @@ def test_bad_functional_arguments():
         pwlu(x, pts, *ok[:3], "1")
     with pytest.raises(ValueError, match="points must have 1 or 2 dimensions"):
         pwlu(x, torch.randn(1, 3, 5), *ok)
+    with pytest.raises(TypeError, match="points must be a torch.Tensor"):
+        pwlu(x, [[0.0, 1.0]], *ok)
+    with pytest.raises(TypeError, match="channel_dim must be an int"):
+        pwlu(x, pts, *ok, channel_dim=1.0)
+    with pytest.raises(TypeError, match="left_bound must be a tensor or a float"):
+        pwlu(x, pts, True, 1.0, 0.0, 1.0)
+    with pytest.raises(TypeError, match="left_slope must be a floating-point tensor"):
+        pwlu(x, pts, -1.0, 1.0, torch.zeros(3, dtype=torch.long), 1.0)
+    with pytest.raises(ValueError, match="x is on meta but points is on cpu"):
+        pwlu(x.to("meta"), pts, *ok)
+    with pytest.raises(ValueError, match="right_bound is on meta but points is on cpu"):
+        pwlu(x, pts, ok[0], ok[1].to("meta"), *ok[2:])
+
+
+@pytest.mark.parametrize(
+    "bounds_and_slopes,match",
+    [
+        ((1.0, 1.0, 0.0, 1.0), "left_bound must be smaller than right_bound, got 1.0 and 1.0"),
+        ((2.0, -2.0, 0.0, 1.0), "left_bound must be smaller than right_bound"),
+        ((float("nan"), 1.0, 0.0, 1.0), "left_bound must be finite"),
+        ((-1.0, float("inf"), 0.0, 1.0), "right_bound must be finite"),
+        ((-1.0, 1.0, float("-inf"), 1.0), "left_slope must be finite"),
+        ((-1.0, 1.0, 0.0, float("nan")), "right_slope must be finite"),
+    ],
+)
+def test_functional_python_number_parameters_are_checked(bounds_and_slopes, match):
+    with pytest.raises(ValueError, match=match):
+        pwlu(torch.randn(5), torch.randn(1, 4), *bounds_and_slopes)
+
+
+def test_functional_tensor_parameters_are_checked_on_the_cpu():
+    x, pts = torch.randn(2, 3, 4), torch.randn(3, 5)
+    lb, rb, ks, kr = -torch.ones(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    rb_bad = rb.clone()
+    rb_bad[1] = -1.0  # row 1: B_R == B_L
+    with pytest.raises(ValueError, match="row 1 has left_bound=-1.0 and right_bound=-1.0"):
+        pwlu(x, pts, lb, rb_bad, ks, kr)
+    with pytest.raises(ValueError, match="left_bound must be smaller than right_bound on every row"):
+        pwlu(x, pts, torch.tensor(2.0), 1.0, 0.0, 1.0)  # a tensor bound against a number
+    pts_bad = pts.clone()
+    pts_bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="points must be finite"):
+        pwlu(x, pts_bad, lb, rb, ks, kr)
+    with pytest.raises(ValueError, match="right_slope must be finite"):
+        pwlu(x, pts, lb, rb, ks, torch.full((3,), float("inf")))
+    # the module's parameters go through the same check
+    unit = PWLU(collect=False)
+    with torch.no_grad():
+        unit.left_bound.fill_(5.0)
+    with pytest.raises(ValueError, match="left_bound must be smaller than right_bound"):
+        unit(torch.randn(3))
 
 
 def test_bad_conversion_arguments():
@@ -540,6 +738,51 @@ def test_bad_conversion_arguments():
 
     with pytest.raises(ValueError, match="several"):
         convert_activations_to_pwlu(Shared(), granularity="channel", example_inputs=torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"activations": nn.ReLU()}, TypeError, "activations must be a sequence"),
+        ({"activations": ()}, ValueError, "activations must name at least one"),
+        ({"num_intervals": 0}, ValueError, "num_intervals"),
+        ({"channel_dim": "1"}, TypeError, "channel_dim"),
+        ({"bound_std": -1.0}, ValueError, "bound_std"),
+        ({"momentum": 2.0}, ValueError, "momentum"),
+        ({"dtype": torch.int64}, TypeError, "dtype"),
+        ({"device": "tpu0"}, ValueError, "device"),
+        ({"predicate": "relu"}, TypeError, "predicate"),
+        ({"granularity": "channel", "example_inputs": {"x": 1}}, TypeError, "example_inputs must be a tensor"),
+        ({"granularity": "channel", "example_inputs": "abc"}, TypeError, "example_inputs must be a tensor"),
+    ],
+)
+def test_bad_conversion_options(kwargs, exc, match):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with pytest.raises(exc, match=match):
+        convert_activations_to_pwlu(model, **kwargs)
+    assert isinstance(model[1], nn.ReLU)  # nothing converted
+
+
+def test_conversion_with_a_wrong_example_names_the_argument():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2), nn.ReLU())
+    with pytest.raises(ValueError, match=r"example_inputs do not fit the model.*\(2, 4, 8, 8\)") as info:
+        convert_activations_to_pwlu(model, granularity="channel", example_inputs=torch.randn(2, 4, 8, 8))
+    assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error, chained
+    with pytest.raises(ValueError, match="example_inputs do not fit the model"):
+        convert_activations_to_pwlu(model, granularity="channel", example_inputs=(torch.randn(2, 3, 8, 8), 5))
+    assert isinstance(model[1], nn.ReLU) and isinstance(model[4], nn.ReLU)
+    # a channel_dim that does not exist in an activation's input is named as such, not as a model error
+    with pytest.raises(ValueError, match="channel_dim=3 is out of range for the input of '4'"):
+        convert_activations_to_pwlu(model, granularity="channel", channel_dim=3, example_inputs=torch.randn(2, 3, 8, 8))
+    names = convert_activations_to_pwlu(model, granularity="channel", example_inputs=[torch.randn(2, 3, 8, 8)])
+    assert names == ["1", "4"] and model[1].num_channels == 8 and model[4].num_channels == 2
+
+
+def test_realign_pwlu_checks_its_arguments():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        realign_pwlu([PWLU()])
+    with pytest.raises(TypeError, match="synchronize must be a bool"):
+        realign_pwlu(PWLU(), synchronize="yes")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -600,11 +843,10 @@ def test_resnet18_close_after_collect_and_realign():
 
 def test_threaded_fast_path_matches_one_thread_and_is_reproducible():
     """Large CPU inputs split their chunks between torch.get_num_threads() threads."""
-    mod = importlib.import_module("pycoe.functional.pwlu")
     x = torch.randn(8, 16, 48, 48, generator=torch.Generator().manual_seed(3))
     points = torch.randn(16, 17, generator=torch.Generator().manual_seed(4))
     bounds = (torch.full((16,), -2.0), torch.full((16,), 2.5), torch.full((16,), 0.1), torch.full((16,), 0.9))
-    chunk = mod._CHUNK_BYTES // 4
+    chunk = eager.CHUNK_BYTES // 4
     pieces = -(-x.numel() // chunk)
     saved = torch.get_num_threads()
 
@@ -612,13 +854,13 @@ def test_threaded_fast_path_matches_one_thread_and_is_reproducible():
         torch.set_num_threads(threads)
         xi = x.to(dtype).clone().requires_grad_()
         params = [points.to(dtype).clone().requires_grad_()] + [b.to(dtype).clone().requires_grad_() for b in bounds]
-        y = mod.pwlu(xi, *params, channel_dim=1)
+        y = pwlu(xi, *params, channel_dim=1)
         y.backward(torch.cos(x).to(dtype))
         return [y.detach(), xi.grad] + [p.grad for p in params]
 
     try:
         torch.set_num_threads(2)
-        assert mod._workers(x, pieces) == 2  # the split really happens at this size
+        assert eager._workers(x, pieces) == 2  # the split really happens at this size
         one, two, again = run(1), run(2), run(2)
         exact = run(1, torch.float64)
     finally:
@@ -633,3 +875,63 @@ def test_threaded_fast_path_matches_one_thread_and_is_reproducible():
         err_one = (a.double() - ref).abs().max()
         err_two = (b.double() - ref).abs().max()
         assert err_two <= 2 * err_one + 1e-6 * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# export: torch.export and ONNX (onnxruntime) of a realigned model, dynamic batch
+
+
+def _realigned_net() -> nn.Module:
+    """A small CNN with a channel PWLU and a layer PWLU, statistics collected and realigned, in eval mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(64, 5)
+    )
+    convert_activations_to_pwlu(net, predicate=lambda name, m: name == "3")  # layer granularity
+    convert_activations_to_pwlu(net, granularity="channel", num_intervals=8, example_inputs=torch.randn(1, 3, 6, 6))
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(16, 3, 6, 6))
+    assert realign_pwlu(net) == 2
+    with torch.no_grad():  # move the learned function away from its init, as training would
+        for m in net.modules():
+            if isinstance(m, PWLU):
+                m.points.add_(0.1 * torch.randn_like(m.points))
+    return net.eval()
+
+
+@pytest.mark.slow
+def test_torch_export_with_a_dynamic_batch_matches_eager():
+    net = _realigned_net()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(net, (torch.randn(3, 3, 6, 6),), dynamic_shapes={"input": {0: batch}})
+    exported = program.module()
+    for b in (1, 5, 64):
+        x = 3 * torch.randn(b, 3, 6, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), net(x), rtol=1e-5, atol=1e-5)
+    # a unit still collecting exports as its init function
+    collecting = nn.Sequential(nn.Linear(4, 4), PWLU(init="silu")).eval()
+    program = torch.export.export(collecting, (torch.randn(3, 4),), dynamic_shapes={"input": {0: batch}})
+    x = torch.randn(7, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), collecting(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_onnx_export_runs_in_onnxruntime_and_matches_eager(tmp_path):
+    import onnxruntime as ort  # the `deploy` extra (part of `test`)
+
+    net = _realigned_net()
+    path = tmp_path / "pwlu.onnx"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(
+        net, (torch.randn(3, 3, 6, 6),), str(path), dynamo=True, dynamic_shapes={"input": {0: batch}}, verbose=False
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for b in (1, 5, 64):
+        x = 3 * torch.randn(b, 3, 6, 6)
+        (out,) = session.run(None, {name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(out), net(x), rtol=1e-5, atol=1e-5)

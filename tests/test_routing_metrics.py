@@ -133,3 +133,54 @@ def test_bad_inputs():
         load_balance_cv2(torch.tensor([[0.0, float("inf")]]))
     with pytest.raises(TypeError, match="selection"):
         load_balance_cv2([[0.0, 1.0]])
+
+
+def test_bad_input_types_and_values():
+    z = torch.zeros(3, 2)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        expert_load(torch.tensor([0, 1]), 2, normalize="yes")
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        assignment_entropy(torch.tensor([0, 1]), 2, normalize=1)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        mean_selection_entropy(z, normalize=None)
+    with pytest.raises(TypeError, match="is_probs must be a bool"):
+        load_balance_cv2(z, is_probs="no")
+    with pytest.raises(TypeError, match="num_experts"):
+        expert_load(torch.tensor([0, 1]), 2.0)
+    with pytest.raises(TypeError, match="num_experts"):
+        assignment_entropy(torch.tensor([0, 1]), "2")
+    with pytest.raises(TypeError, match="index must be a torch.Tensor"):
+        expert_load([0, 1], 2)
+    with pytest.raises(TypeError, match="integer"):
+        assignment_entropy(torch.tensor([0.0, 1.0]), 2)
+    with pytest.raises(TypeError, match="target must be an integer"):
+        oracle_accuracy(torch.zeros(2, 3, 4), torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"target entries must lie in \[0, 4\) \(C=4\), got range \[-1, 2\]"):
+        oracle_accuracy(torch.zeros(2, 3, 4), torch.tensor([0, -1, 2]))
+    with pytest.raises(ValueError, match="expert_logits must be finite, but it contains NaN"):
+        oracle_accuracy(torch.full((2, 3, 4), float("nan")), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="floating"):
+        oracle_accuracy(torch.zeros(2, 3, 4, dtype=torch.long), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="label_index must be a torch.Tensor"):
+        agreement(z, [0, 1, 1])
+    with pytest.raises(ValueError, match=r"index entries must lie in \[-1 \(exited\), 3\) \(num_experts=3\), got"):
+        expert_load(torch.tensor([0, 5]), 3)
+
+
+def test_boundaries():
+    # ties in the logits: the lowest expert index is the top-1 choice
+    z = torch.zeros(2, 3)
+    assert agreement(z, torch.tensor([0, 1])).item() == 0.5
+    # a single sample, a single expert
+    assert expert_load(torch.tensor([0]), 1).tolist() == [1]
+    assert assignment_entropy(torch.tensor([0]), 1).item() == 0.0
+    assert mean_selection_entropy(torch.zeros(1, 1)).item() == 0.0
+    assert mean_selection_entropy(torch.zeros(1, 1), normalize=True).item() == 1.0
+    # every sample exited: nothing routed, entropy 0
+    assert assignment_entropy(torch.tensor([-1, -1]), 3).item() == 0.0
+    # the highest valid index and -1 are accepted, one past is not
+    assert expert_load(torch.tensor([-1, 2]), 3).tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="index entries"):
+        expert_load(torch.tensor([3]), 3)
+    # load_balance_cv2 with probabilities exactly 0 somewhere is fine; a zero total mass is not
+    assert load_balance_cv2(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), is_probs=True).item() == 0.0

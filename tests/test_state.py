@@ -24,7 +24,7 @@ def _expert() -> nn.Module:
 def _coe(num_experts: int = 3) -> pycoe.CoE:
     template = _expert()
     pycoe.convert_activations_to_pwlu(template)
-    pycoe.convert_conv2d_to_condconv(template, num_experts=2)  # every conv but the stem
+    pycoe.convert_conv2d_to_condconv(template, num_kernels=2)  # every conv but the stem
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     delegator = pycoe.Delegator(backbone, num_experts=num_experts, num_classes=5, feature_dim=4)
     return pycoe.CoE(delegator, pycoe.ExpertPool.from_template(template, num_experts), exit_threshold=0.5)

@@ -7,25 +7,24 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference.transport import lp_objective, sequential_greedy
 from scipy.optimize import linear_sum_assignment
 
-import pycoe.routing.transport as tr
 from pycoe.routing.transport import (
     TransportInfeasibleError,
     TransportResult,
+    approximate,
     balanced_assignment,
+    check_solver_options,
+    exact,
     near_equal_capacities,
+    repair,
     solve_balanced_transport,
 )
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def lp_objective(scores: np.ndarray, caps: np.ndarray) -> float:
-    """Optimum of the LP by scipy's HiGHS (the slow reference)."""
-    return tr._reference_exact(np.asarray(scores, dtype=np.float64), np.asarray(caps))[1]
 
 
 def objective(scores: np.ndarray, a) -> float:
@@ -48,19 +47,6 @@ def assert_certificate(scores: np.ndarray, res: TransportResult) -> None:
     own = v[np.arange(len(a)), a]
     scale = 1.0 + np.abs(s[np.isfinite(s)]).max() + np.abs(p).max()
     assert (v.max(axis=1) - own).max() <= 1e-9 * scale
-
-
-def naive_greedy(s: np.ndarray, caps) -> list[int]:
-    """Sequential greedy reference: pairs by (-score, i, k), take when sample free and expert open."""
-    n, k = s.shape
-    order = sorted((-s[i, j], i, j) for i in range(n) for j in range(k))
-    a = [-1] * n
-    rem = list(np.asarray(caps))
-    for _, i, j in order:
-        if a[i] < 0 and rem[j] > 0:
-            a[i] = j
-            rem[j] -= 1
-    return a
 
 
 @st.composite
@@ -100,9 +86,15 @@ def test_near_equal_capacities_rule():
     assert c.dtype == torch.long and int(c.sum()) == 1_281_167 and int(c.max() - c.min()) == 1
 
 
-@pytest.mark.parametrize("n,k", [(-1, 2), (3, 0), (2.0, 2), (3, 1.5), (True, 2)])
+@pytest.mark.parametrize("n,k", [(-1, 2), (3, 0)])
 def test_near_equal_capacities_bad(n, k):
     with pytest.raises(ValueError, match="^(n|k) must"):
+        near_equal_capacities(n, k)
+
+
+@pytest.mark.parametrize("n,k", [(2.0, 2), (3, 1.5), (True, 2), ("3", 2), (3, None)])
+def test_near_equal_capacities_wrong_types(n, k):
+    with pytest.raises(TypeError, match="^(n|k) must"):
         near_equal_capacities(n, k)
 
 
@@ -112,7 +104,7 @@ def test_near_equal_capacities_bad(n, k):
 
 
 # The exact method has two routes: an assignment problem on replicated columns for small problems with many
-# experts (see tr._assignment_route) and the warm-start + flow-repair route otherwise.
+# experts (see exact._assignment_route) and the warm-start + flow-repair route otherwise.
 # The property tests run both on the same instances by moving the switch.
 ROUTES = {"lsa": (10**9, 10**9), "flow": (0, 0)}
 
@@ -122,11 +114,11 @@ class exact_route:
         self.limits = ROUTES[route]
 
     def __enter__(self) -> None:
-        self.saved = (tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT)
-        tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT = self.limits
+        self.saved = (exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT)
+        exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT = self.limits
 
     def __exit__(self, *exc) -> None:
-        tr._LSA_MAX_N, tr._LSA_SAMPLES_PER_EXPERT = self.saved
+        exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT = self.saved
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
@@ -159,13 +151,13 @@ def test_exact_optimal_with_many_ties(route, inst):
 def test_default_route_switch():
     rng = np.random.default_rng(0)
     calls = []
-    original = tr._lsa_assignment
+    original = exact._lsa_assignment
 
     def spy(S, caps):
         calls.append(S.shape)
         return original(S, caps)
 
-    tr._lsa_assignment = spy
+    exact._lsa_assignment = spy
     try:
         for n, k in [(256, 64), (256, 4), (1100, 64)]:
             s = rng.standard_normal((n, k))
@@ -173,7 +165,7 @@ def test_default_route_switch():
             assert_feasible(res.assignment, near_equal_capacities(n, k).numpy(), n, k)
             assert_certificate(s, res)  # feasibility + complementary slackness = optimality
     finally:
-        tr._lsa_assignment = original
+        exact._lsa_assignment = original
     assert calls == [(64, 256)]  # only the 256 x 64 problem takes the assignment route
 
 
@@ -304,10 +296,10 @@ def test_heavy_ties_medium_matches_lp():
 
 def test_multilevel_warm_start_and_rebuilds(monkeypatch):
     """Force the subsample levels and tiny candidate lists (every edge rebuild path runs)."""
-    monkeypatch.setattr(tr, "_SUBSAMPLE", 64)
-    monkeypatch.setattr(tr, "_CANDIDATES_PER_EXPERT", 1)
-    monkeypatch.setattr(tr, "_CANDIDATES_PER_EXCESS", 0)
-    monkeypatch.setattr(tr, "_SWEEP_PER_AUGMENTATION", 1)  # stop the sweeps early: more repair work
+    monkeypatch.setattr(exact, "_SUBSAMPLE", 64)
+    monkeypatch.setattr(repair, "_CANDIDATES_PER_EXPERT", 1)
+    monkeypatch.setattr(repair, "_CANDIDATES_PER_EXCESS", 0)
+    monkeypatch.setattr(exact, "_SWEEP_PER_AUGMENTATION", 1)  # stop the sweeps early: more repair work
     rng = np.random.default_rng(0)
     s = np.log(rng.dirichlet(np.ones(5) * 0.5, size=1200))
     caps = np.array([360, 280, 240, 200, 120])
@@ -325,9 +317,9 @@ def test_repair_from_cold_start(inst):
         return
     S = np.ascontiguousarray(s.T)
     p = np.zeros(k)
-    a = tr._shifted_argmax(S, p)
-    t1, t2 = tr._top2(S, p)
-    tr._ssp_repair(S, a, p, caps, t1 - t2)
+    a = exact._shifted_argmax(S, p)
+    t1, t2 = exact._top2(S, p)
+    repair.ssp_repair(S, a, p, caps, t1 - t2)
     assert_feasible(torch.from_numpy(a), caps, n, k)
     assert objective(s, a) == pytest.approx(lp_objective(s, caps), abs=1e-9 * (1 + np.abs(s).max()))
 
@@ -411,7 +403,7 @@ def test_capacity_forms(caps):
 def test_greedy_matches_sequential_reference(inst):
     s, caps = inst
     a = balanced_assignment(s, caps, method="greedy")
-    assert a.tolist() == naive_greedy(s, caps)
+    assert a.tolist() == sequential_greedy(s, caps)
 
 
 @given(instances(max_n=30))
@@ -429,13 +421,13 @@ def test_sinkhorn_plan_marginals_and_float32():
     rng = np.random.default_rng(4)
     s = torch.from_numpy(rng.standard_normal((300, 5)))
     caps = torch.tensor([100, 80, 60, 40, 20])
-    log_plan, _prices = tr._sinkhorn_prices(s, caps, 0.1, 2000, 1e-6)
+    log_plan, _prices = approximate.sinkhorn_prices(s, caps, 0.1, 2000, 1e-6)
     plan = log_plan.exp()
     torch.testing.assert_close(plan.sum(1), torch.ones(300, dtype=torch.float64))
     torch.testing.assert_close(plan.sum(0), caps.double(), atol=1e-3, rtol=0)
-    res = solve_balanced_transport(s.float(), caps, method="sinkhorn", epsilon=0.01, max_iter=500)
+    res = solve_balanced_transport(s.float(), caps, method="sinkhorn", entropic_reg=0.01, max_iter=500)
     assert_feasible(res.assignment, caps, 300, 5)
-    # small epsilon: close to the optimum
+    # small entropic_reg: close to the optimum
     exact = solve_balanced_transport(s.float(), caps).objective
     assert res.objective <= exact + 1e-6 and res.objective >= exact - 0.05 * abs(exact)
 
@@ -466,6 +458,10 @@ def test_forbidden_pairs_match_lp(inst, seed):
         try:
             res = solve_balanced_transport(s, caps, method=method)
         except TransportInfeasibleError:
+            assert ref is None, f"{method} claimed infeasibility where the LP has a solution"
+            continue
+        except RuntimeError as err:  # the rounding got stuck: allowed only if it says so honestly
+            assert ref is not None and "although an assignment avoiding every forbidden pair exists" in str(err)
             continue
         assert ref is not None
         assert np.isfinite(s[np.arange(s.shape[0]), res.assignment.numpy()]).all()
@@ -543,5 +539,253 @@ def test_bad_method_and_options():
         solve_balanced_transport(torch.randn(4, 2), method="hungarian")
     with pytest.raises(ValueError, match="max_iter"):
         solve_balanced_transport(torch.randn(4, 2), method="sinkhorn", max_iter=0)
-    with pytest.raises(ValueError, match="epsilon"):
-        solve_balanced_transport(torch.randn(4, 2), method="sinkhorn", epsilon=-1.0)
+    with pytest.raises(ValueError, match="entropic_reg"):
+        solve_balanced_transport(torch.randn(4, 2), method="sinkhorn", entropic_reg=-1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# approximate methods: infeasibility only where the LP is infeasible
+# --------------------------------------------------------------------------------------------------
+
+
+def test_greedy_stuck_on_a_feasible_instance_says_so():
+    # Greedy takes (0, 0) first (the largest score); sample 1 may then only go to the full expert 0. The LP is
+    # feasible (sample 0 -> 1, sample 1 -> 0): greedy must not claim infeasibility.
+    s = np.array([[1.0, 0.0], [0.5, -np.inf]])
+    assert lp_objective(s, [1, 1]) == pytest.approx(0.5)
+    assert solve_balanced_transport(s, [1, 1]).assignment.tolist() == [1, 0]
+    with pytest.raises(RuntimeError, match="although an assignment avoiding every forbidden pair exists"):
+        solve_balanced_transport(s, [1, 1], method="greedy")
+    # Sinkhorn's plan puts no mass on forbidden pairs, and here its rounding finds the feasible assignment.
+    assert solve_balanced_transport(s, [1, 1], method="sinkhorn").assignment.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("method", ["greedy", "sinkhorn"])
+def test_approximate_methods_report_true_infeasibility(method):
+    s = np.array([[0.0, -np.inf], [1.0, -np.inf], [0.5, 0.2]])  # two samples may only go to expert 0 (capacity 1)
+    with pytest.raises(TransportInfeasibleError):
+        lp_objective(s, [1, 2])
+    with pytest.raises(TransportInfeasibleError, match="capacities"):
+        solve_balanced_transport(s, [1, 2], method=method)
+    with pytest.raises(TransportInfeasibleError, match="sample 1 has no finite score"):
+        solve_balanced_transport(np.array([[0.0, 1.0], [-np.inf, -np.inf]]), method=method)
+    # With capacities (2, 1) the LP is feasible (samples 0, 1 -> 0, sample 2 -> 1): never "infeasible".
+    if method == "sinkhorn":
+        assert solve_balanced_transport(s, [2, 1], method=method).assignment.tolist() == [0, 0, 1]
+    else:  # greedy fills expert 0 with samples 1 and 2 first (the two largest scores), and is then stuck
+        with pytest.raises(RuntimeError, match="although an assignment avoiding every forbidden pair exists"):
+            solve_balanced_transport(s, [2, 1], method=method)
+
+
+# --------------------------------------------------------------------------------------------------
+# the exact method's own certificate
+# --------------------------------------------------------------------------------------------------
+
+
+def _certificate_instance():
+    rng = np.random.default_rng(5)
+    s = rng.standard_normal((12, 3))
+    caps = np.array([4, 4, 4])
+    res = solve_balanced_transport(s, caps)
+    S = np.ascontiguousarray(s.T)
+    return s, S, caps, res.assignment.numpy().copy(), res.prices.numpy().copy(), float(s.max() - s.min())
+
+
+def test_certificate_accepts_the_optimum():
+    _s, S, caps, a, p, spread = _certificate_instance()
+    exact.certify(S, a, p, caps, spread)  # no error
+    exact.certify(S, a, p + 3.0, caps, spread)  # a common shift of the prices keeps complementary slackness
+
+
+def test_certificate_rejects_a_feasible_but_suboptimal_assignment():
+    s, S, caps, a, p, spread = _certificate_instance()
+    # swap two samples of different experts: the loads stay exact, the objective drops
+    i, j = next(
+        (i, j)
+        for i in range(len(a))
+        for j in range(len(a))
+        if a[i] != a[j] and s[i, a[j]] + s[j, a[i]] < s[i, a[i]] + s[j, a[j]] - 1e-3
+    )
+    b = a.copy()
+    b[i], b[j] = a[j], a[i]
+    assert np.array_equal(np.bincount(b, minlength=3), caps)
+    # by weak duality no prices can certify a suboptimal assignment: try the optimum's, zeros, and b's own potentials
+    for prices in (p, np.zeros(3), exact._potentials(S, b)):
+        with pytest.raises(RuntimeError, match="optimality certificate failed"):
+            exact.certify(S, b, prices, caps, spread)
+
+
+def test_certificate_rejects_wrong_loads_and_forbidden_pairs():
+    _s, S, caps, a, p, spread = _certificate_instance()
+    b = a.copy()
+    b[0] = (a[0] + 1) % 3  # one sample moved: loads differ from the capacities
+    with pytest.raises(RuntimeError, match="loads .* differ from capacities"):
+        exact.certify(S, b, p, caps, spread)
+    S2 = S.copy()
+    S2[a[0], 0] = -np.inf  # the assigned pair of sample 0 is forbidden
+    with pytest.raises(RuntimeError, match="forbidden expert"):
+        exact.certify(S2, a, p, caps, spread)
+
+
+def test_solver_runs_its_certificate(monkeypatch):
+    """A wrong result of either route is caught by the certificate inside the solver."""
+    rng = np.random.default_rng(6)
+    s = rng.standard_normal((8, 4))  # 8 x 4: the assignment route
+
+    def suboptimal(S, caps):  # feasible, but the first samples in expert order (ignores the scores)
+        return np.repeat(np.arange(S.shape[0]), caps).astype(np.int64)
+
+    monkeypatch.setattr(exact, "_lsa_assignment", suboptimal)
+    assert objective(s, suboptimal(s.T, near_equal_capacities(8, 4).numpy())) < lp_objective(s, [2, 2, 2, 2]) - 1e-6
+    with pytest.raises(RuntimeError, match="optimality certificate failed"):
+        solve_balanced_transport(s)
+    monkeypatch.undo()
+
+    # flow route with a repair that does nothing: the loads stay unbalanced
+    big = np.tile(np.array([[1.0, 0.0, 0.0]]), (600, 1)) + rng.standard_normal((600, 3)) * 1e-3
+    monkeypatch.setattr(exact, "_warm_start", lambda S, caps, gap, big: np.zeros(S.shape[0]))
+    monkeypatch.setattr(exact, "ssp_repair", lambda S, a, p, caps, slack: p)
+    with pytest.raises(RuntimeError, match="loads .* differ from capacities"):
+        solve_balanced_transport(big)
+
+
+# --------------------------------------------------------------------------------------------------
+# boundaries: ties, capacities summing exactly to N, empty experts, N = 1, K = 1
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy", "sinkhorn"])
+def test_all_scores_tied(method):
+    s = np.zeros((7, 3))
+    res = solve_balanced_transport(s, method=method)
+    assert_feasible(res.assignment, [3, 2, 2], 7, 3)
+    assert res.objective == 0.0
+    again = solve_balanced_transport(s.copy(), method=method)
+    assert torch.equal(res.assignment, again.assignment)  # deterministic under exact ties
+    if method == "greedy":  # ties: smaller sample first, then smaller expert
+        assert res.assignment.tolist() == [0, 0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy", "sinkhorn"])
+def test_expert_with_capacity_zero_gets_no_sample(method):
+    s = np.random.default_rng(7).standard_normal((6, 3))
+    s[:, 0] += 10.0  # everyone's favourite
+    res = solve_balanced_transport(s, [0, 3, 3], method=method)
+    assert_feasible(res.assignment, [0, 3, 3], 6, 3)
+    assert (res.assignment != 0).all()
+    res = solve_balanced_transport(s, [6, 0, 0], method=method)  # one expert takes every sample
+    assert res.assignment.tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("caps", [[2, 2, 1], [2, 2, 3], [0, 0, 4]])
+def test_capacities_must_sum_exactly_to_n(caps):
+    with pytest.raises(ValueError, match="sum to N=6"):
+        solve_balanced_transport(torch.randn(6, 3), caps)
+    assert_feasible(balanced_assignment(torch.randn(6, 3), [2, 2, 2]), [2, 2, 2], 6, 3)
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy", "sinkhorn"])
+def test_one_sample_and_one_expert(method):
+    assert balanced_assignment(torch.tensor([[0.1, 0.7, 0.3]]), [0, 1, 0], method=method).tolist() == [1]
+    assert balanced_assignment(torch.tensor([[0.1, 0.7, 0.3]]), method=method).tolist() == [0]  # capacities (1,0,0)
+    assert balanced_assignment(torch.randn(5, 1), method=method).tolist() == [0] * 5
+    with pytest.raises(ValueError, match="at least one sample"):
+        balanced_assignment(torch.zeros(0, 3), method=method)
+
+
+# --------------------------------------------------------------------------------------------------
+# solver options: only those the method uses, valid values only
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("exact", {"entropic_reg": 0.1}),
+        ("exact", {"max_iter": 0}),
+        ("exact", {"entropic_reg": -1.0, "max_iter": 0}),
+        ("greedy", {"max_iter": 10}),
+        ("greedy", {"entropic_reg": 1.0}),
+    ],
+)
+def test_options_the_method_ignores_raise(method, options):
+    name = next(iter(options))
+    for solve in (solve_balanced_transport, balanced_assignment):
+        with pytest.raises(ValueError, match=f"{name} is used only by method='sinkhorn', not by method='{method}'"):
+            solve(torch.randn(4, 2), method=method, **options)
+    with pytest.raises(ValueError, match=f"solver_options: {name} is used only by"):
+        check_solver_options(method, options)
+
+
+@pytest.mark.parametrize(
+    "options,exc,match",
+    [
+        ({"entropic_reg": "tight"}, TypeError, "entropic_reg must be a number"),
+        ({"entropic_reg": True}, TypeError, "entropic_reg must be a number"),
+        ({"entropic_reg": [0.1]}, TypeError, "entropic_reg must be a number"),
+        ({"entropic_reg": float("nan")}, ValueError, "entropic_reg must be a finite number > 0"),
+        ({"entropic_reg": float("inf")}, ValueError, "entropic_reg must be a finite number > 0"),
+        ({"entropic_reg": -1.0}, ValueError, "entropic_reg must be a finite number > 0"),
+        ({"entropic_reg": 0}, ValueError, "entropic_reg must be a finite number > 0"),
+        ({"max_iter": 0}, ValueError, "max_iter must be a positive integer"),
+        ({"max_iter": -3}, ValueError, "max_iter must be a positive integer"),
+        ({"max_iter": 2.5}, TypeError, "max_iter must be an int"),
+        ({"max_iter": 10.0}, TypeError, "max_iter must be an int"),
+        ({"max_iter": "10"}, TypeError, "max_iter must be an int"),
+        ({"max_iter": True}, TypeError, "max_iter must be an int"),
+    ],
+)
+def test_bad_option_values_raise_even_where_relevant(options, exc, match):
+    for solve in (solve_balanced_transport, balanced_assignment):
+        with pytest.raises(exc, match=match):
+            solve(torch.randn(4, 2), method="sinkhorn", **options)
+    with pytest.raises(exc, match=match):
+        check_solver_options("sinkhorn", options)
+
+
+def test_option_values_of_numpy_types_and_their_effect():
+    s = torch.from_numpy(np.random.default_rng(8).standard_normal((40, 4)))
+    a = balanced_assignment(s, method="sinkhorn", entropic_reg=np.float32(0.01), max_iter=np.int64(500))
+    b = solve_balanced_transport(s, method="sinkhorn", entropic_reg=0.01, max_iter=500)
+    assert torch.equal(a, b.assignment)
+    # the options reach Sinkhorn: one iteration leaves the column sums of the plan far from the capacities
+    one = solve_balanced_transport(s, method="sinkhorn", entropic_reg=0.01, max_iter=1)
+    assert not torch.allclose(one.prices, b.prices)
+    assert check_solver_options("sinkhorn", {"entropic_reg": np.float64(0.5), "max_iter": np.int32(3)}) == {
+        "entropic_reg": 0.5,
+        "max_iter": 3,
+    }
+    assert check_solver_options("exact", None) == {} and check_solver_options("greedy", {}) == {}
+
+
+def test_check_solver_options_bad_containers_and_names():
+    with pytest.raises(TypeError, match="solver_options must be a mapping"):
+        check_solver_options("sinkhorn", [("max_iter", 3)])
+    with pytest.raises(TypeError, match="solver_options keys must be option names"):
+        check_solver_options("sinkhorn", {3: 1})
+    with pytest.raises(ValueError, match="unknown solver option 'tol'"):
+        check_solver_options("sinkhorn", {"tol": 1e-3})
+    with pytest.raises(ValueError, match="method must be one of"):
+        check_solver_options("lp", None)
+    with pytest.raises(TypeError, match="method must be one of"):
+        check_solver_options(None, None)
+
+
+def test_method_of_a_wrong_type():
+    with pytest.raises(TypeError, match="method must be one of"):
+        solve_balanced_transport(torch.randn(4, 2), method=0)
+    with pytest.raises(TypeError, match="method must be one of"):
+        balanced_assignment(torch.randn(4, 2), method=None)
+
+
+def test_balanced_assignment_checks_tensor_capacities():
+    s = torch.randn(6, 3)
+    assert balanced_assignment(s, torch.tensor([1, 2, 3])).bincount(minlength=3).tolist() == [1, 2, 3]
+    with pytest.raises(TypeError, match="capacities must hold integers"):
+        balanced_assignment(s, torch.tensor([2.0, 2.0, 2.0]))
+    with pytest.raises(ValueError, match="capacities must sum to N=6"):  # checked where the operator runs
+        balanced_assignment(s, torch.tensor([2, 2, 1]))
+    with pytest.raises(ValueError, match="capacities must have length K=3"):
+        balanced_assignment(s, torch.tensor([3, 3]))
+    with pytest.raises(TypeError, match="capacities must be None, an int or a length-K sequence"):
+        balanced_assignment(s, "222")

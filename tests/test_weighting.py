@@ -1,46 +1,16 @@
 """BalancedTransportWeighter (pycoe's WGM): assignment vs independent brute force, weights, transforms, errors."""
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from scipy.optimize import linear_sum_assignment
+from reference.transport import enumerate_optimum, lsa_optimum, near_equal
 
 from pycoe.routing.weighting import BalancedTransportWeighter, WeightingOutput
 
 
 # ---------------------------------------------------------------- independent references
-def near_equal(n, k):
-    return [n // k + (1 if j < n % k else 0) for j in range(k)]
-
-
-def lsa_optimum(scores, caps=None):
-    """Optimal total score via scipy's Hungarian solver on replicated expert columns (cubic; small N only)."""
-    s = np.asarray(scores, dtype=np.float64)
-    n, k = s.shape
-    caps = near_equal(n, k) if caps is None else list(caps)
-    cols = np.repeat(np.arange(k), caps)
-    rows, c = linear_sum_assignment(s[:, cols], maximize=True)
-    a = np.empty(n, dtype=np.int64)
-    a[rows] = cols[c]
-    return float(s[np.arange(n), a].sum()), a
-
-
-def enumerate_optimum(scores):
-    """Optimal total score by enumerating all K^N assignments with near-equal loads (tiny N only)."""
-    s = np.asarray(scores, dtype=np.float64)
-    n, k = s.shape
-    caps = near_equal(n, k)
-    best = -np.inf
-    for a in itertools.product(range(k), repeat=n):
-        if np.bincount(a, minlength=k).tolist() == caps:
-            best = max(best, float(s[np.arange(n), list(a)].sum()))
-    return best
-
-
 def transformed(logits, score):
     x = logits.double()
     if score == "log_softmax":
@@ -240,6 +210,14 @@ def test_weights_for_bad_input():
         w.weights_for(torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="dtype"):
         w.weights_for(torch.tensor([0, 1]), dtype=torch.long)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        w.weights_for(torch.tensor([0, 1]), dtype="float32")
+    with pytest.raises(TypeError, match="assignment must be a torch.Tensor"):
+        w.weights_for([0, 1])
+    with pytest.raises(
+        ValueError, match=r"assignment entries must lie in \[0, 3\) \(num_experts=3\), got range \[0, 3\]"
+    ):
+        w.weights_for(torch.tensor([0, 3]))
 
 
 # ---------------------------------------------------------------- bad input
@@ -247,18 +225,67 @@ def test_weights_for_bad_input():
     "kwargs,match",
     [
         ({"num_experts": 0}, "num_experts"),
-        ({"num_experts": 2.0}, "num_experts"),
+        ({"num_experts": -2}, "num_experts"),
         ({"num_experts": 3, "epsilon": -0.1}, "epsilon"),
         ({"num_experts": 3, "epsilon": 1.5}, "epsilon"),
-        ({"num_experts": 3, "epsilon": True}, "epsilon"),
+        ({"num_experts": 3, "epsilon": float("nan")}, "epsilon"),
         ({"num_experts": 3, "score": "prob"}, "score"),
         ({"num_experts": 3, "scope": "world"}, "scope"),
         ({"num_experts": 3, "method": "hungarian"}, "method"),
+        ({"num_experts": 3, "solver_options": {"max_iter": 10}}, "max_iter is used only by method='sinkhorn'"),
+        ({"num_experts": 3, "method": "greedy", "solver_options": {"entropic_reg": 0.1}}, "entropic_reg is used only"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"entropic_reg": -1}}, "entropic_reg must be"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"max_iter": 0}}, "max_iter must be"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"tol": 0.1}}, "unknown solver option 'tol'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BalancedTransportWeighter(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_experts": 2.0}, "num_experts"),
+        ({"num_experts": "4"}, "num_experts"),
+        ({"num_experts": None}, "num_experts"),
+        ({"num_experts": 3, "epsilon": True}, "epsilon"),
+        ({"num_experts": 3, "epsilon": "0.1"}, "epsilon"),
+        ({"num_experts": 3, "epsilon": None}, "epsilon"),
+        ({"num_experts": 3, "score": 1}, "score"),
+        ({"num_experts": 3, "method": None}, "method"),
+        ({"num_experts": 3, "scope": True}, "scope"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": [("max_iter", 5)]}, "solver_options"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"entropic_reg": "tight"}}, "entropic_reg"),
+        ({"num_experts": 3, "method": "sinkhorn", "solver_options": {"max_iter": 2.5}}, "max_iter"),
+    ],
+)
+def test_constructor_arguments_of_wrong_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        BalancedTransportWeighter(**kwargs)
+
+
+def test_solver_options_reach_the_solver(monkeypatch):
+    import pycoe.routing.weighting as weighting
+
+    calls = []
+    original = weighting.balanced_assignment
+
+    def spy(*args, **kwargs):
+        calls.append((args[1:], kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(weighting, "balanced_assignment", spy)
+    w = BalancedTransportWeighter(3, method="sinkhorn", solver_options={"entropic_reg": 0.02, "max_iter": 7})
+    assert "solver_options={'entropic_reg': 0.02, 'max_iter': 7}" in repr(w)
+    z = torch.randn(9, 3, dtype=torch.float64)
+    out = w(z)
+    w.partition_dataset(z)
+    assert calls == [((None, "sinkhorn"), {"entropic_reg": 0.02, "max_iter": 7})] * 2
+    expected = original(transformed(z, "log_softmax"), None, "sinkhorn", entropic_reg=0.02, max_iter=7)
+    assert torch.equal(out.assignment, expected)
+    assert BalancedTransportWeighter(3).solver_options == {}
 
 
 def test_bad_logits():
@@ -299,3 +326,38 @@ def test_partition_dataset_bad_capacities_are_reported():
         w.partition_dataset(np.zeros((6, 3)), capacities=[1, 2, 2])
     with pytest.raises(ValueError, match="capacities"):
         w.partition_dataset(np.zeros((6, 3)), capacities=[-1, 4, 3])
+
+
+# ---------------------------------------------------------------- boundaries
+def test_tied_logits_still_give_exact_capacities():
+    z = torch.zeros(7, 3)  # every assignment is optimal
+    out = BalancedTransportWeighter(3)(z)
+    assert out.load.tolist() == [3, 2, 2]
+    assert torch.equal(out.assignment, BalancedTransportWeighter(3)(z.clone()).assignment)  # deterministic
+    assert out.mean_score.item() == pytest.approx(-np.log(3))
+
+
+def test_one_sample_many_experts():
+    out = BalancedTransportWeighter(4, epsilon=0.5)(torch.tensor([[0.0, 3.0, 1.0, 2.0]]))
+    assert out.assignment.tolist() == [0]  # near-equal capacities for B=1 are (1, 0, 0, 0)
+    assert out.load.tolist() == [1, 0, 0, 0]
+    assert out.weights.tolist() == [[1.0, 0.5, 0.5, 0.5]]
+
+
+@pytest.mark.parametrize("eps", [0.0, 1.0])
+def test_epsilon_at_its_bounds(eps):
+    out = BalancedTransportWeighter(2, epsilon=eps)(torch.randn(4, 2))
+    assert set(out.weights.flatten().tolist()) == ({0.0, 1.0} if eps == 0.0 else {1.0})
+
+
+def test_transform_checks_its_input():
+    w = BalancedTransportWeighter(3, score="softmax")
+    assert torch.allclose(w.transform(torch.zeros(2, 3)), torch.full((2, 3), 1 / 3))
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        w.transform([[0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"logits must have shape \[B, num_experts=3\]"):
+        w.transform(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="logits must be finite"):
+        w.transform(torch.tensor([[0.0, float("inf"), 1.0]]))
+    with pytest.raises(TypeError, match="capacities must be None, an int or a length-K sequence"):
+        w.partition_dataset(torch.zeros(6, 3), capacities="abc")

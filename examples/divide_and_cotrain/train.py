@@ -1,4 +1,4 @@
-"""Divide-and-Co-training on Fashion-MNIST: S = 1, 2, 4 small CNNs at equal total parameters.
+"""Divide-and-Co-training on Fashion-MNIST: S = 1, 2, 4 small CNNs at equal total parameters, over seeds.
 
 Zhao et al., *Towards Better Accuracy-efficiency Trade-offs: Divide and Co-training*, IEEE TIP 2022
 (arXiv 2011.14660). For each S, a CNN of width ``--base-width`` is divided into S CNNs with about 1/S of
@@ -7,17 +7,23 @@ augmented views (:class:`pycoe.cotrain.MultiViewDataset`) with the cross-entropi
 Jensen-Shannon co-training loss (:class:`pycoe.cotrain.CoTrainingLoss`), and evaluated as a mean-of-logits
 ensemble (:class:`pycoe.cotrain.CoTrainingEnsemble`) and member by member.
 
+Discipline: ``--val-size`` images are carved out of the training data (a fixed random split, the same for
+every seed) and never trained on; the one choice the run makes, which epoch's weights to keep
+(``--keep best``: the highest validation ensemble accuracy), is made on them. The test set is used once per
+configuration, for the final numbers. ``--seeds 0 1 2`` repeats everything per seed and reports the mean and
+standard deviation of every table entry, plus the paired differences S = 2 and S = 4 minus S = 1 per seed.
+
 Offline: reads the IDX files of the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist``) with the small reader below; ``--dataset synthetic`` needs no files.
 
 Example::
 
-    python examples/divide_and_cotrain/train.py --splits 1 2 4 --epochs 3 --train-subset 10000 \\
-        --out runs/divide_and_cotrain
+    python examples/divide_and_cotrain/train.py --splits 1 2 4 --epochs 3 --train-subset 20000 \\
+        --seeds 0 1 2 --threads 1 --out runs/divide_and_cotrain
 
-Writes ``<out>/results.json``, ``<out>/results.md`` and ``<out>/accuracy_vs_splits.png``; checkpoints
-every epoch to ``<out>/S<k>/checkpoint.pt`` (atomically); ``--resume`` continues exactly where a run
-stopped (same data order, augmentations and weights as an uninterrupted run).
+Writes ``<out>/results.json``, ``<out>/results.md`` and ``<out>/accuracy_vs_splits.png``; each seed's runs
+go to ``<out>/seed<k>/S<s>/`` with a checkpoint per epoch (atomic); ``--resume`` continues exactly where a
+run stopped (same data order, augmentations and weights as an uninterrupted run).
 """
 
 from __future__ import annotations
@@ -40,10 +46,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pycoe.checkpoint import load_checkpoint, save_checkpoint
-from pycoe.cotrain.divide import count_parameters, divide_by_factory
 from pycoe.cotrain.ensemble import CoTrainingEnsemble, CoTrainingLoss
 from pycoe.cotrain.schedule import LinearWarmup, scale_weight_decay
 from pycoe.cotrain.views import MultiViewDataset, multiview_collate
+from pycoe.cotrain.width import count_parameters, divide_by_factory
 
 try:
     from tqdm.auto import tqdm
@@ -163,6 +169,18 @@ class SmallCNN(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Training one configuration
 # ----------------------------------------------------------------------------------------------------------
+def split_train_val(num_images: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random split of ``range(num_images)``: (training indices, validation indices), disjoint."""
+    if not 0 <= val_size < num_images:
+        raise SystemExit(f"--val-size must be in [0, {num_images}) for {num_images} training images, got {val_size}")
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(split_seed))
+    return perm[val_size:], perm[:val_size]
+
+
+def subset(data: ImageSet, indices: torch.Tensor) -> ImageSet:
+    return ImageSet(data.images[indices], data.labels[indices])
+
+
 def _bar(iterable, enabled: bool, **kwargs):
     if enabled and tqdm is not None:
         return tqdm(iterable, **kwargs)
@@ -186,54 +204,55 @@ def evaluate(ensemble: CoTrainingEnsemble, dataset: ImageSet, batch_size: int, p
     }
 
 
-def train_config(num_splits: int, args, train_set, test_set, out_dir: Path) -> dict | None:
-    run_dir = out_dir / f"S{num_splits}"
+def train_config(num_splits: int, seed: int, args, data: dict[str, ImageSet], run_dir: Path) -> dict | None:
+    """Train S = ``num_splits`` members with ``seed``; keep the epoch chosen on validation; test once."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, result_path = run_dir / "checkpoint.pt", run_dir / "result.json"
+    tag = f"seed {seed} S={num_splits}"
     if args.resume and result_path.exists():
         result = json.loads(result_path.read_text())
         if result.get("epochs") == args.epochs:
-            print(f"S={num_splits}: finished earlier, reusing {result_path}")
+            print(f"{tag}: finished earlier, reusing {result_path}")
             return result
 
-    torch.manual_seed(args.seed + num_splits)
+    torch.manual_seed(1000 * seed + num_splits)
     members = divide_by_factory(SmallCNN, num_splits, base_width=args.base_width, integer=True)
     width = members[0].features[0].out_channels
     ensemble = CoTrainingEnsemble(members, combine="mean_logits")
     wd = scale_weight_decay(args.weight_decay, num_splits)
     optimizer = torch.optim.SGD(ensemble.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=wd)
-    train_views = MultiViewDataset(train_set, augment, num_views=num_splits)
+    train_views = MultiViewDataset(data["train"], augment, num_views=num_splits)
     steps_per_epoch = math.ceil(len(train_views) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
     loss_fn = CoTrainingLoss(
-        args.cotrain, weight=LinearWarmup(int(args.cot_warmup_epochs * steps_per_epoch), args.cot_weight, 0.0)
+        args.divergence, weight=LinearWarmup(int(args.cot_warmup_epochs * steps_per_epoch), args.cot_weight, 0.0)
     )
-    start_epoch, step, history, train_seconds = 0, 0, [], 0.0
+    start_epoch, step, history, train_seconds, best = 0, 0, [], 0.0, None
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         ensemble.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step = state["epoch"], state["step"]
-        history, train_seconds = state["history"], state["train_seconds"]
+        history, train_seconds, best = state["history"], state["train_seconds"], state["best"]
         torch.set_rng_state(state["rng"])
-        print(f"S={num_splits}: resumed from {ckpt_path} after epoch {start_epoch}")
+        print(f"{tag}: resumed from {ckpt_path} after epoch {start_epoch}")
 
     print(
-        f"S={num_splits}: {num_splits} x SmallCNN(width={width}), {count_parameters(members[0]):,} parameters each, "
+        f"{tag}: {num_splits} x SmallCNN(width={width}), {count_parameters(members[0]):,} parameters each, "
         f"weight decay {wd:.2e}"
     )
     for epoch in range(start_epoch, args.epochs):
         ensemble.train()
         # the data order depends only on (seed, epoch), so a resumed run sees the same batches
-        sampler = RandomSampler(train_views, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        sampler = RandomSampler(train_views, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         loader = DataLoader(train_views, batch_size=args.batch_size, sampler=sampler, collate_fn=multiview_collate)
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "ce": 0.0, "cot": 0.0, "correct": 0, "n": 0}
-        bar = _bar(loader, args.progress, desc=f"S={num_splits} epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = _bar(loader, args.progress, desc=f"{tag} epoch {epoch + 1}/{args.epochs}", leave=False)
         for views, target in bar:
             out = ensemble(views)
             loss, info = loss_fn(out, target, step=step)
@@ -260,11 +279,17 @@ def train_config(num_splits: int, args, train_set, test_set, out_dir: Path) -> d
             "cot": sums["cot"] / sums["n"],
             "train_acc": sums["correct"] / sums["n"],
         }
+        if len(data["val"]):
+            val = evaluate(ensemble, data["val"], args.eval_batch_size, args.progress)
+            record["val_acc"], record["val_member_accs"] = val["ensemble_acc"], val["member_accs"]
+            if args.keep == "best" and (best is None or record["val_acc"] > best["val_acc"]):
+                state_copy = {k: v.detach().clone() for k, v in ensemble.state_dict().items()}
+                best = {"epoch": epoch + 1, "val_acc": record["val_acc"], "model": state_copy}
         history.append(record)
         print(
-            f"S={num_splits} epoch {epoch + 1}: loss {record['loss']:.4f} "
-            f"(ce {record['ce']:.4f}, cot {record['cot']:.4f}), "
+            f"{tag} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, cot {record['cot']:.4f}), "
             f"train ensemble acc {record['train_acc']:.4f}"
+            + (f", validation ensemble acc {record['val_acc']:.4f}" if "val_acc" in record else "")
         )
         save_checkpoint(
             {
@@ -275,56 +300,148 @@ def train_config(num_splits: int, args, train_set, test_set, out_dir: Path) -> d
                 "step": step,
                 "history": history,
                 "train_seconds": train_seconds,
+                "best": best,
                 "rng": torch.get_rng_state(),
             },
             ckpt_path,
         )
         if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
-            print(f"S={num_splits}: stopping after epoch {epoch + 1} as asked; continue with --resume")
+            print(f"{tag}: stopping after epoch {epoch + 1} as asked; continue with --resume")
             return None
 
+    kept_epoch = args.epochs
+    if best is not None:  # --keep best: the weights of the epoch with the best validation accuracy
+        ensemble.load_state_dict(best["model"])
+        kept_epoch = best["epoch"]
     t0 = time.perf_counter()
-    metrics = evaluate(ensemble, test_set, args.eval_batch_size, args.progress)
+    metrics = evaluate(ensemble, data["test"], args.eval_batch_size, args.progress)  # the test set, used once
+    kept = history[kept_epoch - 1]
     result = {
         "S": num_splits,
+        "seed": seed,
         "width": width,
         "params_per_member": count_parameters(members[0]),
         "params_total": count_parameters(ensemble),
         "weight_decay": wd,
         "epochs": args.epochs,
+        "kept_epoch": kept_epoch,
+        "val_acc": kept.get("val_acc"),
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - t0,
         "history": history,
         **metrics,
     }
-    result["mean_member_acc"] = sum(result["member_accs"]) / num_splits
+    accs = result["member_accs"]
+    result["mean_member_acc"] = sum(accs) / num_splits
+    result["min_member_acc"], result["max_member_acc"] = min(accs), max(accs)
     result_path.write_text(json.dumps(result, indent=2))
     print(
-        f"S={num_splits}: test ensemble acc {result['ensemble_acc']:.4f}, members "
-        + ", ".join(f"{a:.4f}" for a in result["member_accs"])
+        f"{tag}: kept epoch {kept_epoch}; test ensemble acc {result['ensemble_acc']:.4f}, members "
+        + ", ".join(f"{a:.4f}" for a in accs)
     )
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Report
+# Report: mean +- standard deviation over seeds, and paired differences against S = 1
 # ----------------------------------------------------------------------------------------------------------
-def markdown_table(results: list[dict]) -> str:
+SUMMARISED = (
+    "kept_epoch",
+    "val_acc",
+    "ensemble_acc",
+    "mean_member_acc",
+    "min_member_acc",
+    "max_member_acc",
+    "train_seconds",
+)
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (``None`` for a single value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Per S: the architecture, and mean +- std over seeds of every entry in ``SUMMARISED``."""
+    rows = []
+    for i, first in enumerate(runs[0]["results"]):
+        per_seed = [run["results"][i] for run in runs]
+        row = {key: first[key] for key in ("S", "width", "params_per_member", "params_total")}
+        for key in SUMMARISED:
+            values = [r[key] for r in per_seed if r.get(key) is not None]
+            row[key] = mean_std(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def paired_differences(runs: list[dict]) -> list[dict]:
+    """Per S != 1 and seed: ensemble (and mean member) test accuracy of S minus that of S = 1, same seed."""
+    out = []
+    splits = [r["S"] for r in runs[0]["results"]]
+    if 1 not in splits:
+        return out
+    for s in splits:
+        if s == 1:
+            continue
+        for key in ("ensemble_acc", "mean_member_acc"):
+            per_seed = {}
+            for run in runs:
+                by_s = {r["S"]: r for r in run["results"]}
+                per_seed[run["seed"]] = by_s[s][key] - by_s[1][key]
+            out.append(
+                {
+                    "comparison": f"S={s} minus S=1",
+                    "metric": key,
+                    "per_seed": per_seed,
+                    **mean_std(list(per_seed.values())),
+                }
+            )
+    return out
+
+
+def _pm(stat: dict | None, scale: float = 100.0, digits: int = 2, unit: str = "%") -> str:
+    if stat is None:
+        return "-"
+    text = f"{scale * stat['mean']:.{digits}f}"
+    if stat["std"] is not None:
+        text += f" ± {scale * stat['std']:.{digits}f}"
+    return text + unit
+
+
+def markdown_report(runs: list[dict], rows: list[dict], diffs: list[dict]) -> str:
+    seeds = [run["seed"] for run in runs]
     lines = [
-        "| S | width | params / member | total params | ensemble acc | members: mean (min-max) | train time |",
-        "|---|---|---|---|---|---|---|",
+        f"Mean ± sample standard deviation over {len(seeds)} seed(s) {seeds}; test accuracies at the epoch kept on "
+        "validation.",
+        "",
+        "| S | width | params / member | total params | kept epoch | val ensemble acc | test ensemble acc "
+        "| test members: mean | worst member | best member | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        accs = r["member_accs"]
+    for r in rows:
         lines.append(
-            f"| {r['S']} | {r['width']} | {r['params_per_member']:,} | {r['params_total']:,} | "
-            f"{100 * r['ensemble_acc']:.2f}% | {100 * r['mean_member_acc']:.2f}% "
-            f"({100 * min(accs):.2f}-{100 * max(accs):.2f}%) | {r['train_seconds']:.0f} s |"
+            f"| {r['S']} | {r['width']} | {r['params_per_member']:,} | {r['params_total']:,} "
+            f"| {_pm(r['kept_epoch'], 1, 1, '')} | {_pm(r['val_acc'])} | {_pm(r['ensemble_acc'])} "
+            f"| {_pm(r['mean_member_acc'])} | {_pm(r['min_member_acc'])} | {_pm(r['max_member_acc'])} "
+            f"| {_pm(r['train_seconds'], 1, 0, ' s')} |"
         )
+    if diffs:
+        lines += [
+            "",
+            "Paired differences of test accuracy (points), same seed:",
+            "",
+            "| comparison | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+            "|---|---|" + "---|" * len(seeds) + "---|",
+        ]
+        for d in diffs:
+            cells = " | ".join(f"{100 * d['per_seed'][s]:+.2f}" for s in seeds)
+            lines.append(f"| {d['comparison']} | {d['metric']} | {cells} | {_pm(d, unit='')} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], path: Path) -> bool:
+def plot(runs: list[dict], rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -334,16 +451,21 @@ def plot(results: list[dict], path: Path) -> bool:
         print("matplotlib not installed: no figure")
         return False
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    splits = [r["S"] for r in results]
-    ax.plot(splits, [100 * r["ensemble_acc"] for r in results], "o-", color="C0", label="ensemble")
-    for r in results:
-        accs = [100 * a for a in r["member_accs"]]
-        ax.scatter([r["S"]] * len(accs), accs, marker="x", color="C1", label="members" if r is results[0] else None)
+    splits = [r["S"] for r in rows]
+    means = [100 * r["ensemble_acc"]["mean"] for r in rows]
+    stds = [100 * (r["ensemble_acc"]["std"] or 0.0) for r in rows]
+    ax.errorbar(splits, means, yerr=stds, fmt="o-", color="C0", capsize=3, label="ensemble (mean ± std)")
+    first = True
+    for run in runs:
+        for r in run["results"]:
+            accs = [100 * a for a in r["member_accs"]]
+            ax.scatter([r["S"]] * len(accs), accs, marker="x", color="C1", label="members" if first else None)
+            first = False
     ax.set_xscale("log", base=2)
     ax.set_xticks(splits, [str(s) for s in splits])
     ax.set_xlabel("S (number of members, equal total parameters)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Divide-and-Co-training, Fashion-MNIST" if results else "")
+    ax.set_title(f"Divide-and-Co-training, Fashion-MNIST, {len(runs)} seed(s)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -357,16 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["fashion-mnist", "synthetic"], default="fashion-mnist")
     p.add_argument("--data-dir", default=FASHION_DIR)
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4], help="values of S to train")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full run per seed; mean ± std reported")
     p.add_argument("--base-width", type=int, default=32, help="width of the undivided CNN (S = 1)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=5e-4, help="of the undivided net; scaled by exp(1/S-1)")
-    p.add_argument("--cotrain", choices=["js", "pairwise_kl"], default="js")
+    p.add_argument("--divergence", choices=["js", "pairwise_kl"], default="js", help="the co-training term")
     p.add_argument("--cot-weight", type=float, default=0.5)
     p.add_argument("--cot-warmup-epochs", type=float, default=1.0)
-    p.add_argument("--train-subset", type=int, default=0, help="use the first N training images (0: all)")
+    p.add_argument(
+        "--val-size", type=int, default=5000, help="training images held out for validation (never trained on)"
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split (same for all seeds)")
+    p.add_argument(
+        "--keep",
+        choices=["best", "last"],
+        default="best",
+        help="which epoch's weights are tested: the best on validation, or the last",
+    )
+    p.add_argument("--train-subset", type=int, default=0, help="train on N of the non-validation images (0: all)")
     p.add_argument("--test-subset", type=int, default=0, help="use the first N test images (0: all)")
     p.add_argument("--synthetic-size", type=int, nargs=2, default=[512, 256], metavar=("TRAIN", "TEST"))
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
@@ -377,53 +510,79 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop each configuration after this epoch (checkpointed; as if interrupted), to be continued by --resume",
     )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/divide_and_cotrain")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     return p
 
 
+def load_data(args) -> dict[str, ImageSet]:
+    """The training, validation and test sets (the validation set is carved out of the training data)."""
+    if args.dataset == "synthetic":
+        train_set, test_set = synthetic_data(*args.synthetic_size, seed=args.split_seed)
+    else:
+        train_set, test_set = load_fashion_mnist(args.data_dir)
+    train_idx, val_idx = split_train_val(len(train_set), args.val_size, args.split_seed)
+    if args.train_subset:
+        train_idx = train_idx[: args.train_subset]
+    if args.test_subset:
+        test_set = ImageSet(test_set.images[: args.test_subset], test_set.labels[: args.test_subset])
+    return {"train": subset(train_set, train_idx), "val": subset(train_set, val_idx), "test": test_set}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if any(s < 1 for s in args.splits):
         raise SystemExit(f"--splits must be positive integers, got {args.splits}")
+    if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
+        raise SystemExit(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+    if args.keep == "best" and args.val_size == 0:
+        raise SystemExit("--keep best chooses the epoch on the validation split: give --val-size > 0 or --keep last")
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.dataset == "synthetic":
-        train_set, test_set = synthetic_data(*args.synthetic_size, seed=args.seed)
-    else:
-        train_set, test_set = load_fashion_mnist(args.data_dir)
-    if args.train_subset:
-        train_set = ImageSet(train_set.images[: args.train_subset], train_set.labels[: args.train_subset])
-    if args.test_subset:
-        test_set = ImageSet(test_set.images[: args.test_subset], test_set.labels[: args.test_subset])
-    print(f"{args.dataset}: {len(train_set)} training / {len(test_set)} test images; {torch.get_num_threads()} threads")
+    data = load_data(args)
+    print(
+        f"{args.dataset}: {len(data['train'])} training / {len(data['val'])} validation / {len(data['test'])} test "
+        f"images; {torch.get_num_threads()} threads"
+    )
 
-    start = time.perf_counter()
-    results = [train_config(s, args, train_set, test_set, out_dir) for s in args.splits]
-    if any(r is None for r in results):
-        return {"stopped": True, "results": [r for r in results if r is not None]}
+    start, load_start = time.perf_counter(), os.getloadavg()
+    runs, stopped = [], False
+    for seed in args.seeds:
+        results = [train_config(s, seed, args, data, out_dir / f"seed{seed}" / f"S{s}") for s in args.splits]
+        stopped = stopped or any(r is None for r in results)
+        runs.append({"seed": seed, "results": [r for r in results if r is not None]})
+    if stopped:
+        return {"stopped": True, "runs": runs}
     hardware = (
         f"{platform.machine()} {platform.processor() or ''}".strip()
         + f", {os.cpu_count()} CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
     )
+    rows, diffs = aggregate(runs), paired_differences(runs)
     summary = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "dataset": args.dataset,
-        "train_images": len(train_set),
-        "test_images": len(test_set),
+        "train_images": len(data["train"]),
+        "val_images": len(data["val"]),
+        "test_images": len(data["test"]),
+        "seeds": args.seeds,
+        "keep": args.keep,
         "wall_seconds": time.perf_counter() - start,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
         "hardware": hardware,
-        "results": results,
+        "aggregate": rows,
+        "paired_differences": diffs,
+        "runs": runs,
     }
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    table = markdown_table(results)
-    (out_dir / "results.md").write_text(table)
-    plot(results, out_dir / "accuracy_vs_splits.png")
-    print(table)
+    report = markdown_report(runs, rows, diffs)
+    (out_dir / "results.md").write_text(report)
+    plot(runs, rows, out_dir / "accuracy_vs_splits.png")
+    print(report)
+    print(f"wall time {summary['wall_seconds']:.0f} s; load average {load_start} -> {summary['load_average_end']}")
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'accuracy_vs_splits.png'}")
     return summary
 

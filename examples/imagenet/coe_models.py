@@ -131,10 +131,10 @@ def apply_variants(model: nn.Module, pwlu: bool, condconv: bool, condconv_expert
     if condconv:
         from pycoe.layers.condconv import convert_conv2d_to_condconv
 
-        names = convert_conv2d_to_condconv(model, num_experts=condconv_experts, predicate=_last_stage_convs(model))
+        names = convert_conv2d_to_condconv(model, num_kernels=condconv_experts, predicate=_last_stage_convs(model))
         done.append(f"CondConv({condconv_experts}) x{len(names)}")
     if pwlu:
-        from pycoe.layers.pwlu import convert_activations_to_pwlu
+        from pycoe.layers import convert_activations_to_pwlu
 
         names = convert_activations_to_pwlu(model)
         done.append(f"PWLU x{len(names)}")

@@ -26,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pycoe._modules import check_same_dtype_and_device, explain_input_mismatch
 from pycoe._validation import (
+    check_callable,
     check_choice,
+    check_class_targets,
+    check_generator,
     check_nonnegative_float,
     check_positive_float,
     check_positive_int,
@@ -36,7 +40,13 @@ from pycoe._validation import (
 )
 from pycoe.basisnet.specialist import BasisSpecialist
 from pycoe.coe.delegator import Delegator
-from pycoe.coe.early_exit import ExitThresholdMixin, exit_decision, merge_early_exit, resolve_exit_threshold
+from pycoe.coe.early_exit import (
+    ExitThresholdMixin,
+    check_exit_shapes,
+    exit_decision,
+    merge_early_exit,
+    resolve_exit_threshold,
+)
 
 __all__ = [
     "BasisNet",
@@ -104,6 +114,7 @@ def basis_dropout(
     if p == 1.0:
         raise ValueError("p must be in [0, 1), got 1.0 (it would drop every basis)")
     check_choice("normalization", normalization, NORMALIZATIONS)
+    check_generator("generator", generator)
     if p == 0.0:
         return coefficients
     batch, num_bases = coefficients.shape
@@ -267,8 +278,11 @@ class BasisNet(ExitThresholdMixin, nn.Module):
                 )
         else:
             lightweight = Delegator(lightweight, num_experts=num_bases, num_classes=num_classes)
+        check_same_dtype_and_device([("the lightweight model", lightweight), ("the specialist", specialist)])
         self.lightweight = lightweight
         self.specialist = specialist
+        # per-sample shape of the specialist's output, once seen (checked against the rough head's for early exit)
+        self._specialist_sample_shape: tuple[int, ...] | None = None
         self.num_bases = num_bases
         self.num_classes = num_classes
         self.exit_threshold = exit_threshold
@@ -302,10 +316,21 @@ class BasisNet(ExitThresholdMixin, nn.Module):
             if x.dim() != 4:
                 raise ValueError(f"preview_size needs an image batch x of shape [B, C, H, W], got {tuple(x.shape)}")
             small = F.interpolate(x, size=self.preview_size, mode="bilinear", align_corners=False, antialias=True)
-        d = self.lightweight(small)
+        try:
+            d = self.lightweight(small)
+        except (RuntimeError, TypeError) as err:
+            mismatch = explain_input_mismatch(err, "the lightweight model", self.lightweight, small)
+            if mismatch is None:
+                raise
+            raise mismatch from err
         logits, rough = d.selection_logits, d.rough_logits
         coefficients = basis_coefficients(logits, self.normalization, self.temperature)
         return coefficients, logits, rough
+
+    def _check_exit_shapes(self, rough_logits: torch.Tensor, threshold: float) -> None:
+        check_exit_shapes(
+            rough_logits, self._specialist_sample_shape, threshold, "the lightweight model", "the specialist"
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> BasisNetTrainOutput | BasisNetOutput:
@@ -330,6 +355,10 @@ class BasisNet(ExitThresholdMixin, nn.Module):
         if self.training and self.basis_dropout > 0:
             mixed = basis_dropout(coefficients, self.basis_dropout, self.normalization)
         output = self.specialist(x, mixed)
+        if isinstance(output, torch.Tensor):
+            self._specialist_sample_shape = tuple(output.shape[1:])
+            if self.exit_threshold is not None and rough is not None:
+                self._check_exit_shapes(rough, self.exit_threshold)
         return BasisNetTrainOutput(output=output, coefficients=mixed, coefficient_logits=logits, rough_logits=rough)
 
     def forward_eval(self, x: torch.Tensor, exit_threshold: float | str | None = "default") -> BasisNetOutput:
@@ -347,11 +376,19 @@ class BasisNet(ExitThresholdMixin, nn.Module):
         confidence, exited = exit_decision(
             rough, threshold, x.shape[0], coefficients.device, source="the lightweight model"
         )
+        if threshold is not None and rough is not None:
+            if self._specialist_sample_shape is None and x.shape[0] > 0:
+                with torch.no_grad():  # learn the specialist's output shape once, on the first sample
+                    self._specialist_sample_shape = tuple(self.specialist(x[:1], coefficients[:1]).shape[1:])
+            self._check_exit_shapes(rough, threshold)
 
         def run_specialist(keep: torch.Tensor | None) -> torch.Tensor:
             if keep is None:
-                return self.specialist(x, coefficients)
-            return self.specialist(x.index_select(0, keep), coefficients.index_select(0, keep))
+                out = self.specialist(x, coefficients)
+            else:
+                out = self.specialist(x.index_select(0, keep), coefficients.index_select(0, keep))
+            self._specialist_sample_shape = tuple(out.shape[1:])
+            return out
 
         output = merge_early_exit(rough, exited, run_specialist, what="specialist")
         return BasisNetOutput(output=output, exited=exited, confidence=confidence, coefficients=coefficients)
@@ -378,19 +415,38 @@ def basisnet_loss(
 
     Returns:
         ``(loss Tensor[], info)`` with ``info = {"specialist": ..., "rough": ...}`` (detached scalars; "rough"
-        only with a rough head).
+        only with a rough head). A batch of 0 samples gives a zero loss attached to the graph.
     """
     if not isinstance(output, BasisNetTrainOutput):
         raise TypeError(
             f"output must be a BasisNetTrainOutput (BasisNet in training mode), got {type(output).__name__}"
         )
     check_nonnegative_float("rough_weight", rough_weight)
-    criterion = F.cross_entropy if criterion is None else criterion
-    specialist_loss = criterion(output.output, target)
+    check_callable("criterion", criterion, allow_none=True, expected="(prediction, target) -> scalar")
+    if criterion is None:
+        criterion = F.cross_entropy
+        if isinstance(output.output, torch.Tensor) and output.output.dim() == 2:
+            check_class_targets("target", target, output.output.shape[0], output.output.shape[1], probabilities=True)
+
+    def scalar(value: Any, what: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"criterion must return a scalar loss tensor, got {shape} for the {what}")
+        return value.reshape(())
+
+    if isinstance(output.output, torch.Tensor) and output.output.dim() > 0 and output.output.shape[0] == 0:
+        # a batch of 0 samples: a zero loss attached to the graph (a mean over no sample would be NaN)
+        loss = output.output.sum() * 0.0
+        info = {"specialist": loss.detach()}
+        if output.rough_logits is not None:
+            loss = loss + output.rough_logits.sum() * 0.0
+            info["rough"] = info["specialist"].clone()
+        return loss, info
+    specialist_loss = scalar(criterion(output.output, target), "specialist's output")
     info = {"specialist": specialist_loss.detach()}
     loss = specialist_loss
     if output.rough_logits is not None:
-        rough_loss = criterion(output.rough_logits, target)
+        rough_loss = scalar(criterion(output.rough_logits, target), "rough logits")
         info["rough"] = rough_loss.detach()
         loss = loss + rough_weight * rough_loss
     return loss, info

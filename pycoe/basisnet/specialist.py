@@ -36,7 +36,13 @@ import torch
 from torch import nn
 
 from pycoe._modules import replace_modules
-from pycoe._validation import check_choice, check_nonnegative_float, check_positive_int, check_tensor
+from pycoe._validation import (
+    check_choice,
+    check_generator,
+    check_nonnegative_float,
+    check_positive_int,
+    check_tensor,
+)
 from pycoe.functional.mixture import MIXTURE_STRATEGIES
 from pycoe.layers.condconv import CondConv2d, convert_conv2d_to_condconv
 
@@ -123,8 +129,7 @@ class BasisSpecialist(nn.Module):
         num_bases = check_positive_int("num_bases", num_bases)
         check_nonnegative_float("init_noise", init_noise)
         check_choice("strategy", strategy, MIXTURE_STRATEGIES)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator("generator", generator)
         if predicate is None:
             predicate = _every_conv
         names = convert_conv2d_to_condconv(model, num_bases, predicate=predicate, router=False, strategy=strategy)
@@ -164,6 +169,7 @@ class BasisSpecialist(nn.Module):
             generator: optional ``torch.Generator``.
         """
         check_nonnegative_float("scale", scale)
+        check_generator("generator", generator)
         for layer in self.basis_layers():
             bank = layer.weight  # Tensor[N, O, C/g, kh, kw]
             mean_kernel = bank.mean(dim=0)
@@ -182,6 +188,11 @@ class BasisSpecialist(nn.Module):
                 f"N = num_bases), got {tuple(coefficients.shape)}"
             )
         ref = layers[0].weight
+        if x.is_floating_point() and x.dtype != ref.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the specialist's basis kernels are {ref.dtype}; pass x.to({ref.dtype}) "
+                f"or convert the specialist (specialist.to({x.dtype}))"
+            )
         if coefficients.dtype != ref.dtype:
             raise TypeError(
                 f"coefficients must have the dtype of the basis kernels ({ref.dtype}), got {coefficients.dtype}"

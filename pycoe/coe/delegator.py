@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pycoe._modules import floating_reference
-from pycoe._validation import check_positive_int, check_probability
+from pycoe._modules import explain_input_mismatch, floating_reference
+from pycoe._validation import check_bool, check_device, check_dtype, check_positive_int, check_probability
 from pycoe.utils import eval_mode
 
 __all__ = ["Delegator", "DelegatorOutput"]
@@ -204,7 +204,36 @@ def _dry_run(backbone: nn.Module, example_input: Any) -> Any:
     """One forward pass in eval mode under ``no_grad``; every submodule's mode is restored afterwards."""
     inputs = _as_input_tuple(example_input)
     with eval_mode(backbone):
-        return backbone(*inputs)
+        try:
+            return backbone(*inputs)
+        except Exception as err:
+            shapes = ", ".join(
+                f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in inputs
+            )
+            raise ValueError(
+                f"example_input: the backbone failed on it ({type(err).__name__}: {err}); example_input must be a "
+                f"batch the backbone accepts (got {shapes})"
+            ) from err
+
+
+def _check_factory_kwargs(backbone: nn.Module, device: Any, dtype: Any) -> None:
+    """``device`` and ``dtype`` of the new heads must be those of the backbone's features, when the backbone has
+    floating-point parameters (its output then has their dtype and device)."""
+    ref = floating_reference(backbone)
+    if ref is None:
+        return
+    if dtype is not None and dtype != ref.dtype:
+        raise ValueError(
+            f"dtype={dtype} disagrees with the backbone's parameters ({ref.dtype}): the heads would receive "
+            f"{ref.dtype} features; convert the backbone first (backbone.to({dtype})) or leave dtype=None"
+        )
+    if device is not None and (
+        device.type != ref.device.type or (device.index is not None and device.index != ref.device.index)
+    ):
+        raise ValueError(
+            f"device={device} disagrees with the backbone's parameters (on {ref.device}): the heads would receive "
+            f"features on {ref.device}; move the backbone first (backbone.to({str(device)!r})) or leave device=None"
+        )
 
 
 def _factory_kwargs(backbone: nn.Module, device, dtype) -> dict:
@@ -309,6 +338,11 @@ class Delegator(nn.Module):
             raise ValueError("dropout must be in [0, 1), got 1.0 (it would zero every feature)")
         if classifier is not None and not isinstance(classifier, str):
             raise TypeError(f"classifier must be 'auto', a submodule name or None, got {type(classifier).__name__}")
+        check_bool("reuse_classifier", reuse_classifier)
+        check_bool("zero_init_selection", zero_init_selection)
+        device = check_device("device", device)
+        dtype = check_dtype("dtype", dtype)
+        _check_factory_kwargs(backbone, device, dtype)
         if example_input is not None:
             _as_input_tuple(example_input)  # type check before anything else
 
@@ -429,7 +463,13 @@ class Delegator(nn.Module):
         """The backbone's features, ``Tensor[B, D]`` (before dropout). Extra arguments go to the backbone."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        features = self.backbone(x, *args, **kwargs)
+        try:
+            features = self.backbone(x, *args, **kwargs)
+        except (RuntimeError, TypeError) as err:
+            mismatch = explain_input_mismatch(err, "the delegator's backbone", self.backbone, x)
+            if mismatch is None:
+                raise
+            raise mismatch from err
         self._check_features(features, x, self.feature_dim, context="this input")
         return features
 

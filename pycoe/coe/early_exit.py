@@ -31,6 +31,7 @@ __all__ = [
     "exit_mask",
     "exit_decision",
     "merge_early_exit",
+    "check_exit_shapes",
     "ExitThresholdMixin",
 ]
 
@@ -150,6 +151,35 @@ def merge_early_exit(
             "head's shape [B, C] (use exit_threshold=None for other tasks)"
         )
     return rough_logits.to(routed.dtype).index_copy(0, keep, routed)
+
+
+def check_exit_shapes(
+    rough_logits: torch.Tensor,
+    output_shape: tuple[int, ...] | None,
+    threshold: float,
+    first_stage: str = "the first stage",
+    second_stage: str = "the second stage",
+) -> None:
+    """Raise unless the second stage's per-sample output shape is the rough logits' ``(C,)``.
+
+    Early exit replaces a sample's output by its rough logits, so the two must predict the same classes; a model
+    checks this on its first forward with a threshold, whether or not any sample exits (otherwise a batch where
+    every sample exits would return the rough head's shape and another batch would fail).
+
+    Args:
+        rough_logits: ``Tensor[B, C]``.
+        output_shape: the second stage's per-sample output shape, or ``None`` when not known yet (no check).
+        threshold: the exit threshold in use (for the message).
+        first_stage, second_stage: how the message names the two stages.
+    """
+    if output_shape is not None and tuple(output_shape) != tuple(rough_logits.shape[1:]):
+        raise ValueError(
+            f"early exit (exit_threshold={threshold}) replaces a sample's output by {first_stage}'s rough "
+            f"prediction, but the rough head predicts {rough_logits.shape[1]} classes (per-sample shape "
+            f"{tuple(rough_logits.shape[1:])}) while {second_stage} returns per-sample shape {tuple(output_shape)}; "
+            "give the rough head the classes of the second stage (num_classes), or keep exit_threshold=None (e.g. "
+            "for sequence outputs)"
+        )
 
 
 class ExitThresholdMixin:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modules import explain_input_mismatch
 from .._validation import check_choice, check_expert_index, check_positive_int
 
 __all__ = ["ExpertPool"]
@@ -116,6 +117,10 @@ class ExpertPool(nn.Module):
         return len(self.experts)
 
     def __getitem__(self, k: int) -> nn.Module:
+        if isinstance(k, int) and not -self.num_experts <= k < self.num_experts:
+            raise IndexError(
+                f"expert index {k} is out of range [0, {self.num_experts}) (num_experts={self.num_experts})"
+            )
         return self.experts[k]
 
     def __iter__(self) -> Iterator[nn.Module]:
@@ -146,7 +151,16 @@ class ExpertPool(nn.Module):
         return torch.stack(outputs)
 
     def _call_expert(self, k: int, inputs: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-        out = self.experts[k](*inputs, **kwargs)
+        try:
+            out = self.experts[k](*inputs, **kwargs)
+        except (RuntimeError, TypeError) as err:
+            x = inputs[0] if inputs else None
+            mismatch = explain_input_mismatch(
+                err, f"experts[{k}] ({type(self.experts[k]).__name__})", self.experts[k], x
+            )
+            if mismatch is None:
+                raise
+            raise mismatch from err
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"expert {k} ({type(self.experts[k]).__name__}) returned {type(out).__name__}; "

@@ -24,8 +24,10 @@ from einops import rearrange
 from torch import nn
 
 from .. import distributed as _dist
-from .._validation import check_choice, check_nonnegative_float
+from .._validation import check_callable, check_choice, check_class_targets, check_nonnegative_float, check_tensor
 from ..routing import metrics as _metrics
+from ..routing.labels import LabelGenerator
+from ..routing.weighting import BalancedTransportWeighter
 from .model import CoETrainOutput
 
 __all__ = ["CoELoss"]
@@ -103,12 +105,15 @@ class CoELoss(nn.Module):
         sync: bool | str = "auto",
     ) -> None:
         super().__init__()
-        if not callable(weighter):
-            raise TypeError(f"weighter must be callable (a BalancedTransportWeighter), got {type(weighter).__name__}")
-        if not callable(labeler):
-            raise TypeError(f"labeler must be callable (a LabelGenerator), got {type(labeler).__name__}")
-        if per_sample_loss is not None and not callable(per_sample_loss):
-            raise TypeError(f"per_sample_loss must be callable or None, got {type(per_sample_loss).__name__}")
+        if isinstance(weighter, LabelGenerator) or isinstance(labeler, BalancedTransportWeighter):
+            raise TypeError(
+                f"weighter and labeler look swapped (got weighter={type(weighter).__name__}, "
+                f"labeler={type(labeler).__name__}): CoELoss(weighter=BalancedTransportWeighter(K), "
+                "labeler=LabelGenerator())"
+            )
+        check_callable("weighter", weighter, expected="a BalancedTransportWeighter")
+        check_callable("labeler", labeler, expected="a LabelGenerator")
+        check_callable("per_sample_loss", per_sample_loss, allow_none=True)
         self.weighter = weighter
         self.labeler = labeler
         self.per_sample_loss = per_sample_loss
@@ -146,6 +151,12 @@ class CoELoss(nn.Module):
         Returns:
             Tensor[B, K] (differentiable with respect to the expert outputs).
         """
+        check_tensor("expert_outputs", expert_outputs)
+        if expert_outputs.dim() < 2:
+            raise ValueError(
+                f"expert_outputs must be a Tensor[K, B, ...] (every expert's outputs, stacked), got shape "
+                f"{tuple(expert_outputs.shape)}"
+            )
         k, batch = expert_outputs.shape[0], expert_outputs.shape[1]
         if self.per_sample_loss is None:
             if expert_outputs.dim() != 3:
@@ -154,6 +165,7 @@ class CoELoss(nn.Module):
                     f"per-sample outputs of shape {tuple(expert_outputs.shape[2:])}; pass per_sample_loss="
                     "(output, target) -> Tensor[B] (e.g. token cross-entropy averaged over T for sequences)"
                 )
+            check_class_targets("target", target, batch, expert_outputs.shape[2], probabilities=True)
             # one call for all experts: rows (k, b) of the flattened [K * B, C] logits
             flat_target = target.repeat(k, *([1] * (target.dim() - 1)))
             flat = F.cross_entropy(rearrange(expert_outputs, "k b c -> (k b) c"), flat_target, reduction="none")
@@ -171,6 +183,31 @@ class CoELoss(nn.Module):
             columns.append(value)
         return torch.stack(columns, dim=1)
 
+    def _empty_batch_loss(self, output: CoETrainOutput, losses: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A batch of 0 samples without synchronisation: a zero loss attached to the graph (so ``backward()`` works
+        and gives zero gradients), and the usual info keys (counts 0, rates NaN)."""
+        sel, rough, expert_outputs = output.selection_logits, output.rough_logits, output.expert_outputs
+        k = sel.shape[1]
+        loss = sel.sum() * 0.0 + expert_outputs.sum() * 0.0
+        parts = ["expert_loss", "selection_loss"]
+        if rough is not None and self.rough_weight > 0:
+            loss = loss + rough.sum() * 0.0
+            parts.append("rough_loss")
+        if self.balance_weight > 0:
+            parts.append("balance_loss")
+        info: dict[str, Any] = {name: 0.0 for name in parts}
+        info["loss"] = 0.0
+        zeros = torch.zeros(k, dtype=torch.long, device=sel.device)
+        info["expert_losses"] = torch.zeros(k, dtype=losses.dtype, device=losses.device)
+        info["per_sample_losses"] = losses.detach()
+        for name in ("wgm_load", "load", "label_load"):
+            info[name] = zeros.clone()
+        for name in ("assignment_entropy", "agreement"):
+            info[name] = float("nan")
+        if expert_outputs.dim() == 3:
+            info["oracle_accuracy"] = info["routed_accuracy"] = float("nan")
+        return loss, info
+
     # ------------------------------------------------------------------ forward
     def forward(
         self, output: CoETrainOutput, target: Any, rough_target: torch.Tensor | None = None
@@ -179,8 +216,9 @@ class CoELoss(nn.Module):
 
         Args:
             output: the :class:`~pycoe.coe.model.CoETrainOutput` of a CoE in training mode.
-            target: the experts' target (for the default loss: class indices LongTensor[B]).
-            rough_target: the rough head's target (class indices LongTensor[B]); defaults to ``target``.
+            target: the experts' target (for the default loss: class indices LongTensor[B] in [0, C), or class
+                probabilities Tensor[B, C]).
+            rough_target: the rough head's target (class indices LongTensor[B] in [0, C)); defaults to ``target``.
 
         Returns:
             ``(loss, info)``: ``loss`` is a 0-dim tensor to call ``backward()`` on. ``info`` holds detached values:
@@ -195,6 +233,9 @@ class CoELoss(nn.Module):
             ``agreement`` (float, fraction of samples whose argmax expert is the LGM label); and, for class labels
             (logits ``[K, B, C]`` and integer targets ``[B]``), ``oracle_accuracy`` (some expert is right) and
             ``routed_accuracy`` (the argmax expert is right).
+
+        A batch of 0 samples gives a zero loss attached to the graph (``backward()`` gives zero gradients), counts
+        of 0 and ``NaN`` rates; under synchronisation such a rank still takes part in every collective.
         """
         if not all(hasattr(output, a) for a in ("selection_logits", "rough_logits", "expert_outputs")):
             raise TypeError(
@@ -205,10 +246,15 @@ class CoELoss(nn.Module):
         if not isinstance(sel, torch.Tensor) or sel.dim() != 2:
             raise ValueError("output.selection_logits must be a Tensor[B, K]")
         batch, k = sel.shape
+        if not isinstance(expert_outputs, torch.Tensor):
+            raise TypeError(f"output.expert_outputs must be a Tensor[K, B, ...], got {type(expert_outputs).__name__}")
         if expert_outputs.dim() < 2 or expert_outputs.shape[:2] != (k, batch):
             raise ValueError(
                 f"output.expert_outputs must have shape [K={k}, B={batch}, ...], got {tuple(expert_outputs.shape)}"
             )
+        if rough is not None and (not isinstance(rough, torch.Tensor) or rough.dim() != 2 or rough.shape[0] != batch):
+            shape = tuple(rough.shape) if isinstance(rough, torch.Tensor) else type(rough).__name__
+            raise ValueError(f"output.rough_logits must be None or a Tensor[B={batch}, C], got {shape}")
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
         if target.dim() == 0 or target.shape[0] != batch:
@@ -217,16 +263,35 @@ class CoELoss(nn.Module):
             )
 
         losses = self.per_sample_losses(expert_outputs, target)  # [B, K]
+        synchronised = self._synchronised()
+        if batch == 0 and not synchronised:
+            return self._empty_batch_loss(output, losses)
         wgm = self.weighter(sel.detach())
+        if not isinstance(getattr(wgm, "weights", None), torch.Tensor):
+            raise TypeError(
+                "the weighter must return an object with weights Tensor[B, K] (like BalancedTransportWeighter's "
+                f"WeightingOutput), got {type(wgm).__name__}"
+            )
         weights = wgm.weights.detach().to(losses.dtype)
         if weights.shape != (batch, k):
             raise ValueError(f"the weighter returned weights of shape {tuple(weights.shape)}, expected [{batch}, {k}]")
-        lgm = self.labeler(losses.detach())
-        probs = lgm.probs.detach().to(sel.dtype)
+        if batch > 0:
+            lgm = self.labeler(losses.detach())
+            if not isinstance(getattr(lgm, "probs", None), torch.Tensor) or not isinstance(
+                getattr(lgm, "index", None), torch.Tensor
+            ):
+                raise TypeError(
+                    "the labeler must return an object with probs Tensor[B, K] and index LongTensor[B] (like "
+                    f"LabelGenerator's LabelOutput), got {type(lgm).__name__}"
+                )
+            probs, label_index = lgm.probs.detach().to(sel.dtype), lgm.index
+            if probs.shape != (batch, k):
+                raise ValueError(f"the labeler returned probs of shape {tuple(probs.shape)}, expected [{batch}, {k}]")
+        else:  # an empty batch on this rank of a synchronised step: nothing to label, but every collective runs
+            probs, label_index = sel.detach().new_zeros((0, k)), torch.zeros(0, dtype=torch.long, device=sel.device)
 
         # normalisers: per-expert weight mass and the number of samples (global under synchronisation)
         norms = torch.cat([weights.sum(dim=0), weights.new_tensor([float(batch)])])  # [K + 1]
-        synchronised = self._synchronised()
         scale = 1.0
         if synchronised:
             _dist.all_reduce(norms)
@@ -258,12 +323,13 @@ class CoELoss(nn.Module):
                     f"the rough head needs class indices LongTensor[B={batch}] as rough_target (default: target), "
                     f"got {what}; pass rough_target=... or rough_weight=0"
                 )
+            check_class_targets("rough_target" if rough_target is not None else "target", rt, batch, rough.shape[1])
             rough_loss = F.cross_entropy(rough, rt, reduction="sum") / n_total
             parts["rough_loss"] = self.rough_weight * rough_loss
         loss = scale * sum(parts.values())
         parts = {name: scale * value for name, value in parts.items()}
         if self.balance_weight > 0:
-            balance = self.balance_weight * _metrics.load_balance_cv2(sel)
+            balance = self.balance_weight * (_metrics.load_balance_cv2(sel) if batch > 0 else sel.sum() * 0.0)
             loss = loss + balance
             parts["balance_loss"] = balance
 
@@ -277,10 +343,15 @@ class CoELoss(nn.Module):
                 wgm.load.detach() if hasattr(wgm, "load") else torch.bincount(weights.argmax(dim=1), minlength=k)
             )
             info["load"] = _metrics.expert_load(choice, k)
-            info["label_load"] = _metrics.expert_load(lgm.index, k)
-            info["assignment_entropy"] = float(_metrics.assignment_entropy(choice, k, normalize=True))
-            info["agreement"] = float(_metrics.agreement(sel.detach(), lgm.index))
-            if expert_outputs.dim() == 3 and target.dim() == 1 and not target.is_floating_point():
+            info["label_load"] = _metrics.expert_load(label_index, k)
+            if batch == 0:  # rates over no sample
+                info["assignment_entropy"] = info["agreement"] = float("nan")
+                if expert_outputs.dim() == 3:
+                    info["oracle_accuracy"] = info["routed_accuracy"] = float("nan")
+            else:
+                info["assignment_entropy"] = float(_metrics.assignment_entropy(choice, k, normalize=True))
+                info["agreement"] = float(_metrics.agreement(sel.detach(), label_index))
+            if batch > 0 and expert_outputs.dim() == 3 and target.dim() == 1 and not target.is_floating_point():
                 logits = expert_outputs.detach()
                 info["oracle_accuracy"] = float(_metrics.oracle_accuracy(logits.float(), target))
                 chosen = logits[choice, torch.arange(batch, device=choice.device)]  # [B, C]

@@ -18,8 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modules import check_same_dtype_and_device, explain_input_mismatch
 from .delegator import DelegatorOutput
-from .early_exit import ExitThresholdMixin, exit_decision, merge_early_exit, resolve_exit_threshold
+from .early_exit import (
+    ExitThresholdMixin,
+    check_exit_shapes,
+    exit_decision,
+    merge_early_exit,
+    resolve_exit_threshold,
+)
 from .experts import ExpertPool
 
 __all__ = ["CoE", "CoEOutput", "CoETrainOutput"]
@@ -95,8 +102,14 @@ class CoE(ExitThresholdMixin, nn.Module):
     **Early exit and output shapes.** Exiting replaces a sample's output by its rough logits ``Tensor[C]``, so it
     needs a delegator with a rough head (``num_classes``) and experts whose per-sample output is also
     ``Tensor[C]`` (classification). For other tasks (e.g. sequence models with outputs ``[B, T, V]``) keep
-    ``exit_threshold=None``: the rough head can still be trained as an auxiliary task, but mixing its output with
-    the experts' would raise a ``ValueError``.
+    ``exit_threshold=None``: the rough head can still be trained as an auxiliary task. With a threshold, the first
+    forward (train or eval) raises a ``ValueError`` when the rough head's per-sample shape differs from the
+    experts', whether or not a sample exits; in eval mode, if the experts' output shape has not been seen yet,
+    expert 0 runs once on one sample to learn it.
+
+    **Checks.** The delegator and the experts must share a dtype and device (checked at construction); an input
+    of another dtype or device raises a ``TypeError`` naming the component that received it. A batch of 0
+    samples returns empty outputs of the right shape in both modes.
 
     Args:
         delegator: usually a :class:`~pycoe.coe.delegator.Delegator`; any module returning a
@@ -139,8 +152,13 @@ class CoE(ExitThresholdMixin, nn.Module):
                 f"the delegator chooses among num_experts={k_delegator} experts but the expert pool holds "
                 f"{experts.num_experts}; build the Delegator with num_experts={experts.num_experts}"
             )
+        check_same_dtype_and_device(
+            [("the delegator", delegator), *((f"experts[{k}]", e) for k, e in enumerate(experts))]
+        )
         self.delegator = delegator
         self.experts = experts
+        # per-sample shape of the experts' outputs, once seen (checked against the rough head's for early exit)
+        self._expert_sample_shape: tuple[int, ...] | None = None
         self.exit_threshold = exit_threshold
 
     @property
@@ -182,7 +200,14 @@ class CoE(ExitThresholdMixin, nn.Module):
             :class:`~pycoe.coe.delegator.DelegatorOutput`: selection_logits Tensor[B, K], rough_logits
             Tensor[B, C] or ``None``.
         """
-        out = _as_delegator_output(self.delegator(x))
+        try:
+            raw = self.delegator(x)
+        except (RuntimeError, TypeError) as err:
+            mismatch = explain_input_mismatch(err, "the delegator", self.delegator, x)
+            if mismatch is None:
+                raise
+            raise mismatch from err
+        out = _as_delegator_output(raw)
         sel, rough = out.selection_logits, out.rough_logits
         batch = x.shape[0]
         if not isinstance(sel, torch.Tensor) or sel.dim() != 2 or sel.shape != (batch, self.num_experts):
@@ -209,12 +234,29 @@ class CoE(ExitThresholdMixin, nn.Module):
         Returns:
             ``(expert_index LongTensor[B] (-1 where exited), exited BoolTensor[B], confidence Tensor[B])``.
         """
+        if not isinstance(delegator_output, DelegatorOutput):
+            raise TypeError(
+                "delegator_output must be a DelegatorOutput (the result of model.delegate(x)), got "
+                f"{type(delegator_output).__name__}"
+            )
         threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
         sel, rough = delegator_output.selection_logits, delegator_output.rough_logits
         choice = sel.argmax(dim=1)
         confidence, exited = exit_decision(rough, threshold, sel.shape[0], sel.device, source="the delegator")
         expert_index = torch.where(exited, torch.full_like(choice, -1), choice)
         return expert_index, exited, confidence
+
+    def _probe_expert_shape(self, inputs: Sequence[Any], kwargs: dict[str, Any], batched_keys: list[str]) -> None:
+        """Learn the experts' per-sample output shape by running expert 0 on the first sample (once, no gradient)."""
+        batch = inputs[0].shape[0]
+        one = [v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v for v in inputs]
+        one_kwargs = {key: (kwargs[key][:1] if key in batched_keys else kwargs[key]) for key in kwargs}
+        index = torch.zeros(1, dtype=torch.long, device=inputs[0].device)
+        with torch.no_grad():
+            self._expert_sample_shape = tuple(self.experts.forward_routed(index, *one, **one_kwargs).shape[1:])
+
+    def _check_exit_shapes(self, rough_logits: torch.Tensor, threshold: float) -> None:
+        check_exit_shapes(rough_logits, self._expert_sample_shape, threshold, "the delegator", "the experts")
 
     # ------------------------------------------------------------------ forward
     def forward(self, *inputs: Any, **kwargs: Any) -> CoETrainOutput | CoEOutput:
@@ -242,6 +284,9 @@ class CoE(ExitThresholdMixin, nn.Module):
                 f"the experts must return batch-first outputs [B={batch}, ...], got stacked shape "
                 f"{tuple(expert_outputs.shape)}"
             )
+        self._expert_sample_shape = tuple(expert_outputs.shape[2:])
+        if self.exit_threshold is not None and d.rough_logits is not None:
+            self._check_exit_shapes(d.rough_logits, self.exit_threshold)
         return CoETrainOutput(d.selection_logits, d.rough_logits, expert_outputs)
 
     def forward_eval(self, *inputs: Any, exit_threshold: float | str | None = "default", **kwargs: Any) -> CoEOutput:
@@ -261,15 +306,23 @@ class CoE(ExitThresholdMixin, nn.Module):
         batched_keys = [
             key for key, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
         ]
+        threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
+        if threshold is not None and d.rough_logits is not None:
+            if self._expert_sample_shape is None and batch > 0:
+                self._probe_expert_shape(inputs, kwargs, batched_keys)
+            self._check_exit_shapes(d.rough_logits, threshold)
 
         def run_experts(keep: torch.Tensor | None) -> torch.Tensor:
             if keep is None:
-                return self.experts.forward_routed(expert_index, *inputs, **kwargs)
-            sub_inputs = [v.index_select(0, keep) if isinstance(v, torch.Tensor) else v for v in inputs]
-            sub_kwargs = dict(kwargs)
-            for key in batched_keys:
-                sub_kwargs[key] = kwargs[key].index_select(0, keep)
-            return self.experts.forward_routed(expert_index.index_select(0, keep), *sub_inputs, **sub_kwargs)
+                out = self.experts.forward_routed(expert_index, *inputs, **kwargs)
+            else:
+                sub_inputs = [v.index_select(0, keep) if isinstance(v, torch.Tensor) else v for v in inputs]
+                sub_kwargs = dict(kwargs)
+                for key in batched_keys:
+                    sub_kwargs[key] = kwargs[key].index_select(0, keep)
+                out = self.experts.forward_routed(expert_index.index_select(0, keep), *sub_inputs, **sub_kwargs)
+            self._expert_sample_shape = tuple(out.shape[1:])
+            return out
 
         output = merge_early_exit(d.rough_logits, exited, run_experts, what="expert")
         return CoEOutput(output=output, expert_index=expert_index, exited=exited, confidence=confidence)

@@ -1,41 +1,17 @@
-"""Divide-and-Co-training: divide a network into S narrower ones, co-train them on several views, ensemble."""
+"""Divide-and-Co-training: divide a network into S narrower ones, co-train them on several views, ensemble.
 
-from pycoe.cotrain.divide import (
-    DivisionError,
-    WidthSearch,
-    count_parameters,
-    divide_by_factory,
-    divide_module,
-    round_to_multiple,
-    search_width,
-)
-from pycoe.cotrain.ensemble import CoTrainingEnsemble, CoTrainingLoss, CoTrainingOutput, combine_outputs
-from pycoe.cotrain.schedule import (
-    LinearWarmup,
-    apply_dropout_scaling,
-    linear_warmup,
-    scale_dropout,
-    scale_weight_decay,
-)
-from pycoe.cotrain.views import MultiViewDataset, multiview_collate
+- :mod:`pycoe.cotrain.width`: the width at which a model built by a factory has 1/S of the parameters;
+- :mod:`pycoe.cotrain.divide`: the generic division of an instantiated model (by tracing);
+- :mod:`pycoe.cotrain.ensemble`: the co-trained ensemble and the co-training loss;
+- :mod:`pycoe.cotrain.schedule`: the regularisation scaling and the co-training weight warm-up;
+- :mod:`pycoe.cotrain.views`: S augmented views of every sample.
+"""
 
-__all__ = [
-    "divide_by_factory",
-    "divide_module",
-    "search_width",
-    "count_parameters",
-    "round_to_multiple",
-    "WidthSearch",
-    "DivisionError",
-    "CoTrainingEnsemble",
-    "CoTrainingOutput",
-    "CoTrainingLoss",
-    "combine_outputs",
-    "MultiViewDataset",
-    "multiview_collate",
-    "linear_warmup",
-    "LinearWarmup",
-    "scale_weight_decay",
-    "scale_dropout",
-    "apply_dropout_scaling",
-]
+from pycoe.cotrain import divide, ensemble, schedule, views, width
+from pycoe.cotrain.divide import *
+from pycoe.cotrain.ensemble import *
+from pycoe.cotrain.schedule import *
+from pycoe.cotrain.views import *
+from pycoe.cotrain.width import *
+
+__all__ = [*width.__all__, *divide.__all__, *ensemble.__all__, *schedule.__all__, *views.__all__]

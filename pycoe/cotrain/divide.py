@@ -1,405 +1,107 @@
-"""Dividing one network into S narrower ones with about 1/S of its parameters each.
+"""Dividing an instantiated network into S narrower copies with about 1/S of its parameters each.
 
-Zhao, Zhou, Wang, Cai, Lam, Xu, *Towards Better Accuracy-efficiency Trade-offs: Divide and Co-training*,
-IEEE TIP 2022 (arXiv 2011.14660). The paper divides a wide network M into S small networks
-M_1..M_S whose parameter counts add up to about M's. Convolution parameters grow with the square of the
-width, so the width is divided by about :math:`\\sqrt S`; for ResNeXt the paper divides the cardinality
-(the number of groups) by S instead. The authors' code does this with hand-written width tables per
-architecture. pycoe offers two generic ways instead:
-
-- :func:`divide_by_factory`: for models built from a width argument (torchvision's ``mobilenet_v2(width_mult=w)``,
-  wide ResNets' ``width_per_group``, your own), search the width at which one model has about 1/S of the
-  parameters (bisection on the parameter count, counted on the ``meta`` device), then build S models.
-- :func:`divide_module`: for an instantiated model made of standard layers, rebuild it with every internal
-  channel width scaled by one factor :math:`\\alpha` (about :math:`1/\\sqrt S`, by default adjusted so that
-  the parameter count is 1/S; pycoe's generic rule, see :func:`divide_module`).
-
-Einstein legend (comments): S members; c an original channel count; c' a divided one.
+Zhao et al., *Towards Better Accuracy-efficiency Trade-offs: Divide and Co-training*, IEEE TIP 2022
+(arXiv 2011.14660); :func:`divide_module` is pycoe's generic rule (the paper uses per-architecture width
+tables). It runs in named steps: check the arguments, trace one forward pass for the widths that must stay
+equal (``_tracing``), plan the divided widths (:class:`_WidthPlan`), choose the multiplier :math:`\alpha`,
+rebuild each layer from the input it receives (:class:`_Placeholder`), and make S members. (Slightly over
+500 lines: these steps serve one function and share its errors; the tracing itself lives in ``_tracing``.)
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from .._modules import replace_modules
-from .._modules import tensors_in as _tensors
-from .._validation import check_positive_int
+from .._modules import replace_modules, tensors_in
+from .._validation import check_bool, check_int, check_number, check_positive_int
+from ._bisection import bisect_width, closest_width
+from ._tracing import (
+    CONV_TYPES,
+    INPUT_NODE,
+    MIXING_TYPES,
+    NORM_TYPES,
+    LayerRecord,
+    UnionFind,
+    is_depthwise,
+    out_width,
+    trace_channels,
+)
+from .width import count_parameters
 
-__all__ = [
-    "DivisionError",
-    "WidthSearch",
-    "count_parameters",
-    "search_width",
-    "divide_by_factory",
-    "divide_module",
-    "round_to_multiple",
-]
+__all__ = ["DivisionError", "divide_module", "round_to_multiple"]
+
+_RESIZABLE = (*MIXING_TYPES, *NORM_TYPES)
 
 
 class DivisionError(ValueError):
     """Raised when a model cannot be divided; the message names the offending module."""
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of (distinct) parameter elements of ``model``; works for models on the ``meta`` device."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return sum(p.numel() for p in model.parameters())
-
-
 def round_to_multiple(value: float, multiple: int) -> int:
     """Round ``value`` to the nearest positive multiple of ``multiple`` (never below ``multiple``)."""
-    m = check_positive_int("multiple", multiple)
-    return max(m, math.floor(value / m + 0.5) * m)
+    m = check_positive_int("multiple", check_int("multiple", multiple))
+    v = check_number("value", value)
+    return max(m, math.floor(v / m + 0.5) * m)
 
 
 # ------------------------------------------------------------------------------------------------------
-# 1. Division by a width factory
+# Steps 1-2: arguments, and the trace
 # ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class WidthSearch:
-    """The result of :func:`search_width`.
-
-    Attributes:
-        width: the width chosen for each of the S divided models.
-        params: the parameter count of one model at ``width``.
-        target: ``reference_params / S``.
-        reference_params: the parameter count at ``base_width``.
-        evaluations: how many widths were evaluated.
-    """
-
-    width: float
-    params: int
-    target: float
-    reference_params: int
-    evaluations: int
-
-    @property
-    def ratio(self) -> float:
-        """``params / target`` (1.0 is an exact match)."""
-        return self.params / self.target
-
-
-def _count_factory(factory: Callable[[Any], nn.Module], width: Any) -> int:
-    try:
-        with torch.device("meta"):
-            model = factory(width)
-    except Exception:  # some factories cannot build on the meta device: build for real
-        model = factory(width)
+def _check_arguments(
+    model: Any,
+    num_splits: Any,
+    multiple: Any,
+    divide_groups: Any,
+    example_input: Any,
+    width_multiplier: Any,
+    identical_init: Any,
+    init_fn: Any,
+) -> tuple[int, int]:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"factory must return an nn.Module, got {type(model).__name__} for width {width!r}")
-    return count_parameters(model)
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    s = check_positive_int("num_splits", check_int("num_splits", num_splits))
+    m = check_positive_int("multiple", check_int("multiple", multiple))
+    check_bool("divide_groups", divide_groups)
+    check_bool("identical_init", identical_init)
+    if init_fn is not None and not callable(init_fn):
+        raise TypeError(f"init_fn must be callable or None, got {type(init_fn).__name__}")
+    if isinstance(width_multiplier, str):
+        if width_multiplier not in ("match", "sqrt"):
+            raise ValueError(f"width_multiplier must be 'match', 'sqrt' or a number > 0, got {width_multiplier!r}")
+    elif isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)):
+        raise TypeError(f"width_multiplier must be 'match', 'sqrt' or a number, got {type(width_multiplier).__name__}")
+    else:
+        check_number("width_multiplier", width_multiplier, minimum=0, strict=True)
+    if example_input is not None and not tensors_in(example_input):
+        raise TypeError(
+            "example_input must be a tensor or a tuple of positional inputs holding at least one tensor, "
+            f"got {type(example_input).__name__}"
+        )
+    return s, m
 
 
-def search_width(
-    factory: Callable[[Any], nn.Module],
-    num_splits: int,
-    base_width: float = 1.0,
-    *,
-    integer: bool = False,
-    candidates: Iterable[Any] | None = None,
-    rel_tol: float = 0.005,
-    max_iter: int = 40,
-) -> WidthSearch:
-    """Find the width at which ``factory(width)`` has about ``1/S`` of the parameters of ``factory(base_width)``.
-
-    The parameter count is assumed non-decreasing in the width. Models are built on the ``meta`` device
-    for counting (no memory, no initialisation cost), falling back to the CPU if the factory fails there.
-
-    Args:
-        factory: ``width -> nn.Module``.
-        num_splits: S >= 1.
-        base_width: the width of the undivided model.
-        integer: search integer widths in ``[1, base_width]`` (e.g. ``width_per_group``).
-        candidates: if given, choose among these widths only (the one whose count is closest to the target).
-        rel_tol: continuous search: stop when the count is within this relative distance of the target.
-        max_iter: continuous search: at most this many bisection steps.
-
-    Returns:
-        A :class:`WidthSearch`; ``width`` is the evaluated width whose count is closest to the target.
-    """
-    if not callable(factory):
-        raise TypeError(f"factory must be callable (width -> nn.Module), got {type(factory).__name__}")
-    s = check_positive_int("num_splits", num_splits)
-    if isinstance(base_width, bool) or not isinstance(base_width, (int, float)) or not base_width > 0:
-        raise ValueError(f"base_width must be a number > 0, got {base_width!r}")
-    if integer and int(base_width) != base_width:
-        raise ValueError(f"base_width must be an integer when integer=True, got {base_width!r}")
-    if not rel_tol > 0:
-        raise ValueError(f"rel_tol must be > 0, got {rel_tol!r}")
-    check_positive_int("max_iter", max_iter)
-    cache: dict[Any, int] = {}
-
-    def count(w: Any) -> int:
-        if w not in cache:
-            cache[w] = _count_factory(factory, w)
-        return cache[w]
-
-    reference = count(int(base_width) if integer else base_width)
-    target = reference / s
-
-    def best() -> WidthSearch:
-        w = min(cache, key=lambda k: (abs(cache[k] - target), cache[k]))
-        return WidthSearch(width=w, params=cache[w], target=target, reference_params=reference, evaluations=len(cache))
-
-    if s == 1:
-        cache.clear()
-        cache[int(base_width) if integer else base_width] = reference
-        return best()
-    if candidates is not None:
-        cands = list(candidates)
-        if not cands:
-            raise ValueError("candidates must not be empty")
-        cache.clear()
-        for w in cands:
-            count(w)
-        return best()
-    if integer:
-        lo, hi = 1, int(base_width)  # count(hi) = reference >= target
-        if count(lo) >= target:
-            return best()
-        while hi - lo > 1:  # invariant: count(lo) < target <= count(hi)
-            mid = (lo + hi) // 2
-            if count(mid) < target:
-                lo = mid
-            else:
-                hi = mid
-        return best()
-    lo, hi = base_width / s, float(base_width)
-    shrink = 0
-    while count(lo) > target and shrink < 20:
-        lo /= 2
-        shrink += 1
-    for _ in range(max_iter):
-        mid = 0.5 * (lo + hi)
-        c = count(mid)
-        if abs(c - target) <= rel_tol * target:
-            break
-        if c < target:
-            lo = mid
-        else:
-            hi = mid
-    return best()
-
-
-def divide_by_factory(
-    factory: Callable[[Any], nn.Module],
-    num_splits: int,
-    base_width: float = 1.0,
-    *,
-    integer: bool = False,
-    candidates: Iterable[Any] | None = None,
-    rel_tol: float = 0.005,
-    max_iter: int = 40,
-    identical_init: bool = False,
-) -> list[nn.Module]:
-    """Build S models from ``factory`` at the width where each has about 1/S of ``factory(base_width)``'s parameters.
-
-    The width is found by :func:`search_width`; each of the S models is a fresh ``factory(width)`` call
-    (independent initialisations unless ``identical_init``).
-
-    Args:
-        factory: ``width -> nn.Module``, e.g. ``lambda w: torchvision.models.mobilenet_v2(width_mult=w)`` or
-            ``lambda w: torchvision.models.resnet.ResNet(Bottleneck, [3, 4, 6, 3], width_per_group=w)`` with
-            ``integer=True``.
-        num_splits: S >= 1.
-        base_width: the width of the undivided model.
-        integer, candidates, rel_tol, max_iter: see :func:`search_width`.
-        identical_init: give every model the first model's initial weights (an option of the authors' code).
-
-    Returns:
-        A list of S ``nn.Module``.
-
-    Example:
-        >>> import torchvision
-        >>> nets = divide_by_factory(lambda w: torchvision.models.mobilenet_v2(width_mult=w), 2)
-        >>> len(nets)
-        2
-    """
-    result = search_width(
-        factory, num_splits, base_width, integer=integer, candidates=candidates, rel_tol=rel_tol, max_iter=max_iter
-    )
-    models = [factory(result.width) for _ in range(num_splits)]
-    for m in models:
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"factory must return an nn.Module, got {type(m).__name__}")
-    if identical_init:
-        state = models[0].state_dict()
-        for m in models[1:]:
-            m.load_state_dict(state)
-    return models
-
-
-# ------------------------------------------------------------------------------------------------------
-# 2. Generic division of an instantiated model
-# ------------------------------------------------------------------------------------------------------
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_MIXING = (*_CONV, nn.Linear)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
-_LAZY = nn.modules.lazy.LazyModuleMixin
-_INPUT = 0  # the union-find node of the model's input channels
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def add(self) -> int:
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-@dataclass
-class _LayerRecord:
-    name: str
-    module: nn.Module
-    node: int | None = None  # mixing layers: the node of their output channels
-    in_node: int | None = None  # the node of the input's channel dim, if known
-    in_channels_dim: int | None = None  # norms: which input dim holds the features
-    executed: bool = False
-    is_output: bool = False
-
-
-def _channel_dim(module: nn.Module, ndim: int) -> int:
-    """Input/output dim holding the channels of a mixing layer."""
-    return 1 if isinstance(module, _CONV) else ndim - 1
-
-
-class _Tracer(TorchFunctionMode):
-    """Records which tensor dims carry which layers' output channels, and the data flow between tensors.
-
-    Channel "tags" (tensor dim -> union-find node) start at the model input and at every Conv/Linear output
-    and are propagated through every torch operation whose output keeps the tagged dim's size (element-wise
-    ops, activations, pooling, norms, ``flatten`` of ``[B, C, 1, 1]`` ...), through ``permute``/``transpose``,
-    and are lost through anything else (``cat`` along channels, ``flatten`` of a spatial map, reshapes).
-    When two tags meet on the same dim (``x + f(x)``, ``x * se(x)``), their nodes are united: those widths
-    must stay equal.
-    """
-
-    def __init__(self, uf: _UnionFind) -> None:
-        super().__init__()
-        self.uf = uf
-        self.tags: dict[int, dict[int, int]] = {}
-        self.edges: dict[int, list[int]] = {}
-        self.module_outputs: dict[int, str] = {}
-        self.keep: list[Tensor] = []  # strong references: ids stay unique during the trace
-        self.depth = 0
-
-    def tag(self, t: Tensor, dim: int, node: int) -> None:
-        self.keep.append(t)
-        info = self.tags.setdefault(id(t), {})
-        if dim in info:
-            self.uf.union(info[dim], node)
-        else:
-            info[dim] = node
-
-    def copy_tags(self, src: Tensor, dst: Tensor, mapping: dict[int, int] | None = None) -> None:
-        for d, node in list(self.tags.get(id(src), {}).items()):
-            nd = d if mapping is None else mapping.get(d)
-            if nd is not None:
-                self.tag(dst, nd, node)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.depth == 0:
-            try:
-                self._record(func, args, kwargs, out)
-            except Exception:  # recording must never break the model's forward
-                pass
-        return out
-
-    def _record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        ins = _tensors((args, kwargs))
-        outs = _tensors(out)
-        if not outs or not ins:
-            return
-        name = getattr(func, "__name__", "")
-        for o in outs:
-            self.keep.append(o)
-            self.edges.setdefault(id(o), []).extend(id(i) for i in ins if i is not o)
-        src = ins[0]
-        if name in ("permute", "transpose", "transpose_", "swapaxes", "movedim", "moveaxis") and len(outs) == 1:
-            mapping = self._dim_map(name, src.dim(), args[1:], kwargs)
-            if mapping is not None:
-                self.copy_tags(src, outs[0], mapping)
-                return
-        for o in outs:
-            for i in ins:
-                for d, node in list(self.tags.get(id(i), {}).items()):
-                    if d < o.dim() and d < i.dim() and o.shape[d] == i.shape[d]:
-                        if o.dim() == i.dim() or tuple(o.shape[: d + 1]) == tuple(i.shape[: d + 1]):
-                            self.tag(o, d, node)
-
-    @staticmethod
-    def _dim_map(name: str, ndim: int, rest: tuple, kwargs: dict) -> dict[int, int] | None:
-        """old dim -> new dim for permute-like ops, or None if the arguments are not understood."""
-        try:
-            if name == "permute":
-                dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-                dims = kwargs.get("dims", dims)
-                dims = [int(d) % ndim for d in dims]
-                return {old: new for new, old in enumerate(dims)}
-            if name in ("transpose", "transpose_", "swapaxes"):
-                a, b = (int(rest[0]) % ndim, int(rest[1]) % ndim)
-                mapping = {d: d for d in range(ndim)}
-                mapping[a], mapping[b] = b, a
-                return mapping
-            src = rest[0] if isinstance(rest[0], (tuple, list)) else [rest[0]]
-            dst = rest[1] if isinstance(rest[1], (tuple, list)) else [rest[1]]
-            src = [int(d) % ndim for d in src]
-            dst = [int(d) % ndim for d in dst]
-            order = [d for d in range(ndim) if d not in src]
-            result = [None] * ndim
-            for s_, d_ in zip(src, dst):
-                result[d_] = s_
-            it = iter(order)
-            result = [r if r is not None else next(it) for r in result]
-            return {old: new for new, old in enumerate(result)}
-        except Exception:
-            return None
-
-
-def _is_depthwise(conv: nn.Module) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels
-
-
-def _unsupported(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    bad = []
+def _refuse_unsupported(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, _LAZY):
-            bad.append((name, module))
-        elif isinstance(module, (*_MIXING, *_NORMS)) or (isinstance(module, nn.PReLU) and module.num_parameters == 1):
+        if isinstance(module, _RESIZABLE) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
             continue
-        elif any(True for _ in module.parameters(recurse=False)):
-            bad.append((name, module))
-    return bad
+        if isinstance(module, nn.PReLU) and module.num_parameters == 1:
+            continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) or any(True for _ in module.parameters(recurse=False)):
+            raise DivisionError(
+                f"cannot divide module {name or '<root>'!r} ({type(module).__name__}): it holds parameters and is "
+                "not a layer divide_module knows how to resize (Conv1d/2d/3d, Linear, BatchNorm, InstanceNorm, "
+                "GroupNorm, LayerNorm, single-parameter PReLU); divide the model with divide_by_factory instead"
+            )
 
 
 def _default_example(model: nn.Module) -> Tensor:
-    first = next((m for m in model.modules() if isinstance(m, _MIXING)), None)
+    first = next((m for m in model.modules() if isinstance(m, MIXING_TYPES)), None)
     if isinstance(first, nn.Conv2d):
         param = first.weight
         return torch.randn(1, first.in_channels, 64, 64, device=param.device, dtype=param.dtype)
@@ -409,105 +111,223 @@ def _default_example(model: nn.Module) -> Tensor:
     )
 
 
-def _trace(model: nn.Module, example_input: Any, records: dict[int, _LayerRecord], uf: _UnionFind) -> Any:
-    tracer = _Tracer(uf)
-    handles = []
-
-    def pre_hook(module: nn.Module, args: tuple) -> None:
-        rec = records[id(module)]
-        rec.executed = True
-        inp = _tensors(args)
-        if not inp:
-            return
-        x = inp[0]
-        info = tracer.tags.get(id(x), {})
-        if isinstance(module, _MIXING):
-            rec.in_node = info.get(_channel_dim(module, x.dim()))
-            tracer.depth += 1
-        else:  # a norm: which input dim carries its features
-            if isinstance(module, nn.LayerNorm):
-                k = len(module.normalized_shape)
-                feat = module.normalized_shape[-1]
-                dims = [d for d in range(x.dim()) if x.shape[d] == feat]
-                tagged = [d for d in dims if d in info]
-                if k == 1 and (tagged or dims):
-                    rec.in_channels_dim = (tagged or dims)[-1]
-                else:
-                    rec.in_channels_dim = x.dim() - 1
-            else:
-                rec.in_channels_dim = 1
-            rec.in_node = info.get(rec.in_channels_dim)
-        rec.module_input = x  # type: ignore[attr-defined]
-
-    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        rec = records[id(module)]
-        outs = _tensors(output)
-        if isinstance(module, _MIXING):
-            tracer.depth -= 1
-            if rec.node is None:
-                rec.node = uf.add()
-            for o in outs:
-                tracer.keep.append(o)
-                tracer.module_outputs[id(o)] = rec.name
-                tracer.tags[id(o)] = {}
-                tracer.tag(o, _channel_dim(module, o.dim()), rec.node)
-        else:  # norms keep their input's shape: forward its tags whatever happens inside
-            x = getattr(rec, "module_input", None)
-            for o in outs:
-                if x is not None and o.shape == x.shape:
-                    tracer.copy_tags(x, o)
-        if hasattr(rec, "module_input"):
-            del rec.module_input  # type: ignore[attr-defined]
-
-    for rec in records.values():
-        handles.append(rec.module.register_forward_pre_hook(pre_hook))
-        handles.append(rec.module.register_forward_hook(post_hook))
-    inputs = _tensors(example_input)
+def _trace(model: nn.Module, example_input: Any) -> tuple[list[LayerRecord], UnionFind, Any]:
+    """Trace a copy of ``model``: one record per resizable layer, the equal-width classes, the output."""
+    traced = copy.deepcopy(model).eval()
+    uf = UnionFind()
+    uf.add()  # INPUT_NODE
+    records: dict[int, LayerRecord] = {}
+    for name, module in traced.named_modules(remove_duplicate=False):
+        if isinstance(module, _RESIZABLE) and id(module) not in records:
+            records[id(module)] = LayerRecord(name=name, module=module)
     try:
-        with torch.no_grad(), tracer:
-            for x in inputs:
-                tracer.keep.append(x)
-                if x.dim() >= 2:
-                    tracer.tag(x, 1, _INPUT)
-                    tracer.tag(x, x.dim() - 1, _INPUT)
-            output = model(example_input) if not isinstance(example_input, tuple) else model(*example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    # layers whose outputs reach the model output through non-mixing operations only keep their width
-    seen: set[int] = set()
-    stack = [id(t) for t in _tensors(output)]
-    by_name = {rec.name: rec for rec in records.values()}
-    while stack:
-        tid = stack.pop()
-        if tid in seen:
-            continue
-        seen.add(tid)
-        if tid in tracer.module_outputs:
-            by_name[tracer.module_outputs[tid]].is_output = True
-            continue
-        stack.extend(tracer.edges.get(tid, []))
-    return output
+        output = trace_channels(traced, example_input, records, uf)
+    except Exception as err:
+        raise DivisionError(f"the model failed on example_input during tracing: {type(err).__name__}: {err}") from err
+    for rec in records.values():
+        if not rec.executed:
+            raise DivisionError(
+                f"cannot divide module {rec.name!r} ({type(rec.module).__name__}): example_input never reaches it "
+                "(pass an example_input that exercises every layer, or remove unused layers)"
+            )
+    return list(records.values()), uf, output
 
 
-class _Placeholder(nn.Module):
-    """Stands for a layer of the divided model; builds it from the first input it sees."""
+# ------------------------------------------------------------------------------------------------------
+# Steps 3-4: the width of every equal-width class, and the multiplier alpha
+# ------------------------------------------------------------------------------------------------------
+def _norm_features(norm: nn.Module) -> int:
+    if isinstance(norm, nn.GroupNorm):
+        return int(norm.num_channels)
+    if isinstance(norm, nn.LayerNorm):
+        return int(norm.normalized_shape[-1])
+    if isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return norm.num_features
+    raise TypeError(f"expected a normalisation layer, got {type(norm).__name__}")
+
+
+class _WidthPlan:
+    """The classes of widths that must stay equal, and the width each gets for a multiplier ``alpha``.
+
+    A class is a union-find root. Kept at their width: the input's class and the classes of output layers
+    (``fixed``). Grouped convolutions and ``GroupNorm`` raise a class's rounding multiple to a common multiple
+    with their groups (``multiple_of``); with ``divide_groups`` their classes get exactly c / S (``group_divided``).
+    """
 
     def __init__(
-        self,
-        name: str,
-        original: nn.Module,
-        out_width: int | None,
-        groups: int | str | None,
-        feature_dim: int | None = None,
+        self, records: list[LayerRecord], uf: UnionFind, num_splits: int, multiple: int, divide_groups: bool
+    ) -> None:
+        self.records, self.uf, self.num_splits = records, uf, num_splits
+        self.multiple, self.divide_groups = multiple, divide_groups
+        self.mixing = [r for r in records if isinstance(r.module, MIXING_TYPES)]
+        for rec in self.mixing:  # a depthwise conv's output channels are its input channels
+            m = rec.module
+            if is_depthwise(m) and m.out_channels == m.in_channels and rec.node is not None and rec.in_node is not None:
+                uf.union(rec.node, rec.in_node)
+        root = uf.find(INPUT_NODE)
+        self.width: dict[int, int] = {root: -1}  # class -> its original width c
+        self.fixed: set[int] = {root}
+        self.multiple_of: dict[int, int] = {}
+        self.group_divided: set[int] = set()
+        for rec in self.mixing:
+            self._note_width(rec)
+        for rec in self.mixing:
+            self._note_groups(rec)
+        for rec in records:
+            if isinstance(rec.module, nn.GroupNorm) and rec.in_node is not None:
+                self._raise_multiple(rec.in_node, int(rec.module.num_groups))
+
+    def _note_width(self, rec: LayerRecord) -> None:
+        assert rec.node is not None  # every executed mixing layer has an output node
+        root, width = self.uf.find(rec.node), out_width(rec.module)
+        if rec.is_output:
+            self.fixed.add(root)
+        if root != self.uf.find(INPUT_NODE) and self.width.setdefault(root, width) != width:
+            raise DivisionError(
+                f"cannot divide module {rec.name!r}: tracing coupled it to layers of a different width "
+                f"({width} vs {self.width[root]}); the model's data flow is not supported"
+            )
+
+    def _raise_multiple(self, node: int, groups: int) -> None:
+        root = self.uf.find(node)
+        current = self.multiple_of.get(root, self.multiple)
+        self.multiple_of[root] = current * groups // math.gcd(current, groups)
+
+    def _note_groups(self, rec: LayerRecord) -> None:
+        m = rec.module
+        if not isinstance(m, CONV_TYPES) or m.groups == 1 or is_depthwise(m):
+            return
+        groups = self.conv_groups(rec)
+        if self.divide_groups and m.groups % self.num_splits:
+            raise DivisionError(
+                f"cannot divide the groups of {rec.name!r} ({type(m).__name__}, groups={m.groups}) by "
+                f"num_splits={self.num_splits}; use divide_groups=False to divide its width instead"
+            )
+        for node in (rec.node, rec.in_node):
+            if node is not None:
+                self._raise_multiple(node, groups)
+                if self.divide_groups:
+                    self.group_divided.add(self.uf.find(node))
+
+    def conv_groups(self, rec: LayerRecord) -> int:
+        """The divided groups of a non-depthwise convolution."""
+        assert isinstance(rec.module, CONV_TYPES)
+        groups = rec.module.groups
+        return groups // self.num_splits if (self.divide_groups and groups > 1) else groups
+
+    def new_width(self, node: int | None, own: int, alpha: float) -> int:
+        """The divided width c' of a layer's channels in class ``node`` (``own``: the layer's width c)."""
+        if node is None:  # not traced to a class (after a concatenation, a flatten): an estimate only
+            return max(1, round(own * alpha))
+        root = self.uf.find(node)
+        if root in self.fixed:
+            return own  # the input's channels or the model's outputs
+        c = self.width[root]
+        if root in self.group_divided:
+            return c // self.num_splits
+        return round_to_multiple(c * alpha, self.multiple_of.get(root, self.multiple))
+
+    def estimate_params(self, alpha: float) -> int:
+        """The divided model's parameter count for multiplier ``alpha`` (exact for traced widths)."""
+        total = 0
+        for rec in self.records:
+            m = rec.module
+            if isinstance(m, CONV_TYPES):
+                cin = self.new_width(rec.in_node, m.in_channels, alpha)
+                if is_depthwise(m):
+                    groups, out = cin, cin * (m.out_channels // m.in_channels)
+                else:
+                    groups, out = self.conv_groups(rec), self.new_width(rec.node, m.out_channels, alpha)
+                total += out * (cin // groups) * math.prod(m.kernel_size) + (out if m.bias is not None else 0)
+            elif isinstance(m, nn.Linear):
+                cin = self.new_width(rec.in_node, m.in_features, alpha)
+                out = self.new_width(rec.node, m.out_features, alpha)
+                total += out * cin + (out if m.bias is not None else 0)
+            else:
+                feats = _norm_features(m)
+                per_feature = count_parameters(m) // max(feats, 1)  # 0, 1 or 2
+                total += per_feature * self.new_width(rec.in_node, feats, alpha)
+        return total
+
+    def choose_multiplier(self, width_multiplier: float | str, target: float, constant: int) -> float:
+        """alpha: ``1/sqrt(S)``, a given number, or (``"match"``) the one whose count is closest to ``target``."""
+        if width_multiplier == "sqrt":
+            return 1.0 / math.sqrt(self.num_splits)
+        if width_multiplier != "match":
+            return float(width_multiplier)
+        evaluated = bisect_width(
+            lambda a: self.estimate_params(a) + constant, target, 1.0 / self.num_splits, 1.0, max_iter=30, max_expand=6
+        )
+        return closest_width(evaluated, target)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Step 5: rebuild each layer from the input it receives
+# ------------------------------------------------------------------------------------------------------
+class _Placeholder(nn.Module):
+    """Stands for a layer of the divided model; builds it from the first input it sees.
+
+    ``groups=None`` marks a depthwise convolution (its groups follow its input channels).
+    """
+
+    def __init__(
+        self, name: str, original: nn.Module, out_width: int | None, groups: int | None, feature_dim: int | None
     ) -> None:
         super().__init__()
         self.name = name
-        self.feature_dim = feature_dim  # norms: the input dim holding the features
         self.original = [original]  # a list: not registered as a submodule
         self.out_width = out_width
         self.groups = groups
+        self.feature_dim = feature_dim  # norms: the input dim holding the features
         self.built: nn.Module | None = None
+
+    def _conv(self, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        cin = int(x.shape[1])
+        if self.groups is None:  # depthwise
+            groups, out = cin, cin * (m.out_channels // m.in_channels)
+        else:
+            groups, out = self.groups, int(self.out_width or 0)
+        if cin % groups or out % groups:
+            raise DivisionError(
+                f"cannot divide {self.name!r} ({type(m).__name__}, groups={m.groups}): its divided input/output "
+                f"channels {cin}/{out} are not divisible by groups={groups}"
+            )
+        kwargs = {
+            "kernel_size": m.kernel_size,
+            "stride": m.stride,
+            "padding": m.padding,
+            "dilation": m.dilation,
+            "groups": groups,
+            "bias": m.bias is not None,
+            "padding_mode": m.padding_mode,
+        }
+        return (cin, out), kwargs
+
+    def _norm(self, m: nn.Module, x: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if isinstance(m, nn.GroupNorm):
+            c = int(x.shape[1])
+            if c % m.num_groups:
+                raise DivisionError(
+                    f"cannot divide {self.name!r} (GroupNorm, num_groups={m.num_groups}): the divided width {c} is "
+                    "not divisible by num_groups"
+                )
+            return (m.num_groups, c), {"eps": m.eps, "affine": m.affine}
+        if isinstance(m, nn.LayerNorm):
+            k = len(m.normalized_shape)
+            dim = x.dim() - 1 if self.feature_dim is None else self.feature_dim
+            shape = (int(x.shape[dim]),) if k == 1 else tuple(int(d) for d in x.shape[-k:])
+            kwargs: dict[str, Any] = {"eps": m.eps, "elementwise_affine": m.elementwise_affine}
+            if m.elementwise_affine:
+                kwargs["bias"] = m.bias is not None
+            return (shape,), kwargs
+        # batch / instance norms
+        kwargs = {
+            "eps": m.eps,
+            "momentum": m.momentum,
+            "affine": m.affine,
+            "track_running_stats": m.track_running_stats,
+        }
+        return (int(x.shape[1]),), kwargs
 
     def _build(self, x: Tensor) -> nn.Module:
         m = self.original[0]
@@ -516,49 +336,12 @@ class _Placeholder(nn.Module):
             "device": ref.device if ref is not None else x.device,
             "dtype": ref.dtype if ref is not None else x.dtype,
         }
-        if isinstance(m, _CONV):
-            cin = x.shape[1]
-            if self.groups == "depthwise":
-                groups = cin
-                out = cin * (m.out_channels // m.in_channels)
-            else:
-                groups = int(self.groups)
-                out = int(self.out_width)
-            if cin % groups or out % groups:
-                raise DivisionError(
-                    f"cannot divide {self.name!r} ({type(m).__name__}, groups={m.groups}): its divided input/output "
-                    f"channels {cin}/{out} are not divisible by groups={groups}"
-                )
-            kwargs = dict(
-                kernel_size=m.kernel_size,
-                stride=m.stride,
-                padding=m.padding,
-                dilation=m.dilation,
-                groups=groups,
-                bias=m.bias is not None,
-                padding_mode=m.padding_mode,
-            )
-            args = (cin, out)
+        if isinstance(m, CONV_TYPES):
+            args, kwargs = self._conv(m, x)
         elif isinstance(m, nn.Linear):
-            args, kwargs = (x.shape[-1], int(self.out_width)), dict(bias=m.bias is not None)
-        elif isinstance(m, nn.GroupNorm):
-            c = x.shape[1]
-            if c % m.num_groups:
-                raise DivisionError(
-                    f"cannot divide {self.name!r} (GroupNorm, num_groups={m.num_groups}): the divided width {c} is "
-                    "not divisible by num_groups"
-                )
-            args, kwargs = (m.num_groups, c), dict(eps=m.eps, affine=m.affine)
-        elif isinstance(m, nn.LayerNorm):
-            k = len(m.normalized_shape)
-            shape = (x.shape[int(self.feature_dim)],) if k == 1 else tuple(x.shape[-k:])
-            args = (shape,)
-            kwargs = dict(eps=m.eps, elementwise_affine=m.elementwise_affine)
-            if m.elementwise_affine:
-                kwargs["bias"] = m.bias is not None
-        else:  # batch / instance norms
-            args = (x.shape[1],)
-            kwargs = dict(eps=m.eps, momentum=m.momentum, affine=m.affine, track_running_stats=m.track_running_stats)
+            args, kwargs = (int(x.shape[-1]), int(self.out_width or 0)), {"bias": m.bias is not None}
+        else:
+            args, kwargs = self._norm(m, x)
         try:
             layer = type(m)(*args, **kwargs, **factory_kwargs)
         except TypeError as err:
@@ -571,13 +354,84 @@ class _Placeholder(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.built is None:
-            x = _tensors((args, kwargs))[0]
-            self.built = self._build(x)
+            self.built = self._build(tensors_in((args, kwargs))[0])
         return self.built(*args, **kwargs)
 
 
-def _lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
+def _placeholder(plan: _WidthPlan, rec: LayerRecord, module: nn.Module, alpha: float) -> _Placeholder:
+    if isinstance(module, CONV_TYPES):
+        if is_depthwise(module):
+            return _Placeholder(rec.name, module, None, None, None)
+        return _Placeholder(
+            rec.name, module, plan.new_width(rec.node, module.out_channels, alpha), plan.conv_groups(rec), None
+        )
+    if isinstance(module, nn.Linear):
+        return _Placeholder(rec.name, module, plan.new_width(rec.node, module.out_features, alpha), None, None)
+    return _Placeholder(rec.name, module, None, None, rec.in_channels_dim)
+
+
+def _rebuild(model: nn.Module, plan: _WidthPlan, alpha: float, example_input: Any, reference_output: Any) -> nn.Module:
+    """A copy of ``model`` with every traced layer rebuilt at its divided width, checked by one forward pass."""
+    template = copy.deepcopy(model)
+    by_name = {rec.name: rec for rec in plan.records}
+    placeholders: list[_Placeholder] = []
+
+    def make(name: str, module: nn.Module) -> nn.Module:
+        placeholders.append(_placeholder(plan, by_name[name], module, alpha))
+        return placeholders[-1]
+
+    replace_modules(template, lambda n, m: isinstance(m, _RESIZABLE) and n in by_name, make)
+    was_training = template.training
+    template.eval()
+    last = ["<before the first layer>"]
+    hooks = [p.register_forward_pre_hook(lambda m, args, p=p: last.__setitem__(0, p.name)) for p in placeholders]
+    try:
+        with torch.no_grad():
+            output = template(*example_input) if isinstance(example_input, tuple) else template(example_input)
+    except DivisionError:
+        raise
+    except Exception as err:
+        raise DivisionError(
+            f"the divided model failed its verification forward pass after module {last[0]!r}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    finally:
+        for h in hooks:
+            h.remove()
+    ref_shapes = [tuple(t.shape) for t in tensors_in(reference_output)]
+    new_shapes = [tuple(t.shape) for t in tensors_in(output)]
+    if ref_shapes != new_shapes:
+        raise DivisionError(f"the divided model's output shapes {new_shapes} differ from the original's {ref_shapes}")
+
+    def unwrap(name: str, module: nn.Module) -> nn.Module:
+        assert isinstance(module, _Placeholder) and module.built is not None  # every traced layer ran above
+        return module.built
+
+    replace_modules(template, lambda n, m: isinstance(m, _Placeholder), unwrap)
+    template.train(was_training)
+    return template
+
+
+# ------------------------------------------------------------------------------------------------------
+# Step 6: S freshly initialised members
+# ------------------------------------------------------------------------------------------------------
+def _members(
+    template: nn.Module, num_splits: int, init_fn: Callable[[nn.Module], None] | None, identical_init: bool
+) -> list[nn.Module]:
+    members = []
+    for _ in range(num_splits):
+        member = copy.deepcopy(template)
+        for module in member.modules():
+            if isinstance(module, _RESIZABLE):
+                module.reset_parameters()
+        if init_fn is not None:
+            member.apply(init_fn)
+        members.append(member)
+    if identical_init:
+        state = members[0].state_dict()
+        for member in members[1:]:
+            member.load_state_dict(state)
+    return members
 
 
 def divide_module(
@@ -633,7 +487,7 @@ def divide_module(
         width_multiplier: :math:`\alpha`: ``"match"`` (default) picks it so that one divided model has the
             parameter count closest to the original's / S (the fixed input and output layers make the plain
             rule overshoot, e.g. +11% for EfficientNet-B0 at S = 2); ``"sqrt"`` is exactly :math:`1/\sqrt S`;
-            a number sets it.
+            a finite number > 0 sets it.
         identical_init: give all S copies the same initial weights (an option of the authors' code).
         init_fn: called as ``member.apply(init_fn)`` on each divided copy after its default initialisation.
 
@@ -641,233 +495,26 @@ def divide_module(
         S ``nn.Module``: deep copies of ``model`` with the rebuilt layers, in ``model``'s training mode.
 
     Raises:
+        TypeError: an argument of the wrong type (``model`` not an ``nn.Module``, a non-integer
+            ``num_splits``/``multiple``, a non-bool flag, a non-numeric ``width_multiplier``, an
+            ``example_input`` without a tensor, a non-callable ``init_fn``).
+        ValueError: ``num_splits``/``multiple`` < 1, or a ``width_multiplier`` that is not ``"match"``,
+            ``"sqrt"`` or a finite number > 0.
         DivisionError: (a ``ValueError``) naming the module that cannot be divided: an unsupported
             parametrised layer, a layer the example input does not reach, groups that do not divide the new
             width, or a divided model that fails its verification forward pass.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    s = check_positive_int("num_splits", num_splits)
-    multiple = check_positive_int("multiple", multiple)
-    if not isinstance(divide_groups, bool):
-        raise TypeError(f"divide_groups must be a bool, got {type(divide_groups).__name__}")
-    if width_multiplier not in ("match", "sqrt") and (
-        isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)) or not width_multiplier > 0
-    ):
-        raise ValueError(f"width_multiplier must be 'match', 'sqrt' or a number > 0, got {width_multiplier!r}")
-    if init_fn is not None and not callable(init_fn):
-        raise TypeError(f"init_fn must be callable or None, got {type(init_fn).__name__}")
+    s, multiple = _check_arguments(
+        model, num_splits, multiple, divide_groups, example_input, width_multiplier, identical_init, init_fn
+    )
     if s == 1:
         return [copy.deepcopy(model)]
-
-    bad = _unsupported(model)
-    if bad:
-        name, module = bad[0]
-        raise DivisionError(
-            f"cannot divide module {name or '<root>'!r} ({type(module).__name__}): it holds parameters and is not a "
-            "layer divide_module knows how to resize (Conv1d/2d/3d, Linear, BatchNorm, InstanceNorm, GroupNorm, "
-            "LayerNorm, single-parameter PReLU); divide the model with divide_by_factory instead"
-        )
+    _refuse_unsupported(model)
     if example_input is None:
         example_input = _default_example(model)
-
-    # --- 1. trace a copy of the model to find equal-width classes and output layers --------------------------
-    traced = copy.deepcopy(model).eval()
-    uf = _UnionFind()
-    uf.add()  # _INPUT
-    names: dict[int, list[str]] = {}
-    for name, module in traced.named_modules(remove_duplicate=False):
-        if isinstance(module, (*_MIXING, *_NORMS)):
-            names.setdefault(id(module), []).append(name)
-    by_id = {id(m): m for m in traced.modules()}
-    records = {mid: _LayerRecord(name=ns[0], module=by_id[mid]) for mid, ns in names.items()}
-    try:
-        reference_output = _trace(traced, example_input, records, uf)
-    except DivisionError:
-        raise
-    except Exception as err:
-        raise DivisionError(f"the model failed on example_input during tracing: {type(err).__name__}: {err}") from err
-    for rec in records.values():
-        if not rec.executed:
-            raise DivisionError(
-                f"cannot divide module {rec.name!r} ({type(rec.module).__name__}): example_input never reaches it "
-                "(pass an example_input that exercises every layer, or remove unused layers)"
-            )
-
-    # --- 2. properties of each equal-width class --------------------------------------------------------------
-    mixing = [r for r in records.values() if isinstance(r.module, _MIXING)]
-    for rec in mixing:
-        m = rec.module
-        if isinstance(m, _CONV) and _is_depthwise(m) and m.out_channels == m.in_channels and rec.in_node is not None:
-            uf.union(rec.node, rec.in_node)  # a depthwise conv's output channels are its input channels
-    orig: dict[int, int] = {uf.find(_INPUT): -1}
-    fixed: set[int] = {uf.find(_INPUT)}
-    mult: dict[int, int] = {}
-    group_div: set[int] = set()
-
-    def note_width(node: int, width: int, name: str) -> None:
-        root = uf.find(node)
-        if root == uf.find(_INPUT):
-            return
-        if orig.setdefault(root, width) != width:
-            raise DivisionError(
-                f"cannot divide module {name!r}: tracing coupled it to layers of a different width "
-                f"({width} vs {orig[root]}); the model's data flow is not supported"
-            )
-
-    for rec in mixing:
-        m = rec.module
-        out = m.out_channels if isinstance(m, _CONV) else m.out_features
-        note_width(rec.node, out, rec.name)
-        if rec.is_output:
-            fixed.add(uf.find(rec.node))
-    for rec in mixing:
-        m = rec.module
-        if not isinstance(m, _CONV) or m.groups == 1 or _is_depthwise(m):
-            continue
-        g = m.groups
-        if divide_groups:
-            if g % s:
-                raise DivisionError(
-                    f"cannot divide the groups of {rec.name!r} ({type(m).__name__}, groups={g}) by num_splits={s}; "
-                    "use divide_groups=False to divide its width instead"
-                )
-            g //= s
-        for node in (rec.node, rec.in_node):
-            if node is None:
-                continue
-            root = uf.find(node)
-            mult[root] = _lcm(mult.get(root, multiple), g)
-            if divide_groups:
-                group_div.add(root)
-    for rec in records.values():
-        if isinstance(rec.module, nn.GroupNorm) and rec.in_node is not None:
-            root = uf.find(rec.in_node)
-            mult[root] = _lcm(mult.get(root, multiple), rec.module.num_groups)
-
-    def new_width(node: int | None, own: int, a: float) -> int:
-        if node is None:  # not traced to a class (after a concatenation, a flatten): an estimate only
-            return max(1, round(own * a))
-        root = uf.find(node)
-        if root in fixed:
-            return own  # the input's channels or the model's outputs
-        c = orig[root]
-        if root in group_div:
-            return c // s
-        return round_to_multiple(c * a, mult.get(root, multiple))
-
-    def estimate_params(a: float) -> int:
-        """The divided model's parameter count for width multiplier ``a`` (exact for traced widths)."""
-        total = 0
-        for rec in records.values():
-            m = rec.module
-            if isinstance(m, _CONV):
-                cin = new_width(rec.in_node, m.in_channels, a)
-                if _is_depthwise(m):
-                    groups, out = cin, cin * (m.out_channels // m.in_channels)
-                else:
-                    groups = m.groups // s if (divide_groups and m.groups > 1) else m.groups
-                    out = new_width(rec.node, m.out_channels, a)
-                total += out * (cin // groups) * math.prod(m.kernel_size) + (out if m.bias is not None else 0)
-            elif isinstance(m, nn.Linear):
-                cin, out = new_width(rec.in_node, m.in_features, a), new_width(rec.node, m.out_features, a)
-                total += out * cin + (out if m.bias is not None else 0)
-            else:
-                feats = (
-                    m.num_channels
-                    if isinstance(m, nn.GroupNorm)
-                    else (m.normalized_shape[-1] if isinstance(m, nn.LayerNorm) else m.num_features)
-                )
-                rest = count_parameters(m) // max(feats, 1)  # parameters per feature (0, 1 or 2)
-                total += rest * new_width(rec.in_node, feats, a)
-        return total + sum(
-            p.numel() for mod in model.modules() if isinstance(mod, nn.PReLU) for p in mod.parameters(recurse=False)
-        )
-
-    if width_multiplier == "sqrt":
-        alpha = 1.0 / math.sqrt(s)
-    elif width_multiplier == "match":
-        target = count_parameters(model) / s
-        lo, hi = 1.0 / s, 1.0
-        while estimate_params(hi) < target and hi < 64:
-            hi *= 2
-        candidates = {lo: estimate_params(lo), hi: estimate_params(hi)}
-        for _ in range(30):
-            mid = 0.5 * (lo + hi)
-            candidates[mid] = estimate_params(mid)
-            if candidates[mid] < target:
-                lo = mid
-            else:
-                hi = mid
-        alpha = min(candidates, key=lambda a: (abs(candidates[a] - target), -a))
-    else:
-        alpha = float(width_multiplier)
-
-    # --- 3. rebuild: placeholders build each layer from the input it receives ---------------------------------
-    template = copy.deepcopy(model)
-    placeholders: dict[int, _Placeholder] = {}
-    traced_by_name = {rec.name: rec for rec in records.values()}
-
-    def make(name: str, module: nn.Module) -> nn.Module:
-        rec = traced_by_name[name]
-        if isinstance(module, _CONV):
-            if _is_depthwise(module):
-                return _Placeholder(name, module, None, "depthwise")
-            groups = module.groups // s if (divide_groups and module.groups > 1) else module.groups
-            return _Placeholder(name, module, new_width(rec.node, module.out_channels, alpha), groups)
-        if isinstance(module, nn.Linear):
-            return _Placeholder(name, module, new_width(rec.node, module.out_features, alpha), None)
-        return _Placeholder(name, module, None, None, feature_dim=rec.in_channels_dim)
-
-    def predicate(name: str, module: nn.Module) -> bool:
-        return isinstance(module, (*_MIXING, *_NORMS)) and name in traced_by_name
-
-    replace_modules(template, predicate, lambda n, m: placeholders.setdefault(id(m), make(n, m)))
-    was_training = template.training
-    template.eval()
-    last: list[str] = ["<before the first layer>"]
-
-    def note(module: nn.Module, args: tuple) -> None:
-        last[0] = module.name
-
-    hooks = [p.register_forward_pre_hook(note) for p in placeholders.values()]
-    try:
-        with torch.no_grad():
-            output = template(example_input) if not isinstance(example_input, tuple) else template(*example_input)
-    except DivisionError:
-        raise
-    except Exception as err:
-        raise DivisionError(
-            f"the divided model failed its verification forward pass after module {last[0]!r}: "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    finally:
-        for h in hooks:
-            h.remove()
-    ref_shapes = [tuple(t.shape) for t in _tensors(reference_output)]
-    new_shapes = [tuple(t.shape) for t in _tensors(output)]
-    if ref_shapes != new_shapes:
-        raise DivisionError(f"the divided model's output shapes {new_shapes} differ from the original's {ref_shapes}")
-
-    def unwrap(name: str, module: nn.Module) -> nn.Module:
-        if module.built is None:  # pragma: no cover - every traced layer ran in the verification pass
-            raise DivisionError(f"cannot divide module {name!r}: it was not executed by the verification pass")
-        return module.built
-
-    replace_modules(template, lambda n, m: isinstance(m, _Placeholder), unwrap)
-    template.train(was_training)
-
-    members = []
-    for _i in range(s):
-        member = copy.deepcopy(template)
-        for module in member.modules():
-            if isinstance(module, (*_MIXING, *_NORMS)):
-                module.reset_parameters()
-        if init_fn is not None:
-            member.apply(init_fn)
-        members.append(member)
-    if identical_init:
-        state = members[0].state_dict()
-        for member in members[1:]:
-            member.load_state_dict(state)
-    return members
+    records, uf, reference_output = _trace(model, example_input)
+    plan = _WidthPlan(records, uf, s, multiple, divide_groups)
+    prelu = sum(p.numel() for m in model.modules() if isinstance(m, nn.PReLU) for p in m.parameters(recurse=False))
+    alpha = plan.choose_multiplier(width_multiplier, count_parameters(model) / s, prelu)
+    template = _rebuild(model, plan, alpha, example_input, reference_output)
+    return _members(template, s, init_fn, identical_init)

@@ -1,33 +1,27 @@
-"""The co-trained ensemble of Divide-and-Co-training, with concurrent inference.
+"""The co-trained ensemble of Divide-and-Co-training, and the co-training loss.
 
 Zhao et al., *Towards Better Accuracy-efficiency Trade-offs: Divide and Co-training*, IEEE TIP 2022
 (arXiv 2011.14660). The S small networks obtained by dividing a large one are trained together, each on
-its own view of the data, and ensembled at inference (by default the mean of their logits). Because they
-are independent, they can run concurrently.
+its own view of the data, and ensembled at inference (by default the mean of their logits).
 
 :class:`CoTrainingEnsemble` holds the members. In training mode it takes one input per member and returns
 every member's output and the ensemble's (:class:`CoTrainingOutput`); the loss lives outside the model,
 in :class:`CoTrainingLoss` (members' cross-entropies plus a weighted co-training term).
 
-Concurrency (``concurrent=True``):
-
-- **CPU**: the members run in a thread pool. PyTorch releases the GIL inside its operators, so members can
-  overlap, but each operator also uses the intra-op thread pool (``torch.get_num_threads()``): with S
-  members in flight, up to ``S * torch.get_num_threads()`` threads compete for the cores. On a small
-  machine, set ``torch.set_num_threads(max(1, cores // S))`` or keep ``concurrent=False``; measure (see
-  ``benchmarks/bench_cotrain.py``). Grad mode, inference mode and CPU autocast are thread-local in
-  PyTorch; they are forwarded to the worker threads.
-- **CUDA**: one side stream per member (no threads: kernel launches are asynchronous). Each side stream
-  first waits for the current stream (which produced the inputs); inputs are ``record_stream``-ed on the
-  side stream and outputs on the current stream, which waits for every side stream before the outputs are
-  combined. **This path is untested** (pycoe's CI has no GPU).
-
-Results are exactly the sequential ones for deterministic members (tested on CPU); with random operations
-in training mode (dropout), the order in which the members draw from the shared generator is not fixed.
+With ``concurrent=True`` the members run in a CPU thread pool. PyTorch releases the GIL inside its
+operators, so members can overlap, but each operator also uses the intra-op thread pool: with S members in
+flight, up to ``S * torch.get_num_threads()`` threads compete for the cores. Whether this pays off depends
+on idle cores; ``benchmarks/bench_cotrain.py`` measures it (the docs' benchmarks page has the figures).
+Grad mode, inference mode and CPU autocast are thread-local in PyTorch; they are forwarded to the workers.
+Results are exactly the sequential ones for deterministic members (tested); with random operations in
+training mode (dropout), the order in which the members draw from the shared generator is not fixed.
+Under ``torch.export`` / ``torch.compile`` the members always run sequentially (a thread pool cannot be
+traced), so an eval-mode ensemble exports with a dynamic batch.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,16 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._modules import module_device as _module_device
-from .._modules import tensors_in as _tensors
-from .._validation import check_choice, check_positive_int, check_tensor
+from .._validation import check_bool, check_choice, check_int, check_number, check_positive_int, check_tensor
 from ..functional.cotrain import js_divergence, pairwise_kl
 from .schedule import LinearWarmup
-from .views import _check_views
 
 __all__ = ["CoTrainingEnsemble", "CoTrainingOutput", "CoTrainingLoss", "combine_outputs"]
 
 _COMBINE = ("mean_logits", "mean_probs", "max")
+_DIVERGENCES = ("js", "pairwise_kl")
 
 
 @dataclass
@@ -68,6 +60,20 @@ class CoTrainingOutput:
         return int(self.member_outputs.shape[0])
 
 
+# An exported ensemble returns the same dataclass as the eager one.
+torch.export.register_dataclass(CoTrainingOutput, serialized_type_name="pycoe.cotrain.CoTrainingOutput")
+
+
+def _check_combine(combine: Any) -> None:
+    if callable(combine):
+        return
+    if not isinstance(combine, str):
+        raise TypeError(
+            f"combine must be one of {', '.join(map(repr, _COMBINE))} or a callable, got {type(combine).__name__}"
+        )
+    check_choice("combine", combine, _COMBINE)
+
+
 def combine_outputs(member_outputs: Tensor, combine: str | Callable[[Tensor], Tensor] = "mean_logits") -> Tensor:
     r"""Combine the members' logits ``Tensor[S, B, ..., C]`` into the ensemble's ``Tensor[B, ..., C]``.
 
@@ -77,22 +83,53 @@ def combine_outputs(member_outputs: Tensor, combine: str | Callable[[Tensor], Te
       cross-entropy apply to it as to logits).
     - ``"max"``: the element-wise maximum of the members' logits (pycoe's reading of the reference code's
       "max" option).
-    - a callable ``Tensor[S, B, ..., C] -> Tensor[B, ..., C]``.
+    - a callable ``Tensor[S, B, ..., C] -> Tensor[B, ..., C]`` (its result is checked to have that shape).
     """
     check_tensor("member_outputs", member_outputs, floating=True)
     if member_outputs.dim() < 2:
         raise ValueError(f"member_outputs must have shape [S, B, ...], got {tuple(member_outputs.shape)}")
+    _check_combine(combine)
     if callable(combine):
-        return combine(member_outputs)
-    check_choice("combine", combine, _COMBINE)
+        combined = combine(member_outputs)
+        if not isinstance(combined, Tensor):
+            raise TypeError(f"combine must return a Tensor, got {type(combined).__name__}")
+        if combined.shape != member_outputs.shape[1:]:
+            raise ValueError(
+                f"combine must map Tensor[S, B, ...] to Tensor[B, ...], i.e. shape {tuple(member_outputs.shape[1:])} "
+                f"here, but returned {tuple(combined.shape)}"
+            )
+        return combined
     if combine == "mean_logits":
         return member_outputs.mean(dim=0)
     if combine == "mean_probs":
-        num = member_outputs.shape[0]
-        return torch.logsumexp(torch.log_softmax(member_outputs, dim=-1), dim=0) - torch.log(
-            member_outputs.new_tensor(float(num))
-        )
+        log_probs = torch.log_softmax(member_outputs, dim=-1)
+        return torch.logsumexp(log_probs, dim=0) - math.log(member_outputs.shape[0])
     return member_outputs.amax(dim=0)
+
+
+def _check_views(x: Any, num_members: int) -> list[Tensor]:
+    """One input for every member: a tensor (shared) or a list/tuple of S tensors of one batch size."""
+    if isinstance(x, Tensor):
+        views = [x] * num_members
+    elif isinstance(x, (list, tuple)):
+        if len(x) != num_members:
+            raise ValueError(f"x must hold one input per member: expected {num_members} views, got {len(x)}")
+        views = list(x)
+    else:
+        raise TypeError(
+            f"x must be a list of {num_members} tensors (one per member) or one Tensor, got {type(x).__name__}"
+        )
+    for i, v in enumerate(views):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"x[{i}] must be a torch.Tensor, got {type(v).__name__}")
+        if v.dim() < 1:
+            raise ValueError(f"x[{i}] must have a batch dimension, got a scalar")
+        if v.shape[0] != views[0].shape[0]:
+            raise ValueError(
+                f"every view must have the same batch size; x[0] has {views[0].shape[0]} samples, "
+                f"x[{i}] has {v.shape[0]}"
+            )
+    return views
 
 
 class CoTrainingEnsemble(nn.Module):
@@ -102,16 +139,17 @@ class CoTrainingEnsemble(nn.Module):
         models: the S >= 1 members (e.g. from :func:`~pycoe.cotrain.divide_module`). Each maps an input
             ``Tensor[B, ...]`` to logits of one common shape ``Tensor[B, ..., C]``.
         combine: how the members' outputs are ensembled, see :func:`combine_outputs`.
-        concurrent: run the members concurrently (thread pool on CPU, streams on CUDA); see the module
-            documentation for the thread-count interaction. Can be changed later via the attribute.
-        max_workers: threads of the CPU pool (default S).
+        concurrent: run the members in a CPU thread pool; see the module documentation for the thread-count
+            interaction (and the benchmark: on a busy 2-core machine it does not pay off). Can be changed
+            later via the attribute. Ignored under ``torch.export`` / ``torch.compile``.
+        max_workers: threads of the pool (default S).
 
     Forward:
         ``forward(x, return_members=None)`` where ``x`` is either one ``Tensor[B, ...]`` given to every
-        member, or a list/tuple of S tensors, one per member (the views of
+        member, or a list/tuple of S tensors with one batch size, one per member (the views of
         :class:`~pycoe.cotrain.MultiViewDataset`). In training mode it returns a :class:`CoTrainingOutput`;
         in eval mode the ensemble's ``Tensor[B, ..., C]`` (or the :class:`CoTrainingOutput` if
-        ``return_members=True``).
+        ``return_members=True``). A batch of 0 samples gives an empty output.
     """
 
     def __init__(
@@ -124,20 +162,22 @@ class CoTrainingEnsemble(nn.Module):
         super().__init__()
         if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
             raise TypeError("models must be a sequence of nn.Module (one per member), got a single nn.Module")
-        models = list(models)
-        if len(models) < 1:
+        if not isinstance(models, (Sequence, nn.ModuleList)):
+            raise TypeError(f"models must be a sequence of nn.Module (one per member), got {type(models).__name__}")
+        members = list(models)
+        if len(members) < 1:
             raise ValueError("models must hold at least one member, got 0")
-        for i, m in enumerate(models):
+        for i, m in enumerate(members):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"models[{i}] must be an nn.Module, got {type(m).__name__}")
-        if not callable(combine):
-            check_choice("combine", combine, _COMBINE)
-        if not isinstance(concurrent, bool):
-            raise TypeError(f"concurrent must be a bool, got {type(concurrent).__name__}")
-        self.members = nn.ModuleList(models)
+        _check_combine(combine)
+        self.members = nn.ModuleList(members)
         self.combine = combine
-        self.concurrent = concurrent
-        self.max_workers = len(models) if max_workers is None else check_positive_int("max_workers", max_workers)
+        self.concurrent = check_bool("concurrent", concurrent)
+        if max_workers is None:
+            self.max_workers = len(members)
+        else:
+            self.max_workers = check_positive_int("max_workers", check_int("max_workers", max_workers))
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
 
@@ -163,19 +203,6 @@ class CoTrainingEnsemble(nn.Module):
         if executor is not None:
             executor.shutdown(wait=False)
 
-    def _inputs(self, x: Tensor | Sequence[Tensor]) -> list[Tensor]:
-        if isinstance(x, Tensor):
-            return [x] * self.num_members
-        views = _check_views(x, self.num_members, name="x")
-        for i, v in enumerate(views):
-            if not isinstance(v, Tensor):
-                raise TypeError(f"x[{i}] must be a torch.Tensor, got {type(v).__name__}")
-        return views
-
-    # -- the three ways of running the members ------------------------------------------------------------
-    def _run_sequential(self, inputs: list[Tensor]) -> list[Any]:
-        return [member(inp) for member, inp in zip(self.members, inputs)]
-
     def _run_threads(self, inputs: list[Tensor]) -> list[Any]:
         with self._executor_lock:
             if self._executor is None:
@@ -195,37 +222,8 @@ class CoTrainingEnsemble(nn.Module):
         futures = [executor.submit(call, m, inp) for m, inp in zip(self.members, inputs)]
         return [f.result() for f in futures]
 
-    def _run_streams(self, inputs: list[Tensor]) -> list[Any]:  # pragma: no cover - needs a GPU
-        # UNTESTED (no GPU in CI). One side stream per member; see the module docstring.
-        target_device = inputs[0].device
-        consumer = torch.cuda.current_stream(target_device)
-        pending: list[tuple[torch.cuda.Stream, Any, bool]] = []
-        for member, inp in zip(self.members, inputs):
-            device = _module_device(member) or inp.device
-            same = device == inp.device
-            if not same:
-                # another GPU: copy with the default semantics, then make the side stream wait for the copy
-                inp = inp.to(device, non_blocking=True)
-            with torch.cuda.device(device):
-                side = torch.cuda.Stream(device=device)
-                side.wait_stream(torch.cuda.current_stream(device))  # the inputs were produced there
-                with torch.cuda.stream(side):
-                    inp.record_stream(side)  # allocated on the current stream, read on the side stream
-                    out = member(inp)
-            pending.append((side, out, device == target_device))
-        outputs: list[Any] = []
-        for side, out, on_target in pending:
-            if on_target:
-                consumer.wait_stream(side)
-                for t in _tensors(out):
-                    t.record_stream(consumer)  # allocated on the side stream, read on the consumer stream
-            else:
-                side.synchronize()  # cross-device outputs: simplest safe choice
-            outputs.append(out)
-        return outputs
-
     def run_members(self, x: Tensor | Sequence[Tensor]) -> list[Any]:
-        """Run every member on its input (concurrently if ``self.concurrent``) and return their outputs.
+        """Run every member on its input (in the thread pool if ``self.concurrent``) and return their outputs.
 
         Args:
             x: one ``Tensor[B, ...]`` for all members, or a list of S tensors.
@@ -233,14 +231,15 @@ class CoTrainingEnsemble(nn.Module):
         Returns:
             A list of S outputs, in member order.
         """
-        inputs = self._inputs(x)
-        if not self.concurrent or self.num_members == 1:
-            return self._run_sequential(inputs)
-        if all(inp.is_cuda for inp in inputs):
-            return self._run_streams(inputs)
-        return self._run_threads(inputs)
+        inputs = _check_views(x, self.num_members)
+        tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+        if self.concurrent and self.num_members > 1 and not tracing:
+            return self._run_threads(inputs)
+        return [member(inp) for member, inp in zip(self.members, inputs)]
 
     def forward(self, x: Tensor | Sequence[Tensor], return_members: bool | None = None) -> Tensor | CoTrainingOutput:
+        if return_members is not None:
+            check_bool("return_members", return_members)
         outputs = self.run_members(x)
         for i, out in enumerate(outputs):
             if not isinstance(out, Tensor):
@@ -256,7 +255,7 @@ class CoTrainingEnsemble(nn.Module):
         device = outputs[0].device
         stacked = torch.stack([out.to(device) for out in outputs], dim=0)  # [S, B, ..., C]
         ensemble = combine_outputs(stacked, self.combine)
-        want_members = self.training if return_members is None else bool(return_members)
+        want_members = self.training if return_members is None else return_members
         if want_members:
             return CoTrainingOutput(member_outputs=stacked, ensemble=ensemble)
         return ensemble
@@ -264,6 +263,31 @@ class CoTrainingEnsemble(nn.Module):
     def extra_repr(self) -> str:
         combine = self.combine if isinstance(self.combine, str) else getattr(self.combine, "__name__", "callable")
         return f"num_members={self.num_members}, combine={combine!r}, concurrent={self.concurrent}"
+
+
+def _check_target(target: Any, logits: Tensor) -> None:
+    """Class indices ``[B, ...]`` in ``[0, C)``, or class probabilities ``[B, ..., C]``, as ``F.cross_entropy``."""
+    check_tensor("target", target)
+    classes = logits.shape[-1]
+    if target.is_floating_point():
+        if target.shape != logits.shape[1:]:
+            raise ValueError(
+                f"target of class probabilities must have shape {tuple(logits.shape[1:])} (the members' [B, ..., C]), "
+                f"got {tuple(target.shape)}"
+            )
+        return
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(
+            f"target must hold integer class indices or float class probabilities, got dtype {target.dtype}"
+        )
+    if target.shape != logits.shape[1:-1]:
+        raise ValueError(
+            f"target must have shape {tuple(logits.shape[1:-1])} (one class index per sample of the members' "
+            f"[B, ..., C] outputs), got {tuple(target.shape)}"
+        )
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"target must hold class indices in [0, {classes}), got values in [{low}, {high}]")
 
 
 class CoTrainingLoss(nn.Module):
@@ -277,28 +301,53 @@ class CoTrainingLoss(nn.Module):
     and :math:`\lambda(t)` constant or a schedule such as :class:`~pycoe.cotrain.LinearWarmup`.
 
     Args:
-        cotrain: ``"js"`` or ``"pairwise_kl"``.
-        weight: :math:`\lambda`: a float, or a callable ``step -> float`` (then pass ``step`` to ``forward``).
-        label_smoothing: passed to ``F.cross_entropy``.
+        divergence: the co-training term, ``"js"`` or ``"pairwise_kl"``.
+        weight: :math:`\lambda`: a finite number >= 0, or a callable ``step -> weight`` (then pass ``step``
+            to ``forward``; a weight it returns that is not a finite number >= 0 raises, naming the schedule).
+        label_smoothing: in [0, 1], passed to ``F.cross_entropy``.
 
     Forward:
-        ``forward(output: CoTrainingOutput | Tensor[S, B, C], target: LongTensor[B], step=None)`` returns
+        ``forward(output: CoTrainingOutput | Tensor[S, B, ..., C], target, step=None)`` with ``target`` the class
+        indices ``LongTensor[B, ...]`` (in ``[0, C)``) or class probabilities ``Tensor[B, ..., C]``; returns
         ``(loss Tensor[], info dict)``; ``info`` holds floats ``"ce"`` (sum over members of the mean CE),
-        ``"cot"`` (the co-training term) and ``"weight"`` (:math:`\lambda` used).
+        ``"cot"`` (the co-training term) and ``"weight"`` (:math:`\lambda` used). An empty batch raises.
     """
 
     def __init__(
         self,
-        cotrain: str = "js",
+        divergence: str = "js",
         weight: float | Callable[[int], float] | LinearWarmup = 0.5,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        self.cotrain = check_choice("cotrain", cotrain, ("js", "pairwise_kl"))
-        if not callable(weight) and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
-            raise ValueError(f"weight must be a number >= 0 or a callable step -> weight, got {weight!r}")
+        if not isinstance(divergence, str):
+            raise TypeError(f"divergence must be 'js' or 'pairwise_kl', got {type(divergence).__name__}")
+        self.divergence = check_choice("divergence", divergence, _DIVERGENCES)
+        if not callable(weight):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError(
+                    f"weight must be a number >= 0 or a callable step -> weight, got {type(weight).__name__}"
+                )
+            check_number("weight", weight, minimum=0)
         self.weight = weight
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_number("label_smoothing", label_smoothing, minimum=0, maximum=1)
+
+    def current_weight(self, step: int | None = None) -> float:
+        """:math:`\\lambda` at ``step`` (a constant weight ignores ``step``)."""
+        if not callable(self.weight):
+            return float(self.weight)
+        if step is None:
+            raise ValueError("step must be given when the co-training weight is a schedule")
+        check_int("step", step)
+        value = self.weight(step)
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"the co-training weight schedule {self.weight!r} returned {value!r} at step {step}; "
+                "a weight must be a finite number >= 0"
+            )
+        return float(value)
 
     def forward(
         self, output: CoTrainingOutput | Tensor, target: Tensor, step: int | None = None
@@ -306,18 +355,18 @@ class CoTrainingLoss(nn.Module):
         logits = output.member_outputs if isinstance(output, CoTrainingOutput) else output
         check_tensor("output", logits, floating=True)
         if logits.dim() < 3:
-            raise ValueError(f"member outputs must have shape [S, B, C], got {tuple(logits.shape)}")
-        num = logits.shape[0]
-        if callable(self.weight):
-            if step is None:
-                raise ValueError("step must be given when the co-training weight is a schedule")
-            lam = float(self.weight(step))
-        else:
-            lam = float(self.weight)
-        ce = sum(F.cross_entropy(logits[i], target, label_smoothing=self.label_smoothing) for i in range(num))
-        if self.cotrain == "js":
-            cot = js_divergence(logits)
-        else:
-            cot = pairwise_kl(logits)
+            raise ValueError(f"member outputs must have shape [S, B, ..., C], got {tuple(logits.shape)}")
+        if logits.shape[1] == 0:
+            raise ValueError("the batch is empty (0 samples): the co-training loss of no sample is undefined")
+        _check_target(target, logits)
+        lam = self.current_weight(step)
+        # F.cross_entropy wants the classes in dim 1: [B, C, ...] for each member, [B, C, ...] for probabilities
+        per_member = logits.movedim(-1, 2).unbind(0)
+        goal = target.movedim(-1, 1) if target.is_floating_point() else target
+        ce = torch.stack([F.cross_entropy(z, goal, label_smoothing=self.label_smoothing) for z in per_member]).sum()
+        cot = js_divergence(logits) if self.divergence == "js" else pairwise_kl(logits)
         loss = ce + lam * cot
         return loss, {"ce": float(ce.detach()), "cot": float(cot.detach()), "weight": lam}
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.divergence!r}, weight={self.weight!r}, label_smoothing={self.label_smoothing}"

@@ -20,13 +20,7 @@ import math
 
 from torch import nn
 
-from .._validation import (
-    check_choice,
-    check_nonnegative_float,
-    check_nonnegative_int,
-    check_positive_int,
-    check_probability,
-)
+from .._validation import check_choice, check_int, check_nonnegative_int, check_number, check_positive_int
 
 __all__ = [
     "scale_weight_decay",
@@ -35,6 +29,19 @@ __all__ = [
     "linear_warmup",
     "LinearWarmup",
 ]
+
+
+_RULES = ("linear", "sqrt", "none")
+
+
+def _num_splits(num_splits: object) -> int:
+    return check_positive_int("num_splits", check_int("num_splits", num_splits))
+
+
+def _check_rule(rule: object) -> None:
+    if not isinstance(rule, str):
+        raise TypeError(f"rule must be one of {', '.join(map(repr, _RULES))}, got {type(rule).__name__}")
+    check_choice("rule", rule, _RULES)
 
 
 def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
@@ -50,8 +57,8 @@ def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
     Returns:
         The scaled weight decay.
     """
-    wd = check_nonnegative_float("weight_decay", weight_decay)
-    s = check_positive_int("num_splits", num_splits)
+    wd = check_number("weight_decay", weight_decay, minimum=0)
+    s = _num_splits(num_splits)
     return wd * math.exp(1.0 / s - 1.0)
 
 
@@ -69,14 +76,14 @@ def scale_dropout(p: float, num_splits: int, rule: str = "linear") -> float:
     Returns:
         The scaled probability.
     """
-    check_probability("p", p)
-    s = check_positive_int("num_splits", num_splits)
-    check_choice("rule", rule, ("linear", "sqrt", "none"))
+    prob = check_number("p", p, minimum=0, maximum=1)
+    s = _num_splits(num_splits)
+    _check_rule(rule)
     if rule == "linear":
-        return float(p) / s
+        return prob / s
     if rule == "sqrt":
-        return float(p) / math.sqrt(s)
-    return float(p)
+        return prob / math.sqrt(s)
+    return prob
 
 
 def apply_dropout_scaling(model: nn.Module, num_splits: int, rule: str = "linear") -> int:
@@ -95,8 +102,8 @@ def apply_dropout_scaling(model: nn.Module, num_splits: int, rule: str = "linear
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_positive_int("num_splits", num_splits)
-    check_choice("rule", rule, ("linear", "sqrt", "none"))
+    _num_splits(num_splits)
+    _check_rule(rule)
     count = 0
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -124,10 +131,10 @@ def linear_warmup(step: int, warmup_steps: int, max_weight: float, min_weight: f
     Returns:
         The weight, a Python float.
     """
-    t = check_nonnegative_int("step", step)
-    total = check_nonnegative_int("warmup_steps", warmup_steps)
-    hi = check_nonnegative_float("max_weight", max_weight)
-    lo = check_nonnegative_float("min_weight", min_weight)
+    t = check_nonnegative_int("step", check_int("step", step))
+    total = check_nonnegative_int("warmup_steps", check_int("warmup_steps", warmup_steps))
+    hi = check_number("max_weight", max_weight, minimum=0)
+    lo = check_number("min_weight", min_weight, minimum=0)
     if lo > hi:
         raise ValueError(f"min_weight must be <= max_weight, got min_weight={lo} > max_weight={hi}")
     if total == 0:

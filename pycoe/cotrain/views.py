@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset, default_collate
 
-from .._validation import check_positive_int
+from .._validation import check_int, check_positive_int
 
 __all__ = ["MultiViewDataset", "multiview_collate"]
 
@@ -57,7 +56,7 @@ class MultiViewDataset(Dataset):
             raise TypeError(f"target_transform must be callable or None, got {type(target_transform).__name__}")
         self.dataset = dataset
         self.transform = transform
-        self.num_views = check_positive_int("num_views", num_views)
+        self.num_views = check_positive_int("num_views", check_int("num_views", num_views))
         self.target_transform = target_transform
 
     def __len__(self) -> int:
@@ -89,7 +88,9 @@ def multiview_collate(batch: Sequence[tuple[Sequence[Any], Any]]) -> tuple[list[
     Returns:
         ``(views, targets)``: a list of S collated views and the collated targets (``Tensor[B]``).
     """
-    if not isinstance(batch, Sequence) or len(batch) == 0:
+    if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
+        raise TypeError(f"batch must be a sequence of (views, target) items, got {type(batch).__name__}")
+    if len(batch) == 0:
         raise ValueError("batch must be a non-empty sequence of (views, target) items")
     first = batch[0]
     if not isinstance(first, (tuple, list)) or len(first) != 2 or not isinstance(first[0], (tuple, list)):
@@ -105,12 +106,3 @@ def multiview_collate(batch: Sequence[tuple[Sequence[Any], Any]]) -> tuple[list[
     views = [default_collate([item[0][v] for item in batch]) for v in range(num_views)]
     targets = default_collate([item[1] for item in batch])
     return views, targets
-
-
-def _check_views(views: Any, num_views: int, name: str = "views") -> list[torch.Tensor]:
-    """Internal: check a list of per-member inputs (used by the ensemble)."""
-    if not isinstance(views, (list, tuple)):
-        raise TypeError(f"{name} must be a list of {num_views} tensors, got {type(views).__name__}")
-    if len(views) != num_views:
-        raise ValueError(f"{name} must hold one input per member: expected {num_views} views, got {len(views)}")
-    return list(views)

@@ -1,19 +1,12 @@
 """Pure functions: the PWLU activation, the mixture convolution and the co-training losses."""
 
 from pycoe.functional.cotrain import js_divergence, pairwise_kl
-from pycoe.functional.mixture import (
-    MIXTURE_STRATEGIES,
-    choose_mixture_strategy,
-    mixture_conv2d,
-    mixture_conv2d_reference,
-)
-from pycoe.functional.pwlu import pwlu, pwlu_reference
+from pycoe.functional.mixture import MIXTURE_STRATEGIES, choose_mixture_strategy, mixture_conv2d
+from pycoe.functional.pwlu import pwlu
 
 __all__ = [
     "pwlu",
-    "pwlu_reference",
     "mixture_conv2d",
-    "mixture_conv2d_reference",
     "choose_mixture_strategy",
     "MIXTURE_STRATEGIES",
     "js_divergence",

@@ -54,9 +54,25 @@ def _stack_logits(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Te
         raise TypeError(
             f"{name} must be a Tensor[S, B..., C] or a sequence of Tensor[B..., C], got {type(logits).__name__}"
         )
+    if stacked.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one prediction (S >= 1), got shape {tuple(stacked.shape)}")
     if stacked.shape[-1] < 1:
         raise ValueError(f"{name} must have at least one class in its last dimension, got {tuple(stacked.shape)}")
     return stacked
+
+
+def _check_reduction(reduction: object) -> None:
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, got {type(reduction).__name__}")
+    check_choice("reduction", reduction, _REDUCTIONS)
+
+
+def _check_not_empty(stacked: Tensor, reduction: str) -> None:
+    if reduction == "mean" and stacked[0, ..., 0].numel() == 0:
+        raise ValueError(
+            f"logits of shape {tuple(stacked.shape)} hold no sample: the mean over the batch is undefined "
+            "(use reduction='sum' or 'none' for possibly empty batches)"
+        )
 
 
 def _reduce(value: Tensor, reduction: str) -> Tensor:
@@ -83,13 +99,15 @@ def js_divergence(logits: Tensor | Sequence[Tensor], reduction: str = "mean") ->
     Args:
         logits: ``Tensor[S, B..., C]`` or a sequence of S ``Tensor[B..., C]``: unnormalised scores,
             classes in the last dimension. ``S = 1`` is allowed and gives zero.
-        reduction: ``"mean"`` (over the batch dimensions), ``"sum"``, or ``"none"`` (``Tensor[B...]``).
+        reduction: ``"mean"`` (over the batch dimensions; an empty batch raises), ``"sum"``, or ``"none"``
+            (``Tensor[B...]``).
 
     Returns:
         ``Tensor[]``, or ``Tensor[B...]`` with ``reduction="none"``.
     """
-    check_choice("reduction", reduction, _REDUCTIONS)
+    _check_reduction(reduction)
     z = _stack_logits(logits)
+    _check_not_empty(z, reduction)
     num = z.shape[0]
     logp = torch.log_softmax(z, dim=-1)  # [S, B..., C]
     log_mean = torch.logsumexp(logp, dim=0) - math.log(num)  # [B..., C]
@@ -120,16 +138,17 @@ def pairwise_kl(
             peers).
         reduction: ``"none"`` returns ``Tensor[S, B...]`` (the loss of each member on each sample);
             ``"mean"`` averages over the batch and **sums over the members** (like the sum of the members'
-            cross-entropies it is added to); ``"sum"`` sums everything.
+            cross-entropies it is added to; an empty batch raises); ``"sum"`` sums everything.
         detach_peers: stop the gradient through the target distributions :math:`p_j` (default ``True``).
 
     Returns:
         ``Tensor[]``, or ``Tensor[S, B...]`` with ``reduction="none"``.
     """
-    check_choice("reduction", reduction, _REDUCTIONS)
+    _check_reduction(reduction)
     if not isinstance(detach_peers, bool):
         raise TypeError(f"detach_peers must be a bool, got {type(detach_peers).__name__}")
     z = _stack_logits(logits)
+    _check_not_empty(z, reduction)
     num = z.shape[0]
     logp = torch.log_softmax(z, dim=-1)  # [S, B..., C]
     if num == 1:

@@ -5,72 +5,84 @@ Unit*, ICCV 2021 (arXiv:2104.03693): :math:`N` uniform intervals between a left 
 right bound :math:`B_R`, :math:`N + 1` knot values :math:`Y_P^0, \dots, Y_P^N`, linear interpolation
 between the knots and linear extrapolation with slopes :math:`K_L` and :math:`K_R` outside the bounds.
 
-Two implementations are given:
+:func:`pwlu` validates its arguments and runs one of two kernels, which compute the same function
+(every segment is a line ``alpha[s] + beta[s] * x`` of the tables in :mod:`._pwlu_tables`):
 
-* :func:`pwlu`: the fast path, a custom :class:`torch.autograd.Function` that saves only the input for
-  backward, recomputes the segment index there, and reduces the parameter gradients over the batch with
-  ``scatter_add_`` (or a deterministic ``index_put_(accumulate=True)`` when
-  :func:`torch.are_deterministic_algorithms_enabled`). It works on cache-sized chunks, with scratch
-  buffers allocated once per call, so that its intermediates never reach the size of the input; on the
-  CPU, with ``torch.get_num_threads() > 1``, the chunks are split between that many threads (each op on
-  a chunk is below ATen's parallel grain and would otherwise run on one thread).
-* :func:`pwlu_reference`: the paper's per-interval formula with masks, in plain autograd. Slow and
-  memory-hungry, obviously correct: the tests compare the fast path against it.
+* eager, on the CPU: the chunked kernel of :mod:`._pwlu_eager` (few, cache-resident passes; threads);
+* under ``torch.compile`` or ``torch.export``, and eagerly on other devices: :class:`_FusedPWLU`, a
+  composite of plain torch ops that inductor fuses into one loop forward and one
+  backward, and that ``torch.export`` / ONNX can trace (index arithmetic, ``Gather``, multiply-add).
 
-Einstein legend (shapes in this file):
-
-* ``P``: parameter rows, 1 for layer granularity, ``C`` (channels) for channel granularity;
-* ``N``: intervals; ``K = N + 1`` knots; ``S = N + 2`` segments (left ray, ``N`` intervals, right ray);
-* ``O, I``: the elements before and after the channel dimension, so that ``x`` is seen as ``[O, P, I]``.
-
-Internally every segment ``s`` is a line ``y = alpha[s] + beta[s] * x``; the segment of ``x`` is
-``s = clamp(floor((x - B_L) / d) + 1, 0, N + 1)`` with ``d = (B_R - B_L) / N``. The gradients of the
-parameters follow from the per-segment sums of ``g`` and ``g * x`` (``g`` the incoming gradient) through
-the small ``[P, S]`` tables.
+Both save only the input (and the small parameters) for backward and recompute the segment index there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pycoe._validation import check_int, check_tensor
+from pycoe.functional._pwlu_eager import EagerPWLU, eager_tables, segment_sums
+from pycoe.functional._pwlu_tables import (
+    SegmentTables,
+    compute_dtype,
+    segment_tables,
+    segment_tables_op,
+    tables_backward,
+    tables_backward_op,
+)
 
-__all__ = ["pwlu", "pwlu_reference"]
+__all__ = ["pwlu"]
 
-# Bytes per chunk of the fast path (in the compute dtype): 120 KiB, i.e. 30,720 float32 or 15,360 float64
-# elements, just below ATen's intra-op grain (32,768 elements), so that every op on a chunk runs on the
-# calling thread (threads are used one level up, see _workers). The scratch buffers of a chunk are
-# allocated once per call and reused (``out=`` ops), so a chunk's intermediates stay in the L2 cache and
-# no per-chunk allocation reaches malloc. Measured on the project's machine (1 thread): 120 KiB chunks with
-# reused buffers are about 1.2x to 1.9x faster than the previous 64 KiB chunks with fresh temporaries;
-# larger chunks gain little more with 1 thread and are several times slower with 2 threads on a loaded
-# machine (every op then forks an OpenMP team). Any value gives the same result.
-_CHUNK_BYTES = 120 << 10
-# Chunks accumulated in the compute dtype before the partial parameter gradients are added into
-# float64 totals (keeps the float32 reduction error small on large batches).
-_FLUSH_EVERY = 8
-# Chunks per worker thread below which a call runs on the calling thread only.
-_MIN_CHUNKS_PER_WORKER = 4
+_PARAM_NAMES = ("left_bound", "right_bound", "left_slope", "right_slope")
 
 
 def _as_param_row(name: str, value: Tensor | float, rows: int, like: Tensor) -> Tensor:
-    """Return ``value`` as a tensor of shape ``[rows]`` (broadcasting a single value, differentiably)."""
+    """``value`` as a tensor of shape ``[rows]`` (broadcasting a single value, differentiably)."""
     if not isinstance(value, Tensor):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a tensor or a float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
         value = torch.tensor(float(value), dtype=like.dtype, device=like.device)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but points is on {like.device}")
     if value.numel() == rows:
         return value.reshape(rows)
     if value.numel() == 1:
         return value.reshape(1).expand(rows)
     raise ValueError(f"{name} must hold 1 value or one per row of points ({rows}), got shape {tuple(value.shape)}")
+
+
+def _check_values(tab: SegmentTables, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> None:
+    """Raise, naming the argument, unless every parameter is finite and ``B_L < B_R`` on every row.
+
+    Checked on the small tables built from the parameters (finite lines, ``d > 0``), one synchronising
+    ``bool``; the caller skips it where that would synchronise a device or break a traced graph.
+    """
+    with torch.no_grad():
+        if bool(torch.isfinite(tab.alpha).all() & torch.isfinite(tab.beta).all() & (tab.d > 0).all()):
+            return
+        named = (("points", points), ("left_bound", lb), ("right_bound", rb), ("left_slope", ks), ("right_slope", kr))
+        for name, t in named:
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} must be finite, but it holds NaN or an infinite value")
+        bad = torch.nonzero(lb >= rb)
+        if bad.numel():
+            row = int(bad[0, 0])
+            raise ValueError(
+                f"left_bound must be smaller than right_bound on every row, but row {row} has "
+                f"left_bound={float(lb[row])} and right_bound={float(rb[row])}"
+            )
+    raise ValueError(
+        "the PWLU parameters are finite with left_bound < right_bound, but the interval width or the segment "
+        "lines they imply overflow or underflow (bounds too far apart or too close for the dtype)"
+    )
 
 
 def _prepare(
@@ -91,16 +103,20 @@ def _prepare(
         raise ValueError(f"points must hold at least 2 knots (1 interval) per row, got shape {tuple(points.shape)}")
     if points.shape[0] < 1:
         raise ValueError("points must have at least one row")
-    rows = points.shape[0]
-    lb = _as_param_row("left_bound", left_bound, rows, points)
-    rb = _as_param_row("right_bound", right_bound, rows, points)
-    ks = _as_param_row("left_slope", left_slope, rows, points)
-    kr = _as_param_row("right_slope", right_slope, rows, points)
-    for name, t in (("left_bound", lb), ("right_bound", rb), ("left_slope", ks), ("right_slope", kr)):
-        if t.device != points.device:
-            raise ValueError(f"{name} is on {t.device} but points is on {points.device}")
     if x.device != points.device:
         raise ValueError(f"x is on {x.device} but points is on {points.device}")
+    lb_in, rb_in = left_bound, right_bound
+    if not isinstance(lb_in, Tensor) and not isinstance(rb_in, Tensor):
+        for name, value in (("left_bound", lb_in), ("right_bound", rb_in)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a tensor or a float, got {type(value).__name__}")
+        if math.isfinite(lb_in) and math.isfinite(rb_in) and not lb_in < rb_in:
+            raise ValueError(f"left_bound must be smaller than right_bound, got {lb_in} and {rb_in}")
+    rows = points.shape[0]
+    lb, rb, ks, kr = (
+        _as_param_row(name, value, rows, points)
+        for name, value in zip(_PARAM_NAMES, (left_bound, right_bound, left_slope, right_slope))
+    )
     check_int("channel_dim", channel_dim)
     cd = channel_dim
     if rows > 1:
@@ -115,412 +131,104 @@ def _prepare(
     return points, lb, rb, ks, kr, cd
 
 
-def _compute_dtype(x: Tensor, points: Tensor) -> torch.dtype:
-    """float64 if either operand is float64, float32 otherwise (bfloat16/float16 are upcast)."""
-    if torch.float64 in (x.dtype, points.dtype):
-        return torch.float64
-    return torch.float32
-
-
 # ----------------------------------------------------------------------------------------------------
-# Segment tables and their backward (small [P, S] tensors)
-# ----------------------------------------------------------------------------------------------------
+# The fused composite (torch.compile, torch.export, devices other than the CPU)
 
 
-def _tables(y: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> dict[str, Tensor]:
-    """Lines ``alpha + beta * x`` of the ``S = N + 2`` segments, per row. All inputs in compute dtype.
-
-    Args:
-        y: Tensor[P, K] knot values; lb, rb, ks, kr: Tensor[P].
-
-    Returns:
-        dict with alpha, beta, anchor (Tensor[P, S]), inner (Tensor[P, N] interval slopes),
-        d, scale, shift (Tensor[P]); ``(x * scale + shift)`` is the segment coordinate.
-    """
-    n = y.shape[1] - 1
-    d = (rb - lb) / n  # [P]
-    inner = (y[:, 1:] - y[:, :-1]) / d[:, None]  # [P, N]
-    beta = torch.cat([ks[:, None], inner, kr[:, None]], dim=1)  # [P, S]
-    steps = torch.arange(n, dtype=y.dtype, device=y.device)
-    knots = torch.cat([lb[:, None] + steps * d[:, None], rb[:, None]], dim=1)  # [P, K]
-    anchor = torch.cat([knots[:, :1], knots], dim=1)  # [P, S]: the point where segment s meets its knot
-    base = torch.cat([y[:, :1], y], dim=1)  # [P, S]: the knot value there
-    alpha = base - beta * anchor
-    scale = 1.0 / d
-    shift = 1.0 - lb * scale
-    return {"alpha": alpha, "beta": beta, "anchor": anchor, "inner": inner, "d": d, "scale": scale, "shift": shift}
+def _flat_index(x: Tensor, tab: SegmentTables, channel_dim: int) -> Tensor:
+    """The int64 index of every element of ``x`` into the flattened ``[P * S]`` tables."""
+    rows, n = tab.alpha.shape[0], tab.alpha.shape[1] - 2
+    shape = [1] * x.dim()
+    if rows > 1:
+        shape[channel_dim] = rows
+    v = x * tab.scale.reshape(shape) + tab.shift.reshape(shape)
+    v = torch.where(v == v, v, 0.0).clamp(0, n + 1)  # a NaN input takes segment 0 (its output stays NaN)
+    idx = v.to(torch.int64)  # truncation is floor here (v >= 0)
+    if rows > 1:
+        idx = idx + (torch.arange(rows, device=x.device) * (n + 2)).reshape(shape)
+    return idx
 
 
-def _tables_backward(tab: dict[str, Tensor], g_alpha: Tensor, g_beta: Tensor) -> tuple[Tensor, ...]:
-    """Chain rule from the per-segment sums to the parameters.
-
-    Args:
-        tab: the output of :func:`_tables`.
-        g_alpha: Tensor[P, S], sum of the incoming gradient over the elements of each segment.
-        g_beta: Tensor[P, S], the same sum weighted by ``x``.
-
-    Returns:
-        Gradients of (points Tensor[P, K], left_bound, right_bound, left_slope, right_slope Tensor[P]).
-
-    With ``y = base[s] + beta[s] * (x - anchor[s])``: d/d base = g, d/d beta = g * (x - anchor),
-    d/d anchor = -beta * g. The knots are ``B_L + j * d`` for ``j < N`` and ``B_R`` for ``j = N``.
-    """
-    beta, anchor, inner, d = tab["beta"], tab["anchor"], tab["inner"], tab["d"]
-    n = inner.shape[1]
-    g_beta_total = g_beta - anchor * g_alpha  # [P, S]
-    g_anchor = -beta * g_alpha  # [P, S]
-    # base = cat(Y_0, Y_0..Y_N); anchor = cat(knot_0, knot_0..knot_N)
-    g_points = g_alpha[:, 1:].clone()
-    g_points[:, 0] += g_alpha[:, 0]
-    g_knots = g_anchor[:, 1:].clone()
-    g_knots[:, 0] += g_anchor[:, 0]
-    g_ks = g_beta_total[:, 0]
-    g_kr = g_beta_total[:, -1]
-    g_inner = g_beta_total[:, 1:-1] / d[:, None]  # d/d(Y_{i+1} - Y_i)
-    g_points[:, 1:] += g_inner
-    g_points[:, :-1] -= g_inner
-    g_d = -(g_inner * inner).sum(dim=1)
-    steps = torch.arange(n, dtype=d.dtype, device=d.device)
-    g_lb = g_knots[:, :n].sum(dim=1)
-    g_d = g_d + (g_knots[:, :n] * steps).sum(dim=1)
-    g_rb = g_knots[:, n]
-    g_lb = g_lb - g_d / n
-    g_rb = g_rb + g_d / n
-    return g_points, g_lb, g_rb, g_ks, g_kr
+def _opaque_tables() -> bool:
+    """Under torch.compile (not export), the [P, S]-sized table work runs as opaque ops (see _pwlu_tables)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Layout and chunking
-# ----------------------------------------------------------------------------------------------------
+def _fused_tables(x: Tensor, points: Tensor, lb: Tensor, rb: Tensor, ks: Tensor, kr: Tensor) -> SegmentTables:
+    cdt = compute_dtype(x, points)
+    args = (points.to(cdt), lb.to(cdt), rb.to(cdt), ks.to(cdt), kr.to(cdt))
+    if _opaque_tables():
+        return SegmentTables(*segment_tables_op(*args))
+    return segment_tables(*args)
 
 
-def _dense_permutation(x: Tensor) -> list[int] | None:
-    """A permutation ``perm`` with ``x.permute(perm)`` contiguous, or None if ``x`` is not dense."""
-    if x.is_contiguous():
-        return list(range(x.dim()))
-    perm = sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
-    if x.permute(perm).is_contiguous():
-        return perm
-    return None
+class _FusedPWLU(torch.autograd.Function):
+    """Whole-tensor elementwise ops that a compiler fuses; saves only ``x`` and the parameters.
 
-
-def _chunks(outer: int, rows: int, inner: int, chunk: int) -> Iterator[tuple[str, int, int, int]]:
-    """Split a contiguous ``[O, P, I]`` tensor into contiguous pieces of about ``chunk`` elements.
-
-    Yields ``(kind, a, b, r)``: ``("outer", o0, o1, 0)`` is ``x3[o0:o1]`` (all rows);
-    ``("rows", r0, r1, 0)`` is rows ``r0:r1`` of the ``[O * P, I]`` view;
-    ``("inner", i0, i1, r)`` is ``[r, i0:i1]`` of that view.
-    """
-    if outer * rows * inner == 0:
-        return
-    if rows * inner <= chunk:
-        step = max(1, chunk // (rows * inner))
-        for o0 in range(0, outer, step):
-            yield "outer", o0, min(o0 + step, outer), 0
-    elif inner <= chunk:
-        step = max(1, chunk // inner)
-        total = outer * rows
-        for r0 in range(0, total, step):
-            yield "rows", r0, min(r0 + step, total), 0
-    else:
-        for r in range(outer * rows):
-            for i0 in range(0, inner, chunk):
-                yield "inner", i0, min(i0 + chunk, inner), r
-
-
-class _Layout:
-    """The canonical contiguous ``[O, P, I]`` view of an input and how to map chunks of it."""
-
-    def __init__(self, x: Tensor, rows: int, channel_dim: int):
-        perm = _dense_permutation(x)
-        if perm is None:
-            x = x.contiguous()
-            perm = list(range(x.dim()))
-        self.perm = perm
-        self.inverse = [perm.index(i) for i in range(len(perm))]
-        xp = x.permute(perm)
-        self.shape = xp.shape
-        if rows > 1:
-            cdp = perm.index(channel_dim)
-            outer = 1
-            for s in xp.shape[:cdp]:
-                outer *= s
-            inner = 1
-            for s in xp.shape[cdp + 1 :]:
-                inner *= s
-        else:
-            outer, inner = 1, xp.numel()
-        self.outer, self.rows, self.inner = outer, rows, inner
-
-    def view3(self, t: Tensor) -> Tensor:
-        """``t`` (same shape and layout family as x) as a contiguous ``[O, P, I]`` tensor."""
-        return t.permute(self.perm).contiguous().view(self.outer, self.rows, self.inner)
-
-    def empty_like3(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """A new ``[O, P, I]`` buffer and the same memory seen with ``x``'s shape and strides."""
-        buf = torch.empty(self.shape, dtype=dtype, device=x.device)
-        return buf.view(self.outer, self.rows, self.inner), buf.permute(self.inverse)
-
-    def pieces(self, chunk: int) -> Iterator[tuple[str, int, int, int]]:
-        """The pieces of the ``[O, P, I]`` view, as described in :func:`_chunks`."""
-        return _chunks(self.outer, self.rows, self.inner, chunk)
-
-
-def _slice(t3: Tensor, piece: tuple[str, int, int, int]) -> Tensor:
-    """The piece of a contiguous ``[O, P, I]`` tensor (a contiguous view)."""
-    kind, a, b, r = piece
-    if kind == "outer":
-        return t3[a:b]
-    if kind == "rows":
-        return t3.view(-1, t3.shape[2])[a:b]
-    return t3.view(-1, t3.shape[2])[r, a:b]
-
-
-class _RowParams:
-    """Per-row vectors ``[P]`` shaped, once, to broadcast against every kind of piece.
-
-    Built completely in the constructor (the pieces may be processed by several threads).
+    A custom function rather than plain autograd so that backward recomputes the index from ``x``: left to
+    itself, AOTAutograd's partitioner saves the int64 index (8 bytes per element) for backward.
     """
 
-    def __init__(self, vecs: list[Tensor], outer: int, rows: int, kinds: set[str]):
-        self.vecs, self.rows = vecs, rows
-        self.outer_form = [v.view(1, rows, 1) for v in vecs]
-        if rows == 1:
-            self.rows_form = [v.view(1, 1) for v in vecs]
-        elif "rows" in kinds:  # [O * P, 1]: row r belongs to channel r % P
-            self.rows_form = [v.repeat(outer).unsqueeze(1) for v in vecs]
-        else:
-            self.rows_form = []
-
-    def __call__(self, piece: tuple[str, int, int, int]) -> list[Tensor]:
-        kind, a, b, r = piece
-        if kind == "outer":
-            return self.outer_form
-        if kind == "rows":
-            if self.rows == 1:
-                return self.rows_form
-            return [v[a:b] for v in self.rows_form]
-        p = r % self.rows
-        return [v[p : p + 1] for v in self.vecs]
-
-
-class _Workspace:
-    """Scratch buffers of one chunk, allocated once per call (per thread) and reused by every piece."""
-
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device, long_index: bool):
-        self.v = torch.empty(size, dtype=dtype, device=device)
-        self.w = torch.empty(size, dtype=dtype, device=device)
-        self.index = torch.empty(size, dtype=torch.int32, device=device)
-        self.long_index = torch.empty(size if long_index else 0, dtype=torch.int64, device=device)
-
-    def views(self, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
-        """The flat int32 index buffer and two float buffers of ``shape``, for a piece of ``shape``."""
-        numel = shape.numel()
-        return self.index[:numel], self.v[:numel].view(shape), self.w[:numel].view(shape)
-
-
-def _segment_index(xc: Tensor, params: list[Tensor], n: int, idx: Tensor, v: Tensor) -> None:
-    """Write the flat int32 table index (row offset + segment) of every element of a piece into ``idx``.
-
-    Args:
-        xc: Tensor[piece] the input piece; params: [scale, shift] or [scale, shift, offset] shaped to
-            broadcast against it; idx: Tensor[piece.numel()] int32 output; v: Tensor[piece] scratch in
-            the compute dtype (holds the clamped segment coordinate afterwards).
-    """
-    # (x - B_L) / d + 1; mul + add_ is measured 3x faster than a broadcasting addcmul on CPU
-    torch.mul(xc, params[0], out=v)
-    v.add_(params[1])
-    v.clamp_(0, n + 1)
-    idx.copy_(v.view(-1))  # truncation is floor here (v >= 0)
-    idx.clamp_(0, n + 1)  # NaN inputs convert to an arbitrary integer; keep them inside the table
-    if len(params) > 2:
-        idx.view(v.shape).add_(params[2])
-
-
-_T = TypeVar("_T")
-
-
-def _workers(x: Tensor, num_pieces: int) -> int:
-    """Threads for one call: ``torch.get_num_threads()`` on the CPU when there is enough work, else 1."""
-    if x.device.type != "cpu" or _compiling() or torch.are_deterministic_algorithms_enabled():
-        return 1
-    return max(1, min(torch.get_num_threads(), num_pieces // _MIN_CHUNKS_PER_WORKER))
-
-
-def _run_split(pieces: Sequence[_T], workers: int, task: Callable[[Sequence[_T]], object], device: str) -> list:
-    """Run ``task`` on ``workers`` contiguous, near-equal groups of ``pieces``; results in group order.
-
-    The calling thread runs the first group, worker threads of a pool made for this call the others (ATen
-    ops release the GIL; a call only splits when it has several large chunks per thread, so starting the
-    threads costs little next to the work, and no thread outlives the call or survives a fork). The split
-    depends only on ``len(pieces)`` and ``workers``, so results are reproducible.
-    """
-    if workers <= 1:
-        return [task(pieces)]
-    bounds = [len(pieces) * i // workers for i in range(workers + 1)]
-    groups = [pieces[bounds[i] : bounds[i + 1]] for i in range(workers)]
-
-    def in_worker(group: Sequence[_T]) -> object:
-        # grad mode and autocast are thread-local: match the autograd.Function's (off)
-        with torch.no_grad(), torch.autocast(device_type=device, enabled=False):
-            return task(group)
-
-    with ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="pycoe-pwlu") as pool:
-        futures = [pool.submit(in_worker, g) for g in groups[1:]]
-        try:
-            first = task(groups[0])
-        finally:  # never leave a worker writing into buffers that the caller is about to drop
-            results = [f.exception() or f.result() for f in futures]
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return [first, *results]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The autograd function
-# ----------------------------------------------------------------------------------------------------
-
-
-class _PWLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, points, lb, rb, ks, kr, channel_dim):  # type: ignore[override]
-        cdt = _compute_dtype(x, points)
-        rows, k = points.shape
-        n = k - 1
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        points: Tensor,
+        lb: Tensor,
+        rb: Tensor,
+        ks: Tensor,
+        kr: Tensor,
+        channel_dim: int,
+        sums_op: bool,
+    ) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tab = _tables(points.to(cdt), lb.to(cdt), rb.to(cdt), ks.to(cdt), kr.to(cdt))
-            alpha = tab["alpha"].reshape(-1)
-            beta = tab["beta"].reshape(-1)
-            layout = _Layout(x, rows, channel_dim)
-            x3 = layout.view3(x)
-            out3, out = layout.empty_like3(x, x.dtype)
-            chunk = max(1, x3.numel()) if _compiling() else max(1, _CHUNK_BYTES // cdt.itemsize)
-            pieces = list(layout.pieces(chunk))
-            row_params = _row_params(tab, layout, rows, n, pieces, x.device)
-            size = min(chunk, max(1, x3.numel()))
-
-            def task(group: Sequence[tuple[str, int, int, int]]) -> None:
-                ws = _Workspace(size, cdt, x.device, long_index=False)
-                for piece in group:
-                    xc = _slice(x3, piece)
-                    idx, v, w = ws.views(xc.shape)
-                    _segment_index(xc, row_params(piece), n, idx, v)
-                    torch.index_select(alpha, 0, idx, out=w.view(-1))
-                    torch.index_select(beta, 0, idx, out=v.view(-1))
-                    # computed in the compute dtype, rounded once to x's dtype
-                    torch.addcmul(w, v, xc, out=_slice(out3, piece))
-
-            _run_split(pieces, _workers(x, len(pieces)), task, x.device.type)
+            tab = _fused_tables(x, points, lb, rb, ks, kr)
+            xc = x.to(tab.alpha.dtype)
+            idx = _flat_index(xc, tab, channel_dim)
+            out = torch.addcmul(tab.alpha.reshape(-1)[idx], tab.beta.reshape(-1)[idx], xc).to(x.dtype)
         ctx.save_for_backward(x, points, lb, rb, ks, kr)
         ctx.channel_dim = channel_dim
+        ctx.sums_op = sums_op
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, points, lb, rb, ks, kr = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
-        need_p = any(ctx.needs_input_grad[1:6])
-        cdt = _compute_dtype(x, points)
-        rows, k = points.shape
-        n = k - 1
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        need_p = ctx.needs_input_grad[1:6]
         grad_x = None
+        grads: tuple[Tensor | None, ...] = (None,) * 5
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tab = _tables(points.to(cdt), lb.to(cdt), rb.to(cdt), ks.to(cdt), kr.to(cdt))
-            beta = tab["beta"].reshape(-1)
-            layout = _Layout(x, rows, ctx.channel_dim)
-            x3 = layout.view3(x)
-            g3 = layout.view3(grad_out)
-            if need_x:
-                gx3, grad_x = layout.empty_like3(x, x.dtype)
-            bins = rows * (n + 2)
-            chunk = max(1, x3.numel()) if _compiling() else max(1, _CHUNK_BYTES // cdt.itemsize)
-            pieces = list(layout.pieces(chunk))
-            row_params = _row_params(tab, layout, rows, n, pieces, x.device)
-            size = min(chunk, max(1, x3.numel()))
-
-            def task(group: Sequence[tuple[str, int, int, int]]) -> tuple[Tensor, Tensor] | None:
-                ws = _Workspace(size, cdt, x.device, long_index=need_p and not deterministic)
-                if need_p:
-                    total_a = torch.zeros(bins, dtype=torch.float64, device=x.device)
-                    total_b = torch.zeros(bins, dtype=torch.float64, device=x.device)
-                    part_a = torch.zeros(bins, dtype=cdt, device=x.device)
-                    part_b = torch.zeros(bins, dtype=cdt, device=x.device)
-                pending = 0
-                for piece in group:
-                    xc = _slice(x3, piece)
-                    gc = _slice(g3, piece)
-                    idx, v, w = ws.views(xc.shape)
-                    _segment_index(xc, row_params(piece), n, idx, v)
-                    if need_x:
-                        torch.index_select(beta, 0, idx, out=w.view(-1))
-                        # computed in the compute dtype, rounded once to x's dtype
-                        torch.mul(w, gc, out=_slice(gx3, piece))
-                    if not need_p:
-                        continue
-                    if gc.dtype != cdt:
-                        w.copy_(gc)
-                        gc = w
-                    torch.mul(gc, xc, out=v)
-                    gcf, gxf = gc.reshape(-1), v.view(-1)
-                    if deterministic:
-                        part_a.index_put_((idx,), gcf, accumulate=True)
-                        part_b.index_put_((idx,), gxf, accumulate=True)
-                    else:  # measured faster than index_add_ (int32) and bincount, int64 copy included
-                        lidx = ws.long_index[: idx.numel()]
-                        lidx.copy_(idx)
-                        part_a.scatter_add_(0, lidx, gcf)
-                        part_b.scatter_add_(0, lidx, gxf)
-                    pending += 1
-                    if pending == _FLUSH_EVERY:
-                        total_a += part_a
-                        total_b += part_b
-                        part_a.zero_()
-                        part_b.zero_()
-                        pending = 0
-                if not need_p:
-                    return None
-                total_a += part_a
-                total_b += part_b
-                return total_a, total_b
-
-            results = _run_split(pieces, _workers(x, len(pieces)), task, x.device.type)
-            grads: tuple = (None,) * 5
-            if need_p:
-                total_a, total_b = results[0]
-                for part_a, part_b in results[1:]:  # fixed order: reproducible
-                    total_a += part_a
-                    total_b += part_b
-                g_alpha = total_a.to(cdt).view(rows, n + 2)
-                g_beta = total_b.to(cdt).view(rows, n + 2)
-                grads = _tables_backward(tab, g_alpha, g_beta)
-                grads = tuple(
-                    g.to(p.dtype) if need else None
-                    for g, p, need in zip(grads, (points, lb, rb, ks, kr), ctx.needs_input_grad[1:6])
-                )
-        return (grad_x, *grads, None)
-
-
-def _row_params(
-    tab: dict[str, Tensor], layout: _Layout, rows: int, n: int, pieces: list, device: torch.device
-) -> _RowParams:
-    """scale, shift (and the int32 row offsets ``p * (N + 2)`` when ``P > 1``) for every piece."""
-    vecs = [tab["scale"], tab["shift"]]
-    if rows > 1:
-        vecs.append(torch.arange(rows, dtype=torch.int32, device=device) * (n + 2))
-    return _RowParams(vecs, layout.outer, rows, {p[0] for p in pieces})
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+            tab = _fused_tables(x, points, lb, rb, ks, kr)
+            cdt = tab.alpha.dtype
+            xc, g = x.to(cdt), grad_out.to(cdt)
+            idx = _flat_index(xc, tab, ctx.channel_dim)
+            if ctx.needs_input_grad[0]:
+                grad_x = (tab.beta.reshape(-1)[idx] * g).to(x.dtype)
+            if any(need_p):
+                # per-segment sums of g and g * x, accumulated in float64
+                shape = tab.alpha.shape
+                if ctx.sums_op:
+                    sums = segment_sums(x, grad_out, points, lb, rb, ks, kr, ctx.channel_dim)
+                    s_a, s_b = sums[0], sums[1]
+                else:
+                    g64 = g.to(torch.float64)
+                    zeros = torch.zeros(tab.alpha.numel(), dtype=torch.float64, device=x.device)
+                    s_a = zeros.index_put((idx,), g64, accumulate=True)
+                    s_b = zeros.index_put((idx,), g64 * xc.to(torch.float64), accumulate=True)
+                g_alpha, g_beta = s_a.to(cdt).view(shape), s_b.to(cdt).view(shape)
+                if _opaque_tables():
+                    cast = [t.to(cdt) for t in (points, lb, rb, ks, kr)]
+                    g_all = tuple(tables_backward_op(*cast, g_alpha, g_beta))
+                else:
+                    g_all = tables_backward(tab, g_alpha, g_beta)
+                params = (points, lb, rb, ks, kr)
+                grads = tuple(g.to(p.dtype) if need else None for g, p, need in zip(g_all, params, need_p))
+        return (grad_x, *grads, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Public functions
-# ----------------------------------------------------------------------------------------------------
+# Public function
 
 
 def pwlu(
@@ -532,7 +240,7 @@ def pwlu(
     right_slope: Tensor | float,
     channel_dim: int = 1,
 ) -> Tensor:
-    r"""Piecewise linear unit (fast path).
+    r"""Piecewise linear unit.
 
     .. math::
 
@@ -543,21 +251,24 @@ def pwlu(
         \end{cases}
         \qquad d = \frac{B_R - B_L}{N},\; B_i = B_L + i\,d.
 
-    Every argument but ``x`` and ``channel_dim`` is differentiable. The backward saves only ``x`` (and
-    the small parameters) and recomputes the segment index; parameter gradients are reduced over the
-    batch with ``scatter_add_``, or with ``index_put_(accumulate=True)`` (deterministic) when
-    :func:`torch.are_deterministic_algorithms_enabled`. Not twice differentiable. On the CPU the work
-    is split between ``torch.get_num_threads()`` threads when the input is large enough (at least 4
-    chunks of 120 KiB per thread); the split depends only on the input's size and the thread count, so
-    repeated calls give identical results, and the parameter gradients of different thread counts
-    differ by float rounding only (summation order).
+    Every argument but ``x`` and ``channel_dim`` is differentiable. Backward saves only ``x`` (and the
+    small parameters) and recomputes the segment index; not twice differentiable. Eagerly on the CPU it
+    runs a chunked kernel (split between ``torch.get_num_threads()`` threads for large inputs; repeated
+    calls are bit-identical, and with :func:`torch.are_deterministic_algorithms_enabled` the parameter
+    gradients use a deterministic reduction); under ``torch.compile`` and ``torch.export``, and on other
+    devices, a composite of plain torch ops that the compiler fuses and the exporters trace. Both compute
+    the same function.
 
     Numerics: the computation runs in float64 if ``x`` or ``points`` is float64 and in float32 otherwise
     (bfloat16 and float16 inputs are upcast inside, also under autocast); the output has ``x``'s dtype,
-    shape and memory layout (contiguous, channels_last, any dense permutation). Each segment is
-    evaluated as ``alpha + beta * x``, so with bounds far from zero the rounding error scales with
-    ``|beta * x|`` rather than with ``|y|``. ``B_R > B_L`` is required and not checked (it would cost a
-    device synchronisation); NaN inputs give NaN outputs.
+    shape and memory layout. Each segment is evaluated as ``alpha + beta * x``, so with bounds far from
+    zero the rounding error scales with ``|beta * x|`` rather than with ``|y|``. NaN inputs give NaN
+    outputs; an empty ``x`` gives an empty output.
+
+    Checks: Python-number parameters must be finite, with ``left_bound < right_bound`` when both bounds
+    are numbers. Tensor parameters on the CPU are checked too (finite, ``B_L < B_R`` on every row), except
+    under ``torch.compile`` / ``torch.export``; on other devices they are not checked, since the check would
+    synchronise the device (``B_L >= B_R`` there gives a meaningless result, not an error).
 
     Args:
         x: Tensor[...], any floating dtype and layout.
@@ -574,50 +285,19 @@ def pwlu(
         Tensor[...] of ``x``'s shape, dtype and layout.
 
     Raises:
-        TypeError: a non-tensor or non-floating input.
-        ValueError: ``points`` with fewer than 2 knots, parameter rows that do not match, a channel
-            count of ``x`` that differs from ``P``, or devices that differ.
+        TypeError: a non-tensor or non-floating input, or a parameter that is neither a tensor nor a number.
+        ValueError: ``points`` with fewer than 2 knots, parameter rows that do not match, a channel count
+            of ``x`` that differs from ``P``, devices that differ, a non-finite parameter, or
+            ``left_bound >= right_bound`` (as described under "Checks").
     """
     points, lb, rb, ks, kr, cd = _prepare(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
-    return _PWLUFunction.apply(x, points, lb, rb, ks, kr, cd)
-
-
-def pwlu_reference(
-    x: Tensor,
-    points: Tensor,
-    left_bound: Tensor | float,
-    right_bound: Tensor | float,
-    left_slope: Tensor | float,
-    right_slope: Tensor | float,
-    channel_dim: int = 1,
-) -> Tensor:
-    """The same function as :func:`pwlu`, written as the paper's per-interval formula with masks.
-
-    Plain autograd, one masked term per interval; several full-size intermediates per interval, so it
-    is slow and memory-hungry. It exists to check :func:`pwlu` (the tests compare the two). Same
-    arguments, dtypes and output as :func:`pwlu`; twice differentiable.
-    """
-    points, lb, rb, ks, kr, cd = _prepare(x, points, left_bound, right_bound, left_slope, right_slope, channel_dim)
-    cdt = _compute_dtype(x, points)
-    rows, k = points.shape
-    n = k - 1
-    shape = [1] * x.dim()
-    if rows > 1:
-        shape[cd] = rows
-
-    def col(t: Tensor) -> Tensor:  # [P] -> broadcastable against x
-        return t.to(cdt).reshape(shape)
-
-    xc = x.to(cdt)
-    y_pts = points.to(cdt)
-    left, right = col(lb), col(rb)
-    d = (right - left) / n
-    out = torch.where(xc < left, (xc - left) * col(ks) + col(y_pts[:, 0]), torch.zeros_like(xc))
-    out = out + torch.where(xc >= right, (xc - right) * col(kr) + col(y_pts[:, n]), torch.zeros_like(xc))
-    for i in range(n):
-        b_i = left + i * d
-        b_next = left + (i + 1) * d if i < n - 1 else right
-        k_i = (col(y_pts[:, i + 1]) - col(y_pts[:, i])) / d
-        mask = (xc >= b_i) & (xc < b_next) & (xc >= left) & (xc < right)
-        out = out + torch.where(mask, (xc - b_i) * k_i + col(y_pts[:, i]), torch.zeros_like(xc))
-    return out.to(x.dtype)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        # on the CPU, backward reduces with the eager kernel's op: inductor's scatter into the P * S bins is
+        # atomic across threads (see the benchmarks in the user guide); elsewhere with index_put
+        sums_op = x.device.type == "cpu"
+        out: Tensor = _FusedPWLU.apply(x, points, lb, rb, ks, kr, cd, sums_op)
+        return out
+    tab = eager_tables(x, points, lb, rb, ks, kr)
+    _check_values(tab, points.detach(), lb.detach(), rb.detach(), ks.detach(), kr.detach())
+    out = EagerPWLU.apply(x, points, lb, rb, ks, kr, cd, tab)
+    return out

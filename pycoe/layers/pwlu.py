@@ -1,4 +1,4 @@
-"""The piecewise linear unit (PWLU) as a module, and helpers to put it into existing models.
+"""The piecewise linear unit (PWLU) as a module, and the model-level realignment.
 
 Zhou, Zhu and Zhong, *Learning Specialized Activation Functions with the Piecewise Linear Unit*,
 ICCV 2021 (arXiv:2104.03693); granularity per layer or per channel as in the TPAMI 2023 extension.
@@ -7,28 +7,26 @@ The CoE paper (Zhang, Chen and Zhong, ICML 2022) combines CoE with PWLU for its 
 The unit has two explicit phases:
 
 1. **collecting** (the initial state): the module computes exactly its init function (ReLU by default)
-   and, in training mode, tracks the running mean and variance of its input;
+   and, in training mode, tracks the running mean and variance of its input (:mod:`._pwlu_stats`);
 2. **learning**, after :meth:`PWLU.realign`: the bounds become ``mean -/+ bound_std * std``, the knots
    re-sample the init function, the outer slopes take the init function's asymptotic slopes, and from
    then on the unit is the learned piecewise linear function :func:`pycoe.functional.pwlu`.
 
-Which parts are the paper's and which are pycoe's choices is listed in the user guide (``docs/guide/pwlu.rst``).
+Converting an existing model's activations is in :mod:`pycoe.layers.pwlu_convert`. Which parts are the
+paper's and which are pycoe's choices is listed in the user guide (``docs/guide/pwlu.rst``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pycoe._modules import replace_modules
 from pycoe._validation import (
     check_choice,
+    check_device,
+    check_dtype,
     check_finite_float,
     check_int,
     check_positive_float,
@@ -36,61 +34,12 @@ from pycoe._validation import (
     check_probability,
     check_tensor,
 )
-from pycoe.distributed import is_distributed
+from pycoe.distributed import all_reduce, is_distributed
 from pycoe.functional.pwlu import pwlu
-from pycoe.utils import eval_mode
+from pycoe.layers._pwlu_inits import INIT_NAMES, get_init
+from pycoe.layers._pwlu_stats import batch_moments, pool_over_ranks, realigned_bounds, update_running
 
-__all__ = ["PWLU", "realign_pwlu", "convert_activations_to_pwlu", "DEFAULT_PWLU_ACTIVATIONS"]
-
-
-@dataclass(frozen=True)
-class _InitFunction:
-    """An init function with the outer slopes used at realignment (its slopes at -inf and +inf)."""
-
-    fn: Callable[[Tensor], Tensor]
-    left_slope: float
-    right_slope: float
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-_INITS: dict[str, _InitFunction] = {
-    "relu": _InitFunction(F.relu, 0.0, 1.0),
-    "relu6": _InitFunction(F.relu6, 0.0, 0.0),
-    "identity": _InitFunction(_identity, 1.0, 1.0),
-    "silu": _InitFunction(F.silu, 0.0, 1.0),
-    "swish": _InitFunction(F.silu, 0.0, 1.0),
-    "hardswish": _InitFunction(F.hardswish, 0.0, 1.0),
-    "hardsigmoid": _InitFunction(F.hardsigmoid, 0.0, 0.0),
-    "gelu": _InitFunction(F.gelu, 0.0, 1.0),
-    "gelu_tanh": _InitFunction(_gelu_tanh, 0.0, 1.0),
-    "tanh": _InitFunction(torch.tanh, 0.0, 0.0),
-    "sigmoid": _InitFunction(torch.sigmoid, 0.0, 0.0),
-    # "leaky_relu" depends on negative_slope: built in _init_function().
-}
-INIT_NAMES: tuple[str, ...] = tuple(sorted([*_INITS, "leaky_relu"]))
-
-
-class _LeakyReLU:
-    """Picklable leaky ReLU with a fixed negative slope."""
-
-    def __init__(self, negative_slope: float):
-        self.negative_slope = negative_slope
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return F.leaky_relu(x, self.negative_slope)
-
-
-def _init_function(init: str, negative_slope: float) -> _InitFunction:
-    if init == "leaky_relu":
-        return _InitFunction(_LeakyReLU(negative_slope), negative_slope, 1.0)
-    return _INITS[init]
+__all__ = ["PWLU", "realign_pwlu"]
 
 
 class PWLU(nn.Module):
@@ -145,6 +94,10 @@ class PWLU(nn.Module):
         the same shape, dtype and memory layout. The unit is never in-place.
     """
 
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
     def __init__(
         self,
         num_intervals: int = 16,
@@ -178,7 +131,9 @@ class PWLU(nn.Module):
             self.num_channels = None
         self.channel_dim = check_int("channel_dim", channel_dim)
         self.bound_std = check_positive_float("bound_std", bound_std)
-        self.momentum = check_probability("momentum", momentum)
+        checked_momentum = check_probability("momentum", momentum)
+        assert checked_momentum is not None  # allow_none=False
+        self.momentum = checked_momentum
         lb = check_finite_float("left_bound", left_bound)
         rb = check_finite_float("right_bound", right_bound)
         if not lb < rb:
@@ -188,11 +143,10 @@ class PWLU(nn.Module):
         if not isinstance(collect, bool):
             raise TypeError(f"collect must be a bool, got {type(collect).__name__}")
         self.collect = collect
-        self._init_spec = _init_function(self.init, self.negative_slope)
-
+        self._init_spec = get_init(self.init, self.negative_slope)
+        check_device("device", device)
+        check_dtype("dtype", dtype)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         rows = self.num_channels if self.num_channels is not None else 1
         self.points = nn.Parameter(torch.empty(rows, self.num_intervals + 1, **factory))
         self.left_bound = nn.Parameter(torch.empty(rows, **factory))
@@ -276,44 +230,26 @@ class PWLU(nn.Module):
 
         Raises:
             RuntimeError: no statistic was collected yet (no forward pass in training mode while
-                collecting).
+                collecting, or only batches holding NaN or infinite values, which are skipped), or the
+                statistics are not finite (e.g. loaded from a corrupt checkpoint).
         """
         if int(self.num_batches_tracked) == 0:
             raise RuntimeError(
                 "PWLU.realign() needs input statistics, but none were collected: run forward passes "
-                "in training mode while the unit is collecting (PWLU.collecting is True) first"
+                "in training mode while the unit is collecting (PWLU.collecting is True) first "
+                "(batches holding NaN or infinite values are skipped)"
             )
+        if not bool(torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()):
+            raise RuntimeError(
+                "PWLU.realign() needs finite statistics, but running_mean or running_var holds NaN or an "
+                "infinite value; call reset_running_stats() and collect again"
+            )
+        lb, rb = realigned_bounds(self.running_mean, self.running_var, self.bound_std)
         with torch.no_grad():
-            mean = self.running_mean.double()
-            std = self.running_var.double().clamp_min(0).sqrt()
-            std = torch.maximum(std, 1e-4 * (1 + mean.abs()))
-            self.left_bound.copy_(mean - self.bound_std * std)
-            self.right_bound.copy_(mean + self.bound_std * std)
+            self.left_bound.copy_(lb)
+            self.right_bound.copy_(rb)
             self._resample()
         self._collecting = False
-
-    @torch.no_grad()
-    def _track(self, x: Tensor) -> None:
-        x = x.detach()
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        if self.num_channels is None:
-            var, mean = torch.var_mean(x.reshape(-1), correction=0)
-            var, mean = var.reshape(1), mean.reshape(1)
-        else:
-            cd = self.channel_dim % x.dim()
-            dims = [d for d in range(x.dim()) if d != cd]
-            if dims:
-                var, mean = torch.var_mean(x, dim=dims, correction=0)
-            else:
-                mean, var = x, torch.zeros_like(x)
-        first = self.num_batches_tracked == 0
-        m = self.momentum
-        mean = mean.to(self.running_mean.dtype)
-        var = var.to(self.running_var.dtype)
-        self.running_mean.copy_(torch.where(first, mean, m * self.running_mean + (1 - m) * mean))
-        self.running_var.copy_(torch.where(first, var, m * self.running_var + (1 - m) * var))
-        self.num_batches_tracked.add_(1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[...] -> Tensor[...] (same shape, dtype and layout)."""
@@ -328,7 +264,8 @@ class PWLU(nn.Module):
                 )
         if self._collecting:
             if self.training and x.numel() > 0:
-                self._track(x)
+                mean, var = batch_moments(x, None if self.num_channels is None else self.channel_dim)
+                update_running(self.running_mean, self.running_var, self.num_batches_tracked, mean, var, self.momentum)
             return self._init_spec.fn(x)
         return pwlu(
             x,
@@ -371,245 +308,41 @@ def realign_pwlu(model: nn.Module, synchronize: bool = True) -> int:
         The number of PWLU modules realigned (a module shared under several names counts once).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        RuntimeError: a collecting PWLU has seen no training batch yet (on any rank, when synchronising).
+        TypeError: ``model`` is not an ``nn.Module``, or ``synchronize`` is not a bool.
+        RuntimeError: a collecting PWLU has seen no (finite) training batch yet (on any rank, when
+            synchronising), or holds non-finite statistics.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(synchronize, bool):
+        raise TypeError(f"synchronize must be a bool, got {type(synchronize).__name__}")
     todo = [(name, m) for name, m in model.named_modules() if isinstance(m, PWLU) and m.collecting]
-    sync = bool(synchronize) and is_distributed()
-    counts = torch.tensor([int(m.num_batches_tracked) for _, m in todo], dtype=torch.long)
-    if sync and len(todo):
-        dist.all_reduce(counts, op=dist.ReduceOp.MIN)
+    sync = synchronize and is_distributed()
+    # on the units' device: a NCCL process group reduces CUDA tensors only
+    device = todo[0][1].num_batches_tracked.device if todo else torch.device("cpu")
+    counts = torch.tensor([int(m.num_batches_tracked) for _, m in todo], dtype=torch.long, device=device)
+    if sync and todo:
+        all_reduce(counts, op="min")
     empty = [name or "<model>" for (name, _), c in zip(todo, counts.tolist()) if c == 0]
     if empty:
         raise RuntimeError(
             "cannot realign: these PWLU modules have collected no statistics yet (run forward passes in "
-            f"training mode first{' on every rank' if sync else ''}): {', '.join(empty)}"
+            f"training mode first{' on every rank' if sync else ''}; batches holding NaN or infinite values "
+            f"are skipped): {', '.join(empty)}"
         )
     if sync:
-        world = dist.get_world_size()
-        with torch.no_grad():
-            for _, m in todo:
-                mean = m.running_mean.double()
-                packed = torch.stack([mean, m.running_var.double() + mean * mean])
-                dist.all_reduce(packed)
-                packed /= world
-                pooled_mean = packed[0]
-                pooled_var = (packed[1] - pooled_mean * pooled_mean).clamp_min(0)
-                m.running_mean.copy_(pooled_mean.to(m.running_mean.dtype))
-                m.running_var.copy_(pooled_var.to(m.running_var.dtype))
+        for _, m in todo:
+            mean, var = pool_over_ranks(m.running_mean, m.running_var)
+            with torch.no_grad():
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+    bad = [
+        name or "<model>"
+        for name, m in todo
+        if not bool(torch.isfinite(m.running_mean).all() & torch.isfinite(m.running_var).all())
+    ]
+    if bad:
+        raise RuntimeError(f"cannot realign: these PWLU modules hold non-finite statistics: {', '.join(bad)}")
     for _, m in todo:
         m.realign()
     return len(todo)
-
-
-DEFAULT_PWLU_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.SiLU,
-    nn.Hardswish,
-    nn.GELU,
-)
-"""Activation types that :func:`convert_activations_to_pwlu` replaces by default (the feature
-activations; gates such as ``nn.Hardsigmoid``/``nn.Sigmoid`` are left alone unless asked for)."""
-
-
-def _init_of(module: nn.Module) -> tuple[str, float]:
-    """The PWLU ``init`` (and negative slope) that reproduces an activation module exactly."""
-    if isinstance(module, nn.ReLU6):
-        return "relu6", 0.01
-    if isinstance(module, nn.ReLU):
-        return "relu", 0.01
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", float(module.negative_slope)
-    if isinstance(module, nn.SiLU):
-        return "silu", 0.01
-    if isinstance(module, nn.Hardswish):
-        return "hardswish", 0.01
-    if isinstance(module, nn.Hardsigmoid):
-        return "hardsigmoid", 0.01
-    if isinstance(module, nn.GELU):
-        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.01
-    if isinstance(module, nn.Tanh):
-        return "tanh", 0.01
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid", 0.01
-    if isinstance(module, nn.Identity):
-        return "identity", 0.01
-    raise TypeError(f"no PWLU init reproduces {type(module).__name__}")
-
-
-_CONVERTIBLE = (
-    nn.ReLU6,
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.SiLU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.GELU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Identity,
-)
-
-
-def convert_activations_to_pwlu(
-    model: nn.Module,
-    activations: Sequence[type[nn.Module]] = DEFAULT_PWLU_ACTIVATIONS,
-    granularity: str = "layer",
-    num_intervals: int = 16,
-    channel_dim: int = 1,
-    example_inputs: Tensor | Sequence[Any] | None = None,
-    predicate: Callable[[str, nn.Module], bool] | None = None,
-    bound_std: float = 3.0,
-    momentum: float = 0.9,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> list[str]:
-    """Replace, in place, the activation modules of ``model`` by collecting PWLUs that reproduce them.
-
-    Each new PWLU's init function is the replaced activation (``nn.LeakyReLU`` keeps its negative
-    slope, ``nn.GELU`` its approximation), so the model's outputs are unchanged right after the
-    conversion; it then collects statistics in training mode until :func:`realign_pwlu`. Every module
-    instance of the listed types is converted, wherever it sits (e.g. the ReLU inside torchvision's
-    ``SqueezeExcitation`` too; its ``nn.Hardsigmoid`` gate is not in the default list). Pass
-    ``predicate`` to skip some.
-
-    Limits of module surgery: activations applied functionally in ``forward`` (``F.relu(x)``) are not
-    seen; a module called at several places (torchvision's ResNet blocks call one ``self.relu`` twice)
-    becomes one PWLU shared by those places; ``inplace=True`` is dropped (PWLU is never in-place), which
-    only matters for code that ignores an activation's return value. The new modules take the
-    training/eval mode of the modules they replace.
-
-    Args:
-        model: the model to edit in place.
-        activations: the activation types to replace (each must be one that a PWLU init reproduces:
-            ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, Hardsigmoid, GELU, Tanh, Sigmoid, Identity).
-        granularity: ``"layer"`` or ``"channel"``.
-        num_intervals: N for every new PWLU.
-        channel_dim: the channel dimension of the activations' inputs (1 for CNNs, -1 for
-            transformers).
-        example_inputs: required for ``"channel"``: one input (or a tuple of positional inputs) for a dry
-            run in eval mode under ``torch.no_grad()`` that records each activation's channel count.
-        predicate: optional ``(qualified_name, module) -> bool``; only modules for which it holds are
-            converted.
-        bound_std: passed to every PWLU.
-        momentum: passed to every PWLU.
-        device: of the new parameters; default: that of the model's first parameter (CPU if none).
-        dtype: of the new parameters; default: that of the model's first floating parameter (float32 if
-            none).
-
-    Returns:
-        The qualified names of the replaced modules.
-
-    Raises:
-        TypeError: a bad ``model`` or ``activations`` entry.
-        ValueError: channel granularity without ``example_inputs``, or an activation that the dry run did
-            not reach or reached with different channel counts.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(activations, type):
-        activations = (activations,)
-    activations = tuple(activations)
-    if not activations:
-        raise ValueError("activations must name at least one activation type")
-    for a in activations:
-        if not (isinstance(a, type) and issubclass(a, _CONVERTIBLE)):
-            raise TypeError(
-                "activations must be activation module types among "
-                f"{', '.join(c.__name__ for c in _CONVERTIBLE)}, got {a!r}"
-            )
-    check_choice("granularity", granularity, ("layer", "channel"))
-    check_positive_int("num_intervals", num_intervals)
-    if predicate is not None and not callable(predicate):
-        raise TypeError(f"predicate must be callable or None, got {type(predicate).__name__}")
-
-    def selected(name: str, module: nn.Module) -> bool:
-        return isinstance(module, activations) and (predicate is None or bool(predicate(name, module)))
-
-    if device is None or dtype is None:
-        first = next((p for p in model.parameters() if p.is_floating_point()), None)
-        if device is None:
-            device = first.device if first is not None else None
-        if dtype is None:
-            dtype = first.dtype if first is not None else None
-
-    channels: dict[int, int] = {}
-    if granularity == "channel":
-        if example_inputs is None:
-            raise ValueError(
-                "granularity='channel' needs example_inputs: a dry run records every activation's channel "
-                "count (or use granularity='layer')"
-            )
-        channels = _record_channels(model, selected, example_inputs, channel_dim)
-
-    def factory(name: str, module: nn.Module) -> nn.Module:
-        init, negative_slope = _init_of(module)
-        num_channels = None
-        if granularity == "channel":
-            if id(module) not in channels:
-                raise ValueError(f"the dry run with example_inputs did not reach activation {name!r}")
-            num_channels = channels[id(module)]
-        new = PWLU(
-            num_intervals=num_intervals,
-            init=init,
-            granularity=granularity,
-            num_channels=num_channels,
-            channel_dim=channel_dim,
-            bound_std=bound_std,
-            momentum=momentum,
-            negative_slope=negative_slope,
-            device=device,
-            dtype=dtype,
-        )
-        new.train(module.training)
-        return new
-
-    return replace_modules(model, selected, factory)
-
-
-def _record_channels(
-    model: nn.Module,
-    selected: Callable[[str, nn.Module], bool],
-    example_inputs: Tensor | Sequence[Any],
-    channel_dim: int,
-) -> dict[int, int]:
-    """Run ``model`` once (eval, no grad) and return ``{id(activation): channel count}``."""
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False) if n and selected(n, m)}
-    seen: dict[int, int] = {}
-    conflicts: dict[int, set[int]] = {}
-
-    def hook(module: nn.Module, args: tuple, _out: Any) -> None:
-        if not args or not isinstance(args[0], Tensor):
-            return
-        x = args[0]
-        if not -x.dim() <= channel_dim < x.dim():
-            raise ValueError(
-                f"channel_dim={channel_dim} is out of range for the input of {names[id(module)]!r} "
-                f"(shape {tuple(x.shape)})"
-            )
-        c = int(x.shape[channel_dim])
-        if seen.setdefault(id(module), c) != c:
-            conflicts.setdefault(id(module), {seen[id(module)]}).add(c)
-
-    handles = []
-    modules = {id(m): m for n, m in model.named_modules(remove_duplicate=False) if id(m) in names}
-    for m in modules.values():
-        handles.append(m.register_forward_hook(hook))
-    try:
-        with eval_mode(model):
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    if conflicts:
-        desc = "; ".join(f"{names[i]!r}: {sorted(cs)}" for i, cs in conflicts.items())
-        raise ValueError(
-            "granularity='channel' needs one channel count per activation module, but these are called "
-            f"with several (shared modules): {desc}. Use granularity='layer' or exclude them with predicate"
-        )
-    return seen

@@ -1,26 +1,9 @@
 """Routing: the balanced transportation solver, WGM (loss weights), LGM (selection labels) and metrics."""
 
-from pycoe.routing import metrics
-from pycoe.routing.labels import LabelGenerator, LabelOutput, best_expert
-from pycoe.routing.transport import (
-    TransportInfeasibleError,
-    TransportResult,
-    balanced_assignment,
-    near_equal_capacities,
-    solve_balanced_transport,
-)
-from pycoe.routing.weighting import BalancedTransportWeighter, WeightingOutput
+from pycoe.routing import labels, metrics, transport, weighting
+from pycoe.routing.labels import *
+from pycoe.routing.metrics import *
+from pycoe.routing.transport import *
+from pycoe.routing.weighting import *
 
-__all__ = [
-    "balanced_assignment",
-    "solve_balanced_transport",
-    "near_equal_capacities",
-    "TransportResult",
-    "TransportInfeasibleError",
-    "BalancedTransportWeighter",
-    "WeightingOutput",
-    "LabelGenerator",
-    "LabelOutput",
-    "best_expert",
-    "metrics",
-]
+__all__ = [*transport.__all__, *weighting.__all__, *labels.__all__, *metrics.__all__]

@@ -10,14 +10,16 @@ Einstein legend: B = samples in the batch, K = experts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pycoe._validation import check_choice, check_finite, check_tensor
-from pycoe.routing.transport import balanced_assignment
+from pycoe._validation import check_choice, check_finite, check_positive_float, check_tensor
+from pycoe.routing.transport import METHODS, balanced_assignment, check_solver_options
 
 __all__ = ["LabelGenerator", "LabelOutput", "LABEL_MODES", "best_expert"]
 
@@ -43,11 +45,20 @@ def best_expert(losses: torch.Tensor) -> torch.Tensor:
     """Index of the lowest loss in each row, ties broken to the lowest expert index.
 
     Args:
-        losses: Tensor[B, K].
+        losses: Tensor[B, K] (K >= 1), finite.
 
     Returns:
         LongTensor[B].
     """
+    check_tensor("losses", losses, ndim=2)
+    if losses.shape[1] == 0:
+        raise ValueError(f"losses must have at least one expert (K >= 1), got shape {tuple(losses.shape)}")
+    check_finite("losses", losses)
+    return _first_minimum(losses)
+
+
+def _first_minimum(losses: torch.Tensor) -> torch.Tensor:
+    # Tensor[B, K] (checked) -> LongTensor[B]: the lowest index among each row's minima.
     k = losses.shape[1]
     is_min = losses == losses.min(dim=1, keepdim=True).values  # [B, K]
     ks = torch.arange(k, device=losses.device).expand_as(losses)
@@ -75,6 +86,12 @@ class LabelGenerator(nn.Module):
         mode: ``"best"`` (default), ``"soft"`` or ``"balanced"``.
         temperature: T for ``"soft"``, a positive finite number (validated for every mode).
         method: solver for ``"balanced"`` (see :func:`pycoe.routing.transport.balanced_assignment`).
+        solver_options: keyword options of the solver method for ``"balanced"`` (validated by
+            :func:`pycoe.routing.transport.check_solver_options`); any other mode raises if they are given.
+
+    Every mode runs inside ``torch.compile`` (``fullgraph=True`` included) without a graph break: ``"balanced"``
+    solves through the custom operator ``pycoe::balanced_assignment``, and the NaN/inf check of the losses becomes
+    a ``torch._assert_async`` (``RuntimeError`` when the compiled code runs, instead of ``ValueError``).
 
     Example:
         >>> lgm = LabelGenerator("best")
@@ -82,20 +99,27 @@ class LabelGenerator(nn.Module):
         [1, 0]
     """
 
-    def __init__(self, mode: str = "best", temperature: float = 1.0, method: str = "exact") -> None:
+    def __init__(
+        self,
+        mode: str = "best",
+        temperature: float = 1.0,
+        method: str = "exact",
+        solver_options: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, LABEL_MODES)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not (0.0 < float(temperature) < float("inf"))
-        ):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        self.temperature = float(temperature)
-        self.method = check_choice("method", method, ("exact", "sinkhorn", "greedy"))
+        self.temperature = check_positive_float("temperature", temperature)
+        self.method = check_choice("method", method, METHODS)
+        if solver_options is not None and self.mode != "balanced":
+            raise ValueError(
+                f"solver_options are used only by mode='balanced', not by mode={self.mode!r} (which would ignore "
+                "them); leave them out"
+            )
+        self.solver_options = check_solver_options(self.method, solver_options)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, temperature={self.temperature}, method={self.method!r}"
+        options = f", solver_options={self.solver_options}" if self.solver_options else ""
+        return f"mode={self.mode!r}, temperature={self.temperature}, method={self.method!r}{options}"
 
     def forward(self, losses: torch.Tensor) -> LabelOutput:
         """Compute the targets.
@@ -114,11 +138,11 @@ class LabelGenerator(nn.Module):
             x = losses.detach()
             k = x.shape[1]
             if self.mode == "balanced":
-                index = balanced_assignment(-x, None, method=self.method).to(x.device)
+                index = balanced_assignment(-x, None, self.method, **self.solver_options)  # on x's device
             else:
-                index = best_expert(x)
+                index = _first_minimum(x)
             if self.mode == "soft":
                 probs = F.softmax(-x / self.temperature, dim=1)
-            else:
-                probs = F.one_hot(index, k).to(x.dtype)
+            else:  # one-hot by comparison (F.one_hot's eager range check reads the data)
+                probs = (index[:, None] == torch.arange(k, device=x.device)).to(x.dtype)
         return LabelOutput(probs=probs, index=index)

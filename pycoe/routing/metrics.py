@@ -8,7 +8,12 @@ Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer" (ICLR 2017), under
 implemented here.
 
 Einstein legend: B = samples, K = experts, C = classes.
-Scalar results are 0-dim float tensors.
+Scalar results are 0-dim float tensors (convert with ``float()`` only where you log them).
+
+Every function runs inside ``torch.compile`` (``fullgraph=True`` included) without a graph break: the counts
+use ``scatter_add`` (whose output size does not depend on the data, unlike ``bincount``), and the checks of
+index ranges and non-finite values become ``torch._assert_async`` (``RuntimeError`` when the compiled code
+runs, instead of eager mode's ``ValueError``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pycoe._validation import check_expert_index, check_finite, check_positive_int, check_tensor
+from pycoe._validation import check_data, check_expert_index, check_finite, check_positive_int, check_tensor
 
 __all__ = [
     "expert_load",
@@ -28,6 +33,12 @@ __all__ = [
     "oracle_accuracy",
     "load_balance_cv2",
 ]
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _check_logits(name: str, logits: torch.Tensor) -> torch.Tensor:
@@ -54,7 +65,10 @@ def expert_load(index: torch.Tensor, num_experts: int, *, normalize: bool = Fals
     """
     k = check_positive_int("num_experts", num_experts)
     idx = check_expert_index("index", index, k, allow_exited=True)
-    counts = torch.bincount(idx[idx >= 0], minlength=k)
+    _check_flag("normalize", normalize)
+    routed = idx >= 0
+    counts = torch.zeros(k, dtype=torch.long, device=idx.device)
+    counts.scatter_add_(0, idx.clamp_min(0), routed.long())  # exited samples (-1) add 0
     if not normalize:
         return counts
     total = counts.sum()
@@ -79,6 +93,7 @@ def assignment_entropy(index: torch.Tensor, num_experts: int, *, normalize: bool
     Returns:
         Tensor[] (float32). 0 if no sample was routed.
     """
+    _check_flag("normalize", normalize)
     f = expert_load(index, num_experts, normalize=True)
     h = _entropy(f)
     if normalize:
@@ -101,6 +116,7 @@ def mean_selection_entropy(selection_logits: torch.Tensor, *, normalize: bool = 
         Tensor[] in the logits' dtype.
     """
     z = _check_logits("selection_logits", selection_logits)
+    _check_flag("normalize", normalize)
     p_bar = F.softmax(z, dim=1).mean(dim=0)  # [K]
     h = _entropy(p_bar)
     if normalize:
@@ -146,8 +162,9 @@ def oracle_accuracy(expert_logits: torch.Tensor, target: torch.Tensor) -> torch.
     k, b, c = expert_logits.shape
     if k == 0 or b == 0 or c == 0:
         raise ValueError(f"expert_logits must have shape [K, B, C] with all sizes >= 1, got {(k, b, c)}")
+    check_finite("expert_logits", expert_logits)
     check_tensor("target", target, shape=(b,))
-    tgt = check_expert_index("target", target, c, allow_exited=False)
+    tgt = check_expert_index("target", target, c, allow_exited=False, size_name="C")
     correct = expert_logits.argmax(dim=2) == tgt[None, :]  # [K, B]
     return correct.any(dim=0).float().mean()
 
@@ -175,11 +192,9 @@ def load_balance_cv2(selection: torch.Tensor, *, is_probs: bool = False) -> torc
         Tensor[] (differentiable) in the input's dtype; 0 for K = 1.
     """
     x = _check_logits("selection", selection)
-    if is_probs:
-        if bool((x < 0).any()):
-            raise ValueError("selection must be non-negative when is_probs=True")
-        if not bool(x.detach().sum() > 0):
-            raise ValueError("selection must have a positive total probability mass when is_probs=True")
+    if _check_flag("is_probs", is_probs):
+        check_data((x.detach() >= 0).all(), "selection must be non-negative when is_probs=True")
+        check_data(x.detach().sum() > 0, "selection must have a positive total probability mass when is_probs=True")
         p = x
     else:
         p = F.softmax(x, dim=1)

@@ -14,7 +14,7 @@ N = samples in a dataset, K = experts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from pycoe import distributed as _dist
-from pycoe._validation import check_choice, check_finite, check_positive_int, check_probability, check_tensor
-from pycoe.routing.transport import balanced_assignment
+from pycoe._validation import (
+    check_choice,
+    check_expert_index,
+    check_finite,
+    check_positive_int,
+    check_probability,
+    check_tensor,
+)
+from pycoe.routing.transport import METHODS, balanced_assignment, check_solver_options
 
-__all__ = ["BalancedTransportWeighter", "WeightingOutput", "SCORE_TRANSFORMS", "SCOPES", "METHODS"]
+__all__ = ["BalancedTransportWeighter", "WeightingOutput", "SCORE_TRANSFORMS", "SCOPES"]
 
 SCORE_TRANSFORMS = ("log_softmax", "softmax", "logits")
 SCOPES = ("batch", "global")
-METHODS = ("exact", "sinkhorn", "greedy")
 
 
 @dataclass
@@ -106,6 +112,17 @@ class BalancedTransportWeighter(nn.Module):
             differ), solve once over the global batch (rank 0 solves and broadcasts the assignment, so it
             is identical on every rank) and keep this rank's slice. Without an initialised process group,
             ``"global"`` behaves exactly like ``"batch"``.
+        solver_options: keyword options for the solver method, e.g. ``{"entropic_reg": 0.01, "max_iter":
+            500}`` with ``method="sinkhorn"`` (see :func:`pycoe.routing.transport.solve_balanced_transport`);
+            validated here by :func:`pycoe.routing.transport.check_solver_options`: an option the method
+            does not use raises. Default: none.
+
+    Under ``torch.compile`` (``fullgraph=True`` included) the forward pass with scope ``"batch"`` is one graph:
+    the solve is the custom operator ``pycoe::balanced_assignment``, and the NaN/inf check of the logits is a
+    ``torch._assert_async`` (a ``RuntimeError`` when the compiled code runs, instead of eager mode's
+    ``ValueError``). Scope ``"global"`` under an initialised process group runs eagerly only (its collectives
+    and rank-0 error handling are Python control flow): tracing it raises a ``RuntimeError`` that says so (without
+    ``fullgraph=True``, Dynamo breaks the graph there and runs it eagerly).
 
     Example:
         >>> wgm = BalancedTransportWeighter(num_experts=4, epsilon=0.0)
@@ -121,6 +138,7 @@ class BalancedTransportWeighter(nn.Module):
         score: str = "log_softmax",
         method: str = "exact",
         scope: str = "batch",
+        solver_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.num_experts = check_positive_int("num_experts", num_experts)
@@ -128,11 +146,13 @@ class BalancedTransportWeighter(nn.Module):
         self.score = check_choice("score", score, SCORE_TRANSFORMS)
         self.method = check_choice("method", method, METHODS)
         self.scope = check_choice("scope", scope, SCOPES)
+        self.solver_options = check_solver_options(self.method, solver_options)
 
     def extra_repr(self) -> str:
+        options = f", solver_options={self.solver_options}" if self.solver_options else ""
         return (
             f"num_experts={self.num_experts}, epsilon={self.epsilon}, score={self.score!r}, "
-            f"method={self.method!r}, scope={self.scope!r}"
+            f"method={self.method!r}, scope={self.scope!r}{options}"
         )
 
     def _check_logits(self, name: str, logits: Any) -> torch.Tensor:
@@ -166,13 +186,18 @@ class BalancedTransportWeighter(nn.Module):
                 ``RuntimeError`` on the other ranks (no rank is left waiting in a collective).
         """
         if self.scope == "global" and _dist.is_distributed():
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "BalancedTransportWeighter(scope='global') under torch.distributed runs eagerly only (its "
+                    "collectives and rank-0 error handling are Python control flow): use scope='batch' inside "
+                    "torch.compile(fullgraph=True), or call the weighter outside the compiled region"
+                )
             return self._forward_global(selection_logits)
         logits = self._check_logits("selection_logits", selection_logits)
-        scores = _transform(logits, self.score)  # [B, K]
-        device = logits.device
         if logits.shape[0] == 0:
             raise ValueError("selection_logits must hold at least one sample, got shape (0, K)")
-        assignment = balanced_assignment(scores, None, method=self.method).to(device)
+        scores = _transform(logits, self.score)  # [B, K]
+        assignment = balanced_assignment(scores, None, self.method, **self.solver_options)  # on scores' device
         return self._output(logits, assignment, assignment, scores)
 
     def _forward_global(self, selection_logits: torch.Tensor) -> WeightingOutput:
@@ -204,7 +229,7 @@ class BalancedTransportWeighter(nn.Module):
         error: Exception | None = None
         if _dist.get_rank() == 0:
             try:
-                assignment_all.copy_(balanced_assignment(solved_scores, None, method=self.method))
+                assignment_all.copy_(balanced_assignment(solved_scores, None, self.method, **self.solver_options))
             except Exception as exc:
                 error = exc
                 assignment_all.fill_(-1)
@@ -233,15 +258,19 @@ class BalancedTransportWeighter(nn.Module):
         check_tensor("assignment", assignment, ndim=1)
         if assignment.dtype != torch.long:
             raise TypeError(f"assignment must be a LongTensor (int64), got dtype {assignment.dtype}")
-        if assignment.numel() and (int(assignment.min()) < 0 or int(assignment.max()) >= self.num_experts):
-            raise ValueError(
-                f"assignment entries must lie in [0, num_experts - 1 = {self.num_experts - 1}], "
-                f"got range [{int(assignment.min())}, {int(assignment.max())}]"
-            )
+        check_expert_index("assignment", assignment, self.num_experts)
         dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32) or None, got {type(dtype).__name__}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        onehot = F.one_hot(assignment, self.num_experts).to(dtype)
+        return self._weights(assignment, dtype)
+
+    def _weights(self, assignment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # [B] -> [B, K]: 1 at the assigned expert, epsilon elsewhere (a comparison rather than F.one_hot, whose
+        # eager range check reads the data; the indices here are valid by construction).
+        experts = torch.arange(self.num_experts, device=assignment.device)
+        onehot = (assignment[:, None] == experts).to(dtype)
         return onehot + self.epsilon * (1.0 - onehot)
 
     def _output(
@@ -253,8 +282,10 @@ class BalancedTransportWeighter(nn.Module):
     ) -> WeightingOutput:
         with torch.no_grad():
             k = self.num_experts
-            weights = self.weights_for(assignment, dtype=logits.dtype)  # [B, K]
-            load = torch.bincount(assignment_all, minlength=k)
+            weights = self._weights(assignment, logits.dtype)  # [B, K]
+            # samples per expert (bincount's output size depends on the data; scatter_add's does not)
+            load = torch.zeros(k, dtype=torch.long, device=assignment_all.device)
+            load.scatter_add_(0, assignment_all, torch.ones_like(assignment_all))
             picked = solved_scores.gather(1, assignment_all[:, None])  # [G, 1]
             mean_score = picked.mean().to(logits.dtype)
         return WeightingOutput(weights=weights, assignment=assignment, load=load, mean_score=mean_score)
@@ -263,7 +294,7 @@ class BalancedTransportWeighter(nn.Module):
         self,
         scores: torch.Tensor | np.ndarray,
         capacities: int | Sequence[int] | torch.Tensor | None = None,
-    ) -> torch.LongTensor:
+    ) -> torch.Tensor:
         """Partition a whole dataset among the experts (the per-epoch variant of the WGM).
 
         ``scores`` are the delegator's selection logits for every sample of the dataset, computed by
@@ -291,4 +322,4 @@ class BalancedTransportWeighter(nn.Module):
         self._check_logits("scores", scores)
         if scores.shape[0] == 0:
             raise ValueError("scores must hold at least one sample, got shape (0, K)")
-        return balanced_assignment(_transform(scores, self.score), capacities, method=self.method)
+        return balanced_assignment(_transform(scores, self.score), capacities, self.method, **self.solver_options)
