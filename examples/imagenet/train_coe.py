@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="balanced transport per process batch or over the global batch (auto: global under DDP)",
     )
     g.add_argument("--lgm", choices=("best", "soft", "balanced"), default="best", help="LGM label mode")
-    g.add_argument("--lgm-temperature", type=float, default=1.0)
+    g.add_argument("--lgm-temperature", type=float, default=None, help="T of --lgm soft (default 1.0; soft only)")
     g.add_argument(
         "--selection-init",
         choices=("zero", "kmeans"),
@@ -297,6 +297,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"--{role}-width only applies to the 'cnn' {role}; {getattr(args, role)} is a "
                 "torchvision model of fixed width (pick another model name instead)"
             )
+    if args.lgm_temperature is not None and args.lgm != "soft":
+        raise ValueError(f"--lgm-temperature applies only to --lgm soft, not --lgm {args.lgm}")
     if args.image_size is None:
         args.image_size = 224 if folder else 28
     if args.train_subset is None and args.dataset == "fashion-mnist":
