@@ -27,7 +27,7 @@ from pycoe import (
     utils,
 )
 from pycoe.checkpoint import load_checkpoint, save_checkpoint
-from pycoe.coe import CoE, CoELoss, Delegator, ExpertPool, threshold_sweep
+from pycoe.coe import CoE, CoELoss, Delegator, ExpertPool, calibrate_exit_threshold, threshold_sweep
 from pycoe.flops import count_flops
 from pycoe.layers import PWLU, CondConv2d, convert_activations_to_pwlu, convert_conv2d_to_condconv, realign_pwlu
 from pycoe.routing import BalancedTransportWeighter, LabelGenerator, balanced_assignment
@@ -45,6 +45,7 @@ __all__ = [
     "LabelGenerator",
     "balanced_assignment",
     "threshold_sweep",
+    "calibrate_exit_threshold",
     "count_flops",
     "PWLU",
     "CondConv2d",

@@ -17,8 +17,11 @@ EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "imagenet"
 sys.path.insert(0, str(EXAMPLE_DIR))
 
 import coe_data  # noqa: E402
+import coe_kmeans  # noqa: E402
 import coe_models  # noqa: E402
+import coe_report  # noqa: E402
 import train_coe  # noqa: E402
+from coe_runtime import Dist  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +105,21 @@ def test_augmentation_matches_per_sample_reference():
         assert torch.equal(out[i], ref)
 
 
+def test_validation_split_is_disjoint_from_training():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1)
+    full = coe_data.InMemoryDataset(images, torch.arange(50) % 10, tuple("abcdefghij"), (0.5,), (0.5,))
+    train, val = full.split(12, 30, seed=3)
+    got_train, got_val = set(train.images.flatten().tolist()), set(val.images.flatten().tolist())
+    assert len(got_train) == 30 and len(got_val) == 12 and not got_train & got_val
+    assert torch.equal(train.labels, train.images.flatten().long() % 10)  # images and labels stay paired
+    again, val2 = full.split(12, 30, seed=3)
+    assert torch.equal(again.images, train.images) and torch.equal(val2.images, val.images)
+    rest, _ = full.split(12, None, seed=3)
+    assert len(rest) == 38 and set(rest.images.flatten().tolist()) == set(range(50)) - got_val
+    with pytest.raises(ValueError, match="validation split must hold 1 to 49 samples"):
+        full.split(50, None)
+
+
 def test_small_cnn_is_delegator_ready():
     from pycoe.coe.delegator import Delegator
 
@@ -117,31 +135,29 @@ def test_small_cnn_is_delegator_ready():
 # ---------------------------------------------------------------------------------------------------------------
 # End-to-end runs
 # ---------------------------------------------------------------------------------------------------------------
+SYN = [
+    "--dataset",
+    "synthetic",
+    "--train-subset",
+    "256",
+    "--test-subset",
+    "96",
+    "--baselines",
+    "0.25",
+    "--image-size",
+    "16",
+    "--match-flops",
+]
+
+
 def test_synthetic_end_to_end(tmp_path):
-    s = _run(
-        tmp_path,
-        "syn",
-        "--dataset",
-        "synthetic",
-        "--train-subset",
-        "256",
-        "--test-subset",
-        "96",
-        "--baselines",
-        "0.25",
-        "--image-size",
-        "16",
-        "--match-flops",
-    )
+    s = _run(tmp_path, "syn", *SYN)
     out = tmp_path / "syn"
     for f in ("results.md", "results.json", "accuracy_vs_flops.png", "expert_load.png", "checkpoint.pt"):
         assert (out / f).is_file(), f
     assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "results.json").read_text())
-    assert saved["num_test"] == 96
-    # the library's routed sweep and the dense recomputation agree exactly
-    assert s["checks"]["max_accuracy_difference_vs_dense"] == 0.0
-    assert s["checks"]["max_exit_rate_difference_vs_dense"] == 0.0
+    assert saved["num_test"] == 96 and saved["num_val"] == 128  # the synthetic default validation split
     assert sum(s["coe"]["load"]) == 96
     assert sum(map(sum, s["coe"]["class_expert_counts"])) == 96
     # oracle >= every single expert; no-exit FLOPs = delegator + one expert
@@ -152,12 +168,58 @@ def test_synthetic_end_to_end(tmp_path):
     assert len(matched) == 1 and names == ["cnn@0.25", "cnn@0.5", matched[0]["name"]]  # sorted by FLOPs
     # the matched width is the CNN whose FLOPs are closest to the CoE's without exit (delegator + expert)
     assert abs(matched[0]["flops"] / s["flops"]["coe_no_exit"] - 1) < 0.1
-    assert "| CoE K=4, no exit" in s["table_markdown"]
-    # threshold 0 exits everything: the accuracy is the rough head's and the cost the delegator's
-    from pycoe.coe.evaluate import threshold_sweep  # noqa: F401 - the library path exercised above
-
+    assert "| CoE K=4, no exit" in s["table_markdown"] and "| cascade, exit >=" in s["table_markdown"]
     low = min((x for x in s["sweep"] if x["threshold"] is not None), key=lambda x: x["threshold"])
     assert low["flops_per_sample"] >= s["flops"]["delegator"]
+    # every sample exits at threshold 0: the accuracy is the rough head's, the cost the delegator's
+    zero = s["curves"]["coe"]["test"][0]
+    assert zero["threshold"] == 0.0 and zero["exit_rate"] == 1.0
+    assert zero["accuracy"] == pytest.approx(s["coe"]["rough_accuracy"])
+    assert zero["flops_per_sample"] == pytest.approx(s["flops"]["delegator"])
+    # the cascade without exit is the expert-architecture network alone (plus the rough stage's FLOPs)
+    expert = next(b for b in s["baselines"] if b["name"] == "cnn@0.5")
+    assert s["cascade"]["accuracy"] == pytest.approx(expert["accuracy"])
+    assert s["cascade"]["flops_per_sample"] == pytest.approx(s["flops"]["cascade_first_stage"] + expert["flops"])
+    # the thresholds were chosen on the validation split by the budget rule ...
+    for name, ex in (("coe", s["exit"]), ("cascade", s["cascade"]["exit"])):
+        val = s["curves"][name]["val"]
+        no_exit = val[-1]
+        assert no_exit["threshold"] is None
+        ok = [p for p in val if p["accuracy"] >= no_exit["accuracy"] - 0.003 - 1e-12]
+        assert ex["threshold"] in [p["threshold"] for p in ok]
+        chosen = next(p for p in val if p["threshold"] == ex["threshold"])
+        assert chosen["flops_per_sample"] == min(p["flops_per_sample"] for p in ok)
+        assert ex["val"]["accuracy"] == chosen["accuracy"]
+    # ... stored in the checkpoint, and the test numbers at that threshold are the model's own on the test set
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["calibration"]["exit_threshold"] == s["exit"]["threshold"]
+    assert ckpt["calibration"]["cascade_exit_threshold"] == s["cascade"]["exit"]["threshold"]
+    assert saved["exit"]["threshold"] == s["exit"]["threshold"]
+    from pycoe.coe.evaluate import predict
+
+    args = train_coe.finalize_args(train_coe.build_parser().parse_args(["--out-dir", str(out), *FAST, *SYN]))
+    runner = train_coe.Runner(args, Dist(), torch.device("cpu"))
+    runner.build()
+    runner.load()
+    coe = runner.ensure_coe()
+    batches = train_coe.eval_batches(args, runner.test_set)
+    labels = torch.cat([y for _, y in batches])
+    out_t = predict(coe, batches, exit_threshold=s["exit"]["threshold"])
+    assert float((out_t.output.argmax(1) == labels).float().mean()) == pytest.approx(s["exit"]["test"]["accuracy"])
+    assert float(out_t.exited.float().mean()) == pytest.approx(s["exit"]["test"]["exit_rate"])
+    # the cascade exits exactly the samples the CoE exits at the same threshold (the same rough head decides)
+    same = coe_report.cascade_at_coe_threshold(s)
+    assert same["exit_rate"] == s["exit"]["test"]["exit_rate"]
+    for p_coe, p_cascade in zip(s["curves"]["coe"]["test"], s["curves"]["cascade"]["test"]):
+        assert p_coe["threshold"] == p_cascade["threshold"] and p_coe["exit_rate"] == p_cascade["exit_rate"]
+    # the flat entries the multi-seed driver averages
+    e = s["entries"]
+    assert e["CoE no exit: top-1"] == pytest.approx(100 * s["coe"]["accuracy"])
+    assert e["diff: CoE exit - cascade exit (top-1)"] == pytest.approx(
+        100 * (s["exit"]["test"]["accuracy"] - s["cascade"]["exit"]["test"]["accuracy"])
+    )
+    matched_acc = matched[0]["accuracy"]
+    assert e["diff: CoE no exit - FLOPs-matched single"] == pytest.approx(100 * (s["coe"]["accuracy"] - matched_acc))
 
 
 def test_tiny_idx_dataset(tmp_path):
@@ -175,8 +237,12 @@ def test_tiny_idx_dataset(tmp_path):
     train, test = coe_data.load_fashion_mnist(root, download=False)
     assert train.images.shape == (160, 1, 28, 28) and test.labels.shape == (60,)
     assert train.classes[0] == "T-shirt/top"
-    s = _run(tmp_path, "idx", "--dataset", "fashion-mnist", "--data-dir", str(root), "--baselines", "")
-    assert s["num_test"] == 60
+    with pytest.raises(ValueError, match=r"--val-size must be in \[1, 159\] for 160 training images"):
+        _run(tmp_path, "idx", "--dataset", "fashion-mnist", "--data-dir", str(root), "--baselines", "")
+    s = _run(
+        tmp_path, "idx", "--dataset", "fashion-mnist", "--data-dir", str(root), "--baselines", "", "--val-size", "40"
+    )
+    assert s["num_test"] == 60 and s["num_val"] == 40
     assert [b["name"] for b in s["baselines"]] == ["cnn@0.5"]
 
 
@@ -265,7 +331,7 @@ def test_resume_gives_the_same_parameters(tmp_path, variant):
         train_coe.finalize_args(
             train_coe.build_parser().parse_args(["--out-dir", str(tmp_path / "x"), *FAST, *common])
         ),
-        train_coe.Dist(),
+        Dist(),
         torch.device("cpu"),
     )
     fresh.build()
@@ -286,7 +352,7 @@ def test_resume_gives_the_same_parameters(tmp_path, variant):
             train_coe.finalize_args(
                 train_coe.build_parser().parse_args(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume"])
             ),
-            train_coe.Dist(),
+            Dist(),
             torch.device("cpu"),
         )
         coe.build()
@@ -315,8 +381,22 @@ def test_resume_refuses_other_options(tmp_path):
     train_coe.main([*args, "--stop-after-epochs", "1"])
     with pytest.raises(ValueError, match="num_experts"):
         train_coe.main([*args, "--resume", "-K", "3"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_coe.main(["--out-dir", str(tmp_path / "none"), *FAST, "--dataset", "synthetic", "--resume"])
+    with pytest.raises(ValueError, match="val_size"):
+        train_coe.main([*args, "--resume", "--val-size", "20"])
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path, capsys):
+    args = [*FAST, "--dataset", "synthetic", "--train-subset", "64", "--test-subset", "16", "--image-size", "12"]
+    args += ["--baselines", "", "--no-figures", "--stop-after-epochs", "2"]
+    first = train_coe.main(["--out-dir", str(tmp_path / "a"), *args, "--resume"])
+    log = capsys.readouterr()
+    assert "--resume: no checkpoint at" in log.out + log.err and "starting fresh" in log.out + log.err
+    plain = train_coe.main(["--out-dir", str(tmp_path / "b"), *args])
+    assert first == plain == {"stopped": True, "phase": "joint", "epoch": 0}
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for key, value in a["models"]["universal"].items():
+        assert torch.equal(value, b["models"]["universal"][key])
 
 
 @pytest.mark.parametrize(
@@ -328,6 +408,10 @@ def test_resume_refuses_other_options(tmp_path):
         ("--epochs-joint", "-1", "--epochs-joint must be >= 0"),
         ("--thresholds", "0.5,3", "--thresholds must be numbers in"),
         ("--kmeans-samples", "0", "--kmeans-samples must be a positive integer"),
+        ("--val-size", "0", "--val-size must be a positive integer"),
+        ("--max-accuracy-drop", "-0.1", "--max-accuracy-drop must be in"),
+        ("--max-mflops", "0", "--max-mflops must be > 0"),
+        ("--thresholds", "0.5,x", "--thresholds must be numbers in"),
     ],
 )
 def test_bad_options(tmp_path, flag, value, message):
@@ -428,7 +512,7 @@ def test_balanced_kmeans_against_brute_force():
 
     g = torch.Generator().manual_seed(0)
     z = torch.cat([torch.randn(6, 2, generator=g) * 0.1, torch.randn(2, 2, generator=g) * 0.1 + 5.0])
-    centres, assign, iterations = train_coe.balanced_kmeans(z, 2, torch.Generator().manual_seed(1))
+    centres, assign, iterations = coe_kmeans.balanced_kmeans(z, 2, torch.Generator().manual_seed(1))
     assert torch.bincount(assign, minlength=2).tolist() == [4, 4]
     assert 1 <= iterations <= 30
     d2 = torch.cdist(z, centres).pow(2)
@@ -455,7 +539,7 @@ def test_kmeans_selection_head_is_the_nearest_centroid_rule():
     torch.manual_seed(0)
     d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10).train()
     before = {k: v.clone() for k, v in d.state_dict().items()}
-    km = train_coe.kmeans_selection_init(args, d, train, torch.device("cpu"))
+    km = train_coe.kmeans_start(args, d, train, torch.device("cpu"))
     assert d.training  # the modes are restored
     # only the selection head changed (BN running statistics untouched: features ran in eval mode)
     for k, v in d.state_dict().items():
@@ -475,7 +559,7 @@ def test_kmeans_selection_head_is_the_nearest_centroid_rule():
     # deterministic given the seed
     d2 = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10)
     d2.load_state_dict(before)
-    train_coe.kmeans_selection_init(args, d2, train, torch.device("cpu"))
+    train_coe.kmeans_start(args, d2, train, torch.device("cpu"))
     assert torch.equal(d2.selection_head.weight, d.selection_head.weight)
 
 
@@ -500,3 +584,102 @@ def test_kmeans_selection_init_end_to_end(tmp_path):
     r = s["coe"]["routing"]
     assert 0.0 <= r["routed_correct_given_oracle"] <= 1.0
     assert s["config"]["selection_init"] == "kmeans"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several seeds
+# ---------------------------------------------------------------------------------------------------------------
+def test_seed_driver_aggregates_every_entry(tmp_path):
+    import statistics
+
+    import run_seeds
+
+    tiny = [*FAST, "--dataset", "synthetic", "--train-subset", "96", "--test-subset", "32", "--image-size", "12"]
+    tiny += ["--no-figures", "--baselines", "", "--match-flops"]
+    result = run_seeds.main(["--seeds", "3,4", "--jobs", "2", "--out-dir", str(tmp_path), "--", *tiny])
+    runs = [json.loads((tmp_path / f"seed{s}" / "results.json").read_text()) for s in (3, 4)]
+    assert [r["config"]["seed"] for r in runs] == [3, 4]
+    assert result["seeds"] == [3, 4] and set(result["wall_seconds"]) == {3, 4}
+    for name, e in result["entries"].items():
+        values = [r["entries"][name] for r in runs]
+        assert e["values"] == values and e["n"] == 2
+        assert e["mean"] == pytest.approx(statistics.fmean(values))
+        assert e["std"] == pytest.approx(statistics.stdev(values))
+    assert "diff: CoE no exit - FLOPs-matched single" in result["entries"]
+    assert "diff: CoE exit - cascade exit (top-1)" in result["entries"]
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "Paired differences" in md and "CoE no exit - FLOPs-matched single" in md
+    # aggregating again from the files gives the same numbers, wall times included
+    again = run_seeds.main(["--out-dir", str(tmp_path), "--aggregate-only"])
+    assert again["entries"] == json.loads(json.dumps(result["entries"]))
+    assert again["wall_seconds"] == result["wall_seconds"]
+    with pytest.raises(SystemExit):
+        run_seeds.main(["--seeds", "1,1", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        run_seeds.main(["--out-dir", str(tmp_path), "--", "--seed", "3"])
+
+
+def test_figure_labels_do_not_collide():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    # crowded points, as the thresholds 0.98 / 0.99 / 0.995 / 0.999 of a trained CoE are
+    xs = [1.0, 1.02, 1.04, 1.05, 3.0, 5.0]
+    ys = [80.0, 80.05, 80.1, 80.1, 85.0, 86.0]
+    ax.plot(xs, ys, "o")
+    ax.legend(["points"], loc="lower right")
+    items = [
+        {"x": x, "y": y, "text": f"0.99{i}", "color": "k", "required": i >= 4} for i, (x, y) in enumerate(zip(xs, ys))
+    ]
+    placed = coe_report.place_labels(ax, items, list(zip(xs, ys)))
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in placed]
+    texts = [t.get_text() for t in placed]
+    assert "0.994" in texts and "0.995" in texts  # required labels are always placed
+    for i, a in enumerate(boxes):  # no two labels overlap
+        for b in boxes[i + 1 :]:
+            assert a.x1 <= b.x0 + 1 or b.x1 <= a.x0 + 1 or a.y1 <= b.y0 + 1 or b.y1 <= a.y0 + 1
+    markers = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    for t, box in zip(placed, boxes):  # and no label covers a marker's centre
+        for mx, my in markers:
+            assert not (box.x0 < mx < box.x1 and box.y0 < my < box.y1), t.get_text()
+    plt.close(fig)
+
+
+def test_rough_temperature_fit_against_a_grid():
+    g = torch.Generator().manual_seed(0)
+    logits = 4.0 * torch.randn(300, 5, generator=g)  # over-confident logits: the fitted T is > 1
+    labels = torch.where(torch.rand(300, generator=g) < 0.6, logits.argmax(1), torch.randint(0, 5, (300,), generator=g))
+    t, before, after = coe_models.fit_rough_temperature(logits, labels)
+    grid = torch.linspace(0.05, 20, 20000, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits.double() / s, labels) for s in grid])
+    assert t == pytest.approx(float(grid[nll.argmin()]), rel=2e-3)
+    assert after == pytest.approx(float(nll.min()), abs=1e-7) and after < before
+    assert before == pytest.approx(float(torch.nn.functional.cross_entropy(logits.double(), labels)))
+    assert t > 1.0
+
+
+def test_scaled_rough_head_divides_the_logits_and_restores():
+    from pycoe.coe.delegator import Delegator
+
+    d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=2, num_classes=10).eval()
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        before = d(x).rough_logits
+        with coe_models.scaled_rough_head(d, 2.5):
+            scaled = d(x).rough_logits
+        after = d(x).rough_logits
+    assert torch.allclose(scaled, before / 2.5, atol=1e-6) and torch.equal(after, before)
+
+
+def test_fit_temperature_end_to_end(tmp_path):
+    s = _run(tmp_path, "temp", *SYN[:-1], "--no-figures", "--fit-temperature")
+    temp = s["temperature"]
+    assert temp["T"] > 0 and temp["val_cross_entropy"][1] <= temp["val_cross_entropy"][0] + 1e-9
+    for name in ("coe", "cascade"):
+        assert 0.0 <= temp[name]["test"]["accuracy"] <= 1.0
+    assert "CoE exit, T-scaled rough head: top-1" in s["entries"]
+    assert "temperature T=" in s["table_markdown"]

@@ -1,4 +1,5 @@
-"""The translation example: its SWORD reader on a module the test writes, BLEU, and a short training run."""
+"""The translation example: its SWORD reader on a module the test writes, sacreBLEU, sentencepiece, the splits and
+a short training run with two seeds."""
 
 import importlib
 import json
@@ -64,28 +65,55 @@ def test_sword_reader_missing_module_says_what_to_install(example, tmp_path):
         example["bible"].read_module("engKJV2006eb", tmp_path)
 
 
-def test_bleu_matches_hand_computed_values(example):
-    bleu = example["text"].corpus_bleu
-    ref = ["the", "cat", "sat", "on", "the", "mat"]
-    assert bleu([ref], [ref]) == pytest.approx(100.0)
-    assert bleu([["dog"]], [ref]) == 0.0
-    # equal lengths (no brevity penalty); clipped n-gram precisions 5/6, 3/5, 2/4, 1/3
-    expected = 100.0 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
-    assert bleu([["the", "cat", "sat", "on", "a", "mat"]], [ref]) == pytest.approx(expected)
-    # no matching 4-gram -> 0 (corpus BLEU without smoothing)
-    assert bleu([["the", "cat", "sat", "on"][::-1] + ["mat"]], [ref]) == 0.0
-    # a correct 4-token prefix: every precision is 1, brevity penalty exp(1 - 6/4)
-    import math
+def test_bleu_is_sacrebleu_on_detokenised_text(example):
+    bleu = example["text"].bleu
+    ref = "En el principio creó Dios los cielos y la tierra."
+    score, signature = bleu([ref], [ref])
+    assert score == pytest.approx(100.0)
+    assert signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    # sacreBLEU's own 13a tokenisation splits the final period: a hypothesis without it loses unigram matches
+    import sacrebleu
 
-    assert bleu([ref[:4]], [ref]) == pytest.approx(100.0 * math.exp(1 - 6 / 4))
+    hyp = "En el principio creó Dios los cielos y la tierra"
+    got, _ = bleu([hyp], [ref])
+    assert got == pytest.approx(sacrebleu.corpus_bleu([hyp], [[ref]]).score) and got < 100.0
+    with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
+        bleu([hyp, hyp], [ref])
 
 
-def test_vocab_round_trip(example):
+def test_subword_tokenizer_round_trip(example):
     text = example["text"]
-    vocab = text.Vocab.build([["a", "b", "b"], ["c"]])
-    ids = vocab.encode(["b", "a", "zzz"])
-    assert ids[2] == text.UNK
-    assert vocab.decode(ids + [text.EOS, 5]) == ["b", "a", "<unk>"]
+    train = ["in the beginning god created the heaven and the earth", "and the earth was without form"] * 20
+    tok = text.SubwordTokenizer.train(train, vocab_size=40)
+    assert 4 < len(tok) <= 40
+    ids = tok.encode("and god created the earth")
+    assert all(i >= 4 for i in ids)  # no special id inside a sentence
+    assert tok.decode(ids) == "and god created the earth"  # detokenised exactly
+    assert tok.decode([text.BOS, *ids, text.EOS, ids[0]]) == "and god created the earth"  # stops at EOS
+    assert text.UNK in tok.encode("zebra")  # unseen characters
+    again = text.SubwordTokenizer.train(train, vocab_size=40)
+    assert again.model_proto == tok.model_proto  # deterministic
+    with pytest.raises(ValueError, match="at least one non-empty"):
+        text.SubwordTokenizer.train(["", "  "])
+
+
+def test_splits_are_disjoint_and_fixed(example):
+    tt = example["train_translation"]
+    args = tt.parse_args(["--dataset", "synthetic", "--max-pairs", "100", "--val-size", "10", "--test-size", "15"])
+    train, val, test = tt.split_pairs(args)
+    assert (len(train), len(val), len(test)) == (75, 10, 15)
+    again = tt.split_pairs(
+        tt.parse_args(
+            ["--dataset", "synthetic", "--max-pairs", "100", "--val-size", "10", "--test-size", "15", "--seeds", "5"]
+        )
+    )
+    assert again == (train, val, test)  # the training seed does not move the split
+    with pytest.raises(ValueError, match="leave no training pair"):
+        tt.split_pairs(
+            tt.parse_args(["--dataset", "synthetic", "--max-pairs", "20", "--val-size", "10", "--test-size", "10"])
+        )
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--seeds", "1,1"])
 
 
 def test_training_run_on_synthetic_pairs(example, tmp_path):
@@ -96,6 +124,8 @@ def test_training_run_on_synthetic_pairs(example, tmp_path):
             "synthetic",
             "--max-pairs",
             "160",
+            "--val-size",
+            "16",
             "--test-size",
             "20",
             "--experts",
@@ -110,14 +140,25 @@ def test_training_run_on_synthetic_pairs(example, tmp_path):
             "32",
             "--layers",
             "1",
+            "--seeds",
+            "0,1",
+            "--threads",
+            "1",
             "--out-dir",
             str(out),
         ]
     )
     saved = json.loads((out / "results.json").read_text())
-    assert saved == results
-    assert results["pairs_test"] == 20 and results["experts"] == 2
-    assert sum(results["expert_load_test"]) == 20
-    for key in ("bleu_single_expert", "bleu_coe", "bleu_oracle_pool"):
-        assert 0.0 <= results[key] <= 100.0
-    assert "| CoE, K=2" in (out / "results.md").read_text()
+    assert saved == json.loads(json.dumps(results))
+    assert results["pairs"] == {"train": 124, "val": 16, "test": 20} and results["experts"] == 2
+    assert [r["seed"] for r in results["runs"]] == [0, 1]
+    for r in results["runs"]:
+        assert sum(r["expert_load_test"]) == 20 and sum(r["expert_load_val"]) == 16
+        for key in ("bleu_single_expert_test", "bleu_coe_test", "bleu_oracle_pool_test", "bleu_coe_val"):
+            assert 0.0 <= r[key] <= 100.0
+    diff = results["summary"]["coe_minus_single_test"]
+    assert diff["values"] == [r["bleu_coe_test"] - r["bleu_single_expert_test"] for r in results["runs"]]
+    assert diff["mean"] == pytest.approx(sum(diff["values"]) / 2)
+    md = (out / "results.md").read_text()
+    assert "| CoE, K=2" in md and "sacreBLEU signature: nrefs:1|case:mixed" in md
+    assert (out / "spm_en.model").is_file() and (out / "spm_es.model").is_file()

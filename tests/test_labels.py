@@ -92,7 +92,7 @@ def test_balanced_is_optimal_and_balanced(seed, n, k, ties):
 @pytest.mark.parametrize("mode", ["best", "soft", "balanced"])
 def test_outputs_are_detached_and_deterministic(mode):
     losses = torch.rand(9, 3, requires_grad=True)
-    lgm = LabelGenerator(mode, temperature=0.5)
+    lgm = LabelGenerator(mode, temperature=0.5) if mode == "soft" else LabelGenerator(mode)
     a, b = lgm(losses), lgm(losses)
     assert not a.probs.requires_grad and not a.index.requires_grad
     assert torch.equal(a.probs, b.probs) and torch.equal(a.index, b.index)
@@ -124,9 +124,7 @@ def test_bad_constructor_arguments(kwargs, match):
     [
         ({"mode": "soft", "temperature": True}, "temperature"),
         ({"mode": "soft", "temperature": "1"}, "temperature"),
-        ({"mode": "soft", "temperature": None}, "temperature"),
         ({"mode": 1}, "mode"),
-        ({"mode": "balanced", "method": None}, "method"),
         ({"mode": "balanced", "method": "sinkhorn", "solver_options": {"entropic_reg": "x"}}, "entropic_reg"),
         ({"mode": "balanced", "method": "sinkhorn", "solver_options": 0.1}, "solver_options"),
     ],
@@ -188,3 +186,25 @@ def test_bad_losses():
         lgm(torch.tensor([[0.1, float("nan")]]))
     with pytest.raises(ValueError, match="infinite"):
         lgm(torch.tensor([[0.1, float("inf")]]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"mode": "best", "temperature": 1.0}, "temperature"),
+        ({"mode": "balanced", "temperature": 0.5}, "temperature"),
+        ({"mode": "best", "method": "exact"}, "method"),
+        ({"mode": "soft", "method": "sinkhorn"}, "method"),
+    ],
+)
+def test_an_option_the_mode_ignores_is_an_error(kwargs, name):
+    with pytest.raises(ValueError, match=rf"{name} is used only by mode="):
+        LabelGenerator(**kwargs)
+
+
+def test_defaults_and_repr_show_what_the_mode_uses():
+    assert LabelGenerator("soft").temperature == 1.0
+    assert LabelGenerator("balanced").method == "exact"
+    assert repr(LabelGenerator("soft", temperature=2.0)) == "LabelGenerator(mode='soft', temperature=2.0)"
+    assert repr(LabelGenerator("balanced", method="greedy")) == "LabelGenerator(mode='balanced', method='greedy')"
+    assert repr(LabelGenerator()) == "LabelGenerator(mode='best')"

@@ -173,8 +173,28 @@ class InMemoryDataset:
         if n is None or n >= len(self):
             return self
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n].sort().values
-        return InMemoryDataset(self.images[idx], self.labels[idx], self.classes, self.mean, self.std, self.source)
+        return self.take(torch.randperm(len(self), generator=g)[:n].sort().values)
+
+    def take(self, indices: torch.Tensor) -> InMemoryDataset:
+        """The samples at ``indices`` (LongTensor[n]), in that order."""
+        return InMemoryDataset(
+            self.images[indices], self.labels[indices], self.classes, self.mean, self.std, self.source
+        )
+
+    def split(self, n_val: int, n_train: int | None, seed: int = 0) -> tuple[InMemoryDataset, InMemoryDataset]:
+        """Disjoint ``(train, val)``: ``n_val`` random samples for validation, ``n_train`` of the rest for training.
+
+        Args:
+            n_val: validation samples (``1 <= n_val < len(self)``).
+            n_train: training samples drawn from the rest (``None``: all of the rest).
+            seed: the random permutation's seed.
+        """
+        if not 1 <= n_val < len(self):
+            raise ValueError(f"the validation split must hold 1 to {len(self) - 1} samples, got {n_val}")
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=g)
+        rest = order[n_val:] if n_train is None else order[n_val : n_val + n_train]
+        return self.take(rest.sort().values), self.take(order[:n_val].sort().values)
 
 
 def load_fashion_mnist(
@@ -358,10 +378,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_imagefolder(data_dir: str | os.PathLike, image_size: int = 224):
-    """The train and val ``ImageFolder`` datasets with the usual ImageNet transforms.
+    """``(train, train_eval, val)`` ``ImageFolder`` datasets with the usual ImageNet transforms.
 
     Train: RandomResizedCrop(image_size) + horizontal flip + normalise. Eval: Resize(image_size * 256 / 224)
-    + CenterCrop(image_size) + normalise.
+    + CenterCrop(image_size) + normalise. ``train_eval`` holds the images of ``DIR/train`` with the eval
+    transforms (the example's validation split is carved out of it); ``val`` is ``DIR/val`` (the test set).
     """
     from torchvision import datasets, transforms
 
@@ -385,10 +406,11 @@ def build_imagefolder(data_dir: str | os.PathLike, image_size: int = 224):
         ]
     )
     train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    train_eval = datasets.ImageFolder(str(root / "train"), transform=eval_tf)
     val = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
     if train.classes != val.classes:
         raise ValueError(f"train/ and val/ under {root} have different class folders")
-    return train, val
+    return train, train_eval, val
 
 
 class ImageFolderBatches(_EpochBatches):

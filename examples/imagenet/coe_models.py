@@ -10,12 +10,32 @@ Shapes: B batch, C channels, H/W height/width, D feature size, N classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "build_network", "apply_variants", "TORCHVISION_HINT"]
+from pycoe.coe.delegator import Delegator, DelegatorOutput
+from pycoe.coe.experts import ExpertPool
+from pycoe.coe.model import CoE
+from pycoe.flops import count_flops
+
+__all__ = [
+    "SmallCNN",
+    "build_network",
+    "apply_variants",
+    "TORCHVISION_HINT",
+    "parse_baselines",
+    "baseline_key",
+    "new_network",
+    "matched_width",
+    "RoughStage",
+    "make_cascade",
+    "fit_rough_temperature",
+    "scaled_rough_head",
+]
 
 TORCHVISION_HINT = "e.g. mobilenet_v3_small, resnet18, resnet50, efficientnet_b0, regnet_y_400mf"
 BASE_CHANNELS = (16, 32, 64)
@@ -119,3 +139,137 @@ def apply_variants(model: nn.Module, pwlu: bool, condconv: bool, condconv_expert
         names = convert_activations_to_pwlu(model)
         done.append(f"PWLU x{len(names)}")
     return done
+
+
+def parse_baselines(args) -> list[tuple[str, float]]:
+    """``[(arch, width)]`` of the extra baselines (the expert itself at width 1 is always a baseline)."""
+    out = []
+    for item in [s.strip() for s in args.baselines.split(",") if s.strip()]:
+        if "@" in item:
+            arch, w = item.split("@", 1)
+            out.append((arch, float(w)))
+        else:
+            try:
+                out.append(("cnn", float(item)))
+            except ValueError:
+                out.append((item, 1.0))
+    for arch, w in out:
+        if (arch, w) == (args.expert, args.expert_width if args.expert == "cnn" else 1.0):
+            raise ValueError(f"--baselines: {arch}@{w} is the expert itself, which is always a baseline")
+    return out
+
+
+def baseline_key(arch: str, width: float) -> str:
+    return f"{arch}@{width:g}" if arch == "cnn" else arch
+
+
+def new_network(args, arch: str, width: float, num_classes: int, in_channels: int, role: str) -> nn.Module:
+    net = build_network(arch, num_classes, width=width, in_channels=in_channels, dropout=args.dropout)
+    apply_variants(
+        net, pwlu=args.pwlu, condconv=args.condconv and role != "delegator", condconv_experts=args.condconv_experts
+    )
+    if not args.no_channels_last:  # only the 4-d weights (CondConv's kernel banks are 5-d)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.to(memory_format=torch.channels_last)
+    return net
+
+
+def matched_width(args, num_classes: int, in_channels: int, target_flops: float) -> float:
+    """The CNN width (to 1/64, in [1/16, 4]) whose FLOPs per sample are closest to ``target_flops``."""
+    x = torch.zeros(1, in_channels, args.image_size, args.image_size)
+    best, best_gap = 1.0, float("inf")
+    for i in range(4, 4 * 64 + 1):
+        w = i / 64
+        net = build_network("cnn", num_classes, width=w, in_channels=in_channels).eval()
+        gap = abs(count_flops(net, x) - target_flops)
+        if gap < best_gap:
+            best, best_gap = w, gap
+        elif count_flops(net, x) > target_flops:
+            break
+    return best
+
+
+class RoughStage(nn.Module):
+    """The first stage of a cascade: a delegator's backbone and rough head, and one (constant) selection column.
+
+    ``forward(x) -> DelegatorOutput(selection_logits=zeros[B, 1], rough_logits=Tensor[B, C])``, so that
+    ``CoE(RoughStage(delegator), [network])`` is a two-stage cascade with pycoe's exit rule: the same exit
+    decisions as the CoE built on ``delegator`` (same rough logits), then one network for every other sample.
+    The selection head is not run (a cascade has nothing to choose).
+    """
+
+    def __init__(self, delegator: Delegator) -> None:
+        super().__init__()
+        if delegator.rough_head is None:
+            raise ValueError("a cascade needs a delegator with a rough head (num_classes)")
+        self.delegator = delegator
+        self.num_classes = delegator.num_classes
+        self.num_experts = 1
+
+    def forward(self, x: torch.Tensor) -> DelegatorOutput:
+        d = self.delegator
+        rough = d.rough_head(d.dropout(d.features(x)))
+        return DelegatorOutput(rough.new_zeros(rough.shape[0], 1), rough)
+
+
+def make_cascade(delegator: Delegator, network: nn.Module) -> CoE:
+    """A cascade of ``delegator``'s rough head and ``network``, as a one-expert CoE (modules shared, not copied)."""
+    return CoE(RoughStage(delegator), ExpertPool([network]))
+
+
+@torch.no_grad()
+def fit_rough_temperature(rough_logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+    """Temperature scaling of a rough head (Guo et al., ICML 2017): ``T`` minimising ``CE(rough_logits / T, y)``.
+
+    The cross-entropy is convex in ``1 / T``, so a golden-section search on ``1 / T`` in ``[0.05, 20]`` finds it.
+
+    Args:
+        rough_logits: Tensor[N, C] on held-out data.
+        labels: LongTensor[N].
+
+    Returns:
+        ``(T, cross-entropy at T = 1, cross-entropy at T)``.
+    """
+    z = rough_logits.double()
+
+    def nll(beta: float) -> float:
+        return float(torch.nn.functional.cross_entropy(beta * z, labels))
+
+    lo, hi = 0.05, 20.0
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(80):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    beta = (lo + hi) / 2
+    return 1.0 / beta, nll(1.0), nll(beta)
+
+
+@contextlib.contextmanager
+def scaled_rough_head(delegator: Delegator, temperature: float) -> Iterator[Delegator]:
+    """Divide the rough head's weight and bias by ``temperature`` inside the block (restored afterwards).
+
+    The rough logits become ``rough_logits / T`` exactly (the head is linear), so the rough predictions do not
+    change, only the confidences that the exit rule thresholds.
+    """
+    head = delegator.rough_head
+    if not isinstance(head, nn.Linear):
+        raise TypeError("temperature scaling needs the delegator's rough head to be an nn.Linear")
+    saved = [p.detach().clone() for p in head.parameters()]
+    try:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.div_(temperature)
+        yield delegator
+    finally:
+        with torch.no_grad():
+            for p, old in zip(head.parameters(), saved):
+                p.copy_(old)

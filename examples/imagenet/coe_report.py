@@ -1,13 +1,14 @@
-"""Final evaluation of the CoE example: the results table (markdown + JSON) and the figures.
+"""Final evaluation of the CoE example: the results table (markdown + JSON), the flat table entries and the figures.
 
-Two passes over the test set:
+The early-exit numbers come from :func:`pycoe.coe.calibrate.calibrate_exit_threshold`: the threshold is chosen on
+the validation split (carved out of the training data), and the test set is used once, for the numbers reported
+at that threshold. The same is done for the **cascade** (the same delegator's rough head in front of a single
+network of the expert's architecture), the baseline that isolates what the experts add to the exit.
 
-* :func:`pycoe.coe.evaluate.threshold_sweep` (the library's routed inference path: delegator, early exit,
-  then one expert per remaining sample) gives accuracy, exit rate and average FLOPs per threshold;
-* :func:`collect_outputs` runs the delegator and *every* expert densely (cheap at this scale), from which the
-  oracle accuracy of the pool (a sample counts as correct when any expert gets it right: an upper bound on any
-  routing), the expert load and the class x expert routing matrix are computed, and the sweep is recomputed as
-  an independent check of the library's numbers.
+A dense pass (:func:`collect_outputs`: the delegator and *every* expert on every test image) gives what the
+routed inference cannot: the oracle accuracy of the pool (a sample counts as correct when any expert gets it
+right: an upper bound on any routing), each expert's accuracy on all images, and the class x expert routing
+matrix.
 
 Shapes: N test samples, K experts, C classes.
 """
@@ -22,82 +23,84 @@ from typing import Any
 
 import torch
 
-from pycoe.coe.early_exit import exit_mask, rough_confidence
+from pycoe.coe.calibrate import ExitCalibration
+from pycoe.utils import eval_mode
 
 __all__ = [
     "collect_outputs",
-    "sweep_from_cache",
-    "check_against_library",
+    "at_threshold",
+    "exit_report",
     "summarise",
+    "table_entries",
     "write_outputs",
     "interpolate_baseline",
+    "place_labels",
 ]
 
 
-@torch.no_grad()
 def collect_outputs(coe, batches, device) -> dict[str, torch.Tensor]:
-    """Dense evaluation of the delegator and all experts.
+    """Dense evaluation of the delegator and all experts, in eval mode (every submodule's mode restored).
 
     Returns:
         dict with ``labels`` LongTensor[N], ``choice`` LongTensor[N] (argmax expert, ties to the lowest index),
-        ``confidence`` Tensor[N] (max softmax of the rough head), ``rough_pred`` LongTensor[N] and
-        ``expert_pred`` LongTensor[N, K].
+        ``rough_pred`` LongTensor[N] and ``expert_pred`` LongTensor[N, K].
     """
-    modes = [(m, m.training) for m in coe.modules()]
-    coe.eval()
-    parts: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("labels", "choice", "confidence", "rough_pred", "expert_pred")
-    }
-    try:
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("labels", "choice", "rough_pred", "expert_pred")}
+    with eval_mode(coe):
         for x, y in batches:
             x = x.to(device)
             d = coe.delegate(x)
+            choice, _, _ = coe.route(d, exit_threshold=None)
             logits = coe.experts(x)  # [K, B, C]
             parts["labels"].append(y.cpu())
-            parts["choice"].append(d.selection_logits.argmax(1).cpu())
-            parts["confidence"].append(rough_confidence(d.rough_logits).cpu())
+            parts["choice"].append(choice.cpu())
             parts["rough_pred"].append(d.rough_logits.argmax(1).cpu())
             parts["expert_pred"].append(logits.argmax(2).T.cpu())  # [B, K]
-    finally:
-        for m, training in modes:
-            m.training = training
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def sweep_from_cache(
-    cache: dict, thresholds: list[float | None], delegator_flops: float, expert_flops: float
-) -> list[dict[str, Any]]:
-    """The early-exit sweep recomputed from :func:`collect_outputs` (same-architecture experts)."""
-    y, choice, conf = cache["labels"], cache["choice"], cache["confidence"]
-    expert_ok = cache["expert_pred"].gather(1, choice[:, None]).squeeze(1) == y
-    rough_ok = cache["rough_pred"] == y
-    out = []
-    for t in thresholds:
-        exited = exit_mask(conf, t)
-        acc = float(torch.where(exited, rough_ok, expert_ok).float().mean())
-        rate = float(exited.float().mean())
-        out.append(
-            {
-                "threshold": t,
-                "accuracy": acc,
-                "exit_rate": rate,
-                "flops_per_sample": delegator_flops + (1.0 - rate) * expert_flops,
-            }
-        )
-    return out
+def at_threshold(calibration: ExitCalibration, threshold: float | None) -> dict[str, Any]:
+    """The entry of ``calibration.curve`` at ``threshold`` (which must be one of its candidates)."""
+    for p in calibration.curve:
+        if p["threshold"] == threshold:
+            return p
+    raise KeyError(f"threshold {threshold} is not among the calibration's candidates")
 
 
-def check_against_library(coe, batches, device, cache, thresholds, flops) -> dict[str, Any]:
-    """Run :func:`pycoe.coe.evaluate.threshold_sweep` and compare it with the dense recomputation."""
-    from pycoe.coe.evaluate import threshold_sweep
+def exit_report(val: ExitCalibration, test: ExitCalibration, threshold: float | None, rule: str) -> dict[str, Any]:
+    """The exit at ``threshold`` (chosen on ``val``) measured on validation and on test, plus a diagnostic.
 
-    ts = [None] + list(thresholds)
-    table = {"delegator": flops["delegator"], "experts": [flops["expert"]] * coe.num_experts}
-    lib = threshold_sweep(coe, batches, ts, flops=table, device=device)
-    mine = sweep_from_cache(cache, ts, flops["delegator"], flops["expert"])
-    worst = max(abs(a["accuracy"] - b["accuracy"]) for a, b in zip(lib, mine))
-    worst_rate = max(abs(a["exit_rate"] - b["exit_rate"]) for a, b in zip(lib, mine))
-    return {"sweep": lib, "max_accuracy_difference_vs_dense": worst, "max_exit_rate_difference_vs_dense": worst_rate}
+    ``test_picked`` is the threshold the same rule would have chosen on the *test* set, with its test numbers:
+    not used for anything, reported to show how optimistic a test-set choice is.
+    """
+    v, t = at_threshold(val, threshold), at_threshold(test, threshold)
+    return {
+        "threshold": threshold,
+        "rule": rule,
+        "val": {
+            "accuracy": v["accuracy"],
+            "exit_rate": v["exit_rate"],
+            "flops_per_sample": v["flops_per_sample"],
+            "no_exit_accuracy": val.no_exit_accuracy,
+            "no_exit_flops_per_sample": val.no_exit_flops_per_sample,
+        },
+        "test": {
+            "accuracy": t["accuracy"],
+            "exit_rate": t["exit_rate"],
+            "flops_per_sample": t["flops_per_sample"],
+            "no_exit_accuracy": test.no_exit_accuracy,
+            "no_exit_flops_per_sample": test.no_exit_flops_per_sample,
+            "accuracy_drop": test.no_exit_accuracy - t["accuracy"],
+            "flops_saving": 1.0 - t["flops_per_sample"] / test.no_exit_flops_per_sample,
+        },
+        "test_picked": {
+            "threshold": test.threshold,
+            "accuracy": test.accuracy,
+            "exit_rate": test.exit_rate,
+            "flops_per_sample": test.flops_per_sample,
+        },
+        "first_stage_flops": test.first_stage_flops,
+    }
 
 
 def interpolate_baseline(baselines: list[dict], flops: float) -> float | None:
@@ -110,17 +113,29 @@ def interpolate_baseline(baselines: list[dict], flops: float) -> float | None:
     return None
 
 
+def _curve(cal: ExitCalibration) -> list[dict[str, Any]]:
+    keys = ("threshold", "accuracy", "exit_rate", "flops_per_sample")
+    return [{k: p[k] for k in keys} for p in cal.curve]
+
+
 def summarise(
-    args, cache, sweep, baselines, flops, phase_results, classes, checks, compute_seconds, world_size
+    args,
+    cache: dict[str, torch.Tensor],
+    calibrations: dict[str, dict[str, ExitCalibration]],
+    exits: dict[str, dict[str, Any]],
+    baselines: list[dict],
+    flops: dict[str, float],
+    phase_results: dict,
+    classes,
+    compute_seconds: float,
+    world_size: int,
+    num_val: int,
+    temperature: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the table, the JSON and the figures need."""
+    """Everything the table, the JSON and the figures need (``temperature``: ``--fit-temperature``'s report)."""
     k = args.num_experts
     y, choice = cache["labels"], cache["choice"]
-    lib_sweep = checks["sweep"]
-    no_exit = lib_sweep[0]
-    oracle = float((cache["expert_pred"] == y[:, None]).any(1).float().mean())
     right = cache["expert_pred"] == y[:, None]  # [N, K]
-    per_expert_acc = right.float().mean(0).tolist()
     routed_right = right.gather(1, choice[:, None]).squeeze(1)  # [N]
     disputed = right.any(1) & ~right.all(1)  # some experts right, some wrong: where routing matters
     routing = {
@@ -129,72 +144,133 @@ def summarise(
         "routed_correct_when_disputed": float(routed_right[disputed].float().mean()) if disputed.any() else None,
         "random_routing_when_disputed": float(right[disputed].float().mean()) if disputed.any() else None,
     }
-    load = torch.bincount(choice, minlength=k)
     class_expert = torch.zeros(len(classes), k, dtype=torch.long)
     class_expert.index_put_((y, choice), torch.ones_like(y), accumulate=True)
-    full_flops = flops["delegator"] + flops["expert"]
-    curve = [s for s in lib_sweep[1:]]
-    if args.exit_threshold is not None:
-        chosen = _sweep_at(args, lib_sweep, args.exit_threshold)
-        rule = "given by --exit-threshold"
-    else:
-        ok = [s for s in curve if s["accuracy"] >= no_exit["accuracy"] - 0.003 - 1e-12]
-        chosen = min(ok, key=lambda s: s["flops_per_sample"]) if ok else None
-        rule = "lowest-FLOPs threshold of the sweep within 0.3 points of no exit, chosen on the test set"
+    coe_test, cascade_test = calibrations["coe"]["test"], calibrations["cascade"]["test"]
+    labelled = [None, *args.threshold_list]
     matched = next((b for b in baselines if b.get("matched")), None)
-    interp = interpolate_baseline(baselines, full_flops)
     expert_base = next((b for b in baselines if b["name"] == _expert_name(args)), None)
+    coe_exit, cascade_exit = exits["coe"], exits["cascade"]
     summary: dict[str, Any] = {
         "config": {k2: v for k2, v in vars(args).items() if k2 != "threshold_list"},
         "world_size": world_size,
         "compute_seconds": round(compute_seconds, 1),
+        "num_val": num_val,
         "num_test": int(y.numel()),
-        "flops": {"delegator": flops["delegator"], "expert": flops["expert"], "coe_no_exit": full_flops},
+        "flops": {
+            "delegator": flops["delegator"],
+            "expert": flops["expert"],
+            "coe_no_exit": coe_test.no_exit_flops_per_sample,
+            "cascade_first_stage": cascade_test.first_stage_flops,
+            "cascade_no_exit": cascade_test.no_exit_flops_per_sample,
+        },
         "coe": {
-            "accuracy": no_exit["accuracy"],
-            "flops_per_sample": no_exit["flops_per_sample"],
-            "oracle_accuracy": oracle,
-            "per_expert_accuracy": per_expert_acc,
-            "load": load.tolist(),
+            "accuracy": coe_test.no_exit_accuracy,
+            "flops_per_sample": coe_test.no_exit_flops_per_sample,
+            "val_accuracy": calibrations["coe"]["val"].no_exit_accuracy,
+            "oracle_accuracy": float(right.any(1).float().mean()),
+            "per_expert_accuracy": right.float().mean(0).tolist(),
+            "load": torch.bincount(choice, minlength=k).tolist(),
             "class_expert_counts": class_expert.tolist(),
             "routing": routing,
             "rough_accuracy": float((cache["rough_pred"] == y).float().mean()),
         },
-        "exit": None
-        if chosen is None
-        else dict(
-            chosen,
-            rule=rule,
-            flops_saving=1.0 - chosen["flops_per_sample"] / full_flops,
-            accuracy_drop=no_exit["accuracy"] - chosen["accuracy"],
-        ),
-        "sweep": lib_sweep,
+        "exit": coe_exit,
+        "cascade": {
+            "accuracy": cascade_test.no_exit_accuracy,
+            "flops_per_sample": cascade_test.no_exit_flops_per_sample,
+            "exit": cascade_exit,
+        },
+        "sweep": [
+            {key: at_threshold(coe_test, t)[key] for key in ("threshold", "accuracy", "exit_rate", "flops_per_sample")}
+            for t in labelled
+        ],
+        "curves": {name: {split: _curve(cal) for split, cal in c.items()} for name, c in calibrations.items()},
         "baselines": baselines,
         "comparison": {
             "baseline_same_schedule_expert": expert_base["accuracy"] if expert_base else None,
             "flops_matched_baseline": matched,
-            "baseline_interpolated_at_coe_flops": interp,
-            "baseline_interpolated_at_exit_flops": None
-            if chosen is None
-            else interpolate_baseline(baselines, chosen["flops_per_sample"]),
+            "baseline_interpolated_at_coe_flops": interpolate_baseline(baselines, coe_test.no_exit_flops_per_sample),
+            "baseline_interpolated_at_exit_flops": interpolate_baseline(
+                baselines, coe_exit["test"]["flops_per_sample"]
+            ),
         },
         "phases": phase_results,
-        "checks": {k2: v for k2, v in checks.items() if k2 != "sweep"},
         "classes": list(classes),
+        "temperature": temperature,
     }
+    summary["entries"] = table_entries(summary)
     summary["table_markdown"] = table_markdown(summary)
     return summary
 
 
+def table_entries(s: dict[str, Any]) -> dict[str, float]:
+    """The numbers of the table as one flat ``{name: value}`` dict (accuracies in %, FLOPs in MFLOPs).
+
+    The multi-seed driver (``run_seeds.py``) averages these over seeds; the ``diff:`` entries are the paired
+    differences of one run (CoE minus the FLOPs-matched single network, CoE minus the cascade).
+    """
+    e: dict[str, float] = {}
+    for b in s["baselines"]:
+        e[f"single {b['name']}: top-1"] = 100 * b["accuracy"]
+        e[f"single {b['name']}: MFLOPs"] = b["flops"] / 1e6
+    e["delegator rough head: top-1"] = 100 * s["coe"]["rough_accuracy"]
+    e["delegator: MFLOPs"] = s["flops"]["delegator"] / 1e6
+    e["CoE no exit: top-1"] = 100 * s["coe"]["accuracy"]
+    e["CoE no exit: MFLOPs"] = s["coe"]["flops_per_sample"] / 1e6
+    e["oracle of the pool: top-1"] = 100 * s["coe"]["oracle_accuracy"]
+    for name, ex in (("CoE", s["exit"]), ("cascade", s["cascade"]["exit"])):
+        t = ex["test"]
+        e[f"{name} exit: threshold (val)"] = 1.0 if ex["threshold"] is None else ex["threshold"]
+        e[f"{name} exit: top-1"] = 100 * t["accuracy"]
+        e[f"{name} exit: MFLOPs"] = t["flops_per_sample"] / 1e6
+        e[f"{name} exit: exit rate (%)"] = 100 * t["exit_rate"]
+        e[f"{name} exit: FLOPs saved (%)"] = 100 * t["flops_saving"]
+        e[f"{name} exit: top-1 change vs no exit"] = -100 * t["accuracy_drop"]
+    temp = s.get("temperature")
+    if temp:
+        e["rough-head temperature T (val)"] = temp["T"]
+        for name in ("coe", "cascade"):
+            t = temp[name]["test"]
+            label = "CoE" if name == "coe" else "cascade"
+            e[f"{label} exit, T-scaled rough head: top-1"] = 100 * t["accuracy"]
+            e[f"{label} exit, T-scaled rough head: MFLOPs"] = t["flops_per_sample"] / 1e6
+            e[f"{label} exit, T-scaled rough head: exit rate (%)"] = 100 * t["exit_rate"]
+    e["cascade no exit: top-1"] = 100 * s["cascade"]["accuracy"]
+    e["cascade no exit: MFLOPs"] = s["cascade"]["flops_per_sample"] / 1e6
+    c = s["comparison"]
+    if c["flops_matched_baseline"] is not None:
+        e["diff: CoE no exit - FLOPs-matched single"] = 100 * (
+            s["coe"]["accuracy"] - c["flops_matched_baseline"]["accuracy"]
+        )
+    if c["baseline_same_schedule_expert"] is not None:
+        e["diff: CoE no exit - single of the expert's architecture"] = 100 * (
+            s["coe"]["accuracy"] - c["baseline_same_schedule_expert"]
+        )
+    e["diff: CoE exit - cascade exit (top-1)"] = 100 * (
+        s["exit"]["test"]["accuracy"] - s["cascade"]["exit"]["test"]["accuracy"]
+    )
+    e["diff: CoE exit - cascade exit (MFLOPs)"] = (
+        s["exit"]["test"]["flops_per_sample"] - s["cascade"]["exit"]["test"]["flops_per_sample"]
+    ) / 1e6
+    same = cascade_at_coe_threshold(s)
+    if same is not None:
+        e["diff: CoE exit - cascade at the CoE's threshold (top-1)"] = 100 * (
+            s["exit"]["test"]["accuracy"] - same["accuracy"]
+        )
+    return e
+
+
+def cascade_at_coe_threshold(s: dict[str, Any]) -> dict[str, Any] | None:
+    """The cascade's test numbers at the CoE's own threshold: the same exit decisions (same rough head), so the
+    same samples reach the second stage and the FLOPs agree up to the selection head; the accuracy difference is
+    what the routed experts add over the single network on the samples that do not exit."""
+    t = s["exit"]["threshold"]
+    return next((p for p in s["curves"]["cascade"]["test"] if p["threshold"] == t), None)
+
+
 def _expert_name(args) -> str:
     return f"cnn@{args.expert_width:g}" if args.expert == "cnn" else args.expert
-
-
-def _sweep_at(args, sweep, threshold):
-    for s in sweep:
-        if s["threshold"] is not None and abs(s["threshold"] - threshold) < 1e-12:
-            return s
-    raise ValueError(f"--exit-threshold {threshold} is not among --thresholds")
 
 
 def _signed(x: float) -> str:
@@ -209,16 +285,22 @@ def _p(acc: float | None) -> str:
     return "-" if acc is None else f"{100 * acc:.2f}"
 
 
+def _thr(t: float | None) -> str:
+    return "never" if t is None else f"{t:.4g}"
+
+
 def table_markdown(s: dict) -> str:
     a = s["config"]
-    rows = [("model", "top-1 (%)", "MFLOPs / sample", "exit rate", "notes")]
+    expert_name = f"cnn@{a['expert_width']:g}" if a["expert"] == "cnn" else a["expert"]
+    rows = [("model", "test top-1 (%)", "MFLOPs / sample", "exit rate", "notes")]
     for b in s["baselines"]:
         note = "single network, same epochs and schedule as the expert"
-        if b["name"] == _expert_name(argparse_like(a)):
-            note = "the expert architecture alone (universal expert trained on)"
+        if b["name"] == expert_name:
+            note = "the expert's architecture alone (the universal expert trained on)"
         if b.get("matched"):
             note = "single network with the FLOPs of the CoE without exit"
-        rows.append((f"baseline {b['name']}", _p(b["accuracy"]), _m(b["flops"]), "-", note))
+        rows.append((f"single {b['name']}", _p(b["accuracy"]), _m(b["flops"]), "-", note))
+    k = a["num_experts"]
     rows.append(
         (
             f"delegator {a['delegator']} (rough head only)",
@@ -230,24 +312,35 @@ def table_markdown(s: dict) -> str:
     )
     rows.append(
         (
-            f"CoE K={a['num_experts']}, no exit",
+            f"CoE K={k}, no exit",
             _p(s["coe"]["accuracy"]),
-            _m(s["flops"]["coe_no_exit"]),
+            _m(s["coe"]["flops_per_sample"]),
             "0%",
             "delegator + 1 routed expert",
         )
     )
-    e = s["exit"]
-    if e is not None:
+    for label, ex in ((f"CoE K={k}", s["exit"]), ("cascade", s["cascade"]["exit"])):
+        t, v = ex["test"], ex["val"]
         rows.append(
             (
-                f"CoE K={a['num_experts']}, exit >= {e['threshold']:g}",
-                _p(e["accuracy"]),
-                _m(e["flops_per_sample"]),
-                f"{100 * e['exit_rate']:.1f}%",
-                f"-{100 * e['flops_saving']:.1f}% FLOPs, {_signed(-100 * e['accuracy_drop'])} pt vs no exit",
+                f"{label}, exit >= {_thr(ex['threshold'])}",
+                _p(t["accuracy"]),
+                _m(t["flops_per_sample"]),
+                f"{100 * t['exit_rate']:.1f}%",
+                f"threshold from the validation split ({ex['rule']}); test: -{100 * t['flops_saving']:.1f}% FLOPs, "
+                f"{_signed(-100 * t['accuracy_drop'])} pt vs no exit (val: "
+                f"{_signed(100 * (v['accuracy'] - v['no_exit_accuracy']))} pt)",
             )
         )
+    rows.append(
+        (
+            "cascade, no exit",
+            _p(s["cascade"]["accuracy"]),
+            _m(s["cascade"]["flops_per_sample"]),
+            "0%",
+            f"the delegator's rough head, then the single {expert_name} on every sample",
+        )
+    )
     rows.append(
         (
             "oracle of the expert pool",
@@ -260,7 +353,7 @@ def table_markdown(s: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    c = s["comparison"]
+    c, e = s["comparison"], s["exit"]
     notes = []
     ref = c["flops_matched_baseline"]
     if ref is not None:
@@ -270,7 +363,7 @@ def table_markdown(s: dict) -> str:
         )
     if c["baseline_interpolated_at_coe_flops"] is not None:
         notes.append(
-            f"CoE (no exit) vs the baselines interpolated at its FLOPs: "
+            f"CoE (no exit) vs the single networks interpolated at its FLOPs: "
             f"{100 * (s['coe']['accuracy'] - c['baseline_interpolated_at_coe_flops']):+.2f} points"
         )
     if c["baseline_same_schedule_expert"] is not None:
@@ -278,16 +371,39 @@ def table_markdown(s: dict) -> str:
             f"CoE (no exit) vs one expert trained on with the same schedule: "
             f"{100 * (s['coe']['accuracy'] - c['baseline_same_schedule_expert']):+.2f} points"
         )
-    if e is not None and c.get("baseline_interpolated_at_exit_flops") is not None:
+    ce = s["cascade"]["exit"]
+    notes.append(
+        f"CoE with exit vs the cascade with exit (each at its own validation-calibrated threshold): "
+        f"{100 * (e['test']['accuracy'] - ce['test']['accuracy']):+.2f} points at "
+        f"{_m(e['test']['flops_per_sample'])} vs {_m(ce['test']['flops_per_sample'])} MFLOPs"
+    )
+    same = cascade_at_coe_threshold(s)
+    if same is not None:
         notes.append(
-            f"CoE with exit >= {e['threshold']:g} vs the baselines interpolated at its average FLOPs: "
-            f"{100 * (e['accuracy'] - c['baseline_interpolated_at_exit_flops']):+.2f} points"
+            f"CoE with exit vs the cascade at the same threshold {_thr(e['threshold'])} (the same samples exit; "
+            f"{_m(e['test']['flops_per_sample'])} vs {_m(same['flops_per_sample'])} MFLOPs): "
+            f"{100 * (e['test']['accuracy'] - same['accuracy']):+.2f} points"
         )
-    if e is not None:
+    if c.get("baseline_interpolated_at_exit_flops") is not None:
         notes.append(
-            f"early exit ({e['rule']}): FLOPs -{100 * e['flops_saving']:.1f}%, accuracy "
-            f"{_signed(-100 * e['accuracy_drop'])} points vs no exit"
+            f"CoE with exit vs the single networks interpolated at its average FLOPs: "
+            f"{100 * (e['test']['accuracy'] - c['baseline_interpolated_at_exit_flops']):+.2f} points"
         )
+    temp = s.get("temperature")
+    if temp:
+        for label, name in (("CoE", "coe"), ("cascade", "cascade")):
+            t = temp[name]["test"]
+            notes.append(
+                f"{label} with the rough head's temperature T={temp['T']:.3f} fitted on the validation split "
+                f"(cross-entropy {temp['val_cross_entropy'][0]:.4f} -> {temp['val_cross_entropy'][1]:.4f}), "
+                f"threshold {_thr(temp[name]['threshold'])} chosen the same way: {_p(t['accuracy'])}% at "
+                f"{_m(t['flops_per_sample'])} MFLOPs ({100 * t['exit_rate']:.1f}% exit)"
+            )
+    tp = e["test_picked"]
+    notes.append(
+        f"for comparison only, the same rule applied to the test set would pick {_thr(tp['threshold'])} "
+        f"({_p(tp['accuracy'])}% at {_m(tp['flops_per_sample'])} MFLOPs); the table uses the validation choice"
+    )
     notes.append(
         f"expert load on the test set (no exit): {s['coe']['load']}; per-expert accuracy on all test "
         f"samples: {', '.join(_p(x) for x in s['coe']['per_expert_accuracy'])}"
@@ -301,16 +417,11 @@ def table_markdown(s: dict) -> str:
             f"(a random expert: {_p(r['random_routing_when_disputed'])}%)"
         )
     notes.append(
-        f"{s['num_test']} test samples; training wall time (sum of the epochs) "
-        f"{s['compute_seconds']:.0f}s on "
-        f"{s['world_size']} process(es); FLOPs: torch.utils.flop_counter (a multiply-add = 2 FLOPs)"
+        f"{s['num_val']} validation samples (held out from training; thresholds chosen there), {s['num_test']} test "
+        f"samples; training wall time (sum of the epochs) {s['compute_seconds']:.0f}s on {s['world_size']} "
+        "process(es); FLOPs: torch.utils.flop_counter (a multiply-add = 2 FLOPs)"
     )
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-
-
-class argparse_like:
-    def __init__(self, d: dict):
-        self.__dict__.update(d)
 
 
 def write_outputs(summary: dict, out_dir: Path, figures: bool = True) -> None:
@@ -324,96 +435,159 @@ def write_outputs(summary: dict, out_dir: Path, figures: bool = True) -> None:
         plot_expert_load(summary, out_dir / "expert_load.png")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------------
+# Offsets (points) tried in turn for a label: right-above, right-below, left-above, left-below, above, below, and
+# farther out. The first whose box overlaps no other label, no marker and stays inside the axes wins.
+_LABEL_BOX = {"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75}  # lines stay visible below
+_OFFSETS = [(6, 5), (6, -12), (-6, 5), (-6, -12), (0, 9), (0, -16), (12, 12), (12, -20), (-12, 12), (-12, -20)]
+
+
+def place_labels(ax, items: list[dict], markers: list[tuple[float, float]], marker_px: float = 7.0) -> list:
+    """Place text labels next to data points so that they overlap neither each other nor the markers.
+
+    Args:
+        ax: a matplotlib Axes whose limits are final.
+        items: dicts with ``x``, ``y`` (data coordinates), ``text``, ``color``, and ``required`` (True: placed at
+            the first offset even when every offset collides; False: dropped then).
+        markers: data points whose markers labels must not cover (nor the legend, if any).
+        marker_px: half the size of a marker's box, in pixels.
+
+    Returns:
+        The matplotlib Text objects placed.
+    """
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    axes_box = ax.get_window_extent(renderer)
+    occupied = []
+    legend = ax.get_legend()
+    if legend is not None:
+        lb = legend.get_window_extent(renderer)
+        occupied.append((lb.x0, lb.y0, lb.x1, lb.y1))
+    for mx, my in markers:
+        px, py = to_px((mx, my))
+        occupied.append((px - marker_px, py - marker_px, px + marker_px, py + marker_px))
+
+    def overlaps(a, b) -> bool:
+        return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+    placed = []
+    for it in items:
+        chosen = None
+        for dx, dy in _OFFSETS:
+            text = ax.annotate(
+                it["text"],
+                (it["x"], it["y"]),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
+                fontsize=7,
+                color=it["color"],
+                bbox=_LABEL_BOX,
+            )
+            bb = text.get_window_extent(renderer)
+            box = (bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1)
+            inside = axes_box.x0 <= box[0] and box[2] <= axes_box.x1 and axes_box.y0 <= box[1] and box[3] <= axes_box.y1
+            if inside and not any(overlaps(box, o) for o in occupied):
+                chosen = (text, box)
+                break
+            text.remove()
+        if chosen is None and it.get("required", True):
+            dx, dy = _OFFSETS[0]
+            text = ax.annotate(
+                it["text"],
+                (it["x"], it["y"]),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                fontsize=7,
+                color=it["color"],
+                bbox=_LABEL_BOX,
+            )
+            bb = text.get_window_extent(renderer)
+            chosen = (text, (bb.x0, bb.y0, bb.x1, bb.y1))
+        if chosen is not None:
+            occupied.append(chosen[1])
+            placed.append(chosen[0])
+    return placed
+
+
 def plot_accuracy_flops(s: dict, path: Path) -> None:
-    """Accuracy vs average inference FLOPs: baselines, the CoE's exit sweep, the oracle and the delegator."""
+    """Accuracy vs average inference FLOPs on the test set: single networks, the CoE's and the cascade's exit
+    curves with their validation-calibrated points, the delegator alone and the oracle."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=130)
-    b = s["baselines"]
-    if b:
-        ax.plot(
-            [x["flops"] / 1e6 for x in b],
-            [100 * x["accuracy"] for x in b],
-            "o-",
-            color="tab:gray",
-            label="single networks (baselines)",
-        )
-        for x in b:
-            ax.annotate(
-                x["name"],
-                (x["flops"] / 1e6, 100 * x["accuracy"]),
-                textcoords="offset points",
-                xytext=(4, -11),
-                fontsize=7,
-                color="tab:gray",
-            )
-    sw = [x for x in s["sweep"] if x["threshold"] is not None]
-    sw.sort(key=lambda x: x["flops_per_sample"])
-    k = s["config"]["num_experts"]
-    ax.plot(
-        [x["flops_per_sample"] / 1e6 for x in sw],
-        [100 * x["accuracy"] for x in sw],
-        ".-",
-        color="tab:blue",
-        label=f"CoE K={k}, early-exit sweep",
-    )
-    for x in sw[:: max(1, len(sw) // 5)]:
-        ax.annotate(
-            f"{x['threshold']:g}",
-            (x["flops_per_sample"] / 1e6, 100 * x["accuracy"]),
-            textcoords="offset points",
-            xytext=(-8, 5),
-            fontsize=7,
-            color="tab:blue",
-        )
-    ax.plot(
-        [s["flops"]["coe_no_exit"] / 1e6],
-        [100 * s["coe"]["accuracy"]],
-        "*",
-        ms=13,
-        color="tab:blue",
-        label=f"CoE K={k}, no exit",
-    )
-    if s["exit"] is not None:
-        ax.plot(
-            [s["exit"]["flops_per_sample"] / 1e6],
-            [100 * s["exit"]["accuracy"]],
-            "D",
-            ms=7,
-            mfc="none",
-            color="tab:red",
-            label=f"CoE, exit >= {s['exit']['threshold']:g}",
-        )
-    ax.plot(
-        [s["flops"]["delegator"] / 1e6],
-        [100 * s["coe"]["rough_accuracy"]],
-        "v",
-        color="tab:green",
-        label="delegator alone (rough head)",
-    )
-    ax.axhline(
-        100 * s["coe"]["oracle_accuracy"],
-        ls="--",
-        color="tab:orange",
-        lw=1,
-        label="oracle of the expert pool (upper bound)",
-    )
-    ax.set_xscale("log")  # straight segments = the log-FLOPs interpolation used in the table's notes
     from matplotlib.ticker import FormatStrFormatter
 
+    fig, ax = plt.subplots(figsize=(7.4, 4.8), dpi=130)
+    k = s["config"]["num_experts"]
+    markers: list[tuple[float, float]] = []
+    labels: list[dict] = []
+
+    def curve(points):
+        pts = sorted((p["flops_per_sample"] / 1e6, 100 * p["accuracy"]) for p in points)
+        return [x for x, _ in pts], [y for _, y in pts]
+
+    b = s["baselines"]
+    if b:
+        xs, ys = [x["flops"] / 1e6 for x in b], [100 * x["accuracy"] for x in b]
+        ax.plot(xs, ys, "o-", color="tab:gray", label="single networks", zorder=3)
+        markers += list(zip(xs, ys))
+        labels += [
+            {"x": x, "y": y, "text": n["name"], "color": "dimgray", "required": True} for x, y, n in zip(xs, ys, b)
+        ]
+    xs, ys = curve(s["curves"]["cascade"]["test"])
+    ax.plot(xs, ys, "--", color="tab:purple", lw=1, label="cascade (rough head + single network), exit sweep")
+    xs, ys = curve(s["curves"]["coe"]["test"])
+    ax.plot(xs, ys, "-", color="tab:blue", lw=1.2, label=f"CoE K={k}, exit sweep")
+    sweep = [p for p in s["sweep"] if p["threshold"] is not None]
+    sx, sy = [p["flops_per_sample"] / 1e6 for p in sweep], [100 * p["accuracy"] for p in sweep]
+    ax.plot(sx, sy, ".", color="tab:blue", ms=4)
+    markers += list(zip(sx, sy))
+    # threshold labels: dropped where they would collide (the baselines' labels, placed first, always stay)
+    threshold_labels = [
+        {"x": x, "y": y, "text": f"{p['threshold']:g}", "color": "tab:blue", "required": False}
+        for x, y, p in zip(sx, sy, sweep)
+    ]
+    no_exit = (s["coe"]["flops_per_sample"] / 1e6, 100 * s["coe"]["accuracy"])
+    ax.plot(*no_exit, "*", ms=12, color="tab:blue", label=f"CoE K={k}, no exit", zorder=4)
+    markers.append(no_exit)
+    for name, ex, color, marker in (
+        (f"CoE, exit >= {_thr(s['exit']['threshold'])} (val-calibrated)", s["exit"], "tab:red", "D"),
+        (
+            f"cascade, exit >= {_thr(s['cascade']['exit']['threshold'])} (val-calibrated)",
+            s["cascade"]["exit"],
+            "tab:purple",
+            "s",
+        ),
+    ):
+        pt = (ex["test"]["flops_per_sample"] / 1e6, 100 * ex["test"]["accuracy"])
+        ax.plot(*pt, marker, ms=7, mfc="none", mew=1.5, color=color, label=name, zorder=5)
+        markers.append(pt)
+    rough = (s["flops"]["delegator"] / 1e6, 100 * s["coe"]["rough_accuracy"])
+    ax.plot(*rough, "v", color="tab:green", label="delegator alone (rough head)")
+    markers.append(rough)
+    ax.axhline(100 * s["coe"]["oracle_accuracy"], ls=":", color="tab:orange", lw=1, label="oracle of the expert pool")
+    ax.set_xscale("log")  # straight segments = the log-FLOPs interpolation used in the table's notes
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("average inference MFLOPs per sample (torch.utils.flop_counter, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel("test top-1 accuracy (%)")
     ds = s["config"]["dataset"]
-    ax.set_title(f"CoE on {ds}: accuracy vs FLOPs ({s['num_test']} test images)", fontsize=10)
+    ax.set_title(
+        f"CoE on {ds}: accuracy vs FLOPs ({s['num_test']} test images; thresholds chosen on {s['num_val']} "
+        "validation images)",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
+    place_labels(ax, labels + threshold_labels, markers)
     fig.savefig(path)
     plt.close(fig)
 

@@ -14,8 +14,11 @@ dataset, model and schedule are not public):
    (the delegator's selection targets from the experts' losses);
 
 and, as the baseline at equal inference cost, keep training the universal expert for as many epochs as
-stage 3 takes. Reports corpus BLEU (this example's own tokenisation) of both on held-out verses, and the
-BLEU of the expert pool's oracle (the best expert per sentence, by sentence loss).
+stage 3 takes. The pairs are split once (``--split-seed``) into training, validation and test sentences; the
+subword tokenizers (sentencepiece) are trained on the training split only; the models are trained anew for
+every ``--seeds`` entry, on the same split, so that the CoE and the single expert of one seed form a pair.
+Reports sacreBLEU (detokenised output, its signature printed with the scores) on the validation and test
+sentences, and the BLEU of the expert pool's oracle (the best expert per sentence, by sentence loss).
 
 Run: ``python examples/translation/train_translation.py`` (needs ``apt-get install -y
 --no-install-recommends sword-text-kjv sword-text-sparv``), or ``--dataset synthetic`` anywhere.
@@ -27,6 +30,7 @@ import argparse
 import copy
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import BagOfEmbeddings, Seq2SeqTransformer
-from text import PAD, Vocab, corpus_bleu, pad_batch, tokenize
+from text import PAD, SubwordTokenizer, bleu, pad_batch
 
 import pycoe
 
@@ -49,7 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-words", type=int, default=15, help="keep pairs whose English side has at most this many words"
     )
     p.add_argument("--max-pairs", type=int, default=0, help="use at most this many pairs (0: all)")
-    p.add_argument("--test-size", type=int, default=300)
+    p.add_argument("--val-size", type=int, default=400, help="validation pairs (held out from training)")
+    p.add_argument("--test-size", type=int, default=400, help="test pairs (held out, reported once)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
+    p.add_argument(
+        "--vocab-size", type=int, default=2000, help="sentencepiece vocabulary per language (an upper bound)"
+    )
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--universal-epochs", type=int, default=6)
     p.add_argument("--joint-epochs", type=int, default=3)
@@ -59,10 +68,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--epsilon", type=float, default=0.1, help="WGM weight of a sample's non-assigned experts")
     p.add_argument("--lgm", choices=["best", "soft", "balanced"], default="best")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds (each trains every model anew)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/translation"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
+        p.error(f"--seeds must list distinct integers, got {args.seeds!r}")
+    for name in ("max_words", "val_size", "test_size", "vocab_size", "experts", "batch_size", "d_model", "layers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not 0.0 <= args.epsilon <= 1.0:
+        p.error(f"--epsilon must be in [0, 1], got {args.epsilon}")
+    return args
 
 
 def synthetic_pairs(n: int, seed: int) -> list[tuple[str, str]]:
@@ -76,19 +97,24 @@ def synthetic_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_pairs(args) -> list[tuple[list[str], list[str]]]:
+def split_pairs(args) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(train, val, test)`` raw sentence pairs: filtered by length, shuffled with ``--split-seed``, split."""
     if args.dataset == "synthetic":
-        raw = synthetic_pairs(args.max_pairs or 400, args.seed)
+        raw = synthetic_pairs(args.max_pairs or 400, args.split_seed)
     else:
         from bible import verse_pairs
 
         raw = verse_pairs()
-    pairs = [(tokenize(e), tokenize(s)) for e, s in raw]
-    pairs = [(e, s) for e, s in pairs if 0 < len(e) <= args.max_words and 0 < len(s) <= 2 * args.max_words]
-    random.Random(args.seed).shuffle(pairs)
+    pairs = [(e, s) for e, s in raw if 0 < len(e.split()) <= args.max_words]
+    random.Random(args.split_seed).shuffle(pairs)
     if args.max_pairs:
         pairs = pairs[: args.max_pairs]
-    return pairs
+    held = args.val_size + args.test_size
+    if held >= len(pairs):
+        raise ValueError(
+            f"--val-size {args.val_size} + --test-size {args.test_size} leave no training pair out of {len(pairs)}"
+        )
+    return pairs[held:], pairs[args.test_size : held], pairs[: args.test_size]
 
 
 def batches(data, batch_size: int, generator: torch.Generator, shuffle: bool = True):
@@ -123,9 +149,10 @@ def train_universal(model, data, args, epochs, gen, label):
     return model
 
 
-def train_joint(coe, criterion, data, args, gen):
+def train_joint(coe, criterion, data, args, gen) -> list[float]:
     opt = torch.optim.Adam(coe.parameters(), lr=args.lr)
     coe.train()
+    agreements = []
     for epoch in range(args.joint_epochs):
         total, n, agree = 0.0, 0, 0.0
         for src, tgt_in, tgt_out in batches(data, args.batch_size, gen):
@@ -137,65 +164,49 @@ def train_joint(coe, criterion, data, args, gen):
             total += float(loss.detach()) * len(src)
             n += len(src)
             agree += float(info.get("agreement", 0.0)) * len(src)
+        agreements.append(agree / n)
         print(
             f"[coe] epoch {epoch + 1}/{args.joint_epochs} loss {total / n:.3f} delegator/LGM agreement {agree / n:.3f}",
             flush=True,
         )
+    return agreements
 
 
 @torch.no_grad()
-def evaluate(models, route, data, tgt_vocab, args):
-    """BLEU of routed greedy decoding. ``route(src) -> LongTensor[B]`` picks a model per sentence."""
-    hyps, refs, used = [], [], torch.zeros(len(models), dtype=torch.long)
+def translate(models, route, data, tgt_tok: SubwordTokenizer, args) -> tuple[list[str], torch.Tensor]:
+    """Greedy decoding, each sentence by the model ``route(src, tgt_in, tgt_out) -> LongTensor[B]`` picks.
+
+    Returns the detokenised hypotheses (in the order of ``data``) and how many sentences each model decoded.
+    """
+    hyps: list[str] = []
+    used = torch.zeros(len(models), dtype=torch.long)
     for m in models:
         m.eval()
-    gen = torch.Generator().manual_seed(0)
-    for src, _, tgt_out in batches(data, args.batch_size, gen, shuffle=False):
-        idx = route(src)
-        out = [None] * len(src)
+    for src, tgt_in, tgt_out in batches(data, args.batch_size, torch.Generator(), shuffle=False):
+        idx = route(src, tgt_in, tgt_out)
+        out: list[str] = [""] * len(src)
         for k in idx.unique().tolist():
             rows = (idx == k).nonzero().flatten()
-            dec = models[k].greedy(src[rows], max_len=2 * args.max_words + 2)
+            dec = models[k].greedy(src[rows], max_len=2 * src.shape[1] + 10)
             for r, d in zip(rows.tolist(), dec.tolist()):
-                out[r] = tgt_vocab.decode(d)
+                out[r] = tgt_tok.decode(d)
             used[k] += len(rows)
         hyps += out
-        refs += [tgt_vocab.decode(t) for t in tgt_out.tolist()]
-    return corpus_bleu(hyps, refs), used
+    return hyps, used
 
 
-@torch.no_grad()
-def oracle_route(experts, src, tgt_in, tgt_out):
-    losses = torch.stack([sentence_loss(e(src, tgt_in), tgt_out) for e in experts], dim=1)
-    return losses.argmin(1)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run_seed(seed: int, args, train_ids, val_ids, test_ids, refs, src_vocab: int, tgt_tok) -> dict:
+    """Train the universal expert, the CoE and the single-expert baseline with one seed; BLEU on val and test."""
     start = time.time()
-    pairs = load_pairs(args)
-    test, train = pairs[: args.test_size], pairs[args.test_size :]
-    src_vocab = Vocab.build(e for e, _ in train)
-    tgt_vocab = Vocab.build(s for _, s in train)
-    encode = lambda ps: [(src_vocab.encode(e), tgt_vocab.encode(s)) for e, s in ps]  # noqa: E731
-    train_ids, test_ids = encode(train), encode(test)
-    print(
-        f"{len(train_ids)} training pairs, {len(test_ids)} test pairs, vocabularies "
-        f"{len(src_vocab)} (en) / {len(tgt_vocab)} (es), torch threads {torch.get_num_threads()}",
-        flush=True,
-    )
-    gen = torch.Generator().manual_seed(args.seed)
-
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     # Stage 1: the universal expert.
-    universal = Seq2SeqTransformer(len(src_vocab), len(tgt_vocab), args.d_model, layers=args.layers)
+    universal = Seq2SeqTransformer(src_vocab, len(tgt_tok), args.d_model, layers=args.layers)
     train_universal(universal, train_ids, args, args.universal_epochs, gen, "universal")
 
     # Stage 2: K copies; stage 3: joint WGM + LGM training with a delegator.
     experts = pycoe.ExpertPool.from_template(universal, args.experts, init="copy")
-    delegator = pycoe.Delegator(BagOfEmbeddings(len(src_vocab)), num_experts=args.experts, feature_dim=64)
+    delegator = pycoe.Delegator(BagOfEmbeddings(src_vocab), num_experts=args.experts, feature_dim=64)
     coe = pycoe.CoE(delegator, experts)
     criterion = pycoe.CoELoss(
         pycoe.BalancedTransportWeighter(args.experts, epsilon=args.epsilon),
@@ -203,51 +214,125 @@ def main(argv=None) -> dict:
         per_sample_loss=sentence_loss,
         rough_weight=0.0,
     )
-    train_joint(coe, criterion, train_ids, args, gen)
+    agreements = train_joint(coe, criterion, train_ids, args, gen)
 
     # Baseline at equal inference cost: the universal expert trained for as many more epochs.
     baseline = train_universal(copy.deepcopy(universal), train_ids, args, args.joint_epochs, gen, "baseline")
 
     coe.eval()
-    route_coe = lambda src: coe.delegator(src).selection_logits.argmax(1)  # noqa: E731
     members = list(coe.experts)
-    bleu_base, _ = evaluate([baseline], lambda s: torch.zeros(len(s), dtype=torch.long), test_ids, tgt_vocab, args)
-    bleu_coe, used = evaluate(members, route_coe, test_ids, tgt_vocab, args)
-    oracle_idx = []
-    for src, tgt_in, tgt_out in batches(test_ids, args.batch_size, torch.Generator(), shuffle=False):
-        oracle_idx.append(oracle_route(members, src, tgt_in, tgt_out))
-    oracle_all = torch.cat(oracle_idx)
-    pos = {"i": 0}
 
-    def route_oracle(src):
-        out = oracle_all[pos["i"] : pos["i"] + len(src)]
-        pos["i"] += len(src)
-        return out
+    def route_coe(src, tgt_in, tgt_out):
+        return coe.delegator(src).selection_logits.argmax(1)
 
-    bleu_oracle, _ = evaluate(members, route_oracle, test_ids, tgt_vocab, args)
+    def route_single(src, tgt_in, tgt_out):
+        return torch.zeros(len(src), dtype=torch.long)
+
+    def route_oracle(src, tgt_in, tgt_out):
+        losses = torch.stack([sentence_loss(e(src, tgt_in), tgt_out) for e in members], dim=1)
+        return losses.argmin(1)
+
+    result: dict = {"seed": seed}
+    for split, data in (("val", val_ids), ("test", test_ids)):
+        hyps, _ = translate([baseline], route_single, data, tgt_tok, args)
+        result[f"bleu_single_expert_{split}"], signature = bleu(hyps, refs[split])
+        hyps, used = translate(members, route_coe, data, tgt_tok, args)
+        result[f"bleu_coe_{split}"], _ = bleu(hyps, refs[split])
+        result[f"expert_load_{split}"] = used.tolist()
+    hyps, _ = translate(members, route_oracle, test_ids, tgt_tok, args)
+    result["bleu_oracle_pool_test"], _ = bleu(hyps, refs["test"])
+    result["agreement_per_joint_epoch"] = [round(a, 3) for a in agreements]
+    result["seconds"] = round(time.time() - start, 1)
+    result["bleu_signature"] = signature
+    return result
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation over seeds of every BLEU, and the per-seed paired differences."""
+    keys = [k for k in runs[0] if k.startswith("bleu_") and k != "bleu_signature"]
+    out: dict = {}
+    for k in keys:
+        values = [r[k] for r in runs]
+        out[k] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values,
+        }
+    for split in ("val", "test"):
+        diffs = [r[f"bleu_coe_{split}"] - r[f"bleu_single_expert_{split}"] for r in runs]
+        out[f"coe_minus_single_{split}"] = {
+            "mean": statistics.fmean(diffs),
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else None,
+            "values": diffs,
+        }
+    return out
+
+
+def _ms(e: dict) -> str:
+    return f"{e['mean']:.2f}" + ("" if e["std"] is None else f" +- {e['std']:.2f}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    train, val, test = split_pairs(args)
+    src_tok = SubwordTokenizer.train((e for e, _ in train), args.vocab_size)
+    tgt_tok = SubwordTokenizer.train((s for _, s in train), args.vocab_size)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    src_tok.save(args.out_dir / "spm_en.model")
+    tgt_tok.save(args.out_dir / "spm_es.model")
+
+    def encode(pairs):
+        return [(src_tok.encode(e), tgt_tok.encode(s)) for e, s in pairs]
+
+    train_ids, val_ids, test_ids = encode(train), encode(val), encode(test)
+    refs = {"val": [s for _, s in val], "test": [s for _, s in test]}
+    print(
+        f"{len(train_ids)} training, {len(val_ids)} validation, {len(test_ids)} test pairs; sentencepiece "
+        f"vocabularies {len(src_tok)} (en) / {len(tgt_tok)} (es), trained on the training split; "
+        f"torch threads {torch.get_num_threads()}; seeds {args.seed_list}",
+        flush=True,
+    )
+    runs = []
+    for seed in args.seed_list:
+        r = run_seed(seed, args, train_ids, val_ids, test_ids, refs, len(src_tok), tgt_tok)
+        print(json.dumps(r), flush=True)
+        runs.append(r)
+    summary = summarise(runs)
+    signature = runs[0]["bleu_signature"]
     results = {
-        "pairs_train": len(train_ids),
-        "pairs_test": len(test_ids),
+        "pairs": {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)},
+        "vocab": {"en": len(src_tok), "es": len(tgt_tok)},
         "experts": args.experts,
-        "bleu_single_expert": round(bleu_base, 2),
-        "bleu_coe": round(bleu_coe, 2),
-        "bleu_oracle_pool": round(bleu_oracle, 2),
-        "expert_load_test": used.tolist(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "bleu_signature": signature,
+        "runs": runs,
+        "summary": summary,
         "seconds": round(time.time() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
+    n = len(runs)
     table = "\n".join(
         [
-            "| model | BLEU (held-out) |",
-            "|---|---|",
-            f"| single expert ({args.universal_epochs + args.joint_epochs} epochs) | {bleu_base:.2f} |",
-            f"| CoE, K={args.experts} (delegator routing) | {bleu_coe:.2f} |",
-            f"| expert pool oracle (best expert per sentence) | {bleu_oracle:.2f} |",
+            f"| model | BLEU validation | BLEU test | (mean +- std over {n} seed(s)) |",
+            "|---|---|---|---|",
+            f"| single expert ({args.universal_epochs + args.joint_epochs} epochs) | "
+            f"{_ms(summary['bleu_single_expert_val'])} | {_ms(summary['bleu_single_expert_test'])} | |",
+            f"| CoE, K={args.experts} (delegator routing) | {_ms(summary['bleu_coe_val'])} | "
+            f"{_ms(summary['bleu_coe_test'])} | |",
+            f"| CoE minus single expert, paired by seed | {_ms(summary['coe_minus_single_val'])} | "
+            f"{_ms(summary['coe_minus_single_test'])} | per seed (test): "
+            + ", ".join(f"{d:+.2f}" for d in summary["coe_minus_single_test"]["values"])
+            + " |",
+            f"| expert pool oracle (best expert per sentence, by loss) | - | "
+            f"{_ms(summary['bleu_oracle_pool_test'])} | |",
+            "",
+            f"sacreBLEU signature: {signature}",
         ]
     )
     print(table)
-    print(json.dumps(results))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (args.out_dir / "results.md").write_text(table + "\n")
     return results

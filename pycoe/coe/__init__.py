@@ -1,7 +1,8 @@
-"""The Collaboration-of-Experts model: delegator, expert pool, the early-exit rule, the model, its loss and its
-evaluation."""
+"""The Collaboration-of-Experts model: delegator, expert pool, the early-exit rule, the model, its loss, its
+evaluation and the calibration of the exit threshold."""
 
-from pycoe.coe import delegator, early_exit, evaluate, experts, loss, model
+from pycoe.coe import calibrate, delegator, early_exit, evaluate, experts, loss, model
+from pycoe.coe.calibrate import *
 from pycoe.coe.delegator import *
 from pycoe.coe.early_exit import *
 from pycoe.coe.evaluate import *
@@ -16,4 +17,5 @@ __all__ = [
     *model.__all__,
     *loss.__all__,
     *evaluate.__all__,
+    *calibrate.__all__,
 ]

@@ -84,8 +84,10 @@ class LabelGenerator(nn.Module):
 
     Args:
         mode: ``"best"`` (default), ``"soft"`` or ``"balanced"``.
-        temperature: T for ``"soft"``, a positive finite number (validated for every mode).
-        method: solver for ``"balanced"`` (see :func:`pycoe.routing.transport.balanced_assignment`).
+        temperature: T for ``"soft"``, a positive finite number (default 1.0). Only ``"soft"`` uses it: giving
+            it with another mode raises ``ValueError`` instead of being silently ignored.
+        method: solver for ``"balanced"`` (see :func:`pycoe.routing.transport.balanced_assignment`; default
+            ``"exact"``). Only ``"balanced"`` uses it: giving it with another mode raises ``ValueError``.
         solver_options: keyword options of the solver method for ``"balanced"`` (validated by
             :func:`pycoe.routing.transport.check_solver_options`); any other mode raises if they are given.
 
@@ -102,14 +104,24 @@ class LabelGenerator(nn.Module):
     def __init__(
         self,
         mode: str = "best",
-        temperature: float = 1.0,
-        method: str = "exact",
+        temperature: float | None = None,
+        method: str | None = None,
         solver_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, LABEL_MODES)
-        self.temperature = check_positive_float("temperature", temperature)
-        self.method = check_choice("method", method, METHODS)
+        if temperature is not None and self.mode != "soft":
+            raise ValueError(
+                f"temperature is used only by mode='soft', not by mode={self.mode!r} (which would ignore it); "
+                "leave it out"
+            )
+        if method is not None and self.mode != "balanced":
+            raise ValueError(
+                f"method is used only by mode='balanced', not by mode={self.mode!r} (which would ignore it); "
+                "leave it out"
+            )
+        self.temperature = check_positive_float("temperature", 1.0 if temperature is None else temperature)
+        self.method = check_choice("method", "exact" if method is None else method, METHODS)
         if solver_options is not None and self.mode != "balanced":
             raise ValueError(
                 f"solver_options are used only by mode='balanced', not by mode={self.mode!r} (which would ignore "
@@ -118,8 +130,12 @@ class LabelGenerator(nn.Module):
         self.solver_options = check_solver_options(self.method, solver_options)
 
     def extra_repr(self) -> str:
-        options = f", solver_options={self.solver_options}" if self.solver_options else ""
-        return f"mode={self.mode!r}, temperature={self.temperature}, method={self.method!r}{options}"
+        if self.mode == "soft":
+            return f"mode='soft', temperature={self.temperature}"
+        if self.mode == "balanced":
+            options = f", solver_options={self.solver_options}" if self.solver_options else ""
+            return f"mode='balanced', method={self.method!r}{options}"
+        return f"mode={self.mode!r}"
 
     def forward(self, losses: torch.Tensor) -> LabelOutput:
         """Compute the targets.
