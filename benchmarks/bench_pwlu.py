@@ -24,7 +24,7 @@ two gathers, multiply-add; backward: index, gather, two products, int64 copy, tw
 ReLU's forward and backward on the same chunk: the lowest cost per element that any kernel built from these
 ATen ops can reach.
 
-Targets (issue 10): eager PWLU fwd+bwd <= 4x ReLU; compiled PWLU <= 2x compiled ReLU; at (32, 64, 28, 28)
+Targets: eager PWLU fwd+bwd <= 4x ReLU; compiled PWLU <= 2x compiled ReLU; at (32, 64, 28, 28)
 and (64, 64, 56, 56); at most 1 byte saved per input byte.
 """
 

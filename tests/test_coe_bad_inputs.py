@@ -1,7 +1,7 @@
 """Bad input across the CoE and BasisNet API: every case raises a clear error that names the argument.
 
 One table, one row per bad input: the call, the exception type and a regular expression the message must match
-(it names the argument or the component and says what was expected). The table is also the audit of issue 13's
+(it names the argument or the component and says what was expected). The table is also the audit of the
 goal (no silent answer to bad input, and clear errors): a row that stops raising, or raises something unclear,
 fails here.
 """
