@@ -378,6 +378,23 @@ def test_basisnet_loss_of_an_empty_batch_is_zero_and_differentiable():
     assert logits.grad.shape == (0, 5) and rough.grad.shape == (0, 5)
 
 
+@pytest.mark.parametrize("strategy", ["weight", "output", "auto"])
+def test_a_batch_of_zero_samples_runs_in_training_and_evaluation(strategy):
+    specialist = BasisSpecialist(_tiny(5), 3, init_noise=0.5, strategy=strategy)
+    net = BasisNet(_tiny(5, width=4), specialist, 3, 5)
+    empty = _x(0)
+    out = net.train()(empty)
+    assert out.output.shape == (0, 5) and out.coefficients.shape == (0, 3)
+    loss, _ = basisnet_loss(out, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0
+    net.eval()
+    with torch.no_grad():
+        for threshold in (None, 0.5, None):  # the first eval forward is the empty one
+            got = net.forward_eval(empty, exit_threshold=threshold)
+            assert got.output.shape == (0, 5) and got.exited.shape == (0,) and got.confidence.shape == (0,)
+
+
 def test_a_confidence_exactly_on_the_threshold_exits():
     net = _net(num_bases=2, num_classes=4).eval()
     with torch.no_grad():  # a zero rough head: four equal logits, confidence exactly 1/4 for every sample
