@@ -46,12 +46,10 @@ __all__ = [
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-class ArgumentTypeError(TypeError, ValueError):
-    """An argument of the wrong type (e.g. a string or a float where an int is expected).
+class ArgumentTypeError(TypeError):
+    """An argument of the wrong type (e.g. a string or a float where an int is expected): a ``TypeError``.
 
-    A ``TypeError``. It is also a ``ValueError`` because these checks raised ``ValueError`` for wrong types until
-    now: code and tests that catch ``ValueError`` keep working while the areas move to ``TypeError``; the
-    ``ValueError`` base can go once nothing relies on it.
+    A wrong *value* of the right type (a negative count, a probability above 1) raises ``ValueError``.
     """
 
 

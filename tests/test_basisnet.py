@@ -490,11 +490,13 @@ def test_torchvision_mobilenet_lightweight_resnet_specialist():
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_bases", [0, -1, 2.0, True])
-def test_bad_num_bases(num_bases):
-    with pytest.raises(ValueError, match="num_bases"):
+@pytest.mark.parametrize(
+    ("num_bases", "error"), [(0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)]
+)
+def test_bad_num_bases(num_bases, error):
+    with pytest.raises(error, match="num_bases"):
         BasisSpecialist(_tiny(), num_bases)
-    with pytest.raises(ValueError, match="num_bases"):
+    with pytest.raises(error, match="num_bases"):
         BasisNet(_tiny(width=4), _tiny(), num_bases, 5)
 
 
@@ -538,15 +540,17 @@ def test_bad_coefficients():
         spec.synthesize(torch.rand(2, 3, dtype=DT))
 
 
-@pytest.mark.parametrize("threshold", [-0.1, 1.5, "high", True])
-def test_bad_exit_threshold(threshold):
-    with pytest.raises(ValueError, match="exit_threshold"):
+@pytest.mark.parametrize(
+    ("threshold", "error"), [(-0.1, ValueError), (1.5, ValueError), ("high", TypeError), (True, TypeError)]
+)
+def test_bad_exit_threshold(threshold, error):
+    with pytest.raises(error, match="exit_threshold"):
         _net(exit_threshold=threshold)
     net = _net().eval()
-    with pytest.raises(ValueError, match="exit_threshold"):
+    with pytest.raises(error, match="exit_threshold"):
         net.exit_threshold = threshold
     if not isinstance(threshold, str):
-        with pytest.raises(ValueError, match="exit_threshold"):
+        with pytest.raises(error, match="exit_threshold"):
             net.forward_eval(_x(2), exit_threshold=threshold)
 
 

@@ -351,7 +351,7 @@ def test_basisnet_errors():
         ({"max_accuracy_drop": 0.01, "max_flops": 1e6}, ValueError, "exactly one budget"),
         ({"max_accuracy_drop": -0.01}, ValueError, "max_accuracy_drop must be a finite number >= 0"),
         ({"max_accuracy_drop": math.nan}, ValueError, "max_accuracy_drop must be a finite number >= 0"),
-        ({"max_accuracy_drop": "0.1"}, ValueError, "max_accuracy_drop must be a finite number >= 0"),
+        ({"max_accuracy_drop": "0.1"}, TypeError, "max_accuracy_drop must be a finite number >= 0"),
         ({"max_flops": 0}, ValueError, "max_flops must be a finite number > 0"),
         ({"max_flops": math.inf}, ValueError, "max_flops must be a finite number > 0"),
         ({"max_accuracy_drop": 0.0, "thresholds": [0.5, 1.5]}, ValueError, r"thresholds\[1\] must be a number"),

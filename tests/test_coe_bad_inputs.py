@@ -120,11 +120,11 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     # ------------------------------------------------------------------------------------------- Delegator
     ("delegator/backbone-str", lambda: Delegator("resnet", K), TypeError, "backbone must be an nn.Module"),
     ("delegator/num_experts-0", lambda: delegator(0), ValueError, "num_experts must be a positive integer"),
-    ("delegator/num_experts-float", lambda: delegator(2.0), ValueError, "num_experts must be a positive integer"),
-    ("delegator/num_experts-str", lambda: delegator("3"), ValueError, "num_experts must be a positive integer"),
-    ("delegator/num_experts-bool", lambda: delegator(True), ValueError, "num_experts must be a positive integer"),
+    ("delegator/num_experts-float", lambda: delegator(2.0), TypeError, "num_experts must be a positive integer"),
+    ("delegator/num_experts-str", lambda: delegator("3"), TypeError, "num_experts must be a positive integer"),
+    ("delegator/num_experts-bool", lambda: delegator(True), TypeError, "num_experts must be a positive integer"),
     ("delegator/num_classes-0", lambda: delegator(num_classes=0), ValueError, "num_classes must be a positive"),
-    ("delegator/num_classes-str", lambda: delegator(num_classes="4"), ValueError, "num_classes must be a positive"),
+    ("delegator/num_classes-str", lambda: delegator(num_classes="4"), TypeError, "num_classes must be a positive"),
     (
         "delegator/feature_dim-0",
         lambda: Delegator(backbone(), K, feature_dim=0, classifier=None),
@@ -134,7 +134,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("delegator/dropout-1", lambda: delegator(dropout=1.0), ValueError, "dropout must be in"),
     ("delegator/dropout-neg", lambda: delegator(dropout=-0.1), ValueError, "dropout must be"),
     ("delegator/dropout-nan", lambda: delegator(dropout=NAN), ValueError, "dropout must be"),
-    ("delegator/dropout-str", lambda: delegator(dropout="0.1"), ValueError, "dropout must be"),
+    ("delegator/dropout-str", lambda: delegator(dropout="0.1"), TypeError, "dropout must be"),
     ("delegator/classifier-int", lambda: Delegator(backbone(), K, classifier=3), TypeError, "classifier must be"),
     (
         "delegator/classifier-missing",
@@ -270,8 +270,8 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("coe/exit_threshold-neg", lambda: coe(exit_threshold=-0.1), ValueError, "exit_threshold must be a number in"),
     ("coe/exit_threshold-big", lambda: coe(exit_threshold=1.5), ValueError, "exit_threshold must be a number in"),
     ("coe/exit_threshold-nan", lambda: coe(exit_threshold=NAN), ValueError, "exit_threshold must be a number in"),
-    ("coe/exit_threshold-str", lambda: coe(exit_threshold="high"), ValueError, "exit_threshold must be a number in"),
-    ("coe/exit_threshold-bool", lambda: coe(exit_threshold=True), ValueError, "exit_threshold must be a number in"),
+    ("coe/exit_threshold-str", lambda: coe(exit_threshold="high"), TypeError, "exit_threshold must be a number in"),
+    ("coe/exit_threshold-bool", lambda: coe(exit_threshold=True), TypeError, "exit_threshold must be a number in"),
     (
         "coe/exit_threshold-without-rough-head",
         lambda: coe(num_classes=None, exit_threshold=0.5),
@@ -307,7 +307,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     (
         "coe/forward_eval-threshold",
         lambda: coe().forward_eval(x(), exit_threshold="x"),
-        ValueError,
+        TypeError,
         "exit_threshold must be",
     ),
     (
@@ -382,7 +382,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     (
         "loss/rough_weight-str",
         lambda: CoELoss(BalancedTransportWeighter(K), LabelGenerator(), rough_weight="1"),
-        ValueError,
+        TypeError,
         "rough_weight must be",
     ),
     (
@@ -541,7 +541,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     (
         "sweep/flops-str-entry",
         lambda: _sweep_with_flops({"delegator": "abc", "experts": [1.0] * K}),
-        ValueError,
+        TypeError,
         r"flops\['delegator'\] must be a finite number >= 0",
     ),
     (
@@ -617,14 +617,14 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("basisnet/lightweight-none", lambda: BasisNet(None, Conv(), 2, C), TypeError, "lightweight must be"),
     ("basisnet/specialist-str", lambda: BasisNet(Conv(), "resnet", 2, C), TypeError, "specialist must be"),
     ("basisnet/num_bases-0", lambda: BasisNet(Conv(), Conv(), 0, C), ValueError, "num_bases must be a positive"),
-    ("basisnet/num_bases-str", lambda: BasisNet(Conv(), Conv(), "2", C), ValueError, "num_bases must be a positive"),
+    ("basisnet/num_bases-str", lambda: BasisNet(Conv(), Conv(), "2", C), TypeError, "num_bases must be a positive"),
     ("basisnet/num_classes-0", lambda: BasisNet(Conv(), Conv(), 2, 0), ValueError, "num_classes must be a positive"),
     ("basisnet/temperature-0", lambda: basisnet(temperature=0), ValueError, "temperature must be"),
-    ("basisnet/temperature-str", lambda: basisnet(temperature="1"), ValueError, "temperature must be"),
+    ("basisnet/temperature-str", lambda: basisnet(temperature="1"), TypeError, "temperature must be"),
     ("basisnet/exit_threshold", lambda: basisnet(exit_threshold=2), ValueError, "exit_threshold must be"),
     ("basisnet/normalization", lambda: basisnet(normalization="l1"), ValueError, "normalization must be one of"),
     ("basisnet/basis_dropout-1", lambda: basisnet(basis_dropout=1.0), ValueError, "basis_dropout must be in"),
-    ("basisnet/basis_dropout-str", lambda: basisnet(basis_dropout="0.1"), ValueError, "basis_dropout must be"),
+    ("basisnet/basis_dropout-str", lambda: basisnet(basis_dropout="0.1"), TypeError, "basis_dropout must be"),
     ("basisnet/preview_size-0", lambda: basisnet(preview_size=(0, 4)), ValueError, "preview_size must be"),
     ("basisnet/preview_size-3", lambda: basisnet(preview_size=(4, 4, 4)), ValueError, "preview_size must be"),
     ("basisnet/preview_size-float", lambda: basisnet(preview_size=2.5), ValueError, "preview_size must be"),
@@ -688,7 +688,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("specialist/model-str", lambda: BasisSpecialist("resnet", 2), TypeError, "model must be an nn.Module"),
     ("specialist/num_bases-0", lambda: BasisSpecialist(Conv(), 0), ValueError, "num_bases must be a positive"),
     ("specialist/init_noise-neg", lambda: BasisSpecialist(Conv(), 2, init_noise=-1), ValueError, "init_noise must"),
-    ("specialist/init_noise-str", lambda: BasisSpecialist(Conv(), 2, init_noise="x"), ValueError, "init_noise must"),
+    ("specialist/init_noise-str", lambda: BasisSpecialist(Conv(), 2, init_noise="x"), TypeError, "init_noise must"),
     ("specialist/strategy", lambda: BasisSpecialist(Conv(), 2, strategy="fast"), ValueError, "strategy must be"),
     ("specialist/generator", lambda: BasisSpecialist(Conv(), 2, generator=0), TypeError, "generator must be"),
     (
@@ -758,7 +758,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "temperature must be",
     ),
     ("dropout/p-1", lambda: basis_dropout(torch.rand(2, 3), 1.0), ValueError, "p must be in"),
-    ("dropout/p-str", lambda: basis_dropout(torch.rand(2, 3), "0.5"), ValueError, "p must be"),
+    ("dropout/p-str", lambda: basis_dropout(torch.rand(2, 3), "0.5"), TypeError, "p must be"),
     ("dropout/1d", lambda: basis_dropout(torch.rand(3), 0.5), ValueError, "coefficients must have 2"),
     (
         "dropout/generator",
@@ -817,7 +817,7 @@ def test_numbers_may_be_numpy_scalars_one_element_tensors_or_arrays():
     table = {"delegator": torch.tensor(1.0), "experts": torch.tensor([1.0, 2.0, 3.0])}
     assert threshold_sweep(model, data, torch.tensor([0.5, 0.9], dtype=torch.float64), flops=table) == expected
     for bad in (np.bool_(True), torch.tensor(True), torch.tensor([0.5, 0.5])):
-        with pytest.raises(ValueError, match="exit_threshold must be a number in"):
+        with pytest.raises(TypeError, match="exit_threshold must be a number in"):
             coe(exit_threshold=bad)
 
 

@@ -245,15 +245,17 @@ def test_heads_follow_backbone_dtype():
     assert d(torch.randn(2, 3, 8, 8, dtype=torch.float64)).rough_logits.dtype == torch.float64
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
-def test_bad_num_experts(bad):
-    with pytest.raises(ValueError, match="num_experts"):
+@pytest.mark.parametrize(
+    ("bad", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("4", TypeError)]
+)
+def test_bad_num_experts(bad, error):
+    with pytest.raises(error, match="num_experts"):
         Delegator(_Extractor(), bad, feature_dim=8)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.0])
-def test_bad_num_classes(bad):
-    with pytest.raises(ValueError, match="num_classes"):
+@pytest.mark.parametrize(("bad", "error"), [(0, ValueError), (-3, ValueError), (1.0, TypeError)])
+def test_bad_num_classes(bad, error):
+    with pytest.raises(error, match="num_classes"):
         Delegator(_Extractor(), 2, bad, feature_dim=8)
 
 

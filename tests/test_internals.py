@@ -43,19 +43,19 @@ def test_float_checks_accept_and_convert():
 
 
 @pytest.mark.parametrize(
-    "check,value,message",
+    "check,value,error,message",
     [
-        (check_finite_float, math.inf, "a must be a finite number"),
-        (check_finite_float, True, "a must be a finite number"),
-        (check_finite_float, "1", "a must be a finite number"),
-        (check_positive_float, 0, "a must be a finite number > 0"),
-        (check_positive_float, math.nan, "a must be a finite number > 0"),
-        (check_nonnegative_float, -1e-9, "a must be a finite number >= 0"),
-        (check_nonnegative_float, math.inf, "a must be a finite number >= 0"),
+        (check_finite_float, math.inf, ValueError, "a must be a finite number"),
+        (check_finite_float, True, TypeError, "a must be a finite number"),
+        (check_finite_float, "1", TypeError, "a must be a finite number"),
+        (check_positive_float, 0, ValueError, "a must be a finite number > 0"),
+        (check_positive_float, math.nan, ValueError, "a must be a finite number > 0"),
+        (check_nonnegative_float, -1e-9, ValueError, "a must be a finite number >= 0"),
+        (check_nonnegative_float, math.inf, ValueError, "a must be a finite number >= 0"),
     ],
 )
-def test_float_checks_reject_with_the_argument_name(check, value, message):
-    with pytest.raises(ValueError, match=message):
+def test_float_checks_reject_with_the_argument_name(check, value, error, message):
+    with pytest.raises(error, match=message):
         check("a", value)
 
 
@@ -135,7 +135,7 @@ def test_resolve_exit_threshold():
     assert resolve_exit_threshold(None, 0.3) is None
     assert resolve_exit_threshold(1, None) == 1.0
     for bad in (1.5, "high", -0.1):
-        with pytest.raises(ValueError, match="exit_threshold"):
+        with pytest.raises(TypeError if isinstance(bad, str) else ValueError, match="exit_threshold"):
             resolve_exit_threshold(bad, None)
 
 

@@ -592,7 +592,7 @@ def test_empty_batches_in_both_phases(granularity):
     [
         ({"num_intervals": 0}, ValueError, "num_intervals"),
         ({"num_intervals": -2}, ValueError, "num_intervals"),
-        ({"num_intervals": 2.5}, ValueError, "num_intervals"),
+        ({"num_intervals": 2.5}, TypeError, "num_intervals"),
         ({"init": "softplus"}, ValueError, "init"),
         ({"granularity": "model"}, ValueError, "granularity"),
         ({"granularity": "channel"}, ValueError, "num_channels"),
@@ -612,7 +612,7 @@ def test_empty_batches_in_both_phases(granularity):
         ({"device": 3.5}, TypeError, "device"),
         ({"negative_slope": float("nan")}, ValueError, "negative_slope"),
         ({"right_bound": -4.0}, ValueError, "left_bound must be smaller"),
-        ({"momentum": "0.9"}, ValueError, "momentum"),
+        ({"momentum": "0.9"}, TypeError, "momentum"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, exc, match):
