@@ -54,7 +54,7 @@ def _default_grid() -> tuple[float, ...]:
     return tuple(sorted(set(linear + tail)))
 
 
-#: The default candidate thresholds of :func:`calibrate_exit_threshold` (302 values in [0, 1]).
+#: The default candidate thresholds of :func:`calibrate_exit_threshold` (301 values in [0, 1]).
 DEFAULT_THRESHOLDS: tuple[float, ...] = _default_grid()
 
 Unpack = Callable[[Any], tuple[tuple, Any]]
