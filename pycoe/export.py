@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from pycoe._batchnorm_folding import BATCH_NORMS, BatchNormAffine, foldable_pairs, output_mismatch
 from pycoe._modules import replace_modules, traceable_paths
+from pycoe._validation import check_bool, check_positive_int
 
 __all__ = ["ExportError", "prepare_for_export", "export", "to_onnx", "output_names", "compile_inference"]
 
@@ -55,6 +56,17 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
         "example_inputs must be a tensor or a tuple of the model's positional inputs, got "
         f"{type(example_inputs).__name__}"
     )
+
+
+def _as_kwargs(example_kwargs: Any) -> dict[str, Any]:
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, Mapping) or not all(isinstance(k, str) for k in example_kwargs):
+        raise TypeError(
+            "example_kwargs must be None or a mapping from keyword names to the model's keyword inputs, got "
+            f"{type(example_kwargs).__name__}"
+        )
+    return dict(example_kwargs)
 
 
 def _check_eval(model: nn.Module) -> None:
@@ -110,7 +122,7 @@ def prepare_for_export(
     """
     _check_eval(model)
     args = _as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    kwargs = _as_kwargs(example_kwargs)
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm) and (m.running_mean is None or m.running_var is None):
             raise ValueError(
@@ -253,13 +265,17 @@ def export(
         torch.export.ExportedProgram: call ``.module()`` for a runnable module; ``torch.export.save`` stores it.
 
     Raises:
+        TypeError: ``model``, ``example_inputs``, ``example_kwargs``, ``dynamic_batch`` or ``prepare`` of the
+            wrong type.
         ValueError: a module is in training mode, or the example batch is smaller than 2.
         ExportError: torch could not trace the model; the message names the innermost submodule involved and
             what to change (the torch error is chained).
     """
+    check_bool("dynamic_batch", dynamic_batch)
+    check_bool("prepare", prepare)
     _check_eval(model)
     args = _as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    kwargs = _as_kwargs(example_kwargs)
     prepared = prepare_for_export(model, args, kwargs) if prepare else model
     dynamic_shapes = None
     if dynamic_batch:
@@ -331,6 +347,13 @@ def to_onnx(
     Returns:
         list[str]: the output names, in order.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (the .onnx file to write), got {type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path's folder {folder!r} does not exist; create it first")
+    if opset_version is not None:
+        check_positive_int("opset_version", opset_version)
     program = export(model, example_inputs, example_kwargs=example_kwargs, dynamic_batch=dynamic_batch)
     names = output_names(program)
     n_inputs = sum(isinstance(t, torch.Tensor) for t in pytree.tree_leaves((_as_args(example_inputs), example_kwargs)))

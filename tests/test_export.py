@@ -409,6 +409,25 @@ def test_export_rejects_bad_example_inputs():
         export(make_coe(), {"x": torch.randn(2, 3, RES, RES)})
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         export(lambda x: x, torch.randn(2, 3))
+    with pytest.raises(TypeError, match="example_kwargs must be None or a mapping"):
+        export(make_coe(), torch.randn(2, 3, RES, RES), example_kwargs=[torch.randn(2)])
+
+
+@pytest.mark.parametrize("name", ["dynamic_batch", "prepare"])
+def test_export_flags_must_be_bools(name):
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        export(make_coe(), torch.randn(2, 3, RES, RES), **{name: "yes"})
+
+
+def test_to_onnx_checks_its_path_and_opset_before_exporting(tmp_path):
+    x = torch.randn(2, 3, RES, RES)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        to_onnx(make_coe(), x, 3)
+    with pytest.raises(ValueError, match="path's folder .* does not exist"):
+        to_onnx(make_coe(), x, tmp_path / "missing" / "model.onnx")
+    with pytest.raises(ValueError, match="opset_version must be a positive integer"):
+        to_onnx(make_coe(), x, tmp_path / "model.onnx", opset_version=0)
+    assert not list(tmp_path.iterdir())
 
 
 class DataDependentDelegator(nn.Module):
