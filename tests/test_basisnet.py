@@ -27,14 +27,7 @@ from pycoe.layers.condconv import CondConv2d
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CI machine has 2 cores shared by several jobs; intra-op threads under contention make these small
-    # convolutions (the grouped ones of weight mixing above all) many times slower. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):

@@ -21,13 +21,7 @@ from pycoe.flops import count_flops
 D_IN, C, K = 8, 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on a shared 2-core machine: intra-op threads only add contention. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_coe(seed: int = 0, rough: bool = True, sharp: float = 3.0) -> CoE:

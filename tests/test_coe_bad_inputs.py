@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -807,7 +808,6 @@ def test_bad_input_raises_a_clear_error(call, exception, message):
 
 
 def test_numbers_may_be_numpy_scalars_one_element_tensors_or_arrays():
-    np = pytest.importorskip("numpy")
     assert coe(exit_threshold=np.float32(0.5)).exit_threshold == 0.5
     assert coe(exit_threshold=torch.tensor(0.25)).exit_threshold == 0.25
     assert basisnet(temperature=np.float32(2.0)).temperature == 2.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -471,7 +472,6 @@ def test_torch_export_with_a_dynamic_batch_matches_eager():
 
 @pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     model = _SmallNet().eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.onnx.export(

@@ -24,13 +24,7 @@ from pycoe.cotrain.schedule import (
     scale_weight_decay,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ratio(model, num_splits, **kwargs):

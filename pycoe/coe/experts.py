@@ -15,7 +15,7 @@ Einstein legend: ``k`` expert (K of them), ``b`` sample (B), ``...`` the experts
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,19 @@ def _batched_inputs(inputs: Sequence[Any], kwargs: dict[str, Any], batch: int) -
     pos = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch]
     keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch]
     return pos, keys
+
+
+def _rows(
+    inputs: Sequence[Any], kwargs: dict[str, Any], pos: list[int], keys: list[str], take: Callable[[Any], Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """``take`` applied to the batched inputs (positions ``pos``, keyword names ``keys``); the rest passed as is."""
+    sub_inputs = list(inputs)
+    for i in pos:
+        sub_inputs[i] = take(inputs[i])
+    sub_kwargs = dict(kwargs)
+    for key in keys:
+        sub_kwargs[key] = take(kwargs[key])
+    return sub_inputs, sub_kwargs
 
 
 class ExpertPool(nn.Module):
@@ -205,23 +218,19 @@ class ExpertPool(nn.Module):
         if len(nonempty) == 1:  # every sample to one expert: no gather or scatter
             return self._call_expert(nonempty[0], inputs, kwargs)
         order = torch.argsort(index, stable=True)
-        sorted_inputs = list(inputs)
-        for i in pos:
-            sorted_inputs[i] = inputs[i].index_select(0, order)
-        sorted_kwargs = dict(kwargs)
-        for key in keys:
-            sorted_kwargs[key] = kwargs[key].index_select(0, order)
+        sorted_inputs, sorted_kwargs = _rows(inputs, kwargs, pos, keys, lambda t: t.index_select(0, order))
         outputs = []
         start = 0
         for k, c in enumerate(counts):
             if c == 0:
                 continue
-            sub_inputs = list(sorted_inputs)
-            for i in pos:
-                sub_inputs[i] = sorted_inputs[i][start : start + c]
-            sub_kwargs = dict(sorted_kwargs)
-            for key in keys:
-                sub_kwargs[key] = sorted_kwargs[key][start : start + c]
+            sub_inputs, sub_kwargs = _rows(
+                sorted_inputs,
+                sorted_kwargs,
+                pos,
+                keys,
+                lambda t: t[start : start + c],  # noqa: B023 (called at once)
+            )
             out = self._call_expert(k, sub_inputs, sub_kwargs)
             if out.dim() == 0 or out.shape[0] != c:
                 raise ValueError(
@@ -256,12 +265,13 @@ class ExpertPool(nn.Module):
         parts = []
         for k in range(self.num_experts):
             rows = (index == k).nonzero().squeeze(1)  # LongTensor[B_k]
-            sub_inputs = list(inputs)
-            for i in pos:
-                sub_inputs[i] = inputs[i].index_select(0, rows)
-            sub_kwargs = dict(kwargs)
-            for key in keys:
-                sub_kwargs[key] = kwargs[key].index_select(0, rows)
+            sub_inputs, sub_kwargs = _rows(
+                inputs,
+                kwargs,
+                pos,
+                keys,
+                lambda t: t.index_select(0, rows),  # noqa: B023 (called at once)
+            )
             out = self._call_expert(k, sub_inputs, sub_kwargs)
             if out.dim() == 0:
                 raise ValueError(f"expert {k} returned a 0-d tensor; expert outputs must be batched on dim 0")

@@ -58,6 +58,18 @@ def _explain_input(x: Any, in_channels: int, dtype: torch.dtype, device: torch.d
     raise ValueError(f"x must be on the device of the {owner}'s parameters ({device}), got {x.device}")
 
 
+def _check_input(x: Any, in_channels: int, weight: torch.Tensor, owner: str) -> None:
+    """O(1) checks of a layer's input (every call); the slow path explains a failure."""
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.dim() != 4
+        or x.shape[1] != in_channels
+        or x.dtype != weight.dtype
+        or x.device != weight.device
+    ):
+        _explain_input(x, in_channels, weight.dtype, weight.device, owner)
+
+
 class CondConvRouter(nn.Module):
     """The CondConv routing function: global average pool, Linear, sigmoid.
 
@@ -102,15 +114,7 @@ class CondConvRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[B, C, H, W] -> routing weights Tensor[B, E]."""
-        weight = self.fc.weight
-        if (
-            not isinstance(x, torch.Tensor)
-            or x.dim() != 4
-            or x.shape[1] != self.in_channels
-            or x.dtype != weight.dtype
-            or x.device != weight.device
-        ):
-            _explain_input(x, self.in_channels, weight.dtype, weight.device, "router")
+        _check_input(x, self.in_channels, self.fc.weight, "router")
         if x.shape[2] * x.shape[3] == 0:
             raise ValueError(f"x must have a non-empty spatial size to be pooled, got shape {tuple(x.shape)}")
         weights = torch.sigmoid(self.fc(x.mean(dim=(2, 3))))
@@ -231,16 +235,8 @@ class CondConv2d(nn.Module):
             Tensor[B, O, H', W'].
         """
         weight = self.weight
-        # O(1) checks in one expression (this runs on every call; the slow path explains a failure). They come
-        # before the router, so that a wrong input is reported as the layer's, not the router's.
-        if (
-            not isinstance(x, torch.Tensor)
-            or x.dim() != 4
-            or x.shape[1] != self.in_channels
-            or x.dtype != weight.dtype
-            or x.device != weight.device
-        ):
-            _explain_input(x, self.in_channels, weight.dtype, weight.device, "layer")
+        # Before the router, so that a wrong input is reported as the layer's, not the router's.
+        _check_input(x, self.in_channels, weight, "layer")
         given = routing_weights is not None
         if routing_weights is None:
             if self.router is None:
