@@ -15,36 +15,17 @@ Einstein legend: ``k`` expert (K of them), ``b`` sample (B), ``...`` the experts
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._inputs import batched_names, map_batched
 from .._modules import explain_input_mismatch, traceable
 from .._validation import check_choice, check_expert_index, check_positive_int
 
 __all__ = ["ExpertPool"]
-
-
-def _batched_inputs(inputs: Sequence[Any], kwargs: dict[str, Any], batch: int) -> tuple[list[int], list[str]]:
-    """Positions and keyword names of the tensor inputs whose first dimension is ``batch``."""
-    pos = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch]
-    keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch]
-    return pos, keys
-
-
-def _rows(
-    inputs: Sequence[Any], kwargs: dict[str, Any], pos: list[int], keys: list[str], take: Callable[[Any], Any]
-) -> tuple[list[Any], dict[str, Any]]:
-    """``take`` applied to the batched inputs (positions ``pos``, keyword names ``keys``); the rest passed as is."""
-    sub_inputs = list(inputs)
-    for i in pos:
-        sub_inputs[i] = take(inputs[i])
-    sub_kwargs = dict(kwargs)
-    for key in keys:
-        sub_kwargs[key] = take(kwargs[key])
-    return sub_inputs, sub_kwargs
 
 
 class ExpertPool(nn.Module):
@@ -208,9 +189,9 @@ class ExpertPool(nn.Module):
             raise ValueError(
                 f"index has {batch} entries but the first input has batch size {inputs[0].shape[0]}; they must match"
             )
-        pos, keys = _batched_inputs(inputs, kwargs, batch)
+        names = batched_names(inputs, kwargs, batch)
         if traceable():
-            return self._forward_routed_traceable(index, inputs, kwargs, pos, keys)
+            return self._forward_routed_traceable(index, inputs, kwargs, names)
         if batch == 0:
             return self._call_expert(0, inputs, kwargs)  # lets the expert define the empty output's shape
         counts = torch.bincount(index, minlength=self.num_experts).tolist()
@@ -218,18 +199,17 @@ class ExpertPool(nn.Module):
         if len(nonempty) == 1:  # every sample to one expert: no gather or scatter
             return self._call_expert(nonempty[0], inputs, kwargs)
         order = torch.argsort(index, stable=True)
-        sorted_inputs, sorted_kwargs = _rows(inputs, kwargs, pos, keys, lambda t: t.index_select(0, order))
+        sorted_inputs, sorted_kwargs = map_batched(inputs, kwargs, lambda t: t.index_select(0, order), names)
         outputs = []
         start = 0
         for k, c in enumerate(counts):
             if c == 0:
                 continue
-            sub_inputs, sub_kwargs = _rows(
+            sub_inputs, sub_kwargs = map_batched(
                 sorted_inputs,
                 sorted_kwargs,
-                pos,
-                keys,
                 lambda t: t[start : start + c],  # noqa: B023 (called at once)
+                names,
             )
             out = self._call_expert(k, sub_inputs, sub_kwargs)
             if out.dim() == 0 or out.shape[0] != c:
@@ -254,7 +234,11 @@ class ExpertPool(nn.Module):
         return result.index_copy(0, order, concatenated)
 
     def _forward_routed_traceable(
-        self, index: torch.Tensor, inputs: Sequence[Any], kwargs: dict[str, Any], pos: list[int], keys: list[str]
+        self,
+        index: torch.Tensor,
+        inputs: Sequence[Any],
+        kwargs: dict[str, Any],
+        names: tuple[list[int], list[str]],
     ) -> torch.Tensor:
         """The routed path without a Python branch on the per-expert counts (``torch.export`` / ``torch.compile``).
 
@@ -265,12 +249,11 @@ class ExpertPool(nn.Module):
         parts = []
         for k in range(self.num_experts):
             rows = (index == k).nonzero().squeeze(1)  # LongTensor[B_k]
-            sub_inputs, sub_kwargs = _rows(
+            sub_inputs, sub_kwargs = map_batched(
                 inputs,
                 kwargs,
-                pos,
-                keys,
                 lambda t: t.index_select(0, rows),  # noqa: B023 (called at once)
+                names,
             )
             out = self._call_expert(k, sub_inputs, sub_kwargs)
             if out.dim() == 0:
