@@ -1,14 +1,22 @@
 """Pure functions: the PWLU activation, the mixture convolution and the co-training losses."""
 
+from pycoe.functional._pwlu import pwlu
 from pycoe.functional.cotrain import js_divergence, pairwise_kl
-from pycoe.functional.mixture import MIXTURE_STRATEGIES, choose_mixture_strategy, mixture_conv2d
-from pycoe.functional.pwlu import pwlu
+from pycoe.functional.mixture import (
+    COEFFICIENT_NORMALIZATIONS,
+    MIXTURE_STRATEGIES,
+    choose_mixture_strategy,
+    mixture_coefficients,
+    mixture_conv2d,
+)
 
 __all__ = [
     "pwlu",
     "mixture_conv2d",
     "choose_mixture_strategy",
     "MIXTURE_STRATEGIES",
+    "mixture_coefficients",
+    "COEFFICIENT_NORMALIZATIONS",
     "js_divergence",
     "pairwise_kl",
 ]

@@ -80,9 +80,18 @@ class _Layout:
         return t.permute(self.perm).contiguous().view(self.outer, self.rows, self.inner)
 
     def empty3(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """A new ``[O, P, I]`` buffer of x's dtype, and the same memory seen with x's shape and strides."""
-        buf = torch.empty(self.shape, dtype=x.dtype, device=x.device)
-        return buf.view(self.outer, self.rows, self.inner), buf.permute(self.inverse)
+        """A new ``[O, P, I]`` buffer of x's dtype, and the same memory seen with x's shape and strides.
+
+        The latter is the allocated tensor itself, not a view of it: the output of an autograd function that is a
+        view cannot be modified in place, and consumers such as ``Dropout(inplace=True)`` or ``relu_`` do that.
+        """
+        strides = [0] * len(self.perm)
+        step = 1
+        for k in reversed(range(len(self.perm))):  # the contiguous strides of the permuted shape, put back
+            strides[self.perm[k]] = step
+            step *= max(int(self.shape[k]), 1)
+        out = torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device)
+        return out.permute(self.perm).view(self.outer, self.rows, self.inner), out
 
     def pieces(self, chunk: int) -> list[Piece]:
         """Contiguous pieces of about ``chunk`` elements covering the ``[O, P, I]`` view."""

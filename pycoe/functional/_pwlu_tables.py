@@ -1,4 +1,4 @@
-r"""The per-segment lines of a PWLU and the chain rule back to its parameters (private to :mod:`pycoe.functional.pwlu`).
+r"""The per-segment lines of a PWLU and the chain rule back to its parameters (private to :mod:`._pwlu`).
 
 Both kernels of :func:`pycoe.functional.pwlu` (the chunked eager one and the fused composite for
 ``torch.compile`` / ``torch.export``) evaluate every segment ``s`` as a line ``y = alpha[s] + beta[s] * x``

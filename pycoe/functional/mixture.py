@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pycoe._validation import (
+    check_bool,
     check_choice,
     check_conv_padding,
     check_int_pair,
@@ -46,10 +47,20 @@ from pycoe._validation import (
     check_tensor,
 )
 
-__all__ = ["mixture_conv2d", "choose_mixture_strategy", "MIXTURE_STRATEGIES"]
+__all__ = [
+    "mixture_conv2d",
+    "choose_mixture_strategy",
+    "MIXTURE_STRATEGIES",
+    "mixture_coefficients",
+    "COEFFICIENT_NORMALIZATIONS",
+]
 
 #: The strategies accepted by :func:`mixture_conv2d`.
 MIXTURE_STRATEGIES = ("auto", "weight", "bmm", "output")
+
+#: The ways :func:`mixture_coefficients` turns logits into mixing coefficients (the ``normalization`` argument of
+#: :class:`~pycoe.layers.condconv.CondConvRouter` and :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv`).
+COEFFICIENT_NORMALIZATIONS = ("sigmoid", "normalized_sigmoid", "softmax", "none")
 
 _PadArg = int | Sequence[int] | str
 _Pair = tuple[int, int]
@@ -58,47 +69,6 @@ _Pair = tuple[int, int]
 # ----------------------------------------------------------------------------------------------------------------
 # argument handling
 # ----------------------------------------------------------------------------------------------------------------
-def _arguments_look_valid(
-    x: torch.Tensor,
-    weight_bank: torch.Tensor,
-    coefficients: torch.Tensor,
-    bias_bank: torch.Tensor | None,
-    groups: int,
-) -> bool:
-    """The checks of :func:`_check_arguments` as one expression of attribute reads (it runs on every call)."""
-    return (
-        isinstance(x, torch.Tensor)
-        and isinstance(weight_bank, torch.Tensor)
-        and isinstance(coefficients, torch.Tensor)
-        and type(groups) is int
-        and groups >= 1
-        and x.dim() == 4
-        and weight_bank.dim() == 5
-        and coefficients.dim() == 2
-        and x.is_floating_point()
-        and weight_bank.dtype == x.dtype
-        and coefficients.dtype == x.dtype
-        and weight_bank.device == x.device
-        and coefficients.device == x.device
-        and weight_bank.shape[0] >= 1
-        and coefficients.shape[0] == x.shape[0]
-        and coefficients.shape[1] == weight_bank.shape[0]
-        and weight_bank.shape[2] * groups == x.shape[1]
-        and weight_bank.shape[1] % groups == 0
-        and (
-            bias_bank is None
-            or (
-                isinstance(bias_bank, torch.Tensor)
-                and bias_bank.dim() == 2
-                and bias_bank.shape[0] == weight_bank.shape[0]
-                and bias_bank.shape[1] == weight_bank.shape[1]
-                and bias_bank.dtype == x.dtype
-                and bias_bank.device == x.device
-            )
-        )
-    )
-
-
 def _check_arguments(
     x: torch.Tensor,
     weight_bank: torch.Tensor,
@@ -106,13 +76,13 @@ def _check_arguments(
     bias_bank: torch.Tensor | None,
     groups: int,
 ) -> None:
-    """Raise a clear error for any inconsistency of the tensors of :func:`mixture_conv2d`."""
+    """Raise a clear error for any inconsistency of the tensors of :func:`mixture_conv2d` (runs on every call:
+    each test is one attribute read when the arguments are valid)."""
     check_tensor("x", x, ndim=4, floating=True)
     check_tensor("weight_bank", weight_bank, ndim=5, floating=True)
     check_tensor("coefficients", coefficients, ndim=2, floating=True)
     if bias_bank is not None:
         check_tensor("bias_bank", bias_bank, ndim=2, floating=True)
-    groups = check_positive_int("groups", groups)
     batch, channels = x.shape[:2]
     num_kernels, out_channels, cpg = weight_bank.shape[:3]
     if num_kernels < 1:
@@ -131,18 +101,21 @@ def _check_arguments(
             f"weight_bank must have shape [E, O, C/groups, kh, kw] with C/groups = {channels // groups} "
             f"(x has C={channels}, groups={groups}), got {tuple(weight_bank.shape)}"
         )
-    if bias_bank is not None and tuple(bias_bank.shape) != (num_kernels, out_channels):
+    if bias_bank is not None and (bias_bank.shape[0] != num_kernels or bias_bank.shape[1] != out_channels):
         raise ValueError(
             f"bias_bank must have shape [E, O] = [{num_kernels}, {out_channels}], got {tuple(bias_bank.shape)}"
         )
-    tensors = [("weight_bank", weight_bank), ("coefficients", coefficients)]
+    _check_like_x(x, "weight_bank", weight_bank)
+    _check_like_x(x, "coefficients", coefficients)
     if bias_bank is not None:
-        tensors.append(("bias_bank", bias_bank))
-    for name, t in tensors:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+        _check_like_x(x, "bias_bank", bias_bank)
+
+
+def _check_like_x(x: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
 
 
 def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -288,6 +261,31 @@ _IMPLS = {"weight": _weight_mixing, "bmm": _bmm_mixing, "output": _output_mixing
 # ----------------------------------------------------------------------------------------------------------------
 # the public functions
 # ----------------------------------------------------------------------------------------------------------------
+def mixture_coefficients(logits: torch.Tensor, normalization: str) -> torch.Tensor:
+    """Mixing coefficients Tensor[B, E] from logits Tensor[B, E], one row per sample.
+
+    ``normalization`` (one of :data:`COEFFICIENT_NORMALIZATIONS`):
+
+    * ``"sigmoid"``: ``sigmoid(logits)``, each in (0, 1), not normalised (the CondConv paper's router);
+    * ``"normalized_sigmoid"``: the sigmoids divided by their sum, so each row sums to 1 (pycoe's option);
+    * ``"softmax"``: ``softmax(logits)`` over the E kernels, each row sums to 1;
+    * ``"none"``: the logits themselves.
+
+    Coefficients that sum to 1 keep a bank of identical kernels equal to that one kernel, whatever the logits:
+    that is what a converted model's first forward needs.
+    """
+    check_tensor("logits", logits, ndim=2, floating=True)
+    check_choice("normalization", normalization, COEFFICIENT_NORMALIZATIONS)
+    if normalization == "softmax":
+        return torch.softmax(logits, dim=1)
+    if normalization == "none":
+        return logits
+    coefficients = torch.sigmoid(logits)
+    if normalization == "normalized_sigmoid":
+        coefficients = coefficients / coefficients.sum(dim=1, keepdim=True)
+    return coefficients
+
+
 def mixture_conv2d(
     x: torch.Tensor,
     weight_bank: torch.Tensor,
@@ -346,20 +344,15 @@ def mixture_conv2d(
     stride_: _Pair
     dilation_: _Pair
     padding_: _Pair | str
-    if validate_args is True:
+    if check_bool("validate_args", validate_args):
         stride_ = check_int_pair("stride", stride, minimum=1)
         dilation_ = check_int_pair("dilation", dilation, minimum=1)
         padding_ = check_conv_padding("padding", padding)
-        if type(strategy) is not str or strategy not in MIXTURE_STRATEGIES:
-            if not isinstance(strategy, str):
-                raise TypeError(f"strategy must be a str, got {type(strategy).__name__}")
-            check_choice("strategy", strategy, MIXTURE_STRATEGIES)
-        if not _arguments_look_valid(x, weight_bank, coefficients, bias_bank, groups):
-            _check_arguments(x, weight_bank, coefficients, bias_bank, groups)  # raises, naming the argument
-    elif validate_args is False:
-        stride_, dilation_, padding_ = stride, dilation, padding  # type: ignore[assignment]
+        check_choice("strategy", strategy, MIXTURE_STRATEGIES)
+        groups = check_positive_int("groups", groups)
+        _check_arguments(x, weight_bank, coefficients, bias_bank, groups)
     else:
-        raise TypeError(f"validate_args must be a bool, got {validate_args!r}")
+        stride_, dilation_, padding_ = stride, dilation, padding  # type: ignore[assignment]
     kh, kw = weight_bank.shape[3], weight_bank.shape[4]
     x_padded, conv_padding = _resolve_padding(x, padding_, (kh, kw), stride_, dilation_)
     out_h = _conv_out_size(x_padded.shape[-2], kh, stride_[0], conv_padding[0], dilation_[0])

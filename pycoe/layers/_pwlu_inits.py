@@ -2,7 +2,8 @@
 
 Each row gives an init function (what a collecting PWLU computes, and what realignment re-samples), its
 slopes at -inf and +inf (the outer slopes set at realignment), and the activation module it reproduces
-exactly (what :func:`pycoe.layers.pwlu_convert.convert_activations_to_pwlu` replaces by it).
+exactly (what :func:`pycoe.layers.pwlu_convert.convert_activations_to_pwlu` replaces by it). timm's own
+activation classes count as the torch activation they compute (:data:`TIMM_ACTIVATIONS`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["InitFunction", "INIT_NAMES", "CONVERTIBLE_ACTIVATIONS", "get_init", "init_of_activation"]
+from pycoe.layers._convert import is_timm_class
+
+__all__ = [
+    "InitFunction",
+    "INIT_NAMES",
+    "CONVERTIBLE_ACTIVATIONS",
+    "TIMM_ACTIVATIONS",
+    "get_init",
+    "init_of_activation",
+    "activation_kind",
+    "is_activation",
+]
 
 
 @dataclass(frozen=True)
@@ -97,10 +109,46 @@ def get_init(name: str, negative_slope: float) -> InitFunction:
     return InitFunction(fn, left, row.right_slope)
 
 
-def init_of_activation(module: nn.Module) -> tuple[str, float]:
-    """The ``init`` (and negative slope, 0.01 where unused) that reproduces the activation ``module``."""
+TIMM_ACTIVATIONS: dict[str, str] = {
+    "GELU": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "Swish": "silu",
+    "SwishMe": "silu",
+    "HardSwish": "hardswish",
+    "HardSwishMe": "hardswish",
+    "HardSigmoid": "hardsigmoid",
+    "HardSigmoidMe": "hardsigmoid",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+}
+"""timm's activation classes (``timm.layers.activations`` and ``activations_me``) by class name, and the init that
+reproduces each: recognised without importing timm."""
+
+
+def activation_kind(cls: type) -> type[nn.Module] | None:
+    """The torch activation type (one of :data:`CONVERTIBLE_ACTIVATIONS`) that instances of ``cls`` compute: the
+    type itself or its base for torch's, the equivalent for timm's; None if no init reproduces them."""
+    timm_name = is_timm_class(cls, TIMM_ACTIVATIONS)
+    if timm_name is not None:
+        return _TABLE[TIMM_ACTIVATIONS[timm_name]].activation
+    return next((a for a in CONVERTIBLE_ACTIVATIONS if issubclass(cls, a)), None)
+
+
+def is_activation(module: nn.Module) -> bool:
+    """Whether ``module`` is an activation module of torch or timm (whether or not a PWLU init reproduces it)."""
+    cls = type(module)
+    if cls.__module__ == "torch.nn.modules.activation":
+        return cls is not nn.MultiheadAttention
+    return cls.__module__.startswith("timm.") and ".activations" in cls.__module__
+
+
+def init_of_activation(module: nn.Module) -> tuple[str, float] | None:
+    """The ``init`` (and negative slope, 0.01 where unused) that reproduces the activation ``module``, or None."""
+    timm_name = is_timm_class(type(module), TIMM_ACTIVATIONS)
+    if timm_name is not None:
+        return TIMM_ACTIVATIONS[timm_name], 0.01
     for name, row in _TABLE.items():
         if row.activation is not None and isinstance(module, row.activation) and row.matches(module):
             slope = float(module.negative_slope) if isinstance(module, nn.LeakyReLU) else 0.01
             return name, slope
-    raise TypeError(f"no PWLU init reproduces {type(module).__name__}")
+    return None

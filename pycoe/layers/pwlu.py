@@ -24,18 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from pycoe._validation import (
+    check_bool,
     check_choice,
-    check_device,
-    check_dtype,
     check_finite_float,
     check_int,
+    check_module,
     check_positive_float,
     check_positive_int,
     check_probability,
     check_tensor,
 )
 from pycoe.distributed import all_reduce, is_distributed
-from pycoe.functional.pwlu import pwlu
+from pycoe.functional._pwlu import pwlu
 from pycoe.layers._pwlu_inits import INIT_NAMES, get_init
 from pycoe.layers._pwlu_stats import batch_moments, pool_over_ranks, realigned_bounds, update_running
 
@@ -76,8 +76,8 @@ class PWLU(nn.Module):
         negative_slope: slope for ``init="leaky_relu"``; ignored otherwise.
         collect: start in the collecting phase (default). ``False`` starts directly in the learning
             phase with the init function sampled on ``[left_bound, right_bound]``.
-        device: factory keyword for the parameters and buffers.
-        dtype: factory keyword for the parameters and buffers (floating point).
+        device: factory keyword for the parameters and buffers, passed to ``torch.empty``.
+        dtype: factory keyword for the parameters and buffers (floating point), passed to ``torch.empty``.
 
     Attributes:
         points: Parameter Tensor[P, N + 1], the knot values :math:`Y_P` (P = 1 or num_channels).
@@ -91,7 +91,8 @@ class PWLU(nn.Module):
 
     Shape:
         input Tensor[...] with ``num_channels`` along ``channel_dim`` for channel granularity; output of
-        the same shape, dtype and memory layout. The unit is never in-place.
+        the same shape, dtype and memory layout. The unit is never in-place, and its output may be modified
+        in place by what follows (``Dropout(inplace=True)``, ``relu_``, ``+=``).
     """
 
     running_mean: Tensor
@@ -131,21 +132,15 @@ class PWLU(nn.Module):
             self.num_channels = None
         self.channel_dim = check_int("channel_dim", channel_dim)
         self.bound_std = check_positive_float("bound_std", bound_std)
-        checked_momentum = check_probability("momentum", momentum)
-        assert checked_momentum is not None  # allow_none=False
-        self.momentum = checked_momentum
+        self.momentum = check_probability("momentum", momentum)
         lb = check_finite_float("left_bound", left_bound)
         rb = check_finite_float("right_bound", right_bound)
         if not lb < rb:
             raise ValueError(f"left_bound must be smaller than right_bound, got {lb} and {rb}")
         self.initial_bounds = (lb, rb)
         self.negative_slope = check_finite_float("negative_slope", negative_slope)
-        if not isinstance(collect, bool):
-            raise TypeError(f"collect must be a bool, got {type(collect).__name__}")
-        self.collect = collect
+        self.collect = check_bool("collect", collect)
         self._init_spec = get_init(self.init, self.negative_slope)
-        check_device("device", device)
-        check_dtype("dtype", dtype)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         rows = self.num_channels if self.num_channels is not None else 1
         self.points = nn.Parameter(torch.empty(rows, self.num_intervals + 1, **factory))
@@ -156,7 +151,7 @@ class PWLU(nn.Module):
         self.register_buffer("running_mean", torch.zeros(rows, **factory))
         self.register_buffer("running_var", torch.ones(rows, **factory))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
-        self._collecting = collect
+        self._collecting = self.collect
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------------
@@ -312,10 +307,8 @@ def realign_pwlu(model: nn.Module, synchronize: bool = True) -> int:
         RuntimeError: a collecting PWLU has seen no (finite) training batch yet (on any rank, when
             synchronising), or holds non-finite statistics.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(synchronize, bool):
-        raise TypeError(f"synchronize must be a bool, got {type(synchronize).__name__}")
+    check_module("model", model)
+    check_bool("synchronize", synchronize)
     todo = [(name, m) for name, m in model.named_modules() if isinstance(m, PWLU) and m.collecting]
     sync = synchronize and is_distributed()
     # on the units' device: a NCCL process group reduces CUDA tensors only

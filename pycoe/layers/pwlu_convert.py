@@ -1,7 +1,7 @@
 """Put PWLUs into an existing model: replace its activation modules by collecting PWLUs that reproduce them.
 
 Module surgery (the way timm's ``create_act_layer`` or fastmoe's ``fmoefy`` spare users from rewriting a
-model): every activation module of the listed types becomes a :class:`~pycoe.layers.pwlu.PWLU` whose init
+model): every activation module of the listed kinds becomes a :class:`~pycoe.layers.pwlu.PWLU` whose init
 function is that activation, so the model's outputs are unchanged until :func:`~pycoe.layers.pwlu.realign_pwlu`.
 """
 
@@ -13,17 +13,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pycoe._modules import floating_reference, replace_modules
+from pycoe._inputs import as_call
+from pycoe._modules import floating_reference
 from pycoe._validation import (
+    check_callable,
     check_choice,
-    check_device,
-    check_dtype,
     check_int,
     check_positive_float,
     check_positive_int,
     check_probability,
 )
-from pycoe.layers._pwlu_inits import CONVERTIBLE_ACTIVATIONS, init_of_activation
+from pycoe.layers._convert import ConversionReport, check_eager_model, convert, survey
+from pycoe.layers._pwlu_inits import (
+    CONVERTIBLE_ACTIVATIONS,
+    TIMM_ACTIVATIONS,
+    activation_kind,
+    init_of_activation,
+    is_activation,
+)
 from pycoe.layers.pwlu import PWLU
 from pycoe.utils import eval_mode
 
@@ -37,12 +44,16 @@ DEFAULT_PWLU_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Hardswish,
     nn.GELU,
 )
-"""Activation types that :func:`convert_activations_to_pwlu` replaces by default (the feature
-activations; gates such as ``nn.Hardsigmoid``/``nn.Sigmoid`` are left alone unless asked for)."""
+"""Activation kinds that :func:`convert_activations_to_pwlu` replaces by default (the feature
+activations; gates such as ``nn.Hardsigmoid``/``nn.Sigmoid`` are left alone unless asked for). timm's classes
+of the same kinds (``GELU``, ``GELUTanh``, ``Swish``, ``HardSwish``) are converted with them."""
 
 
 class _DryRunError(ValueError):
     """An error of pycoe's own hook during the dry run (passed through, not wrapped)."""
+
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def convert_activations_to_pwlu(
@@ -51,39 +62,42 @@ def convert_activations_to_pwlu(
     granularity: str = "layer",
     num_intervals: int = 16,
     channel_dim: int = 1,
-    example_inputs: Tensor | Sequence[Any] | None = None,
+    example_inputs: Any = None,
     predicate: Callable[[str, nn.Module], bool] | None = None,
     bound_std: float = 3.0,
     momentum: float = 0.9,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> list[str]:
+) -> ConversionReport:
     """Replace, in place, the activation modules of ``model`` by collecting PWLUs that reproduce them.
 
     Each new PWLU's init function is the replaced activation (``nn.LeakyReLU`` keeps its negative
     slope, ``nn.GELU`` its approximation), so the model's outputs are unchanged right after the
     conversion; it then collects statistics in training mode until :func:`~pycoe.layers.pwlu.realign_pwlu`.
-    Every module instance of the listed types is converted, wherever it sits (e.g. the ReLU inside
-    torchvision's ``SqueezeExcitation`` too; its ``nn.Hardsigmoid`` gate is not in the default list). Pass
-    ``predicate`` to skip some.
+    Every module instance of the listed kinds is converted, wherever it sits (e.g. the ReLU inside
+    torchvision's ``SqueezeExcitation`` too; its ``nn.Hardsigmoid`` gate is not in the default list). timm's own
+    activation classes count as the torch activation they compute (``timm.layers.GELU`` as ``nn.GELU``,
+    ``Swish`` as ``nn.SiLU``, ``HardSwish`` as ``nn.Hardswish``, ...). Pass ``predicate`` to skip some.
 
     Limits of module surgery: activations applied functionally in ``forward`` (``F.relu(x)``) are not
     seen; a module called at several places (torchvision's ResNet blocks call one ``self.relu`` twice)
-    becomes one PWLU shared by those places; ``inplace=True`` is dropped (PWLU is never in-place), which
-    only matters for code that ignores an activation's return value. The new modules take the
-    training/eval mode of the modules they replace.
+    becomes one PWLU shared by those places; ``inplace=True`` is dropped (PWLU is never in-place, and its output
+    may be modified in place by what follows), which only matters for code that ignores an activation's return
+    value. The new modules take the training/eval mode of the modules they replace. TorchScript modules are
+    refused (convert before scripting).
 
     Args:
-        model: the model to edit in place.
-        activations: the activation types to replace (each must be one that a PWLU init reproduces:
-            ReLU, ReLU6, LeakyReLU, SiLU, Hardswish, Hardsigmoid, GELU, Tanh, Sigmoid, Identity).
+        model: the model to edit in place (an eager ``nn.Module``).
+        activations: the activation kinds to replace (each one that a PWLU init reproduces: ReLU, ReLU6,
+            LeakyReLU, SiLU, Hardswish, Hardsigmoid, GELU, Tanh, Sigmoid, Identity, or one of timm's classes of
+            these kinds).
         granularity: ``"layer"`` or ``"channel"``.
         num_intervals: N for every new PWLU.
         channel_dim: the channel dimension of the activations' inputs (1 for CNNs, -1 for
             transformers).
-        example_inputs: required for ``"channel"`` (ignored for ``"layer"``): one input tensor, or a tuple
-            or list of positional inputs, for a dry run of ``model`` in eval mode under ``torch.no_grad()``
-            that records each activation's channel count.
+        example_inputs: required for ``"channel"`` (ignored for ``"layer"``): the inputs of one batch, for a dry
+            run of ``model`` in eval mode under ``torch.no_grad()`` that records each activation's channel count:
+            a tensor, a tuple or list of positional inputs, or a mapping of keyword inputs (``model(**batch)``).
         predicate: optional ``(qualified_name, module) -> bool``; only modules for which it holds are
             converted.
         bound_std: passed to every PWLU.
@@ -94,105 +108,98 @@ def convert_activations_to_pwlu(
             (float32 if none).
 
     Returns:
-        The qualified names of the replaced modules.
+        A :class:`~pycoe.layers.ConversionReport`: the list of the qualified names of the replaced modules, with
+        ``.skipped``, the activation modules left alone and why (a kind not in ``activations``, no PWLU init
+        for it, ``predicate``). A ``UserWarning`` says so when nothing was converted.
 
     Raises:
-        TypeError: a bad ``model``, ``activations`` entry, ``example_inputs``, ``predicate``, ``channel_dim``
-            or ``dtype``.
+        TypeError: a bad ``model`` (not an ``nn.Module``, or a TorchScript module), ``activations`` entry,
+            ``example_inputs``, ``predicate`` or ``channel_dim``.
         ValueError: a bad option; channel granularity without ``example_inputs``; a dry run that fails
             (the model's own error is chained) or that does not reach an activation, or reaches one with
             different channel counts.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(activations, type):
-        activations = (activations,)
-    if not isinstance(activations, Sequence):
-        raise TypeError(f"activations must be a sequence of activation module types, got {activations!r}")
-    types = tuple(activations)
-    if not types:
-        raise ValueError("activations must name at least one activation type")
-    for a in types:
-        if not (isinstance(a, type) and issubclass(a, CONVERTIBLE_ACTIVATIONS)):
-            raise TypeError(
-                "activations must be activation module types among "
-                f"{', '.join(c.__name__ for c in CONVERTIBLE_ACTIVATIONS)}, got {a!r}"
-            )
+    model = check_eager_model(model, "convert_activations_to_pwlu")
+    kinds = _activation_kinds(activations)
     check_choice("granularity", granularity, ("layer", "channel"))
-    check_positive_int("num_intervals", num_intervals)
-    check_int("channel_dim", channel_dim)
-    check_positive_float("bound_std", bound_std)
-    check_probability("momentum", momentum)
-    check_device("device", device)
-    check_dtype("dtype", dtype)
-    if predicate is not None and not callable(predicate):
-        raise TypeError(f"predicate must be callable or None, got {type(predicate).__name__}")
-    inputs = _as_inputs(example_inputs)
-
-    def selected(name: str, module: nn.Module) -> bool:
-        return isinstance(module, types) and (predicate is None or bool(predicate(name, module)))
-
+    channel_dim = check_int("channel_dim", channel_dim)
+    options: dict[str, Any] = dict(
+        num_intervals=check_positive_int("num_intervals", num_intervals),
+        granularity=granularity,
+        channel_dim=channel_dim,
+        bound_std=check_positive_float("bound_std", bound_std),
+        momentum=check_probability("momentum", momentum),
+    )
+    check_callable("predicate", predicate, allow_none=True, expected="(name, module) -> bool")
+    inputs = None if example_inputs is None else as_call(example_inputs, "example_inputs")
     reference = floating_reference(model)
     if reference is not None:
         device = reference.device if device is None else device
         dtype = reference.dtype if dtype is None else dtype
-
-    channels: dict[int, int] = {}
-    if granularity == "channel":
+    chosen, skipped = survey(model, _classifier(kinds, predicate))
+    channels: dict[str, int] = {}
+    if granularity == "channel" and chosen:
         if inputs is None:
             raise ValueError(
                 "granularity='channel' needs example_inputs: a dry run records every activation's channel "
                 "count (or use granularity='layer')"
             )
-        channels = _record_channels(model, selected, inputs, channel_dim)
+        channels = _record_channels(model, chosen, inputs, channel_dim)
 
     def factory(name: str, module: nn.Module) -> nn.Module:
-        init, negative_slope = init_of_activation(module)
-        num_channels = None
-        if granularity == "channel":
-            if id(module) not in channels:
-                raise ValueError(f"the dry run with example_inputs did not reach activation {name!r}")
-            num_channels = channels[id(module)]
+        init = init_of_activation(module)
+        assert init is not None  # chosen by _classifier
         new = PWLU(
-            num_intervals=num_intervals,
-            init=init,
-            granularity=granularity,
-            num_channels=num_channels,
-            channel_dim=channel_dim,
-            bound_std=bound_std,
-            momentum=momentum,
-            negative_slope=negative_slope,
-            device=device,
-            dtype=dtype,
+            init=init[0], negative_slope=init[1], num_channels=channels.get(name), device=device, dtype=dtype, **options
         )
         new.train(module.training)
         return new
 
-    return replace_modules(model, selected, factory)
+    return convert(model, chosen, skipped, factory, "activation module to convert")
 
 
-def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
-    """``example_inputs`` as a tuple of positional inputs (None stays None)."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        "example_inputs must be a tensor, or a tuple or list of the model's positional inputs, "
-        f"got {type(example_inputs).__name__}"
-    )
+def _activation_kinds(activations: Any) -> tuple[type[nn.Module], ...]:
+    """The torch activation types named by ``activations`` (a type or a sequence of types)."""
+    if isinstance(activations, type):
+        activations = (activations,)
+    if not isinstance(activations, Sequence) or isinstance(activations, str):
+        raise TypeError(f"activations must be a sequence of activation module types, got {activations!r}")
+    if not activations:
+        raise ValueError("activations must name at least one activation type")
+    kinds = []
+    for a in activations:
+        kind = activation_kind(a) if isinstance(a, type) else None
+        if kind is None:
+            names = [c.__name__ for c in CONVERTIBLE_ACTIVATIONS] + [f"timm's {n}" for n in TIMM_ACTIVATIONS]
+            raise TypeError(f"activations must be activation module types among {', '.join(names)}, got {a!r}")
+        kinds.append(kind)
+    return tuple(dict.fromkeys(kinds))
 
 
-def _record_channels(
-    model: nn.Module,
-    selected: Callable[[str, nn.Module], bool],
-    inputs: tuple[Any, ...],
-    channel_dim: int,
-) -> dict[int, int]:
-    """Run ``model`` once (eval, no grad) and return ``{id(activation): channel count}``."""
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False) if n and selected(n, m)}
+def _classifier(
+    kinds: tuple[type[nn.Module], ...], predicate: Callable[[str, nn.Module], bool] | None
+) -> Callable[[str, nn.Module], bool | str | None]:
+    """For :func:`~pycoe.layers._convert.survey`: convert (True) or why not, for every activation module."""
+
+    def classify(name: str, module: nn.Module) -> bool | str | None:
+        kind = activation_kind(type(module))
+        if kind is None:
+            return f"no PWLU init reproduces {type(module).__name__}" if is_activation(module) else None
+        if kind not in kinds:
+            # nn.Identity is a placeholder more often than an activation: not worth a report line
+            return None if kind is nn.Identity else f"{type(module).__name__} is not among activations"
+        if predicate is not None and not predicate(name, module):
+            return "predicate returned False"
+        return True
+
+    return classify
+
+
+def _record_channels(model: nn.Module, chosen: list[str], inputs: Inputs, channel_dim: int) -> dict[str, int]:
+    """Run ``model`` once (eval, no grad) on ``inputs``; return ``{name: channel count}`` for every chosen module
+    and every other name it is registered under."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    names = {id(modules[n]): n for n in chosen}
     seen: dict[int, int] = {}
     conflicts: dict[int, set[int]] = {}
 
@@ -209,15 +216,30 @@ def _record_channels(
         if seen.setdefault(id(module), c) != c:
             conflicts.setdefault(id(module), {seen[id(module)]}).add(c)
 
-    modules = {id(m): m for n, m in model.named_modules(remove_duplicate=False) if id(m) in names}
-    handles = [m.register_forward_hook(hook) for m in modules.values()]
+    _dry_run(model, inputs, [modules[n].register_forward_hook(hook) for n in chosen])
+    if conflicts:
+        desc = "; ".join(f"{names[i]!r}: {sorted(cs)}" for i, cs in conflicts.items())
+        raise ValueError(
+            "granularity='channel' needs one channel count per activation module, but these are called "
+            f"with several (shared modules): {desc}. Use granularity='layer' or exclude them with predicate"
+        )
+    missed = [n for n in chosen if id(modules[n]) not in seen]
+    if missed:
+        raise ValueError(f"the dry run with example_inputs did not reach activation {missed[0]!r}")
+    return {n: seen[id(m)] for n, m in modules.items() if id(m) in seen}
+
+
+def _dry_run(model: nn.Module, inputs: Inputs, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """``model(*args, **kwargs)`` in eval mode without gradients; the hooks ``handles`` are removed afterwards."""
+    args, kwargs = inputs
     try:
         with eval_mode(model):
-            model(*inputs)
+            model(*args, **kwargs)
     except _DryRunError:
         raise
     except Exception as err:
-        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__ for t in inputs)
+        values = [*args, *kwargs.values()]
+        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__ for t in values)
         raise ValueError(
             f"example_inputs do not fit the model: the dry run model(*example_inputs) with inputs of shape "
             f"{shapes} failed with {type(err).__name__}: {err}"
@@ -225,10 +247,3 @@ def _record_channels(
     finally:
         for h in handles:
             h.remove()
-    if conflicts:
-        desc = "; ".join(f"{names[i]!r}: {sorted(cs)}" for i, cs in conflicts.items())
-        raise ValueError(
-            "granularity='channel' needs one channel count per activation module, but these are called "
-            f"with several (shared modules): {desc}. Use granularity='layer' or exclude them with predicate"
-        )
-    return seen

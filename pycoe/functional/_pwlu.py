@@ -18,13 +18,12 @@ Both save only the input (and the small parameters) for backward and recompute t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pycoe._validation import check_int, check_tensor
+from pycoe._validation import check_int, check_number, check_tensor
 from pycoe.functional._pwlu_eager import EagerPWLU, eager_tables, segment_sums
 from pycoe.functional._pwlu_tables import (
     SegmentTables,
@@ -38,18 +37,15 @@ from pycoe.functional._pwlu_tables import (
 __all__ = ["pwlu"]
 
 _PARAM_NAMES = ("left_bound", "right_bound", "left_slope", "right_slope")
+_NUMBER = "a tensor or a finite number"
 
 
 def _as_param_row(name: str, value: Tensor | float, rows: int, like: Tensor) -> Tensor:
     """``value`` as a tensor of shape ``[rows]`` (broadcasting a single value, differentiably)."""
     if not isinstance(value, Tensor):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a tensor or a float, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-        value = torch.tensor(float(value), dtype=like.dtype, device=like.device)
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        number = check_number(name, value, expected=_NUMBER)
+        value = torch.tensor(number, dtype=like.dtype, device=like.device)
+    check_tensor(name, value, floating=True)
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device} but points is on {like.device}")
     if value.numel() == rows:
@@ -105,19 +101,17 @@ def _prepare(
         raise ValueError("points must have at least one row")
     if x.device != points.device:
         raise ValueError(f"x is on {x.device} but points is on {points.device}")
-    lb_in, rb_in = left_bound, right_bound
-    if not isinstance(lb_in, Tensor) and not isinstance(rb_in, Tensor):
-        for name, value in (("left_bound", lb_in), ("right_bound", rb_in)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a tensor or a float, got {type(value).__name__}")
-        if math.isfinite(lb_in) and math.isfinite(rb_in) and not lb_in < rb_in:
-            raise ValueError(f"left_bound must be smaller than right_bound, got {lb_in} and {rb_in}")
+    if not isinstance(left_bound, Tensor) and not isinstance(right_bound, Tensor):
+        low = check_number("left_bound", left_bound, expected=_NUMBER)
+        high = check_number("right_bound", right_bound, expected=_NUMBER)
+        if not low < high:
+            raise ValueError(f"left_bound must be smaller than right_bound, got {low} and {high}")
     rows = points.shape[0]
     lb, rb, ks, kr = (
         _as_param_row(name, value, rows, points)
         for name, value in zip(_PARAM_NAMES, (left_bound, right_bound, left_slope, right_slope))
     )
-    check_int("channel_dim", channel_dim)
+    channel_dim = check_int("channel_dim", channel_dim)
     cd = channel_dim
     if rows > 1:
         if not -x.dim() <= channel_dim < x.dim():
