@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import onnxruntime as ort
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -14,7 +16,13 @@ from hypothesis import strategies as st
 from reference.mixture import mixture_conv2d_reference
 from torch import nn
 
-from pycoe.functional.mixture import MIXTURE_STRATEGIES, choose_mixture_strategy, mixture_conv2d
+from pycoe.functional.mixture import (
+    COEFFICIENT_NORMALIZATIONS,
+    MIXTURE_STRATEGIES,
+    choose_mixture_strategy,
+    mixture_coefficients,
+    mixture_conv2d,
+)
 from pycoe.layers.condconv import CondConv2d, CondConvRouter, convert_conv2d_to_condconv
 
 STRATEGIES = MIXTURE_STRATEGIES
@@ -252,6 +260,26 @@ def test_router_shapes_and_ranges():
     assert router(torch.randn(0, 8, 4, 4)).shape == (0, 5)
 
 
+def test_the_four_normalizations_of_router_and_functional():
+    logits = torch.randn(3, 5)
+    expected = {
+        "sigmoid": torch.sigmoid(logits),
+        "normalized_sigmoid": torch.sigmoid(logits) / torch.sigmoid(logits).sum(1, keepdim=True),
+        "softmax": torch.softmax(logits, 1),
+        "none": logits,
+    }
+    assert set(expected) == set(COEFFICIENT_NORMALIZATIONS)
+    x = torch.randn(3, 8, 4, 4)
+    for normalization, want in expected.items():
+        torch.testing.assert_close(mixture_coefficients(logits, normalization), want)
+        router = CondConvRouter(8, 5, normalization=normalization)
+        torch.testing.assert_close(router(x), mixture_coefficients(router.fc(x.mean((2, 3))), normalization))
+    with pytest.raises(ValueError, match="normalization must be one of 'sigmoid', 'normalized_sigmoid', 'softmax'"):
+        mixture_coefficients(logits, "l1")
+    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
+        mixture_coefficients(logits[0], "softmax")
+
+
 def test_shared_router_module_gets_gradients_from_both_layers():
     router = CondConvRouter(4, 3)
     a = CondConv2d(4, 4, 3, padding=1, num_kernels=3, router=router)
@@ -347,6 +375,38 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(a(x), b(x))
 
 
+def test_channels_last_model_conversion_keeps_the_kernel_bank_and_the_outputs():
+    """model.to(memory_format=torch.channels_last) converts every 4-d and 5-d tensor, and channels_last has no 5-d
+    form: the kernel bank keeps its layout, the rest of the model converts, the outputs stay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1))
+    convert_conv2d_to_condconv(model, num_kernels=3, predicate=["3"])
+    x = torch.randn(2, 3, 8, 8)
+    model(x).sum().backward()  # a gradient on the bank, converted too
+    before = model(x)
+    bank = model[3].weight
+    assert model.to(memory_format=torch.channels_last) is model
+    assert model[3].weight is bank and bank.is_contiguous() and bank.grad.is_contiguous()
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, before)
+    model.double()
+    assert bank.dtype == torch.float64 and bank.shape == (3, 6, 4, 3, 3) and bank.is_contiguous()
+    torch.testing.assert_close(model(x.double()), before.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_with_swapped_parameters():
+    layer = CondConv2d(4, 4, 3, num_kernels=2)
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.to(memory_format=torch.channels_last, dtype=torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+    assert layer.weight.dtype == torch.float64 and layer.weight.is_contiguous()
+    assert layer(torch.randn(1, 4, 5, 5, dtype=torch.float64)).shape == (1, 4, 3, 3)
+
+
 # ---------------------------------------------------------------------------------------------- initialisation
 def test_kernels_are_initialised_independently_like_conv2d():
     layer = CondConv2d(64, 64, 3, num_kernels=4).requires_grad_(False)
@@ -404,6 +464,100 @@ def test_conversion_keeps_mobilenet_v3_small_outputs():
     depthwise = model.features[1].block[0][0]
     assert isinstance(depthwise, CondConv2d) and depthwise.groups == depthwise.in_channels
     assert "features.0.0" not in names
+
+
+@pytest.mark.parametrize("normalization", COEFFICIENT_NORMALIZATIONS)
+def test_conversion_keeps_the_outputs_with_every_normalization(normalization):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.Conv2d(6, 5, 1))
+    x = torch.randn(3, 3, 9, 9)
+    with torch.no_grad():
+        before = model(x)
+    assert convert_conv2d_to_condconv(model, num_kernels=3, normalization=normalization) == ["2", "3"]
+    assert model[2].router.normalization == normalization
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_tf_efficientnet_b0_converts_everything_but_its_conv2dsame_stem():
+    """timm's Conv2dSame (TensorFlow's "same" padding) is converted, and the stem that is skipped by default is the
+    first convolution, whatever its class: here the Conv2dSame stem, not block 0's depthwise convolution."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small model: intra-op threads only slow it down on a shared machine
+    try:
+        _convert_tf_efficientnet_b0()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _convert_tf_efficientnet_b0():
+    model = timm.create_model("tf_efficientnet_b0", pretrained=False).eval()
+    assert type(model.conv_stem).__name__ == "Conv2dSame"
+    x = torch.randn(1, 3, 33, 33)  # odd: the "same" padding is asymmetric
+    with torch.no_grad():
+        before = model.forward_features(x)
+    report = convert_conv2d_to_condconv(model, num_kernels=2)
+    assert "conv_stem" not in report and report.skipped == {
+        "conv_stem": "the stem (the first convolution: it sees the raw input); choose it with predicate"
+    }
+    assert report[0] == "blocks.0.0.conv_dw" and isinstance(model.blocks[0][0].conv_dw, CondConv2d)
+    assert len(report) == sum(isinstance(m, nn.Conv2d) for m in timm.create_model("tf_efficientnet_b0").modules()) - 1
+    with torch.no_grad():
+        after = model.forward_features(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+def test_a_strided_conv2dsame_becomes_a_same_padded_condconv():
+    conv2d_same = importlib.import_module("timm.layers.conv2d_same")
+    torch.manual_seed(0)
+    conv = conv2d_same.Conv2dSame(3, 4, 3, stride=2)
+    model = nn.Sequential(conv)
+    x = torch.randn(2, 3, 10, 11)
+    with torch.no_grad():
+        before = model(x)
+    assert convert_conv2d_to_condconv(model, num_kernels=3, predicate=["0"]) == ["0"]
+    assert model[0].padding == "same" and model[0].stride == (2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+class _StandardizedConv(nn.Conv2d):
+    """A subclass whose forward is not a convolution of its weight (as timm's StdConv2d)."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean()) / self.weight.std()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_conversion_reports_what_it_skipped_and_warns_when_nothing_was_converted():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), _StandardizedConv(4, 4, 1)
+    )
+    model.append(nn.Conv2d(4, 4, 1))
+    model.append(nn.Conv2d(4, 4, 1))
+    report = convert_conv2d_to_condconv(model, num_kernels=2, predicate=lambda name, m: name != "4")
+    assert report == ["0", "3"]
+    assert report.skipped == {
+        "1": "padding_mode='reflect': CondConv2d pads with zeros only",
+        "2": "_StandardizedConv is a subclass of nn.Conv2d whose forward may differ from a convolution of its "
+        "weight (e.g. a standardised weight); only nn.Conv2d and timm's Conv2dSame are converted",
+        "4": "predicate returned False",
+    }
+    with pytest.warns(UserWarning, match="nothing was converted: skipped 0: the stem"):
+        assert convert_conv2d_to_condconv(nn.Sequential(nn.Conv2d(3, 3, 1))) == []
+    with pytest.warns(UserWarning, match=r"nothing was converted: the model has no convolution \(nn.Conv2d\)"):
+        assert convert_conv2d_to_condconv(nn.Linear(3, 3)) == []
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_models_are_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1))
+    with pytest.raises(TypeError, match=r"model is a TorchScript module \(RecursiveScriptModule\)"):
+        convert_conv2d_to_condconv(torch.jit.script(model))
+    assert type(model[1]) is nn.Conv2d
+    outer = nn.Sequential(nn.Conv2d(3, 4, 1), torch.jit.script(nn.Sequential(nn.Conv2d(4, 4, 1))), nn.Conv2d(4, 4, 1))
+    report = convert_conv2d_to_condconv(outer)
+    assert report == ["2"] and "1" in report.skipped and "TorchScript" in report.skipped["1"]
 
 
 def test_conversion_predicates_and_symmetry_breaking():

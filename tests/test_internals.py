@@ -159,6 +159,32 @@ def test_int_pairs_flags_choices_and_modules():
         check_module("m", nn.Linear, allow_none=True)
 
 
+def _checks_written_in(path: pathlib.Path) -> list[str]:
+    """Functions of ``path`` named like a shared check, and generic messages raised inline."""
+    import pycoe._validation as validation
+
+    shared = {n for n in validation.__all__ if n.startswith("check_")} | {"check_flag"}
+    found = []
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") in shared:
+            found.append(f"def {node.name}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            for phrase in (" must be an nn.Module", " must be a bool", " must be callable", " must be a torch.Tensor"):
+                if phrase in node.value:
+                    found.append(repr(node.value))
+    return found
+
+
+@pytest.mark.parametrize("sub", ["layers", "functional"])
+def test_layers_and_functional_use_the_shared_checks(sub):
+    """No module-local copy of a check of pycoe._validation, no generic type message written inline."""
+    for path in sorted((ROOT / "pycoe" / sub).glob("*.py")):
+        if path.name == "cotrain.py":
+            continue  # the co-training losses join once their checks use the shared ones
+        assert not _checks_written_in(path), f"{path.relative_to(ROOT)}: {_checks_written_in(path)}"
+
+
 # ---------------------------------------------------------------------------------------------- modes
 
 

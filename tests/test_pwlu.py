@@ -8,6 +8,7 @@ import io
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -17,7 +18,8 @@ from reference.pwlu import pwlu_reference
 from torch import nn
 
 from pycoe.functional import pwlu
-from pycoe.layers import PWLU, convert_activations_to_pwlu, realign_pwlu
+from pycoe.layers import PWLU, ConversionReport, convert_activations_to_pwlu, realign_pwlu
+from pycoe.layers._pwlu_inits import TIMM_ACTIVATIONS
 from pycoe.layers.pwlu import INIT_NAMES
 
 # the eager CPU kernel (its chunk size is patched to make tiny inputs take every kind of piece)
@@ -447,6 +449,25 @@ def test_constant_input_gives_a_usable_grid():
     torch.testing.assert_close(y, torch.tensor([2.0, 5.0, 2.0]), rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_an_all_zero_dead_channel_still_gets_a_grid(granularity):
+    """A dead unit sees only zeros (mean 0, variance 0): the std floor 1e-4 * (1 + |mean|) still separates its
+    bounds, B_L = -3e-4 < B_R = 3e-4, and the unit stays the init function around 0."""
+    channels = 2 if granularity == "channel" else None
+    unit = PWLU(granularity=granularity, num_channels=channels, channel_dim=1)
+    x = torch.zeros(8, 2, 3)
+    if channels:
+        x[:, 1] = 2 * torch.randn(8, 3)  # channel 0 is dead, channel 1 alive
+    unit(x)
+    unit.realign()
+    torch.testing.assert_close(unit.left_bound[0], torch.tensor(-3e-4), rtol=1e-3, atol=0)
+    torch.testing.assert_close(unit.right_bound[0], torch.tensor(3e-4), rtol=1e-3, atol=0)
+    probe = torch.tensor([-1.0, -1e-4, 0.0, 1e-4, 1.0])
+    y = unit(torch.stack([probe, probe], dim=1).unsqueeze(-1))  # [5, 2, 1]: the probe in both channels
+    assert bool(torch.isfinite(y).all())
+    torch.testing.assert_close(y[:, 0, 0], F.relu(probe), rtol=0, atol=1e-7)
+
+
 def test_channel_granularity_equals_layer_units_channel_by_channel():
     torch.manual_seed(1)
     unit = PWLU(num_intervals=6, granularity="channel", num_channels=3, dtype=F64, collect=False)
@@ -840,6 +861,147 @@ def test_resnet18_close_after_collect_and_realign():
     # interval holding 0 (by at most d/4) and beyond bounds that do not straddle 0; measured 2.2% here.
     rel = ((y1 - y0).norm() / y0.norm()).item()
     assert 0 < rel < 0.1
+
+
+def test_mobilenet_v3_small_trains_after_conversion_and_realign():
+    """torchvision's classifier runs Dropout(inplace=True) on the output of a converted Hardswish: the PWLU's
+    output must take an in-place consumer, in the learning phase too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: intra-op threads only slow it down on a shared machine
+    try:
+        _train_mobilenet_v3_small_after_realign()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_mobilenet_v3_small_after_realign():
+    model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4)
+    assert isinstance(model.classifier[2], nn.Dropout) and model.classifier[2].inplace
+    report = convert_activations_to_pwlu(model)
+    assert "classifier.1" in report and isinstance(model.classifier[1], PWLU)
+    x, target = torch.randn(4, 3, 32, 32), torch.randint(4, (4,))
+    with torch.no_grad():
+        model(x)  # training mode: every PWLU collects
+    assert realign_pwlu(model) == len(report)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert model.classifier[1].points.grad is not None and model.classifier[1].points.grad.abs().sum() > 0
+
+
+IN_PLACE_CONSUMERS = {
+    "relu_": lambda y: y.relu_(),
+    "add_": lambda y: y.add_(torch.ones_like(y)),  # a residual sum, out += identity
+    "dropout": lambda y: F.dropout(y, 0.5, training=True, inplace=True),
+}
+OUT_OF_PLACE = {
+    "relu_": lambda y: y.relu(),
+    "add_": lambda y: y + torch.ones_like(y),
+    "dropout": lambda y: F.dropout(y, 0.5, training=True),
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("consumer", IN_PLACE_CONSUMERS)
+def test_the_output_may_be_modified_in_place(kernel, layout, consumer):
+    """Gradients through an in-place consumer of the output equal those through its out-of-place twin."""
+    x0 = torch.randn(2, 3, 4, 6, dtype=F64)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x0 = x0[..., ::2]
+
+    def grads(apply):
+        x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+        params = random_params(3, 5, gen=torch.Generator().manual_seed(1))
+        y = KERNELS[kernel](x, *params, channel_dim=1)
+        assert y._base is None and (layout == "strided" or y.stride() == x0.stride())
+        torch.manual_seed(2)  # the same dropout mask for both
+        out = apply(y)
+        torch.autograd.backward(out, torch.cos(out.detach()))
+        return [x.grad, *(p.grad for p in params)]
+
+    for a, b in zip(grads(IN_PLACE_CONSUMERS[consumer]), grads(OUT_OF_PLACE[consumer])):
+        torch.testing.assert_close(a, b)
+
+
+def test_convnext_atto_gelus_are_converted():
+    """timm's GELU is not nn.GELU: it is recognised as its kind, so a ConvNeXt's activations are converted."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small model: intra-op threads only slow it down on a shared machine
+    try:
+        _convert_convnext_atto()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _convert_convnext_atto():
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y0 = model(x)
+    report = convert_activations_to_pwlu(model)
+    expected = [n for n, m in timm.create_model("convnext_atto").named_modules() if type(m).__name__ == "GELU"]
+    assert isinstance(report, ConversionReport) and list(report) == expected and len(expected) == 12
+    assert all(m.init == "gelu" for m in model.modules() if isinstance(m, PWLU))
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_ACTIVATIONS))
+def test_every_recognised_timm_activation_is_reproduced(name):
+    module = importlib.import_module("timm.layers.activations_me" if name.endswith("Me") else "timm.layers.activations")
+    act = getattr(module, name)()
+    model = nn.Sequential(act)
+    x = 4 * torch.randn(200)
+    y0 = act(x.clone())
+    kind = {"GELU": nn.GELU, "GELUTanh": nn.GELU, "Swish": nn.SiLU, "SwishMe": nn.SiLU}
+    kind.update({"Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh})
+    kind.update(dict.fromkeys(["HardSwish", "HardSwishMe"], nn.Hardswish))
+    kind.update(dict.fromkeys(["HardSigmoid", "HardSigmoidMe"], nn.Hardsigmoid))
+    assert convert_activations_to_pwlu(model, activations=kind[name]) == ["0"]
+    assert model[0].init == TIMM_ACTIVATIONS[name]
+    torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-6)
+    # and a timm class may name the kind itself
+    assert convert_activations_to_pwlu(nn.Sequential(getattr(module, name)()), activations=[type(act)]) == ["0"]
+
+
+def test_conversion_reports_what_it_skipped_and_warns_when_nothing_was_converted():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Hardsigmoid(), nn.Mish(), nn.Identity(), nn.ReLU())
+    report = convert_activations_to_pwlu(model, predicate=lambda name, m: name != "5")
+    assert report == ["1"]
+    assert report.skipped == {
+        "2": "Hardsigmoid is not among activations",
+        "3": "no PWLU init reproduces Mish",
+        "5": "predicate returned False",
+    }
+    assert "skipped 5: predicate returned False" in report.summary()
+    with pytest.warns(UserWarning, match="nothing was converted: skipped 0: no PWLU init reproduces Mish"):
+        assert convert_activations_to_pwlu(nn.Sequential(nn.Mish(), nn.Linear(2, 2))) == []
+    with pytest.warns(UserWarning, match="nothing was converted: the model has no activation module to convert"):
+        assert convert_activations_to_pwlu(nn.Linear(2, 2)) == []
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+def test_torchscript_models_are_refused_and_scripted_parts_left_alone():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    scripted = torch.jit.script(model)
+    with pytest.raises(TypeError, match="model is a TorchScript module .*Convert the eager model first"):
+        convert_activations_to_pwlu(scripted)
+    with pytest.raises(TypeError, match="model is a TorchScript module"):
+        convert_activations_to_pwlu(torch.jit.trace(model, torch.randn(2, 3)))
+    outer = nn.Sequential(scripted, nn.ReLU())
+    report = convert_activations_to_pwlu(outer)
+    assert report == ["1"]
+    reason = "a TorchScript module: nothing inside it can be converted (convert before scripting)"
+    assert report.skipped == {"0": reason}
 
 
 def test_threaded_fast_path_matches_one_thread_and_is_reproducible():

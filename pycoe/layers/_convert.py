@@ -4,7 +4,7 @@
 :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv` both survey a model's modules, decide for each candidate
 whether to convert it or why not, replace the chosen ones in place and report the outcome in a
 :class:`ConversionReport`. They refuse TorchScript modules (whose code no longer calls the Python modules), leave
-alone whatever lies inside a scripted submodule, and warn when they convert nothing.
+a scripted submodule alone (and report it), and warn when they convert nothing.
 
 timm's own layer classes (timm stays optional) are recognised by their class name and module, without importing
 timm: :func:`is_timm_class`.
@@ -67,30 +67,27 @@ def check_eager_model(model: object, converter: str) -> nn.Module:
     return model
 
 
-# (name, module) -> True to convert, a reason to skip, or None for a module that is no candidate at all
+# (name, module) -> True to convert, a reason to skip, or None (or False) for a module that is no candidate
 Classifier = Callable[[str, nn.Module], "bool | str | None"]
 
 
 def survey(model: nn.Module, classify: Classifier) -> tuple[list[str], dict[str, str]]:
     """Classify every module of ``model`` (each once, in ``named_modules`` order): the names to convert, and
-    ``{name: reason}`` for the candidates to skip. The modules inside a scripted submodule are skipped."""
+    ``{name: reason}`` for the candidates to skip. A scripted submodule is skipped as a whole."""
     chosen: list[str] = []
     skipped: dict[str, str] = {}
     scripted: list[str] = []
     for name, module in model.named_modules():
-        if not name:
+        if not name or any(name.startswith(s + ".") for s in scripted):
             continue
-        scope = next((s for s in scripted if name.startswith(s + ".")), None)
         if isinstance(module, torch.jit.ScriptModule):
             scripted.append(name)
-        verdict = classify(name, module)
-        if verdict is None:
+            skipped[name] = "a TorchScript module: nothing inside it can be converted (convert before scripting)"
             continue
-        if scope is not None:
-            skipped[name] = f"inside the TorchScript module {scope!r} (convert before scripting)"
-        elif verdict is True:
+        verdict = classify(name, module)
+        if verdict is True:
             chosen.append(name)
-        elif verdict is not False:
+        elif isinstance(verdict, str):
             skipped[name] = verdict
     return chosen, skipped
 
