@@ -17,6 +17,7 @@ Also the bytes that autograd saves for backward per input byte, measured with
     python benchmarks/bench_pwlu.py --threads 1,2 --repeats 21
     python benchmarks/bench_pwlu.py --modes eager --quick    # a smoke run
     python benchmarks/bench_pwlu.py --floor                  # the ATen ops of the eager kernel, per element
+    python benchmarks/bench_pwlu.py --modes eager --threads 2 --shapes 8x16x48x48,32x64x28x28
 
 ``--floor`` times, on one cache-resident chunk (in a loop, no allocation, no Python between the ops beyond the
 calls themselves), the exact sequence of ATen ops that the eager kernel issues per chunk (forward: index,
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compiled", help="eager and/or compiled")
     parser.add_argument("--with-gather", action="store_true", help="also time the gather-style autograd PWLU")
     parser.add_argument("--floor", action="store_true", help="time the eager kernel's ATen ops on one chunk")
+    parser.add_argument("--shapes", default=None, help="comma-separated input shapes, e.g. 8x16x48x48,32x64x28x28")
     args = parser.parse_args()
     if args.floor:
         for threads in [int(t) for t in args.threads.split(",")] if args.threads else [1]:
@@ -121,6 +123,8 @@ def main() -> None:
             parser.error(f"unknown mode {m!r}")
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     shapes = [(32, 64, 28, 28), (64, 64, 56, 56)] if not args.quick else [(8, 16, 14, 14), (8, 32, 28, 28)]
+    if args.shapes:
+        shapes = [tuple(int(d) for d in shape.split("x")) for shape in args.shapes.split(",")]
     print(f"torch {torch.__version__}, float32, N = {N_INTERVALS}, {args.repeats} interleaved repeats (medians)")
     print(f"start: {load()}")
     for threads in thread_counts:

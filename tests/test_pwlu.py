@@ -6,6 +6,8 @@ import copy
 import importlib
 import io
 import math
+import multiprocessing
+import threading
 
 import pytest
 import timm
@@ -1038,6 +1040,46 @@ def test_threaded_fast_path_matches_one_thread_and_is_reproducible():
         err_one = (a.double() - ref).abs().max()
         err_two = (b.double() - ref).abs().max()
         assert err_two <= 2 * err_one + 1e-6 * ref.abs().max()
+
+
+def _threaded_call_in_child(queue):
+    # ATen's own OpenMP ops hang in a child forked after the parent used them (hence DataLoader workers run on
+    # one thread): only the PWLU call, whose ops stay below ATen's grain, runs with two threads
+    torch.set_num_threads(1)
+    x, points = torch.randn(8, 16, 48, 48), torch.randn(1, 9)
+    torch.set_num_threads(2)
+    y = pwlu(x, points, -1.0, 1.0, 0.0, 1.0)
+    torch.set_num_threads(1)
+    queue.put(torch.equal(y, pwlu(x, points, -1.0, 1.0, 0.0, 1.0)))
+
+
+def test_the_worker_threads_are_kept_between_calls_and_restarted_after_fork():
+    x = torch.randn(8, 16, 48, 48)
+    saved = torch.get_num_threads()
+
+    def workers():
+        return {t.ident for t in threading.enumerate() if t.name.startswith("pycoe-pwlu")}
+
+    try:
+        torch.set_num_threads(2)
+        assert eager._workers(x, -(-x.numel() // (eager.CHUNK_BYTES // 4))) == 2
+        xg = x.clone().requires_grad_()
+        pwlu(xg, torch.randn(1, 9), -1.0, 1.0, 0.0, 1.0).sum().backward()
+        first = workers()
+        for _ in range(3):
+            pwlu(xg, torch.randn(1, 9), -1.0, 1.0, 0.0, 1.0).sum().backward()
+        assert first and workers() == first  # one pool, no new thread per call
+        # a forked child (a DataLoader worker) has none of the parent's threads: it must start its own pool
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_threaded_call_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        if child.exitcode is None:
+            child.kill()  # hung: its pool is the parent's, whose threads do not exist in the child
+        assert child.exitcode == 0 and queue.get(timeout=1) is True
+    finally:
+        torch.set_num_threads(saved)
 
 
 # ------------------------------------------------------------------------------------------------

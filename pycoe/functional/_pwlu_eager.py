@@ -7,7 +7,8 @@ recomputes the index from the saved input (so only the input is saved), gathers 
 input gradient and reduces ``g`` and ``g * x`` per segment with ``scatter_add_`` (or the deterministic
 ``index_put_(accumulate=True)`` when :func:`torch.are_deterministic_algorithms_enabled`). Chunks keep every
 intermediate in the L2 cache and every op below ATen's intra-op grain; with ``torch.get_num_threads() > 1``
-the chunks themselves are split between that many threads. The user guide (``docs/guide/pwlu.rst``) has
+the chunks themselves are split between that many threads (the calling thread and a pool of worker threads
+kept for the process). The user guide (``docs/guide/pwlu.rst``) has
 the measurements behind these choices.
 
 Legend: ``x`` is seen as a contiguous ``[O, P, I]`` tensor (``P`` the parameter rows, ``O`` and ``I`` the
@@ -16,6 +17,8 @@ elements before and after the channel dimension); ``N`` intervals, ``S = N + 2``
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -203,13 +206,45 @@ def _workers(x: Tensor, num_pieces: int) -> int:
     return max(1, min(torch.get_num_threads(), num_pieces // _MIN_CHUNKS_PER_WORKER))
 
 
+class _WorkerPool:
+    """The worker threads of the eager kernel: one pool for the process, started on first use.
+
+    It grows when ``torch.get_num_threads()`` asks for more workers than it has, and a child process made by
+    ``fork`` (a DataLoader worker) starts its own: the parent's threads do not exist there.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._pool, self._size = None, 0
+
+    def get(self, workers: int) -> ThreadPoolExecutor:
+        """A pool of at least ``workers`` threads."""
+        with self._lock:
+            if self._pool is None or self._size < workers:
+                old = self._pool
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pycoe-pwlu")
+                self._size = workers
+                if old is not None:
+                    old.shutdown(wait=False)  # its running tasks finish; new ones go to the new pool
+            return self._pool
+
+
+_POOL = _WorkerPool()
+
+
 def _run_split(pieces: Sequence[Piece], workers: int, task: Callable[[Sequence[Piece]], _T]) -> list[_T]:
     """Run ``task`` on ``workers`` contiguous, near-equal groups of ``pieces``; results in group order.
 
-    The calling thread runs the first group, the threads of a pool made for this call the others (ATen
-    ops release the GIL; a call only splits when it has several chunks per thread, and no thread outlives
-    the call or survives a fork). The split depends only on ``len(pieces)`` and ``workers``, so results are
-    reproducible.
+    The calling thread runs the first group, the threads of the kernel's worker pool the others (ATen ops
+    release the GIL; a call only splits when it has several chunks per thread). The split depends only on
+    ``len(pieces)`` and ``workers``, so results are reproducible.
     """
     if workers <= 1:
         return [task(pieces)]
@@ -221,12 +256,12 @@ def _run_split(pieces: Sequence[Piece], workers: int, task: Callable[[Sequence[P
         with torch.no_grad(), torch.autocast(device_type="cpu", enabled=False):
             return task(group)
 
-    with ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="pycoe-pwlu") as pool:
-        futures = [pool.submit(in_worker, g) for g in groups[1:]]
-        try:
-            first = task(groups[0])
-        finally:  # never leave a worker writing into buffers that the caller is about to drop
-            errors = [f.exception() for f in futures]
+    pool = _POOL.get(workers - 1)
+    futures = [pool.submit(in_worker, g) for g in groups[1:]]
+    try:
+        first = task(groups[0])
+    finally:  # never leave a worker writing into buffers that the caller is about to drop
+        errors = [f.exception() for f in futures]
     for err in errors:
         if err is not None:
             raise err
