@@ -165,7 +165,7 @@ def check_number(
     want = expected or _bounds_phrase(minimum, strict, maximum)
     real = _as_real(name, value, expected or "a real number")
     shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) else real
-    if not math.isfinite(real):
+    if not -math.inf < real < math.inf:  # (NaN compares False) comparisons only: real may be traced (SymFloat)
         raise ValueError(f"{name} must be {want}, got {shown!r}")
     if minimum is not None and (real <= minimum if strict else real < minimum):
         raise ValueError(f"{name} must be {want}, got {shown!r}")
