@@ -343,7 +343,7 @@ def check_tensor(
     """
     if not isinstance(value, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {describe(value)}")
-    if ndim is not None:
+    if ndim is not None and value.dim() != ndim:  # the common case first: layers check inputs on every call
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if value.dim() not in allowed:
             want = " or ".join(str(a) for a in allowed)
