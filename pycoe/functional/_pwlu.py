@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pycoe._validation import check_int, check_number, check_tensor
+from pycoe._validation import check_finite, check_int, check_number, check_tensor
 from pycoe.functional._pwlu_eager import EagerPWLU, eager_tables, segment_sums
 from pycoe.functional._pwlu_tables import (
     SegmentTables,
@@ -66,8 +66,7 @@ def _check_values(tab: SegmentTables, points: Tensor, lb: Tensor, rb: Tensor, ks
             return
         named = (("points", points), ("left_bound", lb), ("right_bound", rb), ("left_slope", ks), ("right_slope", kr))
         for name, t in named:
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} must be finite, but it holds NaN or an infinite value")
+            check_finite(name, t)
         bad = torch.nonzero(lb >= rb)
         if bad.numel():
             row = int(bad[0, 0])
