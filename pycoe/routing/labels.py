@@ -21,7 +21,7 @@ from torch import nn
 from pycoe._validation import check_choice, check_finite, check_positive_float, check_tensor
 from pycoe.routing.transport import METHODS, balanced_assignment, check_solver_options
 
-__all__ = ["LabelGenerator", "LabelOutput", "LABEL_MODES", "best_expert"]
+__all__ = ["LabelGenerator", "LabelOutput", "best_expert"]
 
 LABEL_MODES = ("best", "soft", "balanced")
 
@@ -88,8 +88,9 @@ class LabelGenerator(nn.Module):
             it with another mode raises ``ValueError`` instead of being silently ignored.
         method: solver for ``"balanced"`` (see :func:`pycoe.routing.transport.balanced_assignment`; default
             ``"exact"``). Only ``"balanced"`` uses it: giving it with another mode raises ``ValueError``.
-        solver_options: keyword options of the solver method for ``"balanced"`` (validated by
-            :func:`pycoe.routing.transport.check_solver_options`); any other mode raises if they are given.
+        solver_options: keyword options of the solver method for ``"balanced"`` (see
+            :func:`pycoe.routing.transport.balanced_assignment`; an option the method does not use raises); any
+            other mode raises if they are given.
 
     Every mode runs inside ``torch.compile`` (``fullgraph=True`` included) without a graph break: ``"balanced"``
     solves through the custom operator ``pycoe::balanced_assignment``, and the NaN/inf check of the losses becomes

@@ -34,7 +34,7 @@ from pycoe._validation import (
 )
 from pycoe.routing.transport import METHODS, balanced_assignment, check_solver_options
 
-__all__ = ["BalancedTransportWeighter", "WeightingOutput", "SCORE_TRANSFORMS", "SCOPES"]
+__all__ = ["BalancedTransportWeighter", "WeightingOutput"]
 
 SCORE_TRANSFORMS = ("log_softmax", "softmax", "logits")
 SCOPES = ("batch", "global")
@@ -113,9 +113,8 @@ class BalancedTransportWeighter(nn.Module):
             is identical on every rank) and keep this rank's slice. Without an initialised process group,
             ``"global"`` behaves exactly like ``"batch"``.
         solver_options: keyword options for the solver method, e.g. ``{"entropic_reg": 0.01, "max_iter":
-            500}`` with ``method="sinkhorn"`` (see :func:`pycoe.routing.transport.solve_balanced_transport`);
-            validated here by :func:`pycoe.routing.transport.check_solver_options`: an option the method
-            does not use raises. Default: none.
+            500}`` with ``method="sinkhorn"`` (see :func:`pycoe.routing.transport.balanced_assignment`);
+            validated here: an option the method does not use raises. Default: none.
 
     Under ``torch.compile`` (``fullgraph=True`` included) the forward pass with scope ``"batch"`` is one graph:
     the solve is the custom operator ``pycoe::balanced_assignment``, and the NaN/inf check of the logits is a

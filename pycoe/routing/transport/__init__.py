@@ -32,7 +32,8 @@ The package: this module holds the public API and the input normalisation;
 
 :func:`balanced_assignment` on a tensor runs as the custom operator ``torch.ops.pycoe.balanced_assignment``,
 one opaque node under ``torch.compile`` and ``torch.export`` (its fake implementation only allocates the
-LongTensor[N] result); :func:`solve_balanced_transport` returns Python floats and runs eagerly.
+LongTensor[N] result); the operator runs the eager solver, which also returns the objective and the prices that
+certify it (internal: ``_solve_balanced_transport``, checked by the tests).
 """
 
 from __future__ import annotations
@@ -46,18 +47,13 @@ import numpy as np
 import torch
 
 from pycoe._validation import check_choice, check_nonnegative_int, check_positive_int
-from pycoe.routing.transport import common
 from pycoe.routing.transport.approximate import solve_approximate
-from pycoe.routing.transport.common import *
+from pycoe.routing.transport.common import METHOD_OPTIONS, METHODS, TransportInfeasibleError, TransportResult
 from pycoe.routing.transport.exact import solve_exact
 
-__all__ = [
-    *common.__all__,
-    "solve_balanced_transport",
-    "balanced_assignment",
-    "near_equal_capacities",
-    "check_solver_options",
-]
+# The public names. Internal, for the rest of pycoe.routing: METHODS, METHOD_OPTIONS, check_solver_options and
+# the full solution with its certificate (_solve_balanced_transport, TransportResult).
+__all__ = ["balanced_assignment", "near_equal_capacities", "TransportInfeasibleError"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,11 +238,11 @@ def _check_capacity_dtype(capacities: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Public API
+# The solver and its public form
 # --------------------------------------------------------------------------------------------------
 
 
-def solve_balanced_transport(
+def _solve_balanced_transport(
     scores: Any,
     capacities: Any = None,
     method: str = "exact",
@@ -254,36 +250,15 @@ def solve_balanced_transport(
     entropic_reg: float | None = None,
     max_iter: int | None = None,
 ) -> TransportResult:
-    r"""Assign every sample to one expert, expert ``k`` receiving exactly ``capacities[k]`` samples.
+    r"""The solution of :func:`balanced_assignment` with its objective and its certificate (dual prices).
 
-    Maximises the total score :math:`\sum_i s_{i, a_i}` (higher is better). See the module docstring
-    and the user guide (*Balanced transport*) for the formulation and the algorithms. Runs eagerly (the
-    result holds Python floats); :func:`balanced_assignment` is the form that compiles.
-
-    Args:
-        scores: Tensor[N, K] or ndarray[N, K] of real scores, higher is better. ``-inf`` marks a forbidden
-            pair (infeasibility raises :class:`TransportInfeasibleError`); NaN and ``+inf`` raise.
-        capacities: ``None`` for :func:`near_equal_capacities` (``N // K`` each, the remainder one by one
-            to the first ``N % K`` experts); an int ``c`` (every expert ``c``, needs ``c * K == N``); or a
-            length-K sequence / array / tensor of non-negative ints summing to ``N``.
-        method: ``"exact"`` (default; provably optimal, NumPy float64 on the CPU), ``"sinkhorn"``
-            (entropic regularisation + greedy rounding in torch on the scores' device; approximate) or
-            ``"greedy"`` (greedy capacity fill by score; approximate).
-        entropic_reg: ``"sinkhorn"`` only: entropic regularisation strength in score units, a finite
-            number > 0 (default ``0.05 * std(scores)``).
-        max_iter: ``"sinkhorn"`` only: maximum number of Sinkhorn iterations, an int >= 1 (default 200).
+    Internal: the eager solver behind the operator of :func:`balanced_assignment` (the public name, with the same
+    arguments, checks and errors), also used by the tests and benchmarks, which check the certificate and the
+    objective.
 
     Returns:
         TransportResult: assignment LongTensor[N] (on the scores' device for a tensor input, CPU
         otherwise), objective, capacities LongTensor[K], prices Tensor[K] or None, method.
-
-    Raises:
-        TypeError: scores, capacities or an option of a wrong type.
-        ValueError: bad shape, NaN/+inf scores, bad capacities or method, an option out of range or one
-            that ``method`` does not use (e.g. ``entropic_reg`` with ``method="exact"``).
-        TransportInfeasibleError: (a ValueError) the forbidden pairs make the capacities unreachable.
-        RuntimeError: ``"greedy"`` or ``"sinkhorn"`` rounded onto a forbidden pair although a feasible
-            assignment exists (``"exact"`` finds one).
     """
     check_choice("method", method, METHODS)
     options = _method_options(method, entropic_reg, max_iter)
@@ -326,21 +301,37 @@ def balanced_assignment(
     entropic_reg: float | None = None,
     max_iter: int | None = None,
 ) -> torch.Tensor:
-    """Each sample's expert under exact capacities, maximising the total score.
+    r"""Each sample's expert under exact capacities, maximising the total score.
 
-    The assignment of :func:`solve_balanced_transport` (same arguments, same result), computed by the custom
-    operator ``torch.ops.pycoe.balanced_assignment``: under ``torch.compile`` (``fullgraph=True`` included) and
+    Maximises the total score :math:`\sum_i s_{i, a_i}` (higher is better); see the module docstring and the user
+    guide (*Balanced transport*) for the formulation and the algorithms. Computed by the custom operator
+    ``torch.ops.pycoe.balanced_assignment``: under ``torch.compile`` (``fullgraph=True`` included) and
     ``torch.export`` the solve is one opaque node. There, pass ``capacities`` as ``None`` or a tensor (a tensor's
     values are checked when the operator runs).
 
     Args:
-        scores: Tensor[N, K] or ndarray[N, K], higher is better (``-inf``: forbidden pair).
-        capacities: ``None`` (near-equal), an int, or a length-K sequence of ints summing to N.
-        method: ``"exact"`` (default), ``"sinkhorn"`` or ``"greedy"``.
-        entropic_reg, max_iter: ``"sinkhorn"`` only; see :func:`solve_balanced_transport`.
+        scores: Tensor[N, K] or ndarray[N, K] of real scores, higher is better. ``-inf`` marks a forbidden
+            pair (infeasibility raises :class:`TransportInfeasibleError`); NaN and ``+inf`` raise.
+        capacities: ``None`` for :func:`near_equal_capacities` (``N // K`` each, the remainder one by one
+            to the first ``N % K`` experts); an int ``c`` (every expert ``c``, needs ``c * K == N``); or a
+            length-K sequence / array / tensor of non-negative ints summing to ``N``.
+        method: ``"exact"`` (default; provably optimal, NumPy float64 on the CPU), ``"sinkhorn"``
+            (entropic regularisation + greedy rounding in torch on the scores' device; approximate) or
+            ``"greedy"`` (greedy capacity fill by score; approximate).
+        entropic_reg: ``"sinkhorn"`` only: entropic regularisation strength in score units, a finite
+            number > 0 (default ``0.05 * std(scores)``).
+        max_iter: ``"sinkhorn"`` only: maximum number of Sinkhorn iterations, an int >= 1 (default 200).
 
     Returns:
         LongTensor[N]: expert index per sample, on the scores' device (CPU for a numpy input).
+
+    Raises:
+        TypeError: scores, capacities or an option of a wrong type.
+        ValueError: bad shape, NaN/+inf scores, bad capacities or method, an option out of range or one
+            that ``method`` does not use (e.g. ``entropic_reg`` with ``method="exact"``).
+        TransportInfeasibleError: (a ValueError) the forbidden pairs make the capacities unreachable.
+        RuntimeError: ``"greedy"`` or ``"sinkhorn"`` rounded onto a forbidden pair although a feasible
+            assignment exists (``"exact"`` finds one).
 
     Example:
         >>> import torch
@@ -372,7 +363,7 @@ def _balanced_assignment_op(
     max_iter: int | None,
 ) -> torch.Tensor:
     # The operator's real implementation: the eager solver, on concrete tensors (validates the values too).
-    result = solve_balanced_transport(scores, capacities, method, entropic_reg=entropic_reg, max_iter=max_iter)
+    result = _solve_balanced_transport(scores, capacities, method, entropic_reg=entropic_reg, max_iter=max_iter)
     return result.assignment
 
 
