@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from reference.cotrain import smoothed_cross_entropy_reference
 from torch import nn
 
 from pycoe.cotrain.ensemble import CoTrainingEnsemble, CoTrainingLoss, CoTrainingOutput, combine_outputs
@@ -221,6 +222,16 @@ def test_cotraining_loss_extra_dims_and_probability_targets():
     loss, _ = CoTrainingLoss("js", weight=0.0)(z, probs)
     expected = sum(-(probs * torch.log_softmax(z[i], -1)).sum(-1).mean() for i in range(2))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+def test_cotraining_loss_smooths_the_labels(smoothing):
+    z = torch.randn(3, 6, 5, dtype=torch.float64)
+    for target in (torch.randint(0, 5, (6,)), torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1)):
+        loss, info = CoTrainingLoss("js", weight=0.0, label_smoothing=smoothing)(z, target)
+        expected = sum(smoothed_cross_entropy_reference(z[i], target, smoothing) for i in range(3))
+        torch.testing.assert_close(loss, expected)
+        assert info["ce"] == pytest.approx(float(expected))
 
 
 class _BadSchedule:
