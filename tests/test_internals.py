@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,11 +16,19 @@ from torch import nn
 import pycoe
 from pycoe._modules import floating_reference, module_device, tensors_in
 from pycoe._validation import (
+    check_bool,
+    check_choice,
     check_expert_index,
     check_finite_float,
     check_int,
+    check_int_pair,
+    check_module,
     check_nonnegative_float,
+    check_nonnegative_int,
+    check_number,
     check_positive_float,
+    check_positive_int,
+    check_probability,
 )
 from pycoe.coe.early_exit import (
     exit_decision,
@@ -63,6 +72,91 @@ def test_float_checks_reject_with_the_argument_name(check, value, error, message
 def test_int_check_rejects_non_integers(value):
     with pytest.raises(TypeError, match="a must be an int"):
         check_int("a", value)
+
+
+FLOAT_CHECKS = [
+    check_finite_float,
+    check_positive_float,
+    check_nonnegative_float,
+    check_probability,
+    lambda name, value: check_number(name, value, minimum=0, maximum=2),
+]
+INT_CHECKS = [check_int, check_positive_int, check_nonnegative_int, lambda name, value: check_int_pair(name, value)[0]]
+
+
+@pytest.mark.parametrize("check", FLOAT_CHECKS + INT_CHECKS)
+@pytest.mark.parametrize(
+    "value", [1, np.int64(1), np.uint8(1), torch.tensor(1), torch.tensor(1, dtype=torch.int32)], ids=repr
+)
+def test_every_number_check_takes_python_numpy_and_0d_tensor_integers(check, value):
+    result = check("a", value)
+    assert result == 1 and type(result) in (int, float)
+
+
+@pytest.mark.parametrize("check", FLOAT_CHECKS)
+@pytest.mark.parametrize(
+    "value", [0.5, np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64)]
+)
+def test_every_float_check_takes_python_numpy_and_0d_tensor_reals(check, value):
+    result = check("a", value)
+    assert result == 0.5 and type(result) is float
+
+
+BOOLS = [True, np.bool_(True), torch.tensor(True)]
+NOT_NUMBERS = ["1", None, 1j, torch.tensor([1.0]), torch.tensor([1]), np.array([1.0]), [1.0], torch.tensor(1j)]
+
+
+@pytest.mark.parametrize("check", FLOAT_CHECKS + INT_CHECKS)
+@pytest.mark.parametrize("value", BOOLS + NOT_NUMBERS, ids=repr)
+def test_no_number_check_takes_bools_arrays_or_non_numbers(check, value):
+    if value is None and check is check_probability:
+        value = "none"  # check_probability(allow_none=True) is the only one that may take None
+    with pytest.raises(TypeError, match="^a must be "):
+        check("a", value)
+
+
+@pytest.mark.parametrize("check", INT_CHECKS)
+@pytest.mark.parametrize("value", [2.0, np.float64(2.0), torch.tensor(2.0), 2.5])
+def test_integer_checks_take_no_float_even_an_integral_one(check, value):
+    with pytest.raises(TypeError, match="^a must be "):
+        check("a", value)
+
+
+def test_type_errors_say_what_was_received():
+    with pytest.raises(TypeError, match="a must be a positive integer, got float 2.0$"):
+        check_positive_int("a", 2.0)
+    with pytest.raises(TypeError, match=r"a must be a number in \[0, 1\], got str '0.5'$"):
+        check_probability("a", "0.5")
+    with pytest.raises(TypeError, match="a must be a finite number >= 0, got Tensor of shape"):
+        check_nonnegative_float("a", torch.ones(2))
+    with pytest.raises(TypeError, match="a must be a real number, got NoneType$"):
+        check_number("a", None, minimum=0)
+    with pytest.raises(ValueError, match=r"a must be a finite number > 0 and <= 2, got 0\.0$"):
+        check_number("a", torch.tensor(0.0), minimum=0, strict=True, maximum=2)
+    with pytest.raises(ValueError, match=r"a must be a number in \[0, 1\], got 1\.5$"):
+        check_probability("a", np.float32(1.5))
+
+
+def test_int_pairs_flags_choices_and_modules():
+    assert check_int_pair("k", (np.int64(3), torch.tensor(1)), minimum=1) == (3, 1)
+    assert check_int_pair("k", [2, 2]) == (2, 2)
+    with pytest.raises(TypeError, match="k must be an int or a pair of ints"):
+        check_int_pair("k", (1, 1, 1))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        check_int_pair("k", (1, 0), minimum=1)
+    assert check_bool("b", False) is False
+    with pytest.raises(TypeError, match="b must be a bool, got int 1$"):
+        check_bool("b", 1)
+    with pytest.raises(TypeError, match="c must be one of 'x', 'y' \\(a str\\), got NoneType$"):
+        check_choice("c", None, ("x", "y"))
+    with pytest.raises(ValueError, match="c must be one of 'x', 'y', got 'z'$"):
+        check_choice("c", "z", ("x", "y"))
+    layer = nn.Linear(1, 1)
+    assert check_module("m", layer) is layer and check_module("m", None, allow_none=True) is None
+    with pytest.raises(TypeError, match="m must be an nn.Module, got str 'resnet'$"):
+        check_module("m", "resnet")
+    with pytest.raises(TypeError, match="m must be an nn.Module or None, got type$"):
+        check_module("m", nn.Linear, allow_none=True)
 
 
 # ---------------------------------------------------------------------------------------------- modes
