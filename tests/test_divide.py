@@ -226,7 +226,7 @@ def test_a_model_whose_widths_cannot_shrink_is_refused():
     with pytest.raises(DivisionError, match="would not be smaller than the model: 340 parameters each"):
         divide_module(wide, 2, width_multiplier=0.9, example_input=torch.randn(2, 16))
     for multiplier in (1.0, 1.5):
-        with pytest.raises(ValueError, match="width_multiplier must be a number < 1"):
+        with pytest.raises(ValueError, match="a multiplier >= 1 does not make the members narrower"):
             divide_module(wide, 2, width_multiplier=multiplier, example_input=torch.randn(2, 16))
 
 
@@ -259,22 +259,24 @@ class _Tiny(nn.Module):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"num_splits": "2"}, TypeError, "num_splits must be an int, got str"),
-        ({"num_splits": 2.0}, TypeError, "num_splits must be an int, got float"),
-        ({"num_splits": True}, TypeError, "num_splits must be an int, got bool"),
+        ({"num_splits": "2"}, TypeError, "num_splits must be a positive integer, got str '2'"),
+        ({"num_splits": 2.0}, TypeError, "num_splits must be a positive integer, got float 2.0"),
+        ({"num_splits": True}, TypeError, "num_splits must be a positive integer, got bool True"),
         ({"multiple": 0}, ValueError, "multiple must be a positive integer"),
-        ({"multiple": "8"}, TypeError, "multiple must be an int"),
+        ({"multiple": "8"}, TypeError, "multiple must be a positive integer, got str"),
         ({"divide_groups": 1}, TypeError, "divide_groups must be a bool"),
         ({"identical_init": "yes"}, TypeError, "identical_init must be a bool"),
-        ({"width_multiplier": float("inf")}, ValueError, "width_multiplier must be a finite number > 0, got inf"),
-        ({"width_multiplier": float("nan")}, ValueError, "width_multiplier must be a finite number > 0, got nan"),
-        ({"width_multiplier": 0.0}, ValueError, "width_multiplier must be a finite number > 0"),
-        ({"width_multiplier": -0.5}, ValueError, "width_multiplier must be a finite number > 0"),
-        ({"width_multiplier": [0.5]}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number, got list"),
-        ({"width_multiplier": True}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number, got bool"),
+        ({"width_multiplier": float("inf")}, ValueError, r"width_multiplier must be .* a number in \(0, 1\), got inf"),
+        ({"width_multiplier": float("nan")}, ValueError, r"width_multiplier must be .* a number in \(0, 1\), got nan"),
+        ({"width_multiplier": 0.0}, ValueError, r"width_multiplier must be .* a number in \(0, 1\), got 0.0"),
+        ({"width_multiplier": -0.5}, ValueError, r"width_multiplier must be .* a number in \(0, 1\), got -0.5"),
+        ({"width_multiplier": 1.0}, ValueError, r"a number in \(0, 1\) \(a multiplier >= 1 does not make"),
+        ({"width_multiplier": [0.5]}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number .*, got list"),
+        ({"width_multiplier": True}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number in .*, got bool"),
+        ({"width_multiplier": "cube"}, ValueError, "width_multiplier must be one of 'match', 'sqrt', got 'cube'"),
         ({"example_input": "image"}, TypeError, "example_input must be a tensor or a tuple"),
         ({"example_input": (1, 2)}, TypeError, "example_input must be a tensor or a tuple"),
-        ({"init_fn": 3}, TypeError, "init_fn must be callable or None"),
+        ({"init_fn": 3}, TypeError, r"init_fn must be callable \(module -> None\) or None, got int 3"),
     ],
 )
 def test_divide_module_bad_arguments(kwargs, error, message):
@@ -305,7 +307,7 @@ def test_round_to_multiple_and_count_parameters_bad_input():
     [
         ({"factory": 3}, TypeError, "factory must be callable"),
         ({"num_splits": 0}, ValueError, "num_splits must be a positive integer"),
-        ({"num_splits": 2.5}, TypeError, "num_splits must be an int, got float"),
+        ({"num_splits": 2.5}, TypeError, "num_splits must be a positive integer, got float"),
         ({"base_width": "64"}, TypeError, "base_width must be a real number, got str"),
         ({"base_width": float("inf")}, ValueError, "base_width must be a finite number > 0, got inf"),
         ({"base_width": float("nan")}, ValueError, "base_width must be a finite number > 0, got nan"),
@@ -316,7 +318,7 @@ def test_round_to_multiple_and_count_parameters_bad_input():
         ({"rel_tol": 0.0}, ValueError, "rel_tol must be a finite number > 0"),
         ({"rel_tol": float("nan")}, ValueError, "rel_tol must be a finite number > 0"),
         ({"max_iter": 0}, ValueError, "max_iter must be a positive integer"),
-        ({"max_iter": 1.5}, TypeError, "max_iter must be an int"),
+        ({"max_iter": 1.5}, TypeError, "max_iter must be a positive integer, got float"),
         ({"candidates": 5}, TypeError, "candidates must be an iterable of widths or None, got int"),
         ({"candidates": "32"}, TypeError, "candidates must be an iterable of widths or None, got str"),
         ({"candidates": []}, ValueError, "candidates must not be empty"),
@@ -401,7 +403,7 @@ def test_weight_decay_and_dropout_rules():
         scale_dropout(1.5, 2)
     with pytest.raises(TypeError, match="p must be a real number"):
         scale_dropout("0.1", 2)
-    with pytest.raises(TypeError, match="num_splits must be an int"):
+    with pytest.raises(TypeError, match="num_splits must be a positive integer, got float"):
         scale_dropout(0.1, 2.0)
     with pytest.raises(TypeError, match="rule must be one of .*, got NoneType"):
         scale_dropout_modules(model, 2, rule=None)
@@ -428,9 +430,9 @@ def test_linear_warmup():
         LinearWarmup(10, 0.5)(-1)
     with pytest.raises(ValueError, match="min_weight must be <= max_weight"):
         LinearWarmup(10, 0.5, min_weight=0.9)
-    with pytest.raises(TypeError, match="step must be an int, got float"):
+    with pytest.raises(TypeError, match="step must be a non-negative integer, got float"):
         LinearWarmup(10, 0.5)(1.5)
-    with pytest.raises(TypeError, match="warmup_steps must be an int, got str"):
+    with pytest.raises(TypeError, match="warmup_steps must be a non-negative integer, got str"):
         LinearWarmup("10", 0.5)
     with pytest.raises(ValueError, match="warmup_steps must be a non-negative integer"):
         LinearWarmup(-1, 0.5)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modules import replace_modules, tensors_in
-from .._validation import check_bool, check_int, check_number, check_positive_int
+from .._validation import check_bool, check_callable, check_choice, check_module, check_number, check_positive_int
 from ._bisection import bisect_width, closest_width
 from ._tracing import (
     CONV_TYPES,
@@ -48,7 +48,7 @@ class DivisionError(ValueError):
 
 def round_to_multiple(value: float, multiple: int) -> int:
     """Round ``value`` to the nearest positive multiple of ``multiple`` (never below ``multiple``)."""
-    m = check_positive_int("multiple", check_int("multiple", multiple))
+    m = check_positive_int("multiple", multiple)
     v = check_number("value", value)
     return max(m, math.floor(v / m + 0.5) * m)
 
@@ -66,24 +66,21 @@ def _check_arguments(
     identical_init: Any,
     init_fn: Any,
 ) -> tuple[int, int]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    s = check_positive_int("num_splits", check_int("num_splits", num_splits))
-    m = check_positive_int("multiple", check_int("multiple", multiple))
+    check_module("model", model)
+    s = check_positive_int("num_splits", num_splits)
+    m = check_positive_int("multiple", multiple)
     check_bool("divide_groups", divide_groups)
     check_bool("identical_init", identical_init)
-    if init_fn is not None and not callable(init_fn):
-        raise TypeError(f"init_fn must be callable or None, got {type(init_fn).__name__}")
+    check_callable("init_fn", init_fn, allow_none=True, expected="module -> None")
     if isinstance(width_multiplier, str):
-        if width_multiplier not in ("match", "sqrt"):
-            raise ValueError(f"width_multiplier must be 'match', 'sqrt' or a number > 0, got {width_multiplier!r}")
-    elif isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)):
-        raise TypeError(f"width_multiplier must be 'match', 'sqrt' or a number, got {type(width_multiplier).__name__}")
-    elif check_number("width_multiplier", width_multiplier, minimum=0, strict=True) >= 1:
-        raise ValueError(
-            f"width_multiplier must be a number < 1 (a multiplier >= 1 does not make the members narrower), got "
-            f"{width_multiplier!r}"
-        )
+        check_choice("width_multiplier", width_multiplier, ("match", "sqrt"))
+    else:
+        want = "'match', 'sqrt' or a number in (0, 1)"
+        if check_number("width_multiplier", width_multiplier, minimum=0, strict=True, expected=want) >= 1:
+            raise ValueError(
+                f"width_multiplier must be {want} (a multiplier >= 1 does not make the members narrower), got "
+                f"{width_multiplier!r}"
+            )
     if example_input is not None and not tensors_in(example_input):
         raise TypeError(
             "example_input must be a tensor or a tuple of positional inputs holding at least one tensor, "

@@ -22,22 +22,12 @@ import math
 
 from torch import nn
 
-from .._validation import check_choice, check_int, check_nonnegative_int, check_number, check_positive_int
+from .._validation import check_choice, check_module, check_nonnegative_int, check_number, check_positive_int
 
 __all__ = ["scale_weight_decay", "scale_dropout", "scale_dropout_modules", "LinearWarmup"]
 
 
 _RULES = ("linear", "sqrt", "none")
-
-
-def _num_splits(num_splits: object) -> int:
-    return check_positive_int("num_splits", check_int("num_splits", num_splits))
-
-
-def _check_rule(rule: object) -> None:
-    if not isinstance(rule, str):
-        raise TypeError(f"rule must be one of {', '.join(map(repr, _RULES))}, got {type(rule).__name__}")
-    check_choice("rule", rule, _RULES)
 
 
 def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
@@ -54,7 +44,7 @@ def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
         The scaled weight decay.
     """
     wd = check_number("weight_decay", weight_decay, minimum=0)
-    s = _num_splits(num_splits)
+    s = check_positive_int("num_splits", num_splits)
     return wd * math.exp(1.0 / s - 1.0)
 
 
@@ -73,8 +63,8 @@ def scale_dropout(p: float, num_splits: int, rule: str = "linear") -> float:
         The scaled probability.
     """
     prob = check_number("p", p, minimum=0, maximum=1)
-    s = _num_splits(num_splits)
-    _check_rule(rule)
+    s = check_positive_int("num_splits", num_splits)
+    check_choice("rule", rule, _RULES)
     if rule == "linear":
         return prob / s
     if rule == "sqrt":
@@ -97,10 +87,9 @@ def scale_dropout_modules(model: nn.Module, num_splits: int, rule: str = "linear
     Returns:
         The number of dropout modules changed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _num_splits(num_splits)
-    _check_rule(rule)
+    check_module("model", model)
+    check_positive_int("num_splits", num_splits)
+    check_choice("rule", rule, _RULES)
     count = 0
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -132,7 +121,7 @@ class LinearWarmup:
     """
 
     def __init__(self, warmup_steps: int, max_weight: float, min_weight: float = 0.0) -> None:
-        self.warmup_steps = check_nonnegative_int("warmup_steps", check_int("warmup_steps", warmup_steps))
+        self.warmup_steps = check_nonnegative_int("warmup_steps", warmup_steps)
         self.max_weight = check_number("max_weight", max_weight, minimum=0)
         self.min_weight = check_number("min_weight", min_weight, minimum=0)
         if self.min_weight > self.max_weight:
@@ -142,7 +131,7 @@ class LinearWarmup:
 
     def __call__(self, step: int) -> float:
         """The weight at ``step`` (an int >= 0), a Python float."""
-        t = check_nonnegative_int("step", check_int("step", step))
+        t = check_nonnegative_int("step", step)
         if self.warmup_steps == 0:
             return self.max_weight
         return self.min_weight + (self.max_weight - self.min_weight) * min(t / self.warmup_steps, 1.0)

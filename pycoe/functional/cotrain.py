@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._validation import check_choice, check_tensor
+from .._validation import check_bool, check_choice, check_tensor
 
 __all__ = ["js_divergence", "pairwise_kl"]
 
@@ -59,12 +59,6 @@ def _stack_logits(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Te
     if stacked.shape[-1] < 1:
         raise ValueError(f"{name} must have at least one class in its last dimension, got {tuple(stacked.shape)}")
     return stacked
-
-
-def _check_reduction(reduction: object) -> None:
-    if not isinstance(reduction, str):
-        raise TypeError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, got {type(reduction).__name__}")
-    check_choice("reduction", reduction, _REDUCTIONS)
 
 
 def _check_not_empty(stacked: Tensor, reduction: str) -> None:
@@ -105,7 +99,7 @@ def js_divergence(logits: Tensor | Sequence[Tensor], reduction: str = "mean") ->
     Returns:
         ``Tensor[]``, or ``Tensor[B...]`` with ``reduction="none"``.
     """
-    _check_reduction(reduction)
+    check_choice("reduction", reduction, _REDUCTIONS)
     z = _stack_logits(logits)
     _check_not_empty(z, reduction)
     num = z.shape[0]
@@ -144,9 +138,8 @@ def pairwise_kl(
     Returns:
         ``Tensor[]``, or ``Tensor[S, B...]`` with ``reduction="none"``.
     """
-    _check_reduction(reduction)
-    if not isinstance(detach_peers, bool):
-        raise TypeError(f"detach_peers must be a bool, got {type(detach_peers).__name__}")
+    check_choice("reduction", reduction, _REDUCTIONS)
+    check_bool("detach_peers", detach_peers)
     z = _stack_logits(logits)
     _check_not_empty(z, reduction)
     num = z.shape[0]

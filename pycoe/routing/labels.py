@@ -111,23 +111,18 @@ class LabelGenerator(nn.Module):
     ) -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, LABEL_MODES)
-        if temperature is not None and self.mode != "soft":
-            raise ValueError(
-                f"temperature is used only by mode='soft', not by mode={self.mode!r} (which would ignore it); "
-                "leave it out"
-            )
-        if method is not None and self.mode != "balanced":
-            raise ValueError(
-                f"method is used only by mode='balanced', not by mode={self.mode!r} (which would ignore it); "
-                "leave it out"
-            )
+        for name, value, used_by in (
+            ("temperature", temperature, "soft"),
+            ("method", method, "balanced"),
+            ("solver_options", solver_options, "balanced"),
+        ):
+            if value is not None and self.mode != used_by:
+                raise ValueError(
+                    f"{name} is used only by mode={used_by!r}, not by mode={self.mode!r} (which would ignore it); "
+                    "leave it out"
+                )
         self.temperature = check_positive_float("temperature", 1.0 if temperature is None else temperature)
         self.method = check_choice("method", "exact" if method is None else method, METHODS)
-        if solver_options is not None and self.mode != "balanced":
-            raise ValueError(
-                f"solver_options are used only by mode='balanced', not by mode={self.mode!r} (which would ignore "
-                "them); leave them out"
-            )
         self.solver_options = check_solver_options(self.method, solver_options)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,7 @@ from torch import nn
 from pycoe import distributed as _dist
 from pycoe._validation import (
     check_choice,
+    check_dtype,
     check_expert_index,
     check_finite,
     check_positive_int,
@@ -258,12 +259,7 @@ class BalancedTransportWeighter(nn.Module):
         if assignment.dtype != torch.long:
             raise TypeError(f"assignment must be a LongTensor (int64), got dtype {assignment.dtype}")
         check_expert_index("assignment", assignment, self.num_experts)
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32) or None, got {type(dtype).__name__}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        return self._weights(assignment, dtype)
+        return self._weights(assignment, check_dtype("dtype", dtype) or torch.get_default_dtype())
 
     def _weights(self, assignment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # [B] -> [B, K]: 1 at the assigned expert, epsilon elsewhere (a comparison rather than F.one_hot, whose
