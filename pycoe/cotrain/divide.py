@@ -20,7 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from .._modules import replace_modules, tensors_in
-from .._validation import check_bool, check_callable, check_choice, check_module, check_number, check_positive_int
+from .._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_module,
+    check_number,
+    check_positive_int,
+    describe,
+)
 from ._bisection import bisect_width, closest_width
 from ._tracing import (
     CONV_TYPES,
@@ -84,7 +92,7 @@ def _check_arguments(
     if example_input is not None and not tensors_in(example_input):
         raise TypeError(
             "example_input must be a tensor or a tuple of positional inputs holding at least one tensor, "
-            f"got {type(example_input).__name__}"
+            f"got {describe(example_input)}"
         )
     return s, m
 

@@ -40,6 +40,7 @@ from .._validation import (
     check_number,
     check_positive_int,
     check_tensor,
+    describe,
 )
 from ..functional.cotrain import js_divergence, pairwise_kl
 from .schedule import LinearWarmup
@@ -77,7 +78,7 @@ def _check_combine(combine: Any) -> None:
         return
     if not isinstance(combine, str):
         raise TypeError(
-            f"combine must be one of {', '.join(map(repr, _COMBINE))} or a callable, got {type(combine).__name__}"
+            f"combine must be one of {', '.join(map(repr, _COMBINE))} or a callable, got {describe(combine)}"
         )
     check_choice("combine", combine, _COMBINE)
 
@@ -100,7 +101,7 @@ def combine_outputs(member_outputs: Tensor, combine: str | Callable[[Tensor], Te
     if callable(combine):
         combined = combine(member_outputs)
         if not isinstance(combined, Tensor):
-            raise TypeError(f"combine must return a Tensor, got {type(combined).__name__}")
+            raise TypeError(f"combine must return a Tensor, got {describe(combined)}")
         if combined.shape != member_outputs.shape[1:]:
             raise ValueError(
                 f"combine must map Tensor[S, B, ...] to Tensor[B, ...], i.e. shape {tuple(member_outputs.shape[1:])} "
@@ -124,9 +125,7 @@ def _check_views(x: Any, num_members: int) -> list[Tensor]:
             raise ValueError(f"x must hold one input per member: expected {num_members} views, got {len(x)}")
         views = list(x)
     else:
-        raise TypeError(
-            f"x must be a list of {num_members} tensors (one per member) or one Tensor, got {type(x).__name__}"
-        )
+        raise TypeError(f"x must be a list of {num_members} tensors (one per member) or one Tensor, got {describe(x)}")
     for i, v in enumerate(views):
         check_tensor(f"x[{i}]", v)
         if v.dim() < 1:
@@ -170,7 +169,7 @@ class CoTrainingEnsemble(nn.Module):
         if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
             raise TypeError("models must be a sequence of nn.Module (one per member), got a single nn.Module")
         if not isinstance(models, (Sequence, nn.ModuleList)):
-            raise TypeError(f"models must be a sequence of nn.Module (one per member), got {type(models).__name__}")
+            raise TypeError(f"models must be a sequence of nn.Module (one per member), got {describe(models)}")
         members = list(models)
         if len(members) < 1:
             raise ValueError("models must hold at least one member, got 0")

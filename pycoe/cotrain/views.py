@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, default_collate
 
-from .._validation import check_callable, check_positive_int
+from .._validation import check_callable, check_positive_int, describe
 
 __all__ = ["MultiViewDataset", "multiview_collate"]
 
@@ -48,7 +48,7 @@ class MultiViewDataset(Dataset):
     ) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
-                f"dataset must be a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}"
+                f"dataset must be a map-style dataset (with __getitem__ and __len__), got {describe(dataset)}"
             )
         check_callable("transform", transform, expected="sample -> view")
         check_callable("target_transform", target_transform, allow_none=True, expected="target -> target")
@@ -87,7 +87,7 @@ def multiview_collate(batch: Sequence[tuple[Sequence[Any], Any]]) -> tuple[list[
         ``(views, targets)``: a list of S collated views and the collated targets (``Tensor[B]``).
     """
     if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
-        raise TypeError(f"batch must be a sequence of (views, target) items, got {type(batch).__name__}")
+        raise TypeError(f"batch must be a sequence of (views, target) items, got {describe(batch)}")
     if len(batch) == 0:
         raise ValueError("batch must be a non-empty sequence of (views, target) items")
     first = batch[0]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validation import check_bool, check_callable, check_module, check_number, check_positive_int
+from .._validation import check_bool, check_callable, check_module, check_number, check_positive_int, describe
 from ._bisection import bisect_width, closest_width
 
 __all__ = ["WidthSearch", "count_parameters", "search_width", "divide_by_factory"]
@@ -55,7 +55,7 @@ class WidthSearch:
 
 def _returned_module(model: Any, width: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"factory must return an nn.Module, got {type(model).__name__} for width {width!r}")
+        raise TypeError(f"factory must return an nn.Module, got {describe(model)} for width {width!r}")
     return model
 
 
@@ -86,7 +86,7 @@ def _check_search(
     if candidates is None:
         return s, base, None
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):
-        raise TypeError(f"candidates must be an iterable of widths or None, got {type(candidates).__name__}")
+        raise TypeError(f"candidates must be an iterable of widths or None, got {describe(candidates)}")
     widths = list(candidates)
     if not widths:
         raise ValueError("candidates must not be empty")

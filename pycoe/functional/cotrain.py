@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._validation import check_bool, check_choice, check_tensor
+from .._validation import check_bool, check_choice, check_tensor, describe
 
 __all__ = ["js_divergence", "pairwise_kl"]
 
@@ -51,9 +51,7 @@ def _stack_logits(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Te
                 )
         stacked = torch.stack(list(logits), dim=0)
     else:
-        raise TypeError(
-            f"{name} must be a Tensor[S, B..., C] or a sequence of Tensor[B..., C], got {type(logits).__name__}"
-        )
+        raise TypeError(f"{name} must be a Tensor[S, B..., C] or a sequence of Tensor[B..., C], got {describe(logits)}")
     if stacked.shape[0] < 1:
         raise ValueError(f"{name} must hold at least one prediction (S >= 1), got shape {tuple(stacked.shape)}")
     if stacked.shape[-1] < 1:

@@ -32,6 +32,7 @@ from pycoe._validation import (
     check_positive_int,
     check_probability,
     check_tensor,
+    describe,
 )
 from pycoe.routing.transport import METHODS, balanced_assignment, check_solver_options
 
@@ -313,7 +314,7 @@ class BalancedTransportWeighter(nn.Module):
                 raise TypeError(f"scores must be a floating-point array, got dtype {scores.dtype}")
             scores = torch.from_numpy(scores)
         elif not isinstance(scores, torch.Tensor):
-            raise TypeError(f"scores must be a torch.Tensor or numpy.ndarray, got {type(scores).__name__}")
+            raise TypeError(f"scores must be a torch.Tensor or numpy.ndarray, got {describe(scores)}")
         self._check_logits("scores", scores)
         if scores.shape[0] == 0:
             raise ValueError("scores must hold at least one sample, got shape (0, K)")

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pycoe._validation import check_choice, check_nonnegative_int, check_number, check_positive_int
+from pycoe._validation import check_choice, check_nonnegative_int, check_number, check_positive_int, describe
 from pycoe.routing.transport.approximate import solve_approximate
 from pycoe.routing.transport.common import METHOD_OPTIONS, METHODS, TransportInfeasibleError, TransportResult
 from pycoe.routing.transport.exact import solve_exact
@@ -105,7 +105,7 @@ def check_solver_options(
     if options is None:
         return {}
     if not isinstance(options, Mapping):
-        raise TypeError(f"{name} must be a mapping of option names to values, or None, got {type(options).__name__}")
+        raise TypeError(f"{name} must be a mapping of option names to values, or None, got {describe(options)}")
     out: dict[str, Any] = {}
     for key, value in options.items():
         if not isinstance(key, str):
@@ -160,9 +160,7 @@ def _check_scores(scores: Any) -> torch.Tensor:
         if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"scores must hold real numbers, got a tensor of dtype {t.dtype}")
     else:
-        raise TypeError(
-            f"scores must be a torch.Tensor or a numpy.ndarray of shape [N, K], got {type(scores).__name__}"
-        )
+        raise TypeError(f"scores must be a torch.Tensor or a numpy.ndarray of shape [N, K], got {describe(scores)}")
     if t.dim() != 2:
         raise ValueError(f"scores must have 2 dimensions [N, K], got shape {tuple(t.shape)}")
     n, k = t.shape
@@ -209,12 +207,10 @@ def _check_capacities(capacities: Any, n: int, k: int) -> np.ndarray:
     elif isinstance(capacities, Sequence) and not isinstance(capacities, (str, bytes)):
         for v in capacities:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"capacities must hold integers, got {v!r} ({type(v).__name__})")
+                raise TypeError(f"capacities must hold integers, got {describe(v)}")
         arr = np.asarray([int(v) for v in capacities], dtype=np.int64)
     else:
-        raise TypeError(
-            f"capacities must be None, an int or a length-K sequence of ints, got {type(capacities).__name__}"
-        )
+        raise TypeError(f"capacities must be None, an int or a length-K sequence of ints, got {describe(capacities)}")
     arr = np.asarray(arr, dtype=np.int64).reshape(-1) if np.ndim(arr) == 1 else np.asarray(arr)
     if arr.ndim != 1 or arr.shape[0] != k:
         raise ValueError(f"capacities must have length K={k}, got shape {tuple(arr.shape)}")
