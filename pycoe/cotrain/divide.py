@@ -312,8 +312,8 @@ def _check_num_splits(plan: _WidthPlan, total: int, constant: int) -> None:
     )
 
 
-def _check_member(member: nn.Module, total: int, alpha: float) -> int:
-    """Refuse a division whose members are not smaller than the original model; return a member's count."""
+def _check_member(member: nn.Module, total: int, alpha: float) -> None:
+    """Refuse a division whose members are not smaller than the original model."""
     params = count_parameters(member)
     if params >= total:
         raise DivisionError(
@@ -321,7 +321,6 @@ def _check_member(member: nn.Module, total: int, alpha: float) -> int:
             f"model's {total:,} (width multiplier {alpha:.3g}; widths at the rounding multiple cannot shrink); "
             "use a smaller width_multiplier or multiple"
         )
-    return params
 
 
 # ------------------------------------------------------------------------------------------------------
