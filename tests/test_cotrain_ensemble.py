@@ -3,9 +3,11 @@
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference.cotrain import smoothed_cross_entropy_reference
 from torch import nn
 
 from pycoe.cotrain.ensemble import CoTrainingEnsemble, CoTrainingLoss, CoTrainingOutput, combine_outputs
@@ -150,7 +152,7 @@ def test_bad_input():
         CoTrainingEnsemble(5)
     with pytest.raises(TypeError, match="combine must be one of .* or a callable, got int"):
         CoTrainingEnsemble([_member()], combine=3)
-    with pytest.raises(TypeError, match="max_workers must be an int"):
+    with pytest.raises(TypeError, match="max_workers must be a positive integer, got"):
         CoTrainingEnsemble([_member()], max_workers=2.0)
     with pytest.raises(ValueError, match="max_workers must be a positive integer"):
         CoTrainingEnsemble([_member()], max_workers=0)
@@ -223,6 +225,16 @@ def test_cotraining_loss_extra_dims_and_probability_targets():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+def test_cotraining_loss_smooths_the_labels(smoothing):
+    z = torch.randn(3, 6, 5, dtype=torch.float64)
+    for target in (torch.randint(0, 5, (6,)), torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1)):
+        loss, info = CoTrainingLoss("js", weight=0.0, label_smoothing=smoothing)(z, target)
+        expected = sum(smoothed_cross_entropy_reference(z[i], target, smoothing) for i in range(3))
+        torch.testing.assert_close(loss, expected)
+        assert info["ce"] == pytest.approx(float(expected))
+
+
 class _BadSchedule:
     def __init__(self, value):
         self.value = value
@@ -240,12 +252,17 @@ def test_cotraining_loss_bad_input():
     for weight in (float("nan"), float("inf"), -0.5):
         with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
             CoTrainingLoss(weight=weight)
-    with pytest.raises(TypeError, match="weight must be a number >= 0 or a callable"):
+    with pytest.raises(TypeError, match="weight must be a finite number >= 0 or a callable step -> weight, got str"):
         CoTrainingLoss(weight="0.5")
     for value in (-0.1, float("nan"), "high", None):
         with pytest.raises(ValueError, match=r"schedule _BadSchedule\(.*\) returned .* at step 3"):
             CoTrainingLoss(weight=_BadSchedule(value))(z, target, step=3)
+    # a weight is a number under the library's one rule: Python, NumPy or a 0-d tensor, never an array
     assert CoTrainingLoss(weight=_BadSchedule(torch.tensor(0.25)))(z, target, step=3)[1]["weight"] == 0.25
+    assert CoTrainingLoss(weight=_BadSchedule(np.float32(0.25)))(z, target, step=3)[1]["weight"] == 0.25
+    with pytest.raises(ValueError, match=r"schedule _BadSchedule\(tensor\(\[0.2500\]\)\) returned"):
+        CoTrainingLoss(weight=_BadSchedule(torch.tensor([0.25])))(z, target, step=3)
+    assert CoTrainingLoss(weight=np.float64(0.5))(z, target)[1]["weight"] == 0.5
     with pytest.raises(TypeError, match="step must be an int"):
         CoTrainingLoss(weight=LinearWarmup(10, 1.0))(z, target, step=2.5)
     with pytest.raises(TypeError, match="divergence must be"):

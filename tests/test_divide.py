@@ -16,13 +16,7 @@ from pycoe.cotrain import (
     round_to_multiple,
     search_width,
 )
-from pycoe.cotrain.schedule import (
-    LinearWarmup,
-    apply_dropout_scaling,
-    linear_warmup,
-    scale_dropout,
-    scale_weight_decay,
-)
+from pycoe.cotrain.schedule import LinearWarmup, scale_dropout, scale_dropout_modules, scale_weight_decay
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,6 +182,70 @@ def test_errors():
         divide_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 2, example_input=torch.randn(2, 5))
 
 
+# -- splits the widths cannot make: members never wider than the model, S bounded by the widths ----------------
+def _widths(model):
+    return [
+        (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
+
+
+def test_no_divided_width_exceeds_the_original():
+    # GroupNorm(3, 12) under multiple=8 used to round the width 12 to lcm(8, 3) = 24; a width of 4 below the
+    # multiple used to become 8: members larger than the model
+    gn = nn.Sequential(
+        nn.Conv2d(3, 12, 3),
+        nn.GroupNorm(3, 12),
+        nn.ReLU(),
+        nn.Conv2d(12, 12, 3),
+        nn.GroupNorm(3, 12),
+        nn.Conv2d(12, 5, 1),
+    )
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 3))
+    for model, example in ((gn, None), (mlp, torch.randn(2, 32))):
+        member = divide_module(model, 2, example_input=example)[0]
+        for (cin, cout), (cin0, cout0) in zip(_widths(member), _widths(model)):
+            assert cin <= cin0 and cout <= cout0
+        assert count_parameters(member) < count_parameters(model)
+    member = divide_module(gn, 2)[0]
+    assert member[1].num_groups == 3 and member[1].num_channels % 3 == 0 and member[1].num_channels < 12
+    assert divide_module(mlp, 2, example_input=torch.randn(2, 32))[0][2].out_features < 4
+
+
+def test_a_model_whose_widths_cannot_shrink_is_refused():
+    at_multiple = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(DivisionError, match=r"244 of the model's 244 parameters.*with multiple=1, num_splits <= 9"):
+        divide_module(at_multiple, 2, example_input=torch.randn(2, 16))
+    assert len(divide_module(at_multiple, 2, multiple=1, example_input=torch.randn(2, 16))) == 2
+    group_norm = nn.Sequential(nn.Conv2d(3, 32, 3), nn.GroupNorm(32, 32), nn.ReLU(), nn.Conv2d(32, 5, 1))
+    with pytest.raises(DivisionError, match="too narrow to divide"):
+        divide_module(group_norm, 2, multiple=1)
+    # an explicit multiplier whose widths round back to the original's: members as large as the model
+    wide = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(DivisionError, match="would not be smaller than the model: 340 parameters each"):
+        divide_module(wide, 2, width_multiplier=0.9, example_input=torch.randn(2, 16))
+    for multiplier in (1.0, 1.5):
+        with pytest.raises(ValueError, match="a multiplier >= 1 does not make the members narrower"):
+            divide_module(wide, 2, width_multiplier=multiplier, example_input=torch.randn(2, 16))
+
+
+def test_num_splits_is_bounded_by_the_widths():
+    mlp = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    x = torch.randn(2, 20)
+    total = count_parameters(mlp)  # 5829
+    narrowest = (20 * 8 + 8) + (8 * 8 + 8) + (8 * 5 + 5)  # every divided width at multiple=8: 285
+    limit = math.floor(1.1 * total / narrowest)
+    assert limit == 22
+    members = divide_module(mlp, limit, example_input=x)
+    assert len(members) == limit and count_parameters(members[0]) <= 1.1 * total / limit
+    with pytest.raises(DivisionError, match=rf"num_splits=23 is more than .* use num_splits <= {limit} \(<= \d+ "):
+        divide_module(mlp, limit + 1, example_input=x)
+    # refused from the trace alone, before a single member is copied
+    with pytest.raises(DivisionError, match=rf"num_splits={10**12} is more than"):
+        divide_module(mlp, 10**12, example_input=x)
+
+
 class _Tiny(nn.Module):
     def __init__(self):
         super().__init__()
@@ -201,22 +259,24 @@ class _Tiny(nn.Module):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"num_splits": "2"}, TypeError, "num_splits must be an int, got str"),
-        ({"num_splits": 2.0}, TypeError, "num_splits must be an int, got float"),
-        ({"num_splits": True}, TypeError, "num_splits must be an int, got bool"),
+        ({"num_splits": "2"}, TypeError, "num_splits must be a positive integer, got str '2'"),
+        ({"num_splits": 2.0}, TypeError, "num_splits must be a positive integer, got float 2.0"),
+        ({"num_splits": True}, TypeError, "num_splits must be a positive integer, got bool True"),
         ({"multiple": 0}, ValueError, "multiple must be a positive integer"),
-        ({"multiple": "8"}, TypeError, "multiple must be an int"),
+        ({"multiple": "8"}, TypeError, "multiple must be a positive integer, got str"),
         ({"divide_groups": 1}, TypeError, "divide_groups must be a bool"),
         ({"identical_init": "yes"}, TypeError, "identical_init must be a bool"),
-        ({"width_multiplier": float("inf")}, ValueError, "width_multiplier must be a finite number > 0, got inf"),
-        ({"width_multiplier": float("nan")}, ValueError, "width_multiplier must be a finite number > 0, got nan"),
-        ({"width_multiplier": 0.0}, ValueError, "width_multiplier must be a finite number > 0"),
-        ({"width_multiplier": -0.5}, ValueError, "width_multiplier must be a finite number > 0"),
-        ({"width_multiplier": [0.5]}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number, got list"),
-        ({"width_multiplier": True}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number, got bool"),
+        ({"width_multiplier": float("inf")}, ValueError, r"width_multiplier must be .* a number in \(0, 1\), got inf"),
+        ({"width_multiplier": float("nan")}, ValueError, r"width_multiplier must be .* a number in \(0, 1\), got nan"),
+        ({"width_multiplier": 0.0}, ValueError, r"width_multiplier must be .* a number in \(0, 1\), got 0.0"),
+        ({"width_multiplier": -0.5}, ValueError, r"width_multiplier must be .* a number in \(0, 1\), got -0.5"),
+        ({"width_multiplier": 1.0}, ValueError, r"a number in \(0, 1\) \(a multiplier >= 1 does not make"),
+        ({"width_multiplier": [0.5]}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number .*, got list"),
+        ({"width_multiplier": True}, TypeError, "width_multiplier must be 'match', 'sqrt' or a number in .*, got bool"),
+        ({"width_multiplier": "cube"}, ValueError, "width_multiplier must be one of 'match', 'sqrt', got 'cube'"),
         ({"example_input": "image"}, TypeError, "example_input must be a tensor or a tuple"),
         ({"example_input": (1, 2)}, TypeError, "example_input must be a tensor or a tuple"),
-        ({"init_fn": 3}, TypeError, "init_fn must be callable or None"),
+        ({"init_fn": 3}, TypeError, r"init_fn must be callable \(module -> None\) or None, got int 3"),
     ],
 )
 def test_divide_module_bad_arguments(kwargs, error, message):
@@ -247,7 +307,7 @@ def test_round_to_multiple_and_count_parameters_bad_input():
     [
         ({"factory": 3}, TypeError, "factory must be callable"),
         ({"num_splits": 0}, ValueError, "num_splits must be a positive integer"),
-        ({"num_splits": 2.5}, TypeError, "num_splits must be an int, got float"),
+        ({"num_splits": 2.5}, TypeError, "num_splits must be a positive integer, got float"),
         ({"base_width": "64"}, TypeError, "base_width must be a real number, got str"),
         ({"base_width": float("inf")}, ValueError, "base_width must be a finite number > 0, got inf"),
         ({"base_width": float("nan")}, ValueError, "base_width must be a finite number > 0, got nan"),
@@ -258,7 +318,7 @@ def test_round_to_multiple_and_count_parameters_bad_input():
         ({"rel_tol": 0.0}, ValueError, "rel_tol must be a finite number > 0"),
         ({"rel_tol": float("nan")}, ValueError, "rel_tol must be a finite number > 0"),
         ({"max_iter": 0}, ValueError, "max_iter must be a positive integer"),
-        ({"max_iter": 1.5}, TypeError, "max_iter must be an int"),
+        ({"max_iter": 1.5}, TypeError, "max_iter must be a positive integer, got float"),
         ({"candidates": 5}, TypeError, "candidates must be an iterable of widths or None, got int"),
         ({"candidates": "32"}, TypeError, "candidates must be an iterable of widths or None, got str"),
         ({"candidates": []}, ValueError, "candidates must not be empty"),
@@ -331,7 +391,7 @@ def test_weight_decay_and_dropout_rules():
     assert scale_dropout(0.2, 4, rule="sqrt") == pytest.approx(0.1)
     assert scale_dropout(0.2, 4, rule="none") == 0.2
     model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.4), nn.Sequential(nn.Dropout2d(0.2)))
-    assert apply_dropout_scaling(model, 2) == 2
+    assert scale_dropout_modules(model, 2) == 2
     assert model[1].p == pytest.approx(0.2) and model[2][0].p == pytest.approx(0.1)
     with pytest.raises(ValueError, match="num_splits"):
         scale_weight_decay(1e-4, 0)
@@ -343,12 +403,12 @@ def test_weight_decay_and_dropout_rules():
         scale_dropout(1.5, 2)
     with pytest.raises(TypeError, match="p must be a real number"):
         scale_dropout("0.1", 2)
-    with pytest.raises(TypeError, match="num_splits must be an int"):
+    with pytest.raises(TypeError, match="num_splits must be a positive integer, got float"):
         scale_dropout(0.1, 2.0)
     with pytest.raises(TypeError, match="rule must be one of .*, got NoneType"):
-        apply_dropout_scaling(model, 2, rule=None)
+        scale_dropout_modules(model, 2, rule=None)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
-        apply_dropout_scaling([nn.Dropout()], 2)
+        scale_dropout_modules([nn.Dropout()], 2)
     with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got nan"):
         scale_weight_decay(float("nan"), 2)
     with pytest.raises(TypeError, match="weight_decay must be a real number"):
@@ -356,28 +416,29 @@ def test_weight_decay_and_dropout_rules():
 
 
 def test_linear_warmup():
-    assert linear_warmup(0, 10, 0.5) == 0.0
-    assert linear_warmup(5, 10, 0.5) == pytest.approx(0.25)
-    assert linear_warmup(10, 10, 0.5) == 0.5 and linear_warmup(99, 10, 0.5) == 0.5
-    assert linear_warmup(0, 10, 0.5, min_weight=0.005) == pytest.approx(0.005)
-    assert linear_warmup(3, 0, 0.5) == 0.5
+    assert LinearWarmup(10, 0.5)(0) == 0.0
+    assert LinearWarmup(10, 0.5)(5) == pytest.approx(0.25)
+    assert LinearWarmup(10, 0.5)(10) == 0.5 and LinearWarmup(10, 0.5)(99) == 0.5
+    assert LinearWarmup(10, 0.5, min_weight=0.005)(0) == pytest.approx(0.005)
+    assert LinearWarmup(0, 0.5)(3) == 0.5
     sched = LinearWarmup(100, 0.5, 0.005)
     assert [sched(t) for t in (0, 50, 1000)] == pytest.approx([0.005, 0.2525, 0.5])
     weights = [sched(t) for t in range(120)]
     assert all(b >= a for a, b in itertools.pairwise(weights))
-    with pytest.raises(ValueError, match="step"):
-        linear_warmup(-1, 10, 0.5)
-    with pytest.raises(ValueError, match="min_weight"):
-        linear_warmup(0, 10, 0.5, min_weight=0.9)
-    with pytest.raises(TypeError, match="step must be an int, got float"):
-        linear_warmup(1.5, 10, 0.5)
-    with pytest.raises(TypeError, match="warmup_steps must be an int, got str"):
+    assert repr(sched) == "LinearWarmup(warmup_steps=100, max_weight=0.5, min_weight=0.005)"
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+        LinearWarmup(10, 0.5)(-1)
+    with pytest.raises(ValueError, match="min_weight must be <= max_weight"):
+        LinearWarmup(10, 0.5, min_weight=0.9)
+    with pytest.raises(TypeError, match="step must be a non-negative integer, got float"):
+        LinearWarmup(10, 0.5)(1.5)
+    with pytest.raises(TypeError, match="warmup_steps must be a non-negative integer, got str"):
         LinearWarmup("10", 0.5)
     with pytest.raises(ValueError, match="warmup_steps must be a non-negative integer"):
         LinearWarmup(-1, 0.5)
     with pytest.raises(ValueError, match="max_weight must be a finite number >= 0, got inf"):
         LinearWarmup(10, float("inf"))
     with pytest.raises(ValueError, match="max_weight must be a finite number >= 0, got nan"):
-        linear_warmup(0, 10, float("nan"))
+        LinearWarmup(10, float("nan"))
     with pytest.raises(TypeError, match="min_weight must be a real number"):
         LinearWarmup(10, 0.5, min_weight="0")

@@ -187,3 +187,13 @@ def test_inductor_compiled_weighter_and_labeler_equal_eager():
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_solver_checks_its_options_when_it_runs(dynamic):
+    def f(scores, entropic_reg):
+        return balanced_assignment(scores, method="sinkhorn", entropic_reg=entropic_reg, max_iter=0)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    with pytest.raises(ValueError, match="max_iter must be a positive integer, got 0"):
+        compiled(torch.randn(6, K), 0.05)

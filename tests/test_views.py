@@ -52,9 +52,9 @@ def test_collate_through_a_dataloader():
 def test_bad_input():
     with pytest.raises(ValueError, match="num_views"):
         MultiViewDataset(_base(), _random_shift, num_views=0)
-    with pytest.raises(TypeError, match="num_views must be an int, got float"):
+    with pytest.raises(TypeError, match="num_views must be a positive integer, got float"):
         MultiViewDataset(_base(), _random_shift, num_views=2.0)
-    with pytest.raises(TypeError, match="target_transform must be callable or None"):
+    with pytest.raises(TypeError, match=r"target_transform must be callable \(target -> target\) or None"):
         MultiViewDataset(_base(), _random_shift, num_views=2, target_transform=3)
     with pytest.raises(TypeError, match="batch must be a sequence of .* got str"):
         multiview_collate("abc")

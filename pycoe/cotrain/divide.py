@@ -3,9 +3,10 @@
 Zhao et al., *Towards Better Accuracy-efficiency Trade-offs: Divide and Co-training*, IEEE TIP 2022
 (arXiv 2011.14660); :func:`divide_module` is pycoe's generic rule (the paper uses per-architecture width
 tables). It runs in named steps: check the arguments, trace one forward pass for the widths that must stay
-equal (``_tracing``), plan the divided widths (:class:`_WidthPlan`), choose the multiplier :math:`\alpha`,
-rebuild each layer from the input it receives (:class:`_Placeholder`), and make S members. (Slightly over
-500 lines: these steps serve one function and share its errors; the tracing itself lives in ``_tracing``.)
+equal (``_tracing``), plan the divided widths (:class:`_WidthPlan`), bound S by what the widths allow, choose
+the multiplier :math:`\alpha`, rebuild each layer from the input it receives (:class:`_Placeholder`), check that
+a member is smaller than the model, and make S members. (About 600 lines: these steps serve one function and
+share its errors; the tracing itself lives in ``_tracing``.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from .._modules import replace_modules, tensors_in
-from .._validation import check_bool, check_int, check_number, check_positive_int
+from .._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_module,
+    check_number,
+    check_positive_int,
+    describe,
+)
 from ._bisection import bisect_width, closest_width
 from ._tracing import (
     CONV_TYPES,
@@ -37,6 +46,8 @@ from .width import count_parameters
 __all__ = ["DivisionError", "divide_module", "round_to_multiple"]
 
 _RESIZABLE = (*MIXING_TYPES, *NORM_TYPES)
+# A member may hold up to this factor times 1/S of the model's parameters ("about 1/S"); see _check_num_splits.
+_SLACK = 1.1
 
 
 class DivisionError(ValueError):
@@ -45,7 +56,7 @@ class DivisionError(ValueError):
 
 def round_to_multiple(value: float, multiple: int) -> int:
     """Round ``value`` to the nearest positive multiple of ``multiple`` (never below ``multiple``)."""
-    m = check_positive_int("multiple", check_int("multiple", multiple))
+    m = check_positive_int("multiple", multiple)
     v = check_number("value", value)
     return max(m, math.floor(v / m + 0.5) * m)
 
@@ -63,25 +74,25 @@ def _check_arguments(
     identical_init: Any,
     init_fn: Any,
 ) -> tuple[int, int]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    s = check_positive_int("num_splits", check_int("num_splits", num_splits))
-    m = check_positive_int("multiple", check_int("multiple", multiple))
+    check_module("model", model)
+    s = check_positive_int("num_splits", num_splits)
+    m = check_positive_int("multiple", multiple)
     check_bool("divide_groups", divide_groups)
     check_bool("identical_init", identical_init)
-    if init_fn is not None and not callable(init_fn):
-        raise TypeError(f"init_fn must be callable or None, got {type(init_fn).__name__}")
+    check_callable("init_fn", init_fn, allow_none=True, expected="module -> None")
     if isinstance(width_multiplier, str):
-        if width_multiplier not in ("match", "sqrt"):
-            raise ValueError(f"width_multiplier must be 'match', 'sqrt' or a number > 0, got {width_multiplier!r}")
-    elif isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)):
-        raise TypeError(f"width_multiplier must be 'match', 'sqrt' or a number, got {type(width_multiplier).__name__}")
+        check_choice("width_multiplier", width_multiplier, ("match", "sqrt"))
     else:
-        check_number("width_multiplier", width_multiplier, minimum=0, strict=True)
+        want = "'match', 'sqrt' or a number in (0, 1)"
+        if check_number("width_multiplier", width_multiplier, minimum=0, strict=True, expected=want) >= 1:
+            raise ValueError(
+                f"width_multiplier must be {want} (a multiplier >= 1 does not make the members narrower), got "
+                f"{width_multiplier!r}"
+            )
     if example_input is not None and not tensors_in(example_input):
         raise TypeError(
             "example_input must be a tensor or a tuple of positional inputs holding at least one tensor, "
-            f"got {type(example_input).__name__}"
+            f"got {describe(example_input)}"
         )
     return s, m
 
@@ -134,7 +145,7 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[list[LayerRecord], Uni
 
 
 # ------------------------------------------------------------------------------------------------------
-# Steps 3-4: the width of every equal-width class, and the multiplier alpha
+# Steps 3-4: the width of every equal-width class, the bound on S, and the multiplier alpha
 # ------------------------------------------------------------------------------------------------------
 def _norm_features(norm: nn.Module) -> int:
     if isinstance(norm, nn.GroupNorm):
@@ -150,8 +161,10 @@ class _WidthPlan:
     """The classes of widths that must stay equal, and the width each gets for a multiplier ``alpha``.
 
     A class is a union-find root. Kept at their width: the input's class and the classes of output layers
-    (``fixed``). Grouped convolutions and ``GroupNorm`` raise a class's rounding multiple to a common multiple
-    with their groups (``multiple_of``); with ``divide_groups`` their classes get exactly c / S (``group_divided``).
+    (``fixed``). Grouped convolutions and ``GroupNorm`` need a class's width to be a multiple of their groups
+    (``required``, the least common multiple) and raise its rounding multiple to a common multiple with them
+    (``multiple_of``); with ``divide_groups`` their classes get exactly c / S (``group_divided``). A divided width
+    is never larger than the original: where the rounding multiple exceeds the width, only ``required`` is kept.
     """
 
     def __init__(
@@ -168,6 +181,7 @@ class _WidthPlan:
         self.width: dict[int, int] = {root: -1}  # class -> its original width c
         self.fixed: set[int] = {root}
         self.multiple_of: dict[int, int] = {}
+        self.required: dict[int, int] = {}
         self.group_divided: set[int] = set()
         for rec in self.mixing:
             self._note_width(rec)
@@ -190,8 +204,8 @@ class _WidthPlan:
 
     def _raise_multiple(self, node: int, groups: int) -> None:
         root = self.uf.find(node)
-        current = self.multiple_of.get(root, self.multiple)
-        self.multiple_of[root] = current * groups // math.gcd(current, groups)
+        self.multiple_of[root] = math.lcm(self.multiple_of.get(root, self.multiple), groups)
+        self.required[root] = math.lcm(self.required.get(root, 1), groups)
 
     def _note_groups(self, rec: LayerRecord) -> None:
         m = rec.module
@@ -225,7 +239,10 @@ class _WidthPlan:
         c = self.width[root]
         if root in self.group_divided:
             return c // self.num_splits
-        return round_to_multiple(c * alpha, self.multiple_of.get(root, self.multiple))
+        multiple = self.multiple_of.get(root, self.multiple)
+        if multiple > c:  # e.g. a width of 12 under GroupNorm(3, 12) and multiple=8: round to 3, not to 24
+            multiple = self.required.get(root, 1)
+        return min(c, round_to_multiple(c * alpha, multiple))
 
     def estimate_params(self, alpha: float) -> int:
         """The divided model's parameter count for multiplier ``alpha`` (exact for traced widths)."""
@@ -259,6 +276,51 @@ class _WidthPlan:
             lambda a: self.estimate_params(a) + constant, target, 1.0 / self.num_splits, 1.0, max_iter=30, max_expand=6
         )
         return closest_width(evaluated, target)
+
+
+def _split_limit(plan: _WidthPlan, total: int, constant: int) -> tuple[int, int]:
+    """The most splits the widths allow, and the parameter count of the narrowest member (see below)."""
+    narrowest = plan.estimate_params(0.0) + constant  # every divided width at its rounding multiple
+    return math.floor(_SLACK * total / max(narrowest, 1)), narrowest
+
+
+def _check_num_splits(plan: _WidthPlan, total: int, constant: int) -> None:
+    """Refuse more splits than the widths allow (before any member is built).
+
+    The narrowest member the widths allow has every divided width at its rounding multiple (``plan``'s widths
+    for a multiplier of 0). S members of about 1/S of the ``total`` parameters need that member to hold at most
+    ``_SLACK / S`` of them, so S may be at most ``floor(_SLACK * total / narrowest)``.
+    """
+    s = plan.num_splits
+    limit, narrowest = _split_limit(plan, total, constant)
+    if s <= limit:
+        return
+    fine = limit
+    if plan.multiple > 1:  # what rounding to multiples of 1 (groups permitting) would allow
+        fine, _ = _split_limit(_WidthPlan(plan.records, plan.uf, s, 1, plan.divide_groups), total, constant)
+    if limit >= 2:
+        advice = f"use num_splits <= {limit}" + (f" (<= {fine} with multiple=1)" if fine > limit else "")
+    elif fine >= 2:
+        advice = f"with multiple=1, num_splits <= {fine} would work"
+    else:
+        advice = "its widths are too narrow to divide (or fixed by the groups of GroupNorm / grouped convolutions)"
+    raise DivisionError(
+        f"num_splits={s} is more than this model's widths allow: the narrowest member they allow (every divided "
+        f"width at its rounding multiple, multiple={plan.multiple}, raised where grouped convolutions or GroupNorm "
+        f"need it) has {narrowest:,} of the model's {total:,} parameters, more than 1/{s} of them (with "
+        f"{round(100 * (_SLACK - 1))}% slack); {advice}"
+    )
+
+
+def _check_member(member: nn.Module, total: int, alpha: float) -> None:
+    """Refuse a division whose members are not smaller than the original model."""
+    params = count_parameters(member)
+    if params >= total:
+        raise DivisionError(
+            f"the divided members would not be smaller than the model: {params:,} parameters each against the "
+            f"model's {total:,} (width multiplier {alpha:.3g}; widths at the rounding multiple cannot shrink); "
+            "use a smaller width_multiplier or multiple"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -450,11 +512,13 @@ def divide_module(
     **pycoe's generic rule** (the paper uses per-architecture width tables instead). Every channel count
     :math:`c` inside the model becomes
 
-    .. math:: c' = \operatorname{round\_to\_multiple}(c \cdot \alpha,\; m), \qquad \alpha \approx 1/\sqrt{S},
+    .. math:: c' = \min\big(c,\; \operatorname{round\_to\_multiple}(c \cdot \alpha,\; m)\big),
+        \qquad \alpha \approx 1/\sqrt{S},
 
     where by default :math:`\alpha` is chosen (by bisection) so that the divided model's parameter count is
     closest to the original's divided by S, and :math:`m` = ``multiple`` (raised to the least common
-    multiple with the groups of any grouped convolution or ``GroupNorm`` that must divide that width), except
+    multiple with the groups of any grouped convolution or ``GroupNorm`` that must divide that width; where that
+    exceeds :math:`c`, only the groups' multiple is kept), so that no width grows, except
 
     - the model's input channels and the widths of the layers producing the model's output (e.g. the
       classifier's number of classes), which are kept;
@@ -473,7 +537,15 @@ def divide_module(
 
     The rebuilt layers are **freshly initialised** with PyTorch's default initialisation (pass ``init_fn``
     to apply your model's own, e.g. torchvision's Kaiming init); dropout probabilities are left alone
-    (see :func:`~pycoe.cotrain.apply_dropout_scaling`). ``S = 1`` returns ``[copy.deepcopy(model)]``.
+    (see :func:`~pycoe.cotrain.scale_dropout_modules`). ``S = 1`` returns ``[copy.deepcopy(model)]``.
+
+    **What the widths allow.** Widths at their rounding multiple cannot shrink, so a member cannot be smaller
+    than the *narrowest* one, with every divided width at its rounding multiple (:math:`P_{\min}` parameters,
+    counted from the trace before any member is built). Of a model with :math:`P` parameters, S members of about
+    :math:`P / S` each need :math:`P_{\min} \le 1.1\, P / S`, so ``num_splits`` may be at most
+    :math:`\lfloor 1.1\, P / P_{\min} \rfloor`; a larger S raises :class:`DivisionError` (naming the limit,
+    and the one ``multiple=1`` would allow), as does a division whose members would not be smaller than the
+    model (an explicit ``width_multiplier`` whose widths round back to the original's).
 
     Args:
         model: the network to divide (left unchanged).
@@ -487,7 +559,7 @@ def divide_module(
         width_multiplier: :math:`\alpha`: ``"match"`` (default) picks it so that one divided model has the
             parameter count closest to the original's / S (the fixed input and output layers make the plain
             rule overshoot, e.g. +11% for EfficientNet-B0 at S = 2); ``"sqrt"`` is exactly :math:`1/\sqrt S`;
-            a finite number > 0 sets it.
+            a number in (0, 1) sets it.
         identical_init: give all S copies the same initial weights (an option of the authors' code).
         init_fn: called as ``member.apply(init_fn)`` on each divided copy after its default initialisation.
 
@@ -499,10 +571,11 @@ def divide_module(
             ``num_splits``/``multiple``, a non-bool flag, a non-numeric ``width_multiplier``, an
             ``example_input`` without a tensor, a non-callable ``init_fn``).
         ValueError: ``num_splits``/``multiple`` < 1, or a ``width_multiplier`` that is not ``"match"``,
-            ``"sqrt"`` or a finite number > 0.
+            ``"sqrt"`` or a number in (0, 1).
         DivisionError: (a ``ValueError``) naming the module that cannot be divided: an unsupported
             parametrised layer, a layer the example input does not reach, groups that do not divide the new
-            width, or a divided model that fails its verification forward pass.
+            width, or a divided model that fails its verification forward pass; or more splits than the widths
+            allow, or members that would not be smaller than the model (see above).
     """
     s, multiple = _check_arguments(
         model, num_splits, multiple, divide_groups, example_input, width_multiplier, identical_init, init_fn
@@ -515,6 +588,9 @@ def divide_module(
     records, uf, reference_output = _trace(model, example_input)
     plan = _WidthPlan(records, uf, s, multiple, divide_groups)
     prelu = sum(p.numel() for m in model.modules() if isinstance(m, nn.PReLU) for p in m.parameters(recurse=False))
-    alpha = plan.choose_multiplier(width_multiplier, count_parameters(model) / s, prelu)
+    total = count_parameters(model)
+    _check_num_splits(plan, total, prelu)
+    alpha = plan.choose_multiplier(width_multiplier, total / s, prelu)
     template = _rebuild(model, plan, alpha, example_input, reference_output)
+    _check_member(template, total, alpha)
     return _members(template, s, init_fn, identical_init)

@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_bool, check_choice, check_int, check_number, check_positive_int, check_tensor
+from .._validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_module,
+    check_number,
+    check_positive_int,
+    check_tensor,
+    describe,
+)
 from ..functional.cotrain import js_divergence, pairwise_kl
 from .schedule import LinearWarmup
 
@@ -69,7 +78,7 @@ def _check_combine(combine: Any) -> None:
         return
     if not isinstance(combine, str):
         raise TypeError(
-            f"combine must be one of {', '.join(map(repr, _COMBINE))} or a callable, got {type(combine).__name__}"
+            f"combine must be one of {', '.join(map(repr, _COMBINE))} or a callable, got {describe(combine)}"
         )
     check_choice("combine", combine, _COMBINE)
 
@@ -92,7 +101,7 @@ def combine_outputs(member_outputs: Tensor, combine: str | Callable[[Tensor], Te
     if callable(combine):
         combined = combine(member_outputs)
         if not isinstance(combined, Tensor):
-            raise TypeError(f"combine must return a Tensor, got {type(combined).__name__}")
+            raise TypeError(f"combine must return a Tensor, got {describe(combined)}")
         if combined.shape != member_outputs.shape[1:]:
             raise ValueError(
                 f"combine must map Tensor[S, B, ...] to Tensor[B, ...], i.e. shape {tuple(member_outputs.shape[1:])} "
@@ -116,12 +125,9 @@ def _check_views(x: Any, num_members: int) -> list[Tensor]:
             raise ValueError(f"x must hold one input per member: expected {num_members} views, got {len(x)}")
         views = list(x)
     else:
-        raise TypeError(
-            f"x must be a list of {num_members} tensors (one per member) or one Tensor, got {type(x).__name__}"
-        )
+        raise TypeError(f"x must be a list of {num_members} tensors (one per member) or one Tensor, got {describe(x)}")
     for i, v in enumerate(views):
-        if not isinstance(v, Tensor):
-            raise TypeError(f"x[{i}] must be a torch.Tensor, got {type(v).__name__}")
+        check_tensor(f"x[{i}]", v)
         if v.dim() < 1:
             raise ValueError(f"x[{i}] must have a batch dimension, got a scalar")
         if v.shape[0] != views[0].shape[0]:
@@ -163,13 +169,12 @@ class CoTrainingEnsemble(nn.Module):
         if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
             raise TypeError("models must be a sequence of nn.Module (one per member), got a single nn.Module")
         if not isinstance(models, (Sequence, nn.ModuleList)):
-            raise TypeError(f"models must be a sequence of nn.Module (one per member), got {type(models).__name__}")
+            raise TypeError(f"models must be a sequence of nn.Module (one per member), got {describe(models)}")
         members = list(models)
         if len(members) < 1:
             raise ValueError("models must hold at least one member, got 0")
         for i, m in enumerate(members):
-            if not isinstance(m, nn.Module):
-                raise TypeError(f"models[{i}] must be an nn.Module, got {type(m).__name__}")
+            check_module(f"models[{i}]", m)
         _check_combine(combine)
         self.members = nn.ModuleList(members)
         self.combine = combine
@@ -177,7 +182,7 @@ class CoTrainingEnsemble(nn.Module):
         if max_workers is None:
             self.max_workers = len(members)
         else:
-            self.max_workers = check_positive_int("max_workers", check_int("max_workers", max_workers))
+            self.max_workers = check_positive_int("max_workers", max_workers)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
 
@@ -320,16 +325,9 @@ class CoTrainingLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if not isinstance(divergence, str):
-            raise TypeError(f"divergence must be 'js' or 'pairwise_kl', got {type(divergence).__name__}")
         self.divergence = check_choice("divergence", divergence, _DIVERGENCES)
-        if not callable(weight):
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise TypeError(
-                    f"weight must be a number >= 0 or a callable step -> weight, got {type(weight).__name__}"
-                )
-            check_number("weight", weight, minimum=0)
-        self.weight = weight
+        want = "a finite number >= 0 or a callable step -> weight"
+        self.weight = weight if callable(weight) else check_number("weight", weight, minimum=0, expected=want)
         self.label_smoothing = check_number("label_smoothing", label_smoothing, minimum=0, maximum=1)
 
     def current_weight(self, step: int | None = None) -> float:
@@ -340,14 +338,13 @@ class CoTrainingLoss(nn.Module):
             raise ValueError("step must be given when the co-training weight is a schedule")
         check_int("step", step)
         value = self.weight(step)
-        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        try:
+            return check_number("weight", value, minimum=0)
+        except (TypeError, ValueError):  # the schedule's fault, not the caller's argument: name the schedule
             raise ValueError(
                 f"the co-training weight schedule {self.weight!r} returned {value!r} at step {step}; "
                 "a weight must be a finite number >= 0"
-            )
-        return float(value)
+            ) from None
 
     def forward(
         self, output: CoTrainingOutput | Tensor, target: Tensor, step: int | None = None

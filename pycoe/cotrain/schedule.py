@@ -8,10 +8,12 @@ Zhao et al., *Towards Better Accuracy-efficiency Trade-offs: Divide and Co-train
   the wide ResNets only): :func:`scale_weight_decay`;
 - dropout: the authors' public code divides the dropout probability by S for ResNets and by
   :math:`\\sqrt S` for SE-ResNets and EfficientNets. That is what their code does, not a general rule
-  stated in the paper, so :func:`scale_dropout` takes the rule as an argument.
+  stated in the paper, so the rule is an argument: :func:`scale_dropout` gives the scaled probability (for a
+  factory's dropout argument or a functional dropout), :func:`scale_dropout_modules` scales the dropout modules
+  of a model in place (after :func:`~pycoe.cotrain.divide_module`).
 
 The co-training loss weight is warmed up linearly (the reference code: weight 0.5 reached after 40 epochs,
-floor 0.005); :func:`linear_warmup` / :class:`LinearWarmup` give pycoe's formulation of that ramp.
+floor 0.005); :class:`LinearWarmup` is pycoe's formulation of that ramp.
 """
 
 from __future__ import annotations
@@ -20,28 +22,12 @@ import math
 
 from torch import nn
 
-from .._validation import check_choice, check_int, check_nonnegative_int, check_number, check_positive_int
+from .._validation import check_choice, check_module, check_nonnegative_int, check_number, check_positive_int
 
-__all__ = [
-    "scale_weight_decay",
-    "scale_dropout",
-    "apply_dropout_scaling",
-    "linear_warmup",
-    "LinearWarmup",
-]
+__all__ = ["scale_weight_decay", "scale_dropout", "scale_dropout_modules", "LinearWarmup"]
 
 
 _RULES = ("linear", "sqrt", "none")
-
-
-def _num_splits(num_splits: object) -> int:
-    return check_positive_int("num_splits", check_int("num_splits", num_splits))
-
-
-def _check_rule(rule: object) -> None:
-    if not isinstance(rule, str):
-        raise TypeError(f"rule must be one of {', '.join(map(repr, _RULES))}, got {type(rule).__name__}")
-    check_choice("rule", rule, _RULES)
 
 
 def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
@@ -58,12 +44,12 @@ def scale_weight_decay(weight_decay: float, num_splits: int) -> float:
         The scaled weight decay.
     """
     wd = check_number("weight_decay", weight_decay, minimum=0)
-    s = _num_splits(num_splits)
+    s = check_positive_int("num_splits", num_splits)
     return wd * math.exp(1.0 / s - 1.0)
 
 
 def scale_dropout(p: float, num_splits: int, rule: str = "linear") -> float:
-    r"""Dropout probability for one of S divided networks.
+    r"""Dropout probability for one of S divided networks (a number; :func:`scale_dropout_modules` edits a model).
 
     ``rule="linear"`` gives :math:`p/S` (what the authors' code does for ResNets); ``rule="sqrt"`` gives
     :math:`p/\sqrt S` (their code's choice for SE-ResNeXt and EfficientNet); ``rule="none"`` keeps ``p``.
@@ -77,8 +63,8 @@ def scale_dropout(p: float, num_splits: int, rule: str = "linear") -> float:
         The scaled probability.
     """
     prob = check_number("p", p, minimum=0, maximum=1)
-    s = _num_splits(num_splits)
-    _check_rule(rule)
+    s = check_positive_int("num_splits", num_splits)
+    check_choice("rule", rule, _RULES)
     if rule == "linear":
         return prob / s
     if rule == "sqrt":
@@ -86,11 +72,12 @@ def scale_dropout(p: float, num_splits: int, rule: str = "linear") -> float:
     return prob
 
 
-def apply_dropout_scaling(model: nn.Module, num_splits: int, rule: str = "linear") -> int:
+def scale_dropout_modules(model: nn.Module, num_splits: int, rule: str = "linear") -> int:
     """Scale, in place, the ``p`` of every dropout module of ``model`` with :func:`scale_dropout`.
 
-    Covers ``nn.Dropout``, ``nn.Dropout1d/2d/3d``, ``nn.AlphaDropout`` and ``nn.FeatureAlphaDropout``
-    (functional dropout called inside a ``forward`` cannot be reached and is left alone).
+    Covers ``nn.Dropout``, ``nn.Dropout1d/2d/3d``, ``nn.AlphaDropout`` and ``nn.FeatureAlphaDropout``.
+    Functional dropout called inside a ``forward`` (timm's ``drop_rate``, for instance) cannot be reached and is
+    left alone: pass ``scale_dropout(p, num_splits)`` to the model's constructor instead.
 
     Args:
         model: the (divided) network to edit.
@@ -100,10 +87,9 @@ def apply_dropout_scaling(model: nn.Module, num_splits: int, rule: str = "linear
     Returns:
         The number of dropout modules changed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _num_splits(num_splits)
-    _check_rule(rule)
+    check_module("model", model)
+    check_positive_int("num_splits", num_splits)
+    check_choice("rule", rule, _RULES)
     count = 0
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -112,7 +98,7 @@ def apply_dropout_scaling(model: nn.Module, num_splits: int, rule: str = "linear
     return count
 
 
-def linear_warmup(step: int, warmup_steps: int, max_weight: float, min_weight: float = 0.0) -> float:
+class LinearWarmup:
     r"""A linear ramp of a loss weight from ``min_weight`` at step 0 to ``max_weight`` at ``warmup_steps``.
 
     .. math::
@@ -120,35 +106,13 @@ def linear_warmup(step: int, warmup_steps: int, max_weight: float, min_weight: f
 
     with :math:`w(t) = w_{\max}` for every step if :math:`T = 0`. This is pycoe's formulation of the paper's
     linear warm-up of the co-training weight (the reference code warms 0.5 up over 40 epochs with a floor
-    of 0.005; whether the floor is added or clamped there is not reproduced here).
+    of 0.005; whether the floor is added or clamped there is not reproduced here). Pass it as
+    ``CoTrainingLoss(weight=...)``, or call it: ``LinearWarmup(T, 0.5)(step)`` is the weight at ``step``.
 
     Args:
-        step: the current step (or epoch), >= 0.
-        warmup_steps: T >= 0, the step at which ``max_weight`` is reached.
-        max_weight: the final weight (>= 0).
-        min_weight: the weight at step 0 (>= 0, <= ``max_weight``).
-
-    Returns:
-        The weight, a Python float.
-    """
-    t = check_nonnegative_int("step", check_int("step", step))
-    total = check_nonnegative_int("warmup_steps", check_int("warmup_steps", warmup_steps))
-    hi = check_number("max_weight", max_weight, minimum=0)
-    lo = check_number("min_weight", min_weight, minimum=0)
-    if lo > hi:
-        raise ValueError(f"min_weight must be <= max_weight, got min_weight={lo} > max_weight={hi}")
-    if total == 0:
-        return hi
-    return lo + (hi - lo) * min(t / total, 1.0)
-
-
-class LinearWarmup:
-    """A callable :func:`linear_warmup` with its settings bound: ``LinearWarmup(T, 0.5)(step)``.
-
-    Args:
-        warmup_steps: T >= 0.
-        max_weight: the final weight.
-        min_weight: the weight at step 0.
+        warmup_steps: T >= 0, the step (or epoch) at which ``max_weight`` is reached.
+        max_weight: the final weight (a finite number >= 0).
+        min_weight: the weight at step 0 (a finite number >= 0, <= ``max_weight``).
 
     Example:
         >>> schedule = LinearWarmup(warmup_steps=100, max_weight=0.5, min_weight=0.005)
@@ -157,13 +121,20 @@ class LinearWarmup:
     """
 
     def __init__(self, warmup_steps: int, max_weight: float, min_weight: float = 0.0) -> None:
-        linear_warmup(0, warmup_steps, max_weight, min_weight)  # validates the arguments
-        self.warmup_steps = int(warmup_steps)
-        self.max_weight = float(max_weight)
-        self.min_weight = float(min_weight)
+        self.warmup_steps = check_nonnegative_int("warmup_steps", warmup_steps)
+        self.max_weight = check_number("max_weight", max_weight, minimum=0)
+        self.min_weight = check_number("min_weight", min_weight, minimum=0)
+        if self.min_weight > self.max_weight:
+            raise ValueError(
+                f"min_weight must be <= max_weight, got min_weight={self.min_weight} > max_weight={self.max_weight}"
+            )
 
     def __call__(self, step: int) -> float:
-        return linear_warmup(step, self.warmup_steps, self.max_weight, self.min_weight)
+        """The weight at ``step`` (an int >= 0), a Python float."""
+        t = check_nonnegative_int("step", step)
+        if self.warmup_steps == 0:
+            return self.max_weight
+        return self.min_weight + (self.max_weight - self.min_weight) * min(t / self.warmup_steps, 1.0)
 
     def __repr__(self) -> str:
         return (

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, default_collate
 
-from .._validation import check_int, check_positive_int
+from .._validation import check_callable, check_positive_int, describe
 
 __all__ = ["MultiViewDataset", "multiview_collate"]
 
@@ -48,15 +48,13 @@ class MultiViewDataset(Dataset):
     ) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
-                f"dataset must be a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}"
+                f"dataset must be a map-style dataset (with __getitem__ and __len__), got {describe(dataset)}"
             )
-        if not callable(transform):
-            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
-        if target_transform is not None and not callable(target_transform):
-            raise TypeError(f"target_transform must be callable or None, got {type(target_transform).__name__}")
+        check_callable("transform", transform, expected="sample -> view")
+        check_callable("target_transform", target_transform, allow_none=True, expected="target -> target")
         self.dataset = dataset
         self.transform = transform
-        self.num_views = check_positive_int("num_views", check_int("num_views", num_views))
+        self.num_views = check_positive_int("num_views", num_views)
         self.target_transform = target_transform
 
     def __len__(self) -> int:
@@ -89,7 +87,7 @@ def multiview_collate(batch: Sequence[tuple[Sequence[Any], Any]]) -> tuple[list[
         ``(views, targets)``: a list of S collated views and the collated targets (``Tensor[B]``).
     """
     if not isinstance(batch, Sequence) or isinstance(batch, (str, bytes)):
-        raise TypeError(f"batch must be a sequence of (views, target) items, got {type(batch).__name__}")
+        raise TypeError(f"batch must be a sequence of (views, target) items, got {describe(batch)}")
     if len(batch) == 0:
         raise ValueError("batch must be a non-empty sequence of (views, target) items")
     first = batch[0]

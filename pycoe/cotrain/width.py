@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validation import check_bool, check_int, check_number, check_positive_int
+from .._validation import check_bool, check_callable, check_module, check_number, check_positive_int, describe
 from ._bisection import bisect_width, closest_width
 
 __all__ = ["WidthSearch", "count_parameters", "search_width", "divide_by_factory"]
@@ -26,9 +26,7 @@ __all__ = ["WidthSearch", "count_parameters", "search_width", "divide_by_factory
 
 def count_parameters(model: nn.Module) -> int:
     """Number of (distinct) parameter elements of ``model``; works for models on the ``meta`` device."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in check_module("model", model).parameters())
 
 
 @dataclass
@@ -55,11 +53,14 @@ class WidthSearch:
         return self.params / self.target
 
 
-def _build(factory: Callable[[Any], nn.Module], width: Any) -> nn.Module:
-    model = factory(width)
+def _returned_module(model: Any, width: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"factory must return an nn.Module, got {type(model).__name__} for width {width!r}")
+        raise TypeError(f"factory must return an nn.Module, got {describe(model)} for width {width!r}")
     return model
+
+
+def _build(factory: Callable[[Any], nn.Module], width: Any) -> nn.Module:
+    return _returned_module(factory(width), width)
 
 
 def _count_factory(factory: Callable[[Any], nn.Module], width: Any) -> int:
@@ -68,27 +69,24 @@ def _count_factory(factory: Callable[[Any], nn.Module], width: Any) -> int:
             model = factory(width)
     except Exception:  # some factories cannot build on the meta device: build for real
         model = factory(width)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"factory must return an nn.Module, got {type(model).__name__} for width {width!r}")
-    return count_parameters(model)
+    return count_parameters(_returned_module(model, width))
 
 
 def _check_search(
     factory: Any, num_splits: Any, base_width: Any, integer: Any, candidates: Any, rel_tol: Any, max_iter: Any
 ) -> tuple[int, float, list[Any] | None]:
-    if not callable(factory):
-        raise TypeError(f"factory must be callable (width -> nn.Module), got {type(factory).__name__}")
-    s = check_positive_int("num_splits", check_int("num_splits", num_splits))
+    check_callable("factory", factory, expected="width -> nn.Module")
+    s = check_positive_int("num_splits", num_splits)
     base = check_number("base_width", base_width, minimum=0, strict=True)
     check_bool("integer", integer)
     if integer and int(base) != base:
         raise ValueError(f"base_width must be an integer when integer=True, got {base_width!r}")
     check_number("rel_tol", rel_tol, minimum=0, strict=True)
-    check_positive_int("max_iter", check_int("max_iter", max_iter))
+    check_positive_int("max_iter", max_iter)
     if candidates is None:
         return s, base, None
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):
-        raise TypeError(f"candidates must be an iterable of widths or None, got {type(candidates).__name__}")
+        raise TypeError(f"candidates must be an iterable of widths or None, got {describe(candidates)}")
     widths = list(candidates)
     if not widths:
         raise ValueError("candidates must not be empty")

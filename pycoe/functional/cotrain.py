@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._validation import check_choice, check_tensor
+from .._validation import check_bool, check_choice, check_tensor, describe
 
 __all__ = ["js_divergence", "pairwise_kl"]
 
@@ -51,20 +51,12 @@ def _stack_logits(logits: Tensor | Sequence[Tensor], name: str = "logits") -> Te
                 )
         stacked = torch.stack(list(logits), dim=0)
     else:
-        raise TypeError(
-            f"{name} must be a Tensor[S, B..., C] or a sequence of Tensor[B..., C], got {type(logits).__name__}"
-        )
+        raise TypeError(f"{name} must be a Tensor[S, B..., C] or a sequence of Tensor[B..., C], got {describe(logits)}")
     if stacked.shape[0] < 1:
         raise ValueError(f"{name} must hold at least one prediction (S >= 1), got shape {tuple(stacked.shape)}")
     if stacked.shape[-1] < 1:
         raise ValueError(f"{name} must have at least one class in its last dimension, got {tuple(stacked.shape)}")
     return stacked
-
-
-def _check_reduction(reduction: object) -> None:
-    if not isinstance(reduction, str):
-        raise TypeError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, got {type(reduction).__name__}")
-    check_choice("reduction", reduction, _REDUCTIONS)
 
 
 def _check_not_empty(stacked: Tensor, reduction: str) -> None:
@@ -105,7 +97,7 @@ def js_divergence(logits: Tensor | Sequence[Tensor], reduction: str = "mean") ->
     Returns:
         ``Tensor[]``, or ``Tensor[B...]`` with ``reduction="none"``.
     """
-    _check_reduction(reduction)
+    check_choice("reduction", reduction, _REDUCTIONS)
     z = _stack_logits(logits)
     _check_not_empty(z, reduction)
     num = z.shape[0]
@@ -144,9 +136,8 @@ def pairwise_kl(
     Returns:
         ``Tensor[]``, or ``Tensor[S, B...]`` with ``reduction="none"``.
     """
-    _check_reduction(reduction)
-    if not isinstance(detach_peers, bool):
-        raise TypeError(f"detach_peers must be a bool, got {type(detach_peers).__name__}")
+    check_choice("reduction", reduction, _REDUCTIONS)
+    check_bool("detach_peers", detach_peers)
     z = _stack_logits(logits)
     _check_not_empty(z, reduction)
     num = z.shape[0]

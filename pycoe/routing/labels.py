@@ -21,7 +21,7 @@ from torch import nn
 from pycoe._validation import check_choice, check_finite, check_positive_float, check_tensor
 from pycoe.routing.transport import METHODS, balanced_assignment, check_solver_options
 
-__all__ = ["LabelGenerator", "LabelOutput", "LABEL_MODES", "best_expert"]
+__all__ = ["LabelGenerator", "LabelOutput", "best_expert"]
 
 LABEL_MODES = ("best", "soft", "balanced")
 
@@ -88,8 +88,9 @@ class LabelGenerator(nn.Module):
             it with another mode raises ``ValueError`` instead of being silently ignored.
         method: solver for ``"balanced"`` (see :func:`pycoe.routing.transport.balanced_assignment`; default
             ``"exact"``). Only ``"balanced"`` uses it: giving it with another mode raises ``ValueError``.
-        solver_options: keyword options of the solver method for ``"balanced"`` (validated by
-            :func:`pycoe.routing.transport.check_solver_options`); any other mode raises if they are given.
+        solver_options: keyword options of the solver method for ``"balanced"`` (see
+            :func:`pycoe.routing.transport.balanced_assignment`; an option the method does not use raises); any
+            other mode raises if they are given.
 
     Every mode runs inside ``torch.compile`` (``fullgraph=True`` included) without a graph break: ``"balanced"``
     solves through the custom operator ``pycoe::balanced_assignment``, and the NaN/inf check of the losses becomes
@@ -110,23 +111,18 @@ class LabelGenerator(nn.Module):
     ) -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, LABEL_MODES)
-        if temperature is not None and self.mode != "soft":
-            raise ValueError(
-                f"temperature is used only by mode='soft', not by mode={self.mode!r} (which would ignore it); "
-                "leave it out"
-            )
-        if method is not None and self.mode != "balanced":
-            raise ValueError(
-                f"method is used only by mode='balanced', not by mode={self.mode!r} (which would ignore it); "
-                "leave it out"
-            )
+        for name, value, used_by in (
+            ("temperature", temperature, "soft"),
+            ("method", method, "balanced"),
+            ("solver_options", solver_options, "balanced"),
+        ):
+            if value is not None and self.mode != used_by:
+                raise ValueError(
+                    f"{name} is used only by mode={used_by!r}, not by mode={self.mode!r} (which would ignore it); "
+                    "leave it out"
+                )
         self.temperature = check_positive_float("temperature", 1.0 if temperature is None else temperature)
         self.method = check_choice("method", "exact" if method is None else method, METHODS)
-        if solver_options is not None and self.mode != "balanced":
-            raise ValueError(
-                f"solver_options are used only by mode='balanced', not by mode={self.mode!r} (which would ignore "
-                "them); leave them out"
-            )
         self.solver_options = check_solver_options(self.method, solver_options)
 
     def extra_repr(self) -> str:

@@ -23,7 +23,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pycoe._validation import check_data, check_expert_index, check_finite, check_positive_int, check_tensor
+from pycoe._validation import (
+    check_bool,
+    check_data,
+    check_expert_index,
+    check_finite,
+    check_positive_int,
+    check_tensor,
+)
 
 __all__ = [
     "expert_load",
@@ -33,12 +40,6 @@ __all__ = [
     "oracle_accuracy",
     "load_balance_cv2",
 ]
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def _check_logits(name: str, logits: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ def expert_load(index: torch.Tensor, num_experts: int, *, normalize: bool = Fals
     """
     k = check_positive_int("num_experts", num_experts)
     idx = check_expert_index("index", index, k, allow_exited=True)
-    _check_flag("normalize", normalize)
+    check_bool("normalize", normalize)
     routed = idx >= 0
     counts = torch.zeros(k, dtype=torch.long, device=idx.device)
     counts.scatter_add_(0, idx.clamp_min(0), routed.long())  # exited samples (-1) add 0
@@ -93,7 +94,7 @@ def assignment_entropy(index: torch.Tensor, num_experts: int, *, normalize: bool
     Returns:
         Tensor[] (float32). 0 if no sample was routed.
     """
-    _check_flag("normalize", normalize)
+    check_bool("normalize", normalize)
     f = expert_load(index, num_experts, normalize=True)
     h = _entropy(f)
     if normalize:
@@ -116,7 +117,7 @@ def mean_selection_entropy(selection_logits: torch.Tensor, *, normalize: bool = 
         Tensor[] in the logits' dtype.
     """
     z = _check_logits("selection_logits", selection_logits)
-    _check_flag("normalize", normalize)
+    check_bool("normalize", normalize)
     p_bar = F.softmax(z, dim=1).mean(dim=0)  # [K]
     h = _entropy(p_bar)
     if normalize:
@@ -192,7 +193,7 @@ def load_balance_cv2(selection: torch.Tensor, *, is_probs: bool = False) -> torc
         Tensor[] (differentiable) in the input's dtype; 0 for K = 1.
     """
     x = _check_logits("selection", selection)
-    if _check_flag("is_probs", is_probs):
+    if check_bool("is_probs", is_probs):
         check_data((x.detach() >= 0).all(), "selection must be non-negative when is_probs=True")
         check_data(x.detach().sum() > 0, "selection must have a positive total probability mass when is_probs=True")
         p = x

@@ -26,15 +26,17 @@ from torch import nn
 from pycoe import distributed as _dist
 from pycoe._validation import (
     check_choice,
+    check_dtype,
     check_expert_index,
     check_finite,
     check_positive_int,
     check_probability,
     check_tensor,
+    describe,
 )
 from pycoe.routing.transport import METHODS, balanced_assignment, check_solver_options
 
-__all__ = ["BalancedTransportWeighter", "WeightingOutput", "SCORE_TRANSFORMS", "SCOPES"]
+__all__ = ["BalancedTransportWeighter", "WeightingOutput"]
 
 SCORE_TRANSFORMS = ("log_softmax", "softmax", "logits")
 SCOPES = ("batch", "global")
@@ -113,9 +115,8 @@ class BalancedTransportWeighter(nn.Module):
             is identical on every rank) and keep this rank's slice. Without an initialised process group,
             ``"global"`` behaves exactly like ``"batch"``.
         solver_options: keyword options for the solver method, e.g. ``{"entropic_reg": 0.01, "max_iter":
-            500}`` with ``method="sinkhorn"`` (see :func:`pycoe.routing.transport.solve_balanced_transport`);
-            validated here by :func:`pycoe.routing.transport.check_solver_options`: an option the method
-            does not use raises. Default: none.
+            500}`` with ``method="sinkhorn"`` (see :func:`pycoe.routing.transport.balanced_assignment`);
+            validated here: an option the method does not use raises. Default: none.
 
     Under ``torch.compile`` (``fullgraph=True`` included) the forward pass with scope ``"batch"`` is one graph:
     the solve is the custom operator ``pycoe::balanced_assignment``, and the NaN/inf check of the logits is a
@@ -259,12 +260,7 @@ class BalancedTransportWeighter(nn.Module):
         if assignment.dtype != torch.long:
             raise TypeError(f"assignment must be a LongTensor (int64), got dtype {assignment.dtype}")
         check_expert_index("assignment", assignment, self.num_experts)
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32) or None, got {type(dtype).__name__}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        return self._weights(assignment, dtype)
+        return self._weights(assignment, check_dtype("dtype", dtype) or torch.get_default_dtype())
 
     def _weights(self, assignment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # [B] -> [B, K]: 1 at the assigned expert, epsilon elsewhere (a comparison rather than F.one_hot, whose
@@ -318,7 +314,7 @@ class BalancedTransportWeighter(nn.Module):
                 raise TypeError(f"scores must be a floating-point array, got dtype {scores.dtype}")
             scores = torch.from_numpy(scores)
         elif not isinstance(scores, torch.Tensor):
-            raise TypeError(f"scores must be a torch.Tensor or numpy.ndarray, got {type(scores).__name__}")
+            raise TypeError(f"scores must be a torch.Tensor or numpy.ndarray, got {describe(scores)}")
         self._check_logits("scores", scores)
         if scores.shape[0] == 0:
             raise ValueError("scores must hold at least one sample, got shape (0, K)")

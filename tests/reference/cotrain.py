@@ -26,3 +26,15 @@ def pairwise_kl_reference(logits: torch.Tensor) -> torch.Tensor:
                 acc = acc + (p[j] * (torch.log(p[j]) - torch.log(p[i]))).sum(-1)
         rows.append(acc / (s - 1))
     return torch.stack(rows)
+
+
+def smoothed_cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy against the smoothed target ``(1 - eps) q + eps / C``, in float64: ``[B, C] -> []``.
+
+    ``target`` holds class indices ``[B]`` (``q`` one-hot) or class probabilities ``[B, C]``.
+    """
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    classes = logits.shape[-1]
+    q = target.double() if target.is_floating_point() else torch.eye(classes, dtype=torch.float64)[target]
+    smoothed = (1.0 - smoothing) * q + smoothing / classes
+    return -(smoothed * logp).sum(-1).mean()

@@ -32,32 +32,27 @@ The package: this module holds the public API and the input normalisation;
 
 :func:`balanced_assignment` on a tensor runs as the custom operator ``torch.ops.pycoe.balanced_assignment``,
 one opaque node under ``torch.compile`` and ``torch.export`` (its fake implementation only allocates the
-LongTensor[N] result); :func:`solve_balanced_transport` returns Python floats and runs eagerly.
+LongTensor[N] result); the operator runs the eager solver, which also returns the objective and the prices that
+certify it (internal: ``_solve_balanced_transport``, checked by the tests).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from pycoe._validation import check_choice, check_nonnegative_int, check_positive_int
-from pycoe.routing.transport import common
+from pycoe._validation import check_choice, check_nonnegative_int, check_number, check_positive_int, describe
 from pycoe.routing.transport.approximate import solve_approximate
-from pycoe.routing.transport.common import *
+from pycoe.routing.transport.common import METHOD_OPTIONS, METHODS, TransportInfeasibleError, TransportResult
 from pycoe.routing.transport.exact import solve_exact
 
-__all__ = [
-    *common.__all__,
-    "solve_balanced_transport",
-    "balanced_assignment",
-    "near_equal_capacities",
-    "check_solver_options",
-]
+# The public names. Internal, for the rest of pycoe.routing: METHODS, METHOD_OPTIONS, check_solver_options and
+# the full solution with its certificate (_solve_balanced_transport, TransportResult).
+__all__ = ["balanced_assignment", "near_equal_capacities", "TransportInfeasibleError"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,7 +105,7 @@ def check_solver_options(
     if options is None:
         return {}
     if not isinstance(options, Mapping):
-        raise TypeError(f"{name} must be a mapping of option names to values, or None, got {type(options).__name__}")
+        raise TypeError(f"{name} must be a mapping of option names to values, or None, got {describe(options)}")
     out: dict[str, Any] = {}
     for key, value in options.items():
         if not isinstance(key, str):
@@ -130,24 +125,18 @@ def _check_option(method: str, key: str, value: Any, prefix: str = "") -> float 
             f"{prefix}{key} is used only by method={' or '.join(map(repr, users))}, not by method={method!r} "
             "(which would ignore it); leave it out"
         )
-    label = prefix + key
     if key == "entropic_reg":
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{label} must be a number (entropic regularisation > 0), got {type(value).__name__}")
-        if not 0.0 < float(value) < math.inf:  # NaN fails the comparison too
-            raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
-        return float(value)
-    # max_iter
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{label} must be an int (number of iterations >= 1), got {type(value).__name__}")
-    if int(value) < 1:
-        raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    return int(value)
+        return check_number(prefix + key, value, minimum=0, strict=True)
+    return check_positive_int(prefix + key, value)  # max_iter
 
 
 def _method_options(method: str, entropic_reg: Any, max_iter: Any) -> dict[str, Any]:
     """Validate the keyword options of the solver functions (``None`` means not given)."""
     given = {"entropic_reg": entropic_reg, "max_iter": max_iter}
+    if torch.compiler.is_compiling():
+        # While tracing, a float option may be symbolic, which the number checks cannot inspect; the operator's
+        # eager implementation checks the options when the compiled code runs, with the same errors.
+        return {key: value for key, value in given.items() if value is not None}
     return {key: _check_option(method, key, value) for key, value in given.items() if value is not None}
 
 
@@ -171,9 +160,7 @@ def _check_scores(scores: Any) -> torch.Tensor:
         if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"scores must hold real numbers, got a tensor of dtype {t.dtype}")
     else:
-        raise TypeError(
-            f"scores must be a torch.Tensor or a numpy.ndarray of shape [N, K], got {type(scores).__name__}"
-        )
+        raise TypeError(f"scores must be a torch.Tensor or a numpy.ndarray of shape [N, K], got {describe(scores)}")
     if t.dim() != 2:
         raise ValueError(f"scores must have 2 dimensions [N, K], got shape {tuple(t.shape)}")
     n, k = t.shape
@@ -220,12 +207,10 @@ def _check_capacities(capacities: Any, n: int, k: int) -> np.ndarray:
     elif isinstance(capacities, Sequence) and not isinstance(capacities, (str, bytes)):
         for v in capacities:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"capacities must hold integers, got {v!r} ({type(v).__name__})")
+                raise TypeError(f"capacities must hold integers, got {describe(v)}")
         arr = np.asarray([int(v) for v in capacities], dtype=np.int64)
     else:
-        raise TypeError(
-            f"capacities must be None, an int or a length-K sequence of ints, got {type(capacities).__name__}"
-        )
+        raise TypeError(f"capacities must be None, an int or a length-K sequence of ints, got {describe(capacities)}")
     arr = np.asarray(arr, dtype=np.int64).reshape(-1) if np.ndim(arr) == 1 else np.asarray(arr)
     if arr.ndim != 1 or arr.shape[0] != k:
         raise ValueError(f"capacities must have length K={k}, got shape {tuple(arr.shape)}")
@@ -242,11 +227,11 @@ def _check_capacity_dtype(capacities: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Public API
+# The solver and its public form
 # --------------------------------------------------------------------------------------------------
 
 
-def solve_balanced_transport(
+def _solve_balanced_transport(
     scores: Any,
     capacities: Any = None,
     method: str = "exact",
@@ -254,36 +239,15 @@ def solve_balanced_transport(
     entropic_reg: float | None = None,
     max_iter: int | None = None,
 ) -> TransportResult:
-    r"""Assign every sample to one expert, expert ``k`` receiving exactly ``capacities[k]`` samples.
+    r"""The solution of :func:`balanced_assignment` with its objective and its certificate (dual prices).
 
-    Maximises the total score :math:`\sum_i s_{i, a_i}` (higher is better). See the module docstring
-    and the user guide (*Balanced transport*) for the formulation and the algorithms. Runs eagerly (the
-    result holds Python floats); :func:`balanced_assignment` is the form that compiles.
-
-    Args:
-        scores: Tensor[N, K] or ndarray[N, K] of real scores, higher is better. ``-inf`` marks a forbidden
-            pair (infeasibility raises :class:`TransportInfeasibleError`); NaN and ``+inf`` raise.
-        capacities: ``None`` for :func:`near_equal_capacities` (``N // K`` each, the remainder one by one
-            to the first ``N % K`` experts); an int ``c`` (every expert ``c``, needs ``c * K == N``); or a
-            length-K sequence / array / tensor of non-negative ints summing to ``N``.
-        method: ``"exact"`` (default; provably optimal, NumPy float64 on the CPU), ``"sinkhorn"``
-            (entropic regularisation + greedy rounding in torch on the scores' device; approximate) or
-            ``"greedy"`` (greedy capacity fill by score; approximate).
-        entropic_reg: ``"sinkhorn"`` only: entropic regularisation strength in score units, a finite
-            number > 0 (default ``0.05 * std(scores)``).
-        max_iter: ``"sinkhorn"`` only: maximum number of Sinkhorn iterations, an int >= 1 (default 200).
+    Internal: the eager solver behind the operator of :func:`balanced_assignment` (the public name, with the same
+    arguments, checks and errors), also used by the tests and benchmarks, which check the certificate and the
+    objective.
 
     Returns:
         TransportResult: assignment LongTensor[N] (on the scores' device for a tensor input, CPU
         otherwise), objective, capacities LongTensor[K], prices Tensor[K] or None, method.
-
-    Raises:
-        TypeError: scores, capacities or an option of a wrong type.
-        ValueError: bad shape, NaN/+inf scores, bad capacities or method, an option out of range or one
-            that ``method`` does not use (e.g. ``entropic_reg`` with ``method="exact"``).
-        TransportInfeasibleError: (a ValueError) the forbidden pairs make the capacities unreachable.
-        RuntimeError: ``"greedy"`` or ``"sinkhorn"`` rounded onto a forbidden pair although a feasible
-            assignment exists (``"exact"`` finds one).
     """
     check_choice("method", method, METHODS)
     options = _method_options(method, entropic_reg, max_iter)
@@ -326,21 +290,37 @@ def balanced_assignment(
     entropic_reg: float | None = None,
     max_iter: int | None = None,
 ) -> torch.Tensor:
-    """Each sample's expert under exact capacities, maximising the total score.
+    r"""Each sample's expert under exact capacities, maximising the total score.
 
-    The assignment of :func:`solve_balanced_transport` (same arguments, same result), computed by the custom
-    operator ``torch.ops.pycoe.balanced_assignment``: under ``torch.compile`` (``fullgraph=True`` included) and
+    Maximises the total score :math:`\sum_i s_{i, a_i}` (higher is better); see the module docstring and the user
+    guide (*Balanced transport*) for the formulation and the algorithms. Computed by the custom operator
+    ``torch.ops.pycoe.balanced_assignment``: under ``torch.compile`` (``fullgraph=True`` included) and
     ``torch.export`` the solve is one opaque node. There, pass ``capacities`` as ``None`` or a tensor (a tensor's
     values are checked when the operator runs).
 
     Args:
-        scores: Tensor[N, K] or ndarray[N, K], higher is better (``-inf``: forbidden pair).
-        capacities: ``None`` (near-equal), an int, or a length-K sequence of ints summing to N.
-        method: ``"exact"`` (default), ``"sinkhorn"`` or ``"greedy"``.
-        entropic_reg, max_iter: ``"sinkhorn"`` only; see :func:`solve_balanced_transport`.
+        scores: Tensor[N, K] or ndarray[N, K] of real scores, higher is better. ``-inf`` marks a forbidden
+            pair (infeasibility raises :class:`TransportInfeasibleError`); NaN and ``+inf`` raise.
+        capacities: ``None`` for :func:`near_equal_capacities` (``N // K`` each, the remainder one by one
+            to the first ``N % K`` experts); an int ``c`` (every expert ``c``, needs ``c * K == N``); or a
+            length-K sequence / array / tensor of non-negative ints summing to ``N``.
+        method: ``"exact"`` (default; provably optimal, NumPy float64 on the CPU), ``"sinkhorn"``
+            (entropic regularisation + greedy rounding in torch on the scores' device; approximate) or
+            ``"greedy"`` (greedy capacity fill by score; approximate).
+        entropic_reg: ``"sinkhorn"`` only: entropic regularisation strength in score units, a finite
+            number > 0 (default ``0.05 * std(scores)``).
+        max_iter: ``"sinkhorn"`` only: maximum number of Sinkhorn iterations, an int >= 1 (default 200).
 
     Returns:
         LongTensor[N]: expert index per sample, on the scores' device (CPU for a numpy input).
+
+    Raises:
+        TypeError: scores, capacities or an option of a wrong type.
+        ValueError: bad shape, NaN/+inf scores, bad capacities or method, an option out of range or one
+            that ``method`` does not use (e.g. ``entropic_reg`` with ``method="exact"``).
+        TransportInfeasibleError: (a ValueError) the forbidden pairs make the capacities unreachable.
+        RuntimeError: ``"greedy"`` or ``"sinkhorn"`` rounded onto a forbidden pair although a feasible
+            assignment exists (``"exact"`` finds one).
 
     Example:
         >>> import torch
@@ -372,7 +352,7 @@ def _balanced_assignment_op(
     max_iter: int | None,
 ) -> torch.Tensor:
     # The operator's real implementation: the eager solver, on concrete tensors (validates the values too).
-    result = solve_balanced_transport(scores, capacities, method, entropic_reg=entropic_reg, max_iter=max_iter)
+    result = _solve_balanced_transport(scores, capacities, method, entropic_reg=entropic_reg, max_iter=max_iter)
     return result.assignment
 
 

@@ -1,6 +1,7 @@
 """Names shared by the modules of the balanced-transport solver: the method names, the result and the error.
 
-The public API is :mod:`pycoe.routing.transport`, which re-exports everything listed in ``__all__`` here.
+The public API is :mod:`pycoe.routing.transport`, which re-exports everything listed in ``__all__`` here (the
+error); the method names and the result are internal to :mod:`pycoe.routing`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["METHODS", "METHOD_OPTIONS", "TransportResult", "TransportInfeasibleError"]
+__all__ = ["TransportInfeasibleError"]
 
 #: The solver's methods (the one place where their names are written).
 METHODS = ("exact", "sinkhorn", "greedy")
@@ -28,7 +29,7 @@ class TransportInfeasibleError(ValueError):
 
 @dataclass
 class TransportResult:
-    """Result of :func:`~pycoe.routing.transport.solve_balanced_transport`.
+    """The full solution behind :func:`~pycoe.routing.transport.balanced_assignment` (internal).
 
     Attributes:
         assignment: LongTensor[N], the expert of every sample.
