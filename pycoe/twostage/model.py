@@ -85,7 +85,7 @@ class TwoStageModel:
     #: The keys of a FLOPs table ``{first: float, second: float, or [float] * P with a path_name}``.
     flops_keys: ClassVar[tuple[str, str]] = ("first_stage", "second_stage")
 
-    _exit_threshold: float | None
+    _exit_threshold: float | None = None
     # per-sample shape of the second stage's outputs once seen (checked against the rough logits' for early exit)
     _second_stage_sample_shape: tuple[int, ...] | None = None
 
