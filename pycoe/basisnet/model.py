@@ -196,9 +196,12 @@ class BasisNet(TwoStageModel, nn.Module):
       :class:`BasisNetTrainOutput`. Train both stages jointly, e.g. with :func:`basisnet_loss`.
     - **Eval mode**: returns :class:`BasisNetOutput`. Samples whose rough prediction has maximum softmax
       probability ``>= exit_threshold`` take the rough logits and never reach the specialist; the rest run
-      the specialist in one batch with their own coefficients. This is :class:`~pycoe.coe.model.CoE`'s rule
-      (``0`` exits every sample, ``1`` only samples predicted with probability 1, ``None`` never exits).
-      Average cost: lightweight + (1 - exit rate) x specialist.
+      the specialist in one batch with their own coefficients. This is :class:`~pycoe.coe.model.CoE`'s rule, of
+      :mod:`pycoe.twostage.rule` (``0`` exits every sample whose confidence is a number: a NaN confidence never
+      exits; ``1`` only samples predicted with probability 1; ``None`` never exits). Average cost: lightweight +
+      (1 - exit rate) x specialist. BasisNet is a :class:`~pycoe.twostage.model.TwoStageModel` (lightweight model,
+      then specialist), so :func:`~pycoe.twostage.evaluate.predict`, :func:`~pycoe.twostage.evaluate.threshold_sweep`
+      and :func:`~pycoe.twostage.calibrate.calibrate_exit_threshold` take it.
 
     Args:
         lightweight: a :class:`~pycoe.coe.delegator.Delegator` built with ``num_experts=num_bases`` (used as is),

@@ -112,6 +112,11 @@ class CoE(TwoStageModel, nn.Module):
     experts', whether or not a sample exits; in eval mode, if the experts' output shape has not been seen yet,
     expert 0 runs once on one sample to learn it.
 
+    **Two stages.** A CoE is a :class:`~pycoe.twostage.model.TwoStageModel`: the delegator is its first stage, the
+    chosen expert its second (each expert a path with its own cost), so :func:`~pycoe.twostage.evaluate.predict`,
+    :func:`~pycoe.twostage.evaluate.threshold_sweep` and :func:`~pycoe.twostage.calibrate.calibrate_exit_threshold`
+    take it; the cascade baseline is a CoE with one expert.
+
     **Checks.** The delegator and the experts must share a dtype and device (checked at construction); an input
     of another dtype or device raises a ``TypeError`` naming the component that received it. A batch of 0
     samples returns empty outputs of the right shape in both modes.
@@ -122,7 +127,8 @@ class CoE(TwoStageModel, nn.Module):
             ``(selection_logits, rough_logits)`` pair) works.
         experts: an :class:`~pycoe.coe.experts.ExpertPool`, or a sequence of modules (wrapped in one).
         exit_threshold: early-exit threshold in [0, 1], or ``None`` (default) to never exit. ``0`` exits every
-            sample (rough prediction only), ``1`` exits only samples predicted with probability 1.
+            sample whose confidence is a number (a NaN confidence never exits: :mod:`pycoe.twostage.rule`), ``1``
+            exits only samples predicted with probability 1.
 
     Attributes:
         delegator (nn.Module): the delegator.
