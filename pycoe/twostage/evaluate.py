@@ -270,8 +270,8 @@ def _check_second_stage_output(
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= num_classes:
             raise ValueError(
-                f"targets must be class indices in [0, {num_classes}) (the {num_classes} classes of "
-                f"{model.second_stage_name}'s logits), got {low if low < 0 else high} in the targets of batch {i}"
+                f"targets must be class indices in [0, {num_classes}) (the {num_classes} classes of the logits of "
+                f"{model.second_stage_name}), got {low if low < 0 else high} in the targets of batch {i}"
             )
 
 
@@ -279,7 +279,7 @@ def _one_sample(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> Ca
     return map_batched(args, kwargs, lambda t: t[:1], batched_names(args, kwargs, batch))
 
 
-def _run_sweep(model: Any, batches: Iterable[tuple[Any, ...]], exits: bool, count: bool) -> _Record:
+def _run_sweep(model: Any, batches: Iterable[tuple[Any, ...]], exits: bool, count: bool, name: str) -> _Record:
     """One pass: per batch the first stage once and the second stage once on every sample (no exit)."""
     confidences, paths, rough_ok, second_ok = [], [], [], []
     table = None
@@ -310,7 +310,7 @@ def _run_sweep(model: Any, batches: Iterable[tuple[Any, ...]], exits: bool, coun
             second_ok.append(correct)
             paths.append(path.cpu())
     if not paths:
-        raise ValueError("the loader produced no sample (no batch, or only empty ones): there is nothing to measure")
+        raise ValueError(f"{name} produced no sample (no batch, or only empty ones): there is nothing to measure")
     cat = torch.cat
     return _Record(cat(confidences), cat(paths), cat(rough_ok), cat(second_ok), table)
 
@@ -332,7 +332,7 @@ def sweep_points(
             f"thresholds other than None need a rough prediction, but {model.first_stage_name} has no rough head "
             "(num_classes=None)"
         )
-    record = _run_sweep(model, iterate_batches(loader, unpack, device, name), exits, count and table is None)
+    record = _run_sweep(model, iterate_batches(loader, unpack, device, name), exits, count and table is None, name)
     table = table if table is not None else record.table
     n = record.path.numel()
     points = []
