@@ -339,11 +339,13 @@ def sweep_points(
     for t in thresholds:
         exited = exit_mask(record.confidence, t)
         correct = int(torch.where(exited, record.rough_ok, record.second_ok).sum())
-        load = torch.bincount(record.path[~exited], minlength=model.num_paths)
-        flops = None
-        if table is not None:
-            flops = table[0] + float((load.double() * torch.tensor(table[1], dtype=torch.float64)).sum()) / n
-        points.append(SweepPoint(t, correct, int(exited.sum()), flops, load.tolist(), n))
+        n_exited = int(exited.sum())
+        if model.num_paths == 1:
+            load = [n - n_exited]
+        else:
+            load = torch.bincount(record.path[~exited], minlength=model.num_paths).tolist()
+        flops = None if table is None else table[0] + sum(k * f for k, f in zip(load, table[1])) / n
+        points.append(SweepPoint(t, correct, n_exited, flops, load, n))
     return points, table
 
 
