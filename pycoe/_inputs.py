@@ -46,12 +46,15 @@ def _describe(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
 def batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], what: str = "the model") -> int:
     """B, dim 0 of the first tensor of dimension >= 1 among ``args`` then ``kwargs``.
 
+    Not converted with ``int()``: under ``torch.export`` with a dynamic batch it stays the symbolic size (an
+    ``int()`` would specialise the batch to the example's).
+
     Raises:
         TypeError: no such tensor (naming ``what`` and the inputs received).
     """
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
+            return value.shape[0]
     raise TypeError(
         f"{what} needs a batch: at least one batch-first tensor among its positional or keyword inputs "
         f"(e.g. model(x) or model(**batch) with input_ids), got {_describe(args, kwargs)}"

@@ -436,6 +436,33 @@ def test_average_flops_with_early_exit_is_lightweight_plus_kept_fraction_of_spec
     assert count_flops(specialist, x[:1], coefficients[:1]) == plain + mixing
 
 
+@pytest.mark.parametrize("normalization", ["softmax", "sigmoid", "none"])
+def test_the_temperature_divides_the_coefficient_logits_in_every_forward(normalization):
+    """``coefficients = normalize(logits / temperature)`` in training and eval forwards, and the specialist uses
+    them. The coefficient head is randomised: with the zero-initialised head of a fresh Delegator every logit is 0
+    and no temperature could change anything."""
+    net = _net(num_bases=3, temperature=4.0, normalization=normalization)
+    with torch.no_grad():
+        net.lightweight.selection_head.weight.normal_(0.0, 2.0)
+        net.lightweight.selection_head.bias.normal_(0.0, 2.0)
+    x = _x(5)
+    net.eval()
+    with torch.no_grad():
+        logits = net.lightweight(x).selection_logits
+        scaled = {"softmax": torch.softmax, "sigmoid": lambda t, dim: torch.sigmoid(t), "none": lambda t, dim: t}
+        want = scaled[normalization](logits / 4.0, dim=1)
+        at_t1 = scaled[normalization](logits, dim=1)
+        assert not torch.allclose(want, at_t1, rtol=1e-3, atol=1e-3)  # the temperature matters here
+        out = net.forward_eval(x, exit_threshold=None)
+        torch.testing.assert_close(out.coefficients, want)
+        torch.testing.assert_close(out.output, net.specialist(x, want))
+        torch.testing.assert_close(net.preview(x)[0], want)
+        torch.testing.assert_close(net.forward_train(x).coefficients, want)  # eval mode: no basis dropout
+    net.train()  # batch statistics now: other logits, the same rule
+    train_out = net(x)
+    torch.testing.assert_close(train_out.coefficients, scaled[normalization](train_out.coefficient_logits / 4.0, dim=1))
+
+
 def test_preview_size_and_sigmoid_normalization():
     net = _net(num_bases=2, preview_size=(6, 5), normalization="sigmoid").eval()
     seen = []

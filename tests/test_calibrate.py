@@ -11,12 +11,12 @@ from reference.calibrate import choose, sweep_by_forward
 from torch import nn
 
 from pycoe.basisnet import BasisNet
-from pycoe.coe.calibrate import DEFAULT_THRESHOLDS, ExitCalibration, calibrate_exit_threshold
 from pycoe.coe.delegator import Delegator
-from pycoe.coe.evaluate import predict
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.model import CoE
 from pycoe.flops import count_flops
+from pycoe.twostage.calibrate import DEFAULT_THRESHOLDS, ExitCalibration, calibrate_exit_threshold
+from pycoe.twostage.evaluate import predict
 
 D_IN, C, K = 8, 4, 3
 

@@ -19,13 +19,13 @@ from torch import nn
 
 from pycoe.basisnet import BasisNet, BasisSpecialist, basis_coefficients, basis_dropout, basisnet_loss
 from pycoe.coe.delegator import Delegator
-from pycoe.coe.early_exit import exit_mask, rough_confidence
-from pycoe.coe.evaluate import predict, threshold_sweep
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss
 from pycoe.coe.model import CoE, CoETrainOutput
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.twostage.evaluate import predict, threshold_sweep
+from pycoe.twostage.rule import exit_mask, rough_confidence
 
 D, C, K = 6, 4, 3
 
@@ -498,7 +498,13 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("predict/empty-loader", lambda: predict(coe(), []), ValueError, "loader produced no batch"),
     ("predict/loader-int", lambda: predict(coe(), 5), TypeError, "loader must be an iterable"),
     ("predict/threshold", lambda: predict(coe(), loader(), exit_threshold=2), ValueError, "exit_threshold must be"),
-    ("predict/dict-batches", lambda: predict(coe(), [{"x": x()}]), TypeError, "unpack"),
+    ("predict/int-batches", lambda: predict(coe(), [5]), TypeError, "each batch must be a tensor, a tuple.*unpack"),
+    (
+        "predict/mapping-int-keys",
+        lambda: predict(coe(), [{0: x()}]),
+        TypeError,
+        "mapping whose keys are not all strings",
+    ),
     ("predict/unpack-str", lambda: predict(coe(), loader(), unpack="x"), TypeError, "unpack must be callable"),
     (
         "predict/unpack-result",
@@ -520,7 +526,7 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("sweep/thresholds-str", lambda: threshold_sweep(coe(), loader(), "abc"), TypeError, "thresholds must be"),
     ("sweep/flops-str", lambda: _sweep_with_flops("table"), TypeError, "flops must be None, False or a mapping"),
     ("sweep/flops-true", lambda: _sweep_with_flops(True), TypeError, "flops must be None, False or a mapping"),
-    ("sweep/flops-missing", lambda: _sweep_with_flops({"delegator": 1.0}), TypeError, "flops must be"),
+    ("sweep/flops-missing", lambda: _sweep_with_flops({"delegator": 1.0}), ValueError, "flops must be.*without"),
     (
         "sweep/flops-length",
         lambda: _sweep_with_flops({"delegator": 1.0, "experts": [1.0]}),

@@ -195,7 +195,7 @@ def test_synthetic_end_to_end(tmp_path):
     assert ckpt["calibration"]["exit_threshold"] == s["exit"]["threshold"]
     assert ckpt["calibration"]["cascade_exit_threshold"] == s["cascade"]["exit"]["threshold"]
     assert saved["exit"]["threshold"] == s["exit"]["threshold"]
-    from pycoe.coe.evaluate import predict
+    from pycoe.twostage.evaluate import predict
 
     args = train_coe.finalize_args(train_coe.build_parser().parse_args(["--out-dir", str(out), *FAST, *SYN]))
     runner = train_coe.Runner(args, Dist(), torch.device("cpu"))

@@ -30,13 +30,8 @@ from pycoe._validation import (
     check_positive_int,
     check_probability,
 )
-from pycoe.coe.early_exit import (
-    exit_decision,
-    exit_mask,
-    merge_early_exit,
-    resolve_exit_threshold,
-    rough_confidence,
-)
+from pycoe.twostage.model import _merge_early_exit
+from pycoe.twostage.rule import exit_decision, exit_mask, resolve_exit_threshold, rough_confidence
 from pycoe.utils import eval_mode, preserve_training_modes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -269,18 +264,18 @@ def test_merge_early_exit_against_a_per_sample_loop():
         calls.append(keep)
         return full if keep is None else full.index_select(0, keep)
 
-    out = merge_early_exit(rough, exited, run, what="expert")
+    out = _merge_early_exit(rough, exited, run, what="the experts")
     expected = torch.stack([rough[i].double() if exited[i] else full[i] for i in range(5)])
     assert torch.equal(out, expected) and out.dtype == torch.float64
     assert calls[0].tolist() == [1, 3, 4]
     # nobody exits: one call on the whole batch; everybody exits: no call
     calls.clear()
-    assert torch.equal(merge_early_exit(rough, torch.zeros(5, dtype=torch.bool), run, "expert"), full)
+    assert torch.equal(_merge_early_exit(rough, torch.zeros(5, dtype=torch.bool), run, "the experts"), full)
     assert calls == [None]
     calls.clear()
-    assert merge_early_exit(rough, torch.ones(5, dtype=torch.bool), run, "expert") is rough and calls == []
-    with pytest.raises(ValueError, match="early exit mixes .* specialist outputs"):
-        merge_early_exit(rough, exited, lambda keep: torch.zeros(len(keep), 7), "specialist")
+    assert _merge_early_exit(rough, torch.ones(5, dtype=torch.bool), run, "the experts") is rough and calls == []
+    with pytest.raises(ValueError, match="early exit mixes .* outputs of the specialist"):
+        _merge_early_exit(rough, exited, lambda keep: torch.zeros(len(keep), 7), "the specialist")
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
@@ -339,6 +334,37 @@ def test_functional_and_routing_know_nothing_of_coe():
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
+def _package_imports(sub: str, of: tuple[str, ...]) -> dict[str, list[str]]:
+    """For each source file of ``pycoe/<sub>`` (recursively), the modules it imports from the packages ``of``
+    (module-level and function-level imports alike: ``ast.walk`` sees both)."""
+    found = {}
+    files = sorted((ROOT / "pycoe" / sub).rglob("*.py"))
+    assert files
+    for path in files:
+        imported = _imported_modules(path)
+        hits = sorted(m for m in imported if any(m == f"pycoe.{p}" or m.startswith(f"pycoe.{p}.") for p in of))
+        if hits:
+            found[str(path.relative_to(ROOT))] = hits
+    return found
+
+
+# The one import between the two model packages that does not go through pycoe.twostage: BasisNet's lightweight
+# model is CoE's Delegator (a backbone with a K-way head and a rough head), which still lives in pycoe.coe.
+SHARED_FIRST_STAGE = {"pycoe/basisnet/model.py": ["pycoe.coe.delegator", "pycoe.coe.delegator.Delegator"]}
+
+
+def test_coe_and_basisnet_meet_only_in_twostage():
+    """The two-stage package knows neither model; CoE knows nothing of BasisNet; BasisNet takes nothing of CoE but
+    its first-stage module (the Delegator). The exit rule, the sweep, prediction and calibration come to both from
+    pycoe.twostage."""
+    assert _package_imports("twostage", ("coe", "basisnet")) == {}
+    assert _package_imports("coe", ("basisnet",)) == {}
+    assert _package_imports("basisnet", ("coe",)) == SHARED_FIRST_STAGE
+    for sub in ("coe", "basisnet"):
+        uses = _package_imports(sub, ("twostage",))
+        assert any(path.endswith("model.py") for path in uses), f"pycoe.{sub} does not build on pycoe.twostage"
+
+
 def test_import_pycoe_is_light():
     """A fresh ``import pycoe`` loads neither torchvision, timm nor torch's FLOP counter (``count_flops`` imports
     it lazily; it pulls in torch._prims and triton)."""
@@ -381,7 +407,7 @@ def test_every_public_name_is_listed_in_exactly_one_module_all():
     duplicates = {k: v for k, v in owners.items() if len(v) > 1}
     assert not duplicates, duplicates
     # a subpackage's __all__ is composed of its modules' (the root's curated list is the one exception)
-    for sub in ("coe", "basisnet"):
+    for sub in ("coe", "basisnet", "twostage"):
         package = importlib.import_module(f"pycoe.{sub}")
         composed = [
             item
@@ -415,6 +441,6 @@ def test_the_root_api_is_small():
     ]
     assert sorted(names) == sorted(expected)
     modules = {n for n in pycoe.__all__ if n not in names}
-    subpackages = {"basisnet", "coe", "cotrain", "functional", "layers", "routing"}
+    subpackages = {"basisnet", "coe", "cotrain", "functional", "layers", "routing", "twostage"}
     utilities = {"checkpoint", "distributed", "export", "flops", "utils"}
     assert modules == subpackages | utilities

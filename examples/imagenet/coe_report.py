@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pycoe.coe.calibrate import ExitCalibration
+from pycoe.twostage.calibrate import ExitCalibration
 from pycoe.utils import eval_mode
 
 __all__ = [

@@ -66,7 +66,6 @@ from coe_runtime import (
 from coe_training import Phase, accuracy, make_optimizer, plan_phases, realign_if_needed, to_device, train_epoch
 
 from pycoe.checkpoint import load_checkpoint, save_checkpoint
-from pycoe.coe.calibrate import DEFAULT_THRESHOLDS, calibrate_exit_threshold
 from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss
@@ -74,6 +73,7 @@ from pycoe.coe.model import CoE
 from pycoe.flops import count_flops
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.twostage.calibrate import DEFAULT_THRESHOLDS, calibrate_exit_threshold
 from pycoe.utils import eval_mode
 
 CHECKPOINT_FORMAT = "pycoe-example-imagenet/2"

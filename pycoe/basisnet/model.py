@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +39,9 @@ from pycoe._validation import (
     check_tensor,
 )
 from pycoe.basisnet.specialist import BasisSpecialist
-from pycoe.coe.delegator import Delegator
-from pycoe.coe.early_exit import (
-    ExitThresholdMixin,
-    check_exit_shapes,
-    exit_decision,
-    merge_early_exit,
-    resolve_exit_threshold,
-)
+from pycoe.coe.delegator import Delegator  # the first stage BasisNet shares with CoE
+from pycoe.flops import count_flops
+from pycoe.twostage.model import FirstStage, TwoStageModel
 
 __all__ = [
     "BasisNet",
@@ -189,7 +184,7 @@ def _size_pair(value: Any) -> tuple[int, int] | None:
     raise ValueError(f"preview_size must be None, a positive int or a pair of positive ints, got {value!r}")
 
 
-class BasisNet(ExitThresholdMixin, nn.Module):
+class BasisNet(TwoStageModel, nn.Module):
     """BasisNet: the lightweight model's coefficients synthesise the specialist; confident samples exit early.
 
     ``coefficient_logits, rough_logits = lightweight(x)``; ``coefficients = normalize(coefficient_logits /
@@ -201,9 +196,12 @@ class BasisNet(ExitThresholdMixin, nn.Module):
       :class:`BasisNetTrainOutput`. Train both stages jointly, e.g. with :func:`basisnet_loss`.
     - **Eval mode**: returns :class:`BasisNetOutput`. Samples whose rough prediction has maximum softmax
       probability ``>= exit_threshold`` take the rough logits and never reach the specialist; the rest run
-      the specialist in one batch with their own coefficients. This is :class:`~pycoe.coe.model.CoE`'s rule
-      (``0`` exits every sample, ``1`` only samples predicted with probability 1, ``None`` never exits).
-      Average cost: lightweight + (1 - exit rate) x specialist.
+      the specialist in one batch with their own coefficients. This is :class:`~pycoe.coe.model.CoE`'s rule, of
+      :mod:`pycoe.twostage.rule` (``0`` exits every sample whose confidence is a number: a NaN confidence never
+      exits; ``1`` only samples predicted with probability 1; ``None`` never exits). Average cost: lightweight +
+      (1 - exit rate) x specialist. BasisNet is a :class:`~pycoe.twostage.model.TwoStageModel` (lightweight model,
+      then specialist), so :func:`~pycoe.twostage.evaluate.predict`, :func:`~pycoe.twostage.evaluate.threshold_sweep`
+      and :func:`~pycoe.twostage.calibrate.calibrate_exit_threshold` take it.
 
     Args:
         lightweight: a :class:`~pycoe.coe.delegator.Delegator` built with ``num_experts=num_bases`` (used as is),
@@ -236,7 +234,9 @@ class BasisNet(ExitThresholdMixin, nn.Module):
         (torch.Size([2, 10]), torch.Size([2, 4]))
     """
 
-    first_stage = "the lightweight model"
+    first_stage_name = "the lightweight model"
+    second_stage_name = "the specialist"
+    flops_keys = ("lightweight", "specialist")
 
     def __init__(
         self,
@@ -291,8 +291,6 @@ class BasisNet(ExitThresholdMixin, nn.Module):
         check_same_dtype_and_device([("the lightweight model", lightweight), ("the specialist", specialist)])
         self.lightweight = lightweight
         self.specialist = specialist
-        # per-sample shape of the specialist's output, once seen (checked against the rough head's for early exit)
-        self._specialist_sample_shape: tuple[int, ...] | None = None
         self.num_bases = num_bases
         self.num_classes = num_classes
         self.exit_threshold = exit_threshold
@@ -337,10 +335,34 @@ class BasisNet(ExitThresholdMixin, nn.Module):
         coefficients = basis_coefficients(logits, self.normalization, self.temperature)
         return coefficients, logits, rough
 
-    def _check_exit_shapes(self, rough_logits: torch.Tensor, threshold: float) -> None:
-        check_exit_shapes(
-            rough_logits, self._specialist_sample_shape, threshold, "the lightweight model", "the specialist"
-        )
+    # ------------------------------------------------------------------ the two-stage protocol
+    def _input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The one input ``x`` of ``model(x)`` or ``model(x=x)``."""
+        if len(args) + len(kwargs) != 1 or (kwargs and "x" not in kwargs):
+            given = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
+            raise ValueError(f"a BasisNet takes one input x (model(x) or model(x=x)), got {len(given)}: {given}")
+        return args[0] if args else kwargs["x"]
+
+    def run_first_stage(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> FirstStage:
+        """The lightweight model (:meth:`preview`): rough logits, and the coefficients as the specialist's plan."""
+        coefficients, _, rough = self.preview(self._input(args, kwargs))
+        return FirstStage(rough_logits=rough, plan=coefficients)
+
+    def run_second_stage(
+        self, first: FirstStage, args: tuple[Any, ...], kwargs: dict[str, Any], keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The specialist on the rows ``keep`` (``None``: all), each with its own coefficients."""
+        x, coefficients = self._input(args, kwargs), first.plan
+        if keep is None:
+            return self.specialist(x, coefficients)
+        return self.specialist(x.index_select(0, keep), coefficients.index_select(0, keep))
+
+    def count_stage_flops(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, list[float]]:
+        """FLOPs of the lightweight model (:meth:`preview`) and of the specialist on these inputs."""
+        x = self._input(args, kwargs)
+        coefficients = self.preview(x)[0]
+        preview = cast(nn.Module, self.preview)  # count_flops takes any callable
+        return float(count_flops(preview, x)), [float(count_flops(self.specialist, x, coefficients))]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> BasisNetTrainOutput | BasisNetOutput:
@@ -366,9 +388,7 @@ class BasisNet(ExitThresholdMixin, nn.Module):
             mixed = basis_dropout(coefficients, self.basis_dropout, self.normalization)
         output = self.specialist(x, mixed)
         if isinstance(output, torch.Tensor):
-            self._specialist_sample_shape = tuple(output.shape[1:])
-            if self.exit_threshold is not None and rough is not None:
-                self._check_exit_shapes(rough, self.exit_threshold)
+            self._observe_second_stage(tuple(output.shape[1:]), rough)
         return BasisNetTrainOutput(output=output, coefficients=mixed, coefficient_logits=logits, rough_logits=rough)
 
     def forward_eval(self, x: torch.Tensor, exit_threshold: float | str | None = "default") -> BasisNetOutput:
@@ -381,27 +401,8 @@ class BasisNet(ExitThresholdMixin, nn.Module):
         Returns:
             :class:`BasisNetOutput`.
         """
-        threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
-        coefficients, _, rough = self.preview(x)
-        confidence, exited = exit_decision(
-            rough, threshold, x.shape[0], coefficients.device, source="the lightweight model"
-        )
-        if threshold is not None and rough is not None:
-            if self._specialist_sample_shape is None and x.shape[0] > 0:
-                with torch.no_grad():  # learn the specialist's output shape once, on the first sample
-                    self._specialist_sample_shape = tuple(self.specialist(x[:1], coefficients[:1]).shape[1:])
-            self._check_exit_shapes(rough, threshold)
-
-        def run_specialist(keep: torch.Tensor | None) -> torch.Tensor:
-            if keep is None:
-                out = self.specialist(x, coefficients)
-            else:
-                out = self.specialist(x.index_select(0, keep), coefficients.index_select(0, keep))
-            self._specialist_sample_shape = tuple(out.shape[1:])
-            return out
-
-        # exited=None when no sample can exit: the traced graph then needs no merge at all
-        output = merge_early_exit(rough, None if threshold is None else exited, run_specialist, what="specialist")
+        output, exited, confidence, first = self.forward_with_exit((x,), {}, exit_threshold)
+        coefficients = first.plan
         return BasisNetOutput(output=output, exited=exited, confidence=confidence, coefficients=coefficients)
 
 

@@ -1,11 +1,11 @@
-"""The Collaboration-of-Experts model: delegator, expert pool, the early-exit rule, the model, its loss, its
-evaluation and the calibration of the exit threshold."""
+"""The Collaboration-of-Experts model: delegator, expert pool, the model and its loss.
 
-from pycoe.coe import calibrate, delegator, early_exit, evaluate, experts, loss, model
-from pycoe.coe.calibrate import *
+The early-exit rule, prediction over a loader, the accuracy-FLOPs sweep and the calibration of the exit threshold
+are shared with BasisNet and live in :mod:`pycoe.twostage`.
+"""
+
+from pycoe.coe import delegator, experts, loss, model
 from pycoe.coe.delegator import *
-from pycoe.coe.early_exit import *
-from pycoe.coe.evaluate import *
 from pycoe.coe.experts import *
 from pycoe.coe.loss import *
 from pycoe.coe.model import *
@@ -13,9 +13,6 @@ from pycoe.coe.model import *
 __all__ = [
     *delegator.__all__,
     *experts.__all__,
-    *early_exit.__all__,
     *model.__all__,
     *loss.__all__,
-    *evaluate.__all__,
-    *calibrate.__all__,
 ]

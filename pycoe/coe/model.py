@@ -18,15 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._inputs import batch_size, batched_names, map_batched
 from .._modules import check_same_dtype_and_device, explain_input_mismatch
+from ..flops import count_flops
+from ..twostage.model import FirstStage, TwoStageModel
+from ..twostage.rule import exit_decision, resolve_exit_threshold
 from .delegator import DelegatorOutput
-from .early_exit import (
-    ExitThresholdMixin,
-    check_exit_shapes,
-    exit_decision,
-    merge_early_exit,
-    resolve_exit_threshold,
-)
 from .experts import ExpertPool
 
 __all__ = ["CoE", "CoEOutput", "CoETrainOutput"]
@@ -91,7 +88,7 @@ def _as_delegator_output(out: Any) -> DelegatorOutput:
     )
 
 
-class CoE(ExitThresholdMixin, nn.Module):
+class CoE(TwoStageModel, nn.Module):
     """A Collaboration of Experts: the delegator picks one expert per sample, or exits early.
 
     - **Training mode** (``model.train()``): the delegator and *every* expert run on the whole batch (the WGM
@@ -115,6 +112,11 @@ class CoE(ExitThresholdMixin, nn.Module):
     experts', whether or not a sample exits; in eval mode, if the experts' output shape has not been seen yet,
     expert 0 runs once on one sample to learn it.
 
+    **Two stages.** A CoE is a :class:`~pycoe.twostage.model.TwoStageModel`: the delegator is its first stage, the
+    chosen expert its second (each expert a path with its own cost), so :func:`~pycoe.twostage.evaluate.predict`,
+    :func:`~pycoe.twostage.evaluate.threshold_sweep` and :func:`~pycoe.twostage.calibrate.calibrate_exit_threshold`
+    take it; the cascade baseline is a CoE with one expert.
+
     **Checks.** The delegator and the experts must share a dtype and device (checked at construction); an input
     of another dtype or device raises a ``TypeError`` naming the component that received it. A batch of 0
     samples returns empty outputs of the right shape in both modes.
@@ -125,7 +127,8 @@ class CoE(ExitThresholdMixin, nn.Module):
             ``(selection_logits, rough_logits)`` pair) works.
         experts: an :class:`~pycoe.coe.experts.ExpertPool`, or a sequence of modules (wrapped in one).
         exit_threshold: early-exit threshold in [0, 1], or ``None`` (default) to never exit. ``0`` exits every
-            sample (rough prediction only), ``1`` exits only samples predicted with probability 1.
+            sample whose confidence is a number (a NaN confidence never exits: :mod:`pycoe.twostage.rule`), ``1``
+            exits only samples predicted with probability 1.
 
     Attributes:
         delegator (nn.Module): the delegator.
@@ -141,7 +144,10 @@ class CoE(ExitThresholdMixin, nn.Module):
         (torch.Size([3, 10]), torch.Size([3]))
     """
 
-    first_stage = "the delegator"
+    first_stage_name = "the delegator"
+    second_stage_name = "the experts"
+    path_name = "expert"
+    flops_keys = ("delegator", "experts")
 
     def __init__(
         self,
@@ -165,13 +171,16 @@ class CoE(ExitThresholdMixin, nn.Module):
         )
         self.delegator = delegator
         self.experts = experts
-        # per-sample shape of the experts' outputs, once seen (checked against the rough head's for early exit)
-        self._expert_sample_shape: tuple[int, ...] | None = None
         self.exit_threshold = exit_threshold
 
     @property
     def num_experts(self) -> int:
         """K, the number of experts."""
+        return self.experts.num_experts
+
+    @property
+    def num_paths(self) -> int:
+        """K: each expert is a second-stage path with its own cost (the two-stage protocol)."""
         return self.experts.num_experts
 
     @property
@@ -254,17 +263,27 @@ class CoE(ExitThresholdMixin, nn.Module):
         expert_index = torch.where(exited, torch.full_like(choice, -1), choice)
         return expert_index, exited, confidence
 
-    def _probe_expert_shape(self, inputs: Sequence[Any], kwargs: dict[str, Any], batched_keys: list[str]) -> None:
-        """Learn the experts' per-sample output shape by running expert 0 on the first sample (once, no gradient)."""
-        batch = inputs[0].shape[0]
-        one = [v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v for v in inputs]
-        one_kwargs = {key: (kwargs[key][:1] if key in batched_keys else kwargs[key]) for key in kwargs}
-        index = torch.zeros(1, dtype=torch.long, device=inputs[0].device)
-        with torch.no_grad():
-            self._expert_sample_shape = tuple(self.experts.forward_routed(index, *one, **one_kwargs).shape[1:])
+    # ------------------------------------------------------------------ the two-stage protocol
+    def run_first_stage(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> FirstStage:
+        """The delegator: rough logits, and the chosen expert of each sample (its plan and its path)."""
+        d = self.delegate(args[0])
+        choice = d.selection_logits.argmax(dim=1)
+        return FirstStage(rough_logits=d.rough_logits, plan=choice, path=choice)
 
-    def _check_exit_shapes(self, rough_logits: torch.Tensor, threshold: float) -> None:
-        check_exit_shapes(rough_logits, self._expert_sample_shape, threshold, "the delegator", "the experts")
+    def run_second_stage(
+        self, first: FirstStage, args: tuple[Any, ...], kwargs: dict[str, Any], keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each sample of the rows ``keep`` (``None``: all) through its chosen expert, batched by expert."""
+        if keep is None:
+            return self.experts.forward_routed(first.plan, *args, **kwargs)
+        names = batched_names(args, kwargs, batch_size(args, kwargs, "the CoE"))
+        sub_args, sub_kwargs = map_batched(args, kwargs, lambda t: t.index_select(0, keep), names)
+        return self.experts.forward_routed(first.plan.index_select(0, keep), *sub_args, **sub_kwargs)
+
+    def count_stage_flops(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, list[float]]:
+        """FLOPs of the delegator and of every expert on these inputs (:func:`pycoe.flops.count_flops`)."""
+        delegator = float(count_flops(self.delegator, args[0]))
+        return delegator, [float(count_flops(e, *args, **kwargs)) for e in self.experts]
 
     # ------------------------------------------------------------------ forward
     def forward(self, *inputs: Any, **kwargs: Any) -> CoETrainOutput | CoEOutput:
@@ -292,9 +311,7 @@ class CoE(ExitThresholdMixin, nn.Module):
                 f"the experts must return batch-first outputs [B={batch}, ...], got stacked shape "
                 f"{tuple(expert_outputs.shape)}"
             )
-        self._expert_sample_shape = tuple(expert_outputs.shape[2:])
-        if self.exit_threshold is not None and d.rough_logits is not None:
-            self._check_exit_shapes(d.rough_logits, self.exit_threshold)
+        self._observe_second_stage(tuple(expert_outputs.shape[2:]), d.rough_logits)
         return CoETrainOutput(d.selection_logits, d.rough_logits, expert_outputs)
 
     def forward_eval(self, *inputs: Any, exit_threshold: float | str | None = "default", **kwargs: Any) -> CoEOutput:
@@ -308,31 +325,8 @@ class CoE(ExitThresholdMixin, nn.Module):
         Returns:
             :class:`CoEOutput`.
         """
-        batch = self._check_inputs(inputs)
-        threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
-        d = self.delegate(inputs[0])
-        expert_index, exited, confidence = self.route(d, threshold)
-        batched_keys = [
-            key for key, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
-        ]
-        threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
-        if threshold is not None and d.rough_logits is not None:
-            if self._expert_sample_shape is None and batch > 0:
-                self._probe_expert_shape(inputs, kwargs, batched_keys)
-            self._check_exit_shapes(d.rough_logits, threshold)
-
-        def run_experts(keep: torch.Tensor | None) -> torch.Tensor:
-            if keep is None:
-                out = self.experts.forward_routed(expert_index, *inputs, **kwargs)
-            else:
-                sub_inputs = [v.index_select(0, keep) if isinstance(v, torch.Tensor) else v for v in inputs]
-                sub_kwargs = dict(kwargs)
-                for key in batched_keys:
-                    sub_kwargs[key] = kwargs[key].index_select(0, keep)
-                out = self.experts.forward_routed(expert_index.index_select(0, keep), *sub_inputs, **sub_kwargs)
-            self._expert_sample_shape = tuple(out.shape[1:])
-            return out
-
-        # exited=None when no sample can exit: the traced graph then needs no merge at all
-        output = merge_early_exit(d.rough_logits, None if threshold is None else exited, run_experts, what="expert")
+        self._check_inputs(inputs)
+        output, exited, confidence, first = self.forward_with_exit(inputs, kwargs, exit_threshold)
+        choice = first.plan
+        expert_index = torch.where(exited, torch.full_like(choice, -1), choice)
         return CoEOutput(output=output, expert_index=expert_index, exited=exited, confidence=confidence)

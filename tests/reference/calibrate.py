@@ -1,4 +1,4 @@
-"""Brute-force oracle of :func:`pycoe.coe.calibrate.calibrate_exit_threshold`.
+"""Brute-force oracle of :func:`pycoe.twostage.calibrate.calibrate_exit_threshold`.
 
 One full pass of the model's own eval forward per candidate threshold (``forward_eval(..., exit_threshold=t)``, the
 rule as the model applies it at inference), accuracy counted on its outputs, FLOPs counted by
