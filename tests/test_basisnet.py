@@ -122,7 +122,7 @@ def test_specialist_matches_per_sample_synthesis_and_per_layer_reference():
     # slow reference 2: every basis layer received the one shared coefficient vector and computed the loop
     assert [m for m, *_ in records] == spec.basis_layers()
     for layer, inp, kwargs, out in records:
-        assert kwargs["routing_weights"] is coefficients
+        assert kwargs["coefficients"] is coefficients
         ref = mixture_conv2d_reference(
             inp, layer.weight, coefficients, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
         )
@@ -237,6 +237,10 @@ def test_basis_coefficients_normalizations():
     torch.testing.assert_close(soft.sum(dim=1), torch.ones(5, dtype=DT))
     torch.testing.assert_close(basis_coefficients(logits, "sigmoid", 0.5), torch.sigmoid(logits * 2))
     torch.testing.assert_close(basis_coefficients(logits, "none", 4.0), logits / 4)
+    sig = torch.sigmoid(logits / 3)
+    torch.testing.assert_close(basis_coefficients(logits, "normalized_sigmoid", 3.0), sig / sig.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="normalization"):
+        basis_coefficients(logits, "sum")
 
 
 def test_basis_dropout():
@@ -257,6 +261,12 @@ def test_basis_dropout():
     kept = out != 0
     torch.testing.assert_close(out[kept], (s / 0.75)[kept])
     assert basis_dropout(s, 0.0) is s
+    # normalized sigmoid coefficients sum to 1: the kept ones are renormalised, like softmax ones
+    n = s / s.sum(dim=1, keepdim=True)
+    out = basis_dropout(n, 0.5, "normalized_sigmoid", generator=g)
+    kept = out != 0
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(3000, dtype=DT))
+    torch.testing.assert_close(out[kept], (n / (n * kept).sum(1, keepdim=True))[kept])
 
 
 def test_train_forward_uses_basis_dropout_only_in_training_mode():

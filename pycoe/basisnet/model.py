@@ -41,6 +41,7 @@ from pycoe._validation import (
 from pycoe.basisnet.specialist import BasisSpecialist
 from pycoe.coe.delegator import Delegator  # the first stage BasisNet shares with CoE
 from pycoe.flops import count_flops
+from pycoe.functional import COEFFICIENT_NORMALIZATIONS, mixture_coefficients
 from pycoe.twostage.model import FirstStage, TwoStageModel
 
 __all__ = [
@@ -50,11 +51,7 @@ __all__ = [
     "basis_coefficients",
     "basis_dropout",
     "basisnet_loss",
-    "NORMALIZATIONS",
 ]
-
-#: The coefficient normalisations accepted by :func:`basis_coefficients` and :class:`BasisNet`.
-NORMALIZATIONS = ("softmax", "sigmoid", "none")
 
 
 def basis_coefficients(logits: torch.Tensor, normalization: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
@@ -62,23 +59,21 @@ def basis_coefficients(logits: torch.Tensor, normalization: str = "softmax", tem
 
     Args:
         logits: ``Tensor[B, N]``.
-        normalization: ``"softmax"`` (coefficients in (0, 1) summing to 1 per sample: a convex combination of
-            the bases, which keeps a freshly converted :class:`BasisSpecialist` equal to its original model),
-            ``"sigmoid"`` (each in (0, 1), not normalised, as CondConv's router) or ``"none"`` (the scaled logits
-            themselves). The paper's choice is not confirmed; softmax is pycoe's default.
+        normalization: one of :data:`pycoe.functional.COEFFICIENT_NORMALIZATIONS`, the set CondConv's router
+            and the conversion use too (:func:`pycoe.functional.mixture_coefficients`): ``"softmax"`` (coefficients
+            in (0, 1) summing to 1 per sample: a convex combination of the bases, which keeps a freshly converted
+            :class:`BasisSpecialist` equal to its original model), ``"normalized_sigmoid"`` (sigmoids divided by
+            their sum: also a convex combination), ``"sigmoid"`` (each in (0, 1), not normalised, as CondConv's
+            router) or ``"none"`` (the scaled logits themselves). The paper's choice is not confirmed; softmax is
+            pycoe's default.
         temperature: > 0; divides the logits before the normalisation (also for ``"none"``).
 
     Returns:
         ``Tensor[B, N]``.
     """
     check_tensor("logits", logits, ndim=2, floating=True)
-    check_choice("normalization", normalization, NORMALIZATIONS)
-    scaled = logits / check_positive_float("temperature", temperature)
-    if normalization == "softmax":
-        return torch.softmax(scaled, dim=1)
-    if normalization == "sigmoid":
-        return torch.sigmoid(scaled)
-    return scaled
+    check_choice("normalization", normalization, COEFFICIENT_NORMALIZATIONS)
+    return mixture_coefficients(logits / check_positive_float("temperature", temperature), normalization)
 
 
 def basis_dropout(
@@ -90,8 +85,8 @@ def basis_dropout(
     """Drop whole bases per sample (pycoe's formulation of the "basis dropout" regulariser).
 
     Each coefficient is zeroed independently with probability ``p``; when a sample would lose every basis, one
-    basis chosen uniformly at random is kept. The survivors are then rescaled: for ``"softmax"`` coefficients
-    they are renormalised to sum to 1 (a softmax over the kept bases), otherwise they are divided by ``1 - p``
+    basis chosen uniformly at random is kept. The survivors are then rescaled: for coefficients that sum to 1
+    (``"softmax"``, ``"normalized_sigmoid"``) they are renormalised to sum to 1 over the kept bases, otherwise they are divided by ``1 - p``
     (inverted dropout). Gradients flow through the kept coefficients. That BasisNet regularises its bases by
     randomly dropping them is an unverified recollection of the paper (see the guide); the rule here is pycoe's.
 
@@ -108,7 +103,7 @@ def basis_dropout(
     p = check_probability("p", p)
     if p == 1.0:
         raise ValueError("p must be in [0, 1), got 1.0 (it would drop every basis)")
-    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("normalization", normalization, COEFFICIENT_NORMALIZATIONS)
     check_generator("generator", generator)
     if p == 0.0:
         return coefficients
@@ -119,7 +114,7 @@ def basis_dropout(
     none_kept = ~keep.any(dim=1)
     keep[none_kept, rescue[none_kept]] = True
     kept = coefficients * keep.to(coefficients.dtype)
-    if normalization == "softmax":
+    if normalization in ("softmax", "normalized_sigmoid"):
         return kept / kept.sum(dim=1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
     return kept / (1.0 - p)
 
@@ -255,7 +250,7 @@ class BasisNet(TwoStageModel, nn.Module):
         if num_classes is not None:
             num_classes = check_positive_int("num_classes", num_classes)
         self.temperature = check_positive_float("temperature", temperature)
-        self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        self.normalization = check_choice("normalization", normalization, COEFFICIENT_NORMALIZATIONS)
         p = check_probability("basis_dropout", basis_dropout)
         if p == 1.0:
             raise ValueError("basis_dropout must be in [0, 1), got 1.0 (it would drop every basis)")

@@ -12,13 +12,13 @@ the synthesis of a *specialist* model from basis models. The synthesis rule impl
 with **one** coefficient vector :math:`\\alpha(x) \\in \\mathbb{R}^N` per sample shared by all layers, is the
 commonly described form of the method but is *not confirmed* from the paper's text (see the guide); it is
 pycoe's formulation. Each converted layer is a :class:`~pycoe.layers.condconv.CondConv2d` without a router
-(``router=False``) whose ``routing_weights`` are the shared coefficients, so the convolution itself is
+(``router=False``) whose ``coefficients`` are the shared coefficients, so the convolution itself is
 :func:`pycoe.functional.mixture_conv2d`.
 
 How the coefficients reach the layers: :meth:`BasisSpecialist.forward` publishes them, for the duration of the
 call, in a :class:`contextvars.ContextVar` keyed by the identity of its own basis layers; a forward pre-hook on
 each basis layer (a module-level function, so the model still pickles and deep-copies) passes them to the
-layer as ``routing_weights``. A context variable is private to each thread (and each asyncio task), so
+layer as ``coefficients``. A context variable is private to each thread (and each asyncio task), so
 concurrent calls from several threads do not see each other's coefficients; nothing is stored on the modules.
 
 Einstein legend: ``b`` batch (B), ``n`` bases (N), ``o``/``c`` output/input channels, ``kh``/``kw`` kernel size.
@@ -57,16 +57,16 @@ _ACTIVE_COEFFICIENTS: contextvars.ContextVar[Mapping[int, torch.Tensor]] = conte
 
 
 def _inject_coefficients(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook of a basis layer: add the specialist's coefficients as ``routing_weights``."""
-    if len(args) > 1 or "routing_weights" in kwargs:
-        return None  # explicit routing weights: a direct call of the layer, leave it alone
+    """Forward pre-hook of a basis layer: add the specialist's coefficients as ``coefficients``."""
+    if len(args) > 1 or "coefficients" in kwargs:
+        return None  # explicit coefficients: a direct call of the layer, leave it alone
     coefficients = _ACTIVE_COEFFICIENTS.get().get(id(module))
     if coefficients is None:
         raise RuntimeError(
             "this CondConv2d is a basis layer of a BasisSpecialist: call the specialist as "
-            "specialist(x, coefficients) (or pass routing_weights=Tensor[B, N] to the layer directly)"
+            "specialist(x, coefficients) (or pass coefficients=Tensor[B, N] to the layer directly)"
         )
-    return args, {**kwargs, "routing_weights": coefficients}
+    return args, {**kwargs, "coefficients": coefficients}
 
 
 class BasisSpecialist(nn.Module):
