@@ -86,9 +86,10 @@ def basis_dropout(
 
     Each coefficient is zeroed independently with probability ``p``; when a sample would lose every basis, one
     basis chosen uniformly at random is kept. The survivors are then rescaled: for coefficients that sum to 1
-    (``"softmax"``, ``"normalized_sigmoid"``) they are renormalised to sum to 1 over the kept bases, otherwise they are divided by ``1 - p``
-    (inverted dropout). Gradients flow through the kept coefficients. That BasisNet regularises its bases by
-    randomly dropping them is an unverified recollection of the paper (see the guide); the rule here is pycoe's.
+    (``"softmax"``, ``"normalized_sigmoid"``) they are renormalised to sum to 1 over the kept bases, otherwise
+    they are divided by ``1 - p`` (inverted dropout). Gradients flow through the kept coefficients. That BasisNet
+    regularises its bases by randomly dropping them is an unverified recollection of the paper (see the guide);
+    the rule here is pycoe's.
 
     Args:
         coefficients: ``Tensor[B, N]``.
