@@ -319,6 +319,8 @@ def test_token_logits_default_loss_and_labels_carried_by_the_output():
         criterion(class_out)
     with pytest.raises(ValueError, match=r"CoELoss needs a target: pass it .*batch\['labels'\]"):
         criterion(CoETrainOutput(sel, None, expert_outputs))
+    with pytest.raises(ValueError, match=r"the experts return one value per sample \(outputs \(3, 5\)\)"):
+        criterion(CoETrainOutput(sel, None, expert_outputs[:, :, 0, 0]), labels)
 
 
 def test_rough_head_and_experts_must_agree_on_the_classes():

@@ -69,7 +69,8 @@ class CoEWithLoss(nn.Module):
         """See the class docstring.
 
         Args:
-            *args, **kwargs: the CoE's inputs (``input_ids=..., attention_mask=...``).
+            *args: the CoE's positional inputs.
+            **kwargs: its keyword inputs (``input_ids=..., attention_mask=...``).
             labels: the targets (required in training).
         """
         _check_batch(args, kwargs, labels)
