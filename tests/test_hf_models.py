@@ -308,3 +308,20 @@ def test_labels_reaching_a_model_that_does_not_take_them():
     assert out.expert_outputs.shape == (2, 4, 3)
     with pytest.raises(TypeError, match=r"does not take the keyword input 'mask'.*delegator_inputs"):
         model(input_ids=ids, mask=torch.ones(4, 6))
+
+
+def test_early_exit_with_keyword_inputs():
+    """Samples whose rough confidence reaches the threshold take the rough logits; the others their expert's."""
+    torch.manual_seed(0)
+    model = _bert_coe().eval()
+    batch = _bert_batch(_data(), 10)
+    with torch.no_grad():
+        rough = model.delegate(**batch).rough_logits
+        confidence = rough.softmax(dim=1).amax(dim=1)
+        threshold = float(confidence.median())
+        out = model(**batch, exit_threshold=threshold)
+        assert torch.equal(out.exited, confidence >= threshold) and 0 < int(out.exited.sum()) < B
+        routed = model(**batch, exit_threshold=None)
+    torch.testing.assert_close(out.output[out.exited], rough[out.exited])
+    torch.testing.assert_close(out.output[~out.exited], routed.output[~out.exited])
+    assert torch.equal(out.expert_index[out.exited], torch.full_like(out.expert_index[out.exited], -1))
