@@ -430,3 +430,49 @@ def test_an_accuracy_budget_in_points_is_refused(drop):
         calibrate_exit_threshold(make_coe(), vector_data(), max_accuracy_drop=drop)
     # 1, the largest fraction, is accepted
     assert calibrate_exit_threshold(make_coe(), vector_data(), max_accuracy_drop=1).exit_rate == 1.0
+
+
+class _BagOfTokens(nn.Module):
+    """Keyword inputs only: the masked mean of token embeddings, then an optional linear head."""
+
+    def __init__(self, out: int | None, vocab: int = 11, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, out) if out is not None else nn.Identity()
+
+    def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+
+
+def test_a_coe_called_with_keyword_inputs_takes_mapping_batches():
+    """A CoE whose delegator and experts take keyword inputs only: the sweep over mapping batches (labels as
+    targets) equals a full keyword forward per threshold, FLOPs included; predict and the calibration agree."""
+    torch.manual_seed(0)
+    delegator = Delegator(_BagOfTokens(None), num_experts=3, num_classes=C, feature_dim=8, zero_init_selection=False)
+    with torch.no_grad():
+        delegator.rough_head.weight.mul_(6.0)
+        delegator.selection_head.weight.mul_(10.0)
+    model = CoE(delegator, [_BagOfTokens(C) for _ in range(3)]).eval()
+    batches = token_batches()
+    thresholds = [0.0, 0.5, 0.7, None]
+    got = threshold_sweep(model, batches, thresholds)
+    n = sum(len(b["labels"]) for b in batches)
+    for point, t in zip(got, thresholds):
+        correct = exited = 0
+        flops = 0.0
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            with torch.no_grad():
+                res = model.forward_eval(**inputs, exit_threshold=t)
+            correct += int((res.output.argmax(1) == b["labels"]).sum())
+            exited += int(res.exited.sum())
+            flops += count_flops(lambda t=t, **kw: model.forward_eval(**kw, exit_threshold=t), **inputs)
+        assert (point["accuracy"], point["exit_rate"]) == (correct / n, exited / n)
+        assert point["flops_per_sample"] == pytest.approx(flops / n, rel=1e-9)
+    assert 0 < got[1]["exit_rate"] < 1
+    assert len(set(model(**batches[0]).expert_index.tolist())) > 1  # labels in the call are dropped
+    out = predict(model, batches, exit_threshold=0.5)
+    assert out.output.shape == (n, C) and int(out.exited.sum()) / n == got[1]["exit_rate"]
+    result = calibrate_exit_threshold(model, batches, max_accuracy_drop=0.0, thresholds=thresholds)
+    assert result.num_samples == n and result.first_stage_flops > 0

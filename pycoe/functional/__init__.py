@@ -1,7 +1,9 @@
-"""Pure functions: the PWLU activation, the mixture convolution and the co-training losses."""
+"""Pure functions: the PWLU activation, the mixture convolution, the co-training losses and per-sample task
+losses."""
 
 from pycoe.functional._pwlu import pwlu
 from pycoe.functional.cotrain import js_divergence, pairwise_kl
+from pycoe.functional.losses import per_sample_cross_entropy
 from pycoe.functional.mixture import (
     COEFFICIENT_NORMALIZATIONS,
     MIXTURE_STRATEGIES,
@@ -19,4 +21,5 @@ __all__ = [
     "COEFFICIENT_NORMALIZATIONS",
     "js_divergence",
     "pairwise_kl",
+    "per_sample_cross_entropy",
 ]
