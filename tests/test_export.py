@@ -179,15 +179,14 @@ def test_export_of_a_coe_with_several_inputs_and_a_keyword_input(tmp_path):
     path = tmp_path / "pair.onnx"
     to_onnx(model, example, path, example_kwargs={"scale": torch.randn(6, 1)})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input_0", "input_1", "input_2"]
+    assert [i.name for i in session.get_inputs()] == ["input_0", "input_1", "scale"]
     exits = 0
     for b in (1, 7, 40):
         x, y, scale = torch.randn(b, 3), torch.randn(b, 5), torch.randn(b, 1)
         with torch.no_grad():
             ref = model(x, y, scale=scale)
-            # the keyword input comes last, positionally (see export's docstring)
-            assert_same_coe_output(program.module()(x, y, scale), ref)
-        onnx_out = session.run(None, {"input_0": x.numpy(), "input_1": y.numpy(), "input_2": scale.numpy()})
+            assert_same_coe_output(program.module()(x, y, scale=scale), ref)  # keyword inputs by name
+        onnx_out = session.run(None, {"input_0": x.numpy(), "input_1": y.numpy(), "scale": scale.numpy()})
         torch.testing.assert_close(torch.from_numpy(onnx_out[0]), ref.output, rtol=1e-4, atol=1e-5)
         exits += int(ref.exited.sum())
     assert 0 < exits < 48

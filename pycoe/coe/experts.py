@@ -167,8 +167,16 @@ class ExpertPool(nn.Module):
         """Each sample through its own expert: one forward per non-empty expert on its sub-batch.
 
         Every tensor input (positional or keyword) whose first dimension is B is split by ``index``; other
-        arguments are passed unchanged to every called expert. The first positional input must be such a
-        batched tensor.
+        arguments are passed unchanged to every called expert. The first tensor input (positional inputs first,
+        then keyword inputs) must be such a batched tensor; keyword inputs alone are fine
+        (``pool.forward_routed(index, input_ids=ids, attention_mask=mask)``).
+
+        No expert is ever called on an empty batch (many are not written for one: a Hugging Face attention
+        layer reshapes with ``view(B, L, -1, d)``, which cannot infer ``-1`` for ``B = 0``). Eagerly, an expert
+        that receives no sample is not called; under ``torch.compile`` / ``torch.export`` every expert is in the
+        graph, and one that receives no sample runs on one padding row of zeros instead, whose output is
+        dropped (see :meth:`_forward_routed_traceable`). A batch of 0 returns expert 0's output on such a
+        padding row, cut to 0 rows: the empty result has the experts' per-sample shape and dtype.
 
         Args:
             index: LongTensor[B], the expert of each sample, values in ``[0, K)``.
@@ -176,24 +184,23 @@ class ExpertPool(nn.Module):
             **kwargs: keyword inputs.
 
         Returns:
-            Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order. Eagerly, experts that
-            receive no sample are not called; under ``torch.compile`` / ``torch.export`` (no Python branch on the
-            counts) every expert is called on its rows ``nonzero(index == k)``, possibly none, so experts must
-            accept an empty batch there.
+            Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order.
         """
         index = check_expert_index("index", index, self.num_experts)
         batch = index.shape[0]
-        if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
-            raise TypeError("forward_routed needs at least one positional tensor input batched on dim 0")
-        if inputs[0].shape[0] != batch:
-            raise ValueError(
-                f"index has {batch} entries but the first input has batch size {inputs[0].shape[0]}; they must match"
+        given = next((v.shape[0] for v in (*inputs, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+        if given is None:
+            raise TypeError(
+                "forward_routed needs at least one positional tensor input or keyword tensor input batched on dim 0"
             )
+        if given != batch:
+            raise ValueError(f"index has {batch} entries but the first input has batch size {given}; they must match")
         names = batched_names(inputs, kwargs, batch)
         if traceable():
             return self._forward_routed_traceable(index, inputs, kwargs, names)
-        if batch == 0:
-            return self._call_expert(0, inputs, kwargs)  # lets the expert define the empty output's shape
+        if batch == 0:  # the shape of an empty result, without handing an expert an empty batch
+            padded_inputs, padded_kwargs = map_batched(inputs, kwargs, _append_zero_row, names)
+            return self._call_expert(0, padded_inputs, padded_kwargs)[:0]
         counts = torch.bincount(index, minlength=self.num_experts).tolist()
         nonempty = [k for k, c in enumerate(counts) if c > 0]
         if len(nonempty) == 1:  # every sample to one expert: no gather or scatter
@@ -217,18 +224,13 @@ class ExpertPool(nn.Module):
                     f"expert {k} was given {c} samples but returned shape {tuple(out.shape)}; "
                     "expert outputs must be batched on dim 0"
                 )
-            outputs.append(out)
+            outputs.append((k, out))
             start += c
-        shapes = {tuple(o.shape[1:]) for o in outputs}
-        if len(shapes) != 1:
-            raise ValueError(
-                "the experts returned outputs of different per-sample shapes "
-                f"{sorted(shapes)}; all experts must agree to be gathered into one [B, ...] tensor"
-            )
-        dtype = outputs[0].dtype
-        for o in outputs[1:]:
+        _check_same_sample_shape(outputs)
+        dtype = outputs[0][1].dtype
+        for _, o in outputs[1:]:
             dtype = torch.promote_types(dtype, o.dtype)
-        concatenated = torch.cat([o.to(dtype) for o in outputs])
+        concatenated = torch.cat([o.to(dtype) for _, o in outputs])
         result = concatenated.new_empty(concatenated.shape)
         # scatter back: row j of the sorted batch is sample order[j]
         return result.index_copy(0, order, concatenated)
@@ -242,16 +244,25 @@ class ExpertPool(nn.Module):
     ) -> torch.Tensor:
         """The routed path without a Python branch on the per-expert counts (``torch.export`` / ``torch.compile``).
 
-        Expert k runs on the rows ``nonzero(index == k)``: a sub-batch whose size is only known at run time (an
-        unbacked size when traced), possibly empty; its outputs are written back with ``index_copy``. Every
-        expert is in the traced graph; at run time each one still computes only its own samples.
+        Every batched input gets one padding row of zeros at index B (zeros of its dtype: token id 0, an
+        all-zero attention mask, a black image). Expert k runs on the rows ``nonzero(index == k)``, a sub-batch
+        whose size ``n_k`` is only known at run time (an unbacked size when traced); when ``n_k`` is 0 it runs on
+        the padding row instead (its rows are the first ``max(n_k, 1)`` of ``[rows, B]``), so no expert is handed
+        an empty batch. Outputs are written with ``index_copy`` into a result of B + 1 rows whose last row
+        collects (and the final slice drops) the padding rows' outputs. Every expert is in the traced graph; at
+        run time each one computes only its own samples, or the one padding row. Rows never mix in an eval-mode
+        network (BatchNorm is folded for export), so the padding changes no real sample's output.
         """
+        batch = index.shape[0]
+        padded_inputs, padded_kwargs = map_batched(inputs, kwargs, _append_zero_row, names)
         parts = []
         for k in range(self.num_experts):
-            rows = (index == k).nonzero().squeeze(1)  # LongTensor[B_k]
+            rows = (index == k).nonzero().squeeze(1)  # LongTensor[n_k]
+            padded_rows = torch.cat([rows, rows.new_full((1,), batch)])
+            rows = padded_rows[: torch.sym_max(rows.shape[0], 1)]  # [rows] if n_k > 0 else [B]
             sub_inputs, sub_kwargs = map_batched(
-                inputs,
-                kwargs,
+                padded_inputs,
+                padded_kwargs,
                 lambda t: t.index_select(0, rows),  # noqa: B023 (called at once)
                 names,
             )
@@ -261,18 +272,30 @@ class ExpertPool(nn.Module):
             message = f"expert {k} must return one output row per sample (outputs batched on dim 0)"
             torch._check(out.shape[0] == rows.shape[0], lambda: message)  # noqa: B023 (called at once)
             parts.append((rows, out))
-        shapes = {tuple(out.shape[1:]) for _, out in parts}
-        if len(shapes) != 1:
-            raise ValueError(
-                "the experts returned outputs of different per-sample shapes "
-                f"{sorted(shapes)}; all experts must agree to be gathered into one [B, ...] tensor"
-            )
+        _check_same_sample_shape([(k, out) for k, (_, out) in enumerate(parts)])
         dtype = parts[0][1].dtype
         for _, out in parts[1:]:
             if out.dtype != dtype:  # (a traced promote_types would be a graph node)
                 dtype = torch.promote_types(dtype, out.dtype)
         first = parts[0][1]
-        result = first.new_zeros((index.shape[0], *first.shape[1:]), dtype=dtype)
+        result = first.new_zeros((batch + 1, *first.shape[1:]), dtype=dtype)
         for rows, out in parts:
             result = result.index_copy(0, rows, out if out.dtype == dtype else out.to(dtype))
-        return result
+        return result[:batch]
+
+
+def _append_zero_row(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with one more row of zeros (of its dtype and device) at the end of dim 0."""
+    return torch.cat([t, t.new_zeros((1, *t.shape[1:]))])
+
+
+def _check_same_sample_shape(outputs: Sequence[tuple[int, torch.Tensor]]) -> None:
+    """``(expert, output)`` pairs must agree on the per-sample shape (``shape[1:]``)."""
+    # compared pairwise, not in a set: traced shapes hold symbolic sizes (a dynamic sequence length), unhashable
+    first = tuple(outputs[0][1].shape[1:])
+    if any(len(o.shape) - 1 != len(first) or any(a != b for a, b in zip(o.shape[1:], first)) for _, o in outputs[1:]):
+        raise ValueError(
+            "the experts returned outputs of different per-sample shapes ("
+            + ", ".join(f"expert {k}: {tuple(o.shape[1:])}" for k, o in outputs)
+            + "); all experts must agree to be gathered into one [B, ...] tensor"
+        )
