@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "LABEL_NAMES",
+    "UnexpectedInputError",
     "as_call",
     "batch_size",
     "batched_names",
@@ -51,7 +52,7 @@ def batch_size(args: Sequence[Any], kwargs: Mapping[str, Any], what: str = "the 
     """
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
+            return value.shape[0]  # not int(): under torch.export / torch.compile it may be a symbolic size
     raise TypeError(
         f"{what} needs a batch: at least one batch-first tensor among its positional or keyword inputs "
         f"(e.g. model(x) or model(**batch) with input_ids), got {_describe(args, kwargs)}"
@@ -129,12 +130,19 @@ def as_call(item: Any, what: str = "the batch") -> Inputs:
     )
 
 
-def explain_unexpected_keyword(err: BaseException, component: str, kwargs: Mapping[str, Any]) -> TypeError | None:
-    """A clearer ``TypeError`` when ``component`` refused a keyword input it does not take; ``None`` otherwise.
+class UnexpectedInputError(TypeError):
+    """A component refused a keyword input it does not take (see :func:`explain_unexpected_keyword`)."""
+
+
+def explain_unexpected_keyword(
+    err: BaseException, component: str, kwargs: Mapping[str, Any]
+) -> UnexpectedInputError | None:
+    """A clearer ``TypeError`` when ``component`` refused a keyword input it does not take; ``None`` otherwise
+    (also when ``err`` is already such an explanation, from a component nested in this one: re-raise it as is).
 
     Labels get their own message: they are targets, so they go to the loss, not to a model.
     """
-    if not isinstance(err, TypeError):
+    if not isinstance(err, TypeError) or isinstance(err, UnexpectedInputError):
         return None
     message = str(err)
     if "unexpected keyword argument" not in message:
@@ -143,12 +151,12 @@ def explain_unexpected_keyword(err: BaseException, component: str, kwargs: Mappi
     if name is None:
         return None
     if name in LABEL_NAMES:
-        return TypeError(
+        return UnexpectedInputError(
             f"{component} does not take the keyword input {name!r}: {name} are the targets of the batch, not a "
             "model input. A CoE takes them out of model(**batch) itself and hands them to its loss; when you call "
             f"a component directly, pop them first (targets = batch.pop({name!r}))"
         )
-    return TypeError(
+    return UnexpectedInputError(
         f"{component} does not take the keyword input {name!r} ({message}); pass only the inputs its forward accepts"
         " (for a CoE's delegator, choose them with delegator_inputs=...)"
     )

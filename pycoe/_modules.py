@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pycoe._inputs import UnexpectedInputError, explain_unexpected_keyword
+
 __all__ = [
     "replace_modules",
     "module_device",
@@ -22,6 +24,7 @@ __all__ = [
     "tensors_in",
     "InputMismatchError",
     "explain_input_mismatch",
+    "explain_call_error",
     "check_same_dtype_and_device",
     "traceable",
     "traceable_paths",
@@ -127,6 +130,21 @@ def explain_input_mismatch(err: BaseException, component: str, module: nn.Module
     else:
         return None
     return InputMismatchError(message, dtype, device)
+
+
+def explain_call_error(
+    err: BaseException, component: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> TypeError | None:
+    """A clearer error when ``module`` (named ``component``) failed with ``err`` on ``module(*args, **kwargs)``: a
+    keyword input it does not take (labels among them), or an input of another dtype or device than its parameters;
+    ``None`` when neither explains it (or ``err`` is already an explanation from a nested component)."""
+    if isinstance(err, UnexpectedInputError):
+        return None
+    explained = explain_unexpected_keyword(err, component, kwargs)
+    if explained is not None:
+        return explained
+    x = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    return explain_input_mismatch(err, component, module, x)
 
 
 def check_same_dtype_and_device(components: list[tuple[str, nn.Module]]) -> None:

@@ -379,7 +379,7 @@ def token_ce(logits, target):
 def test_seq2seq_training_and_routed_eval():
     k = 3
     delegator = Delegator(MeanEmbedding(), k, num_classes=4, feature_dim=8, classifier=None, zero_init_selection=False)
-    model = CoE(delegator, ExpertPool.from_template(TinySeq2Seq(), k, init="reinit"))
+    model = CoE(delegator, ExpertPool.from_template(TinySeq2Seq(), k, init="reinit"), delegator_inputs=[0])
     src = torch.randint(0, VOCAB, (7, SRC_LEN))
     tgt = torch.randint(0, VOCAB, (7, TGT_LEN + 1))
     tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
@@ -431,7 +431,7 @@ def test_bad_forward_input():
         model(torch.randn(4, D_IN), torch.randn(5, 3))
     with pytest.raises(ValueError, match="same batch size"):
         model.eval()(torch.randn(4, D_IN), torch.randn(5, 3))
-    with pytest.raises(TypeError, match="positional input"):
+    with pytest.raises(TypeError, match="CoE needs a batch"):
         model()
     with pytest.raises(TypeError, match="batch-first tensor"):
         model([1.0, 2.0])

@@ -316,9 +316,9 @@ def test_reuse_classifier_errors_leave_backbone_untouched():
 
 def test_bad_forward_input_and_backbone_output():
     d = Delegator(_Extractor(), 2, feature_dim=8)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="the delegator needs a batch.*got list"):
         d([[1.0, 2.0]])
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="the delegator needs a batch.*got NoneType"):
         d(None)
 
     d = Delegator(nn.Conv2d(3, 4, 3), 2, feature_dim=4)
@@ -335,9 +335,18 @@ def test_bad_forward_input_and_backbone_output():
         def forward(self, x):
             return Out(self.body(x), None)
 
-    d = Delegator(Inceptionish(), 2, feature_dim=5)
-    with pytest.raises(TypeError, match="aux_logits=False"):
-        d(torch.randn(2, 4))
+    # a tuple (torchvision's GoogLeNet/Inception-v3 in training mode): element 0 holds the features
+    backbone = Inceptionish()
+    d = Delegator(backbone, 2, feature_dim=5)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(d.features(x), backbone.body(x))
+
+    class Setish(nn.Module):
+        def forward(self, x):
+            return {x.sum().item()}
+
+    with pytest.raises(TypeError, match="must return its features.*returned set"):
+        Delegator(Setish(), 2, feature_dim=5)(x)
 
     class FirstRowOnly(nn.Module):
         def forward(self, x):

@@ -207,7 +207,7 @@ def run_seed(seed: int, args, train_ids, val_ids, test_ids, refs, src_vocab: int
     # Stage 2: K copies; stage 3: joint WGM + LGM training with a delegator.
     experts = pycoe.ExpertPool.from_template(universal, args.experts, init="copy")
     delegator = pycoe.Delegator(BagOfEmbeddings(src_vocab), num_experts=args.experts, feature_dim=64)
-    coe = pycoe.CoE(delegator, experts)
+    coe = pycoe.CoE(delegator, experts, delegator_inputs=[0])  # the delegator reads the source only
     criterion = pycoe.CoELoss(
         pycoe.BalancedTransportWeighter(args.experts, epsilon=args.epsilon),
         pycoe.LabelGenerator(mode=args.lgm),

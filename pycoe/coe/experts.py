@@ -15,15 +15,16 @@ Einstein legend: ``k`` expert (K of them), ``b`` sample (B), ``...`` the experts
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._inputs import batched_names, map_batched
-from .._modules import explain_input_mismatch, traceable
+from .._inputs import batch_size, batched_names, map_batched
+from .._modules import explain_call_error, traceable
 from .._validation import check_choice, check_expert_index, check_positive_int
+from .delegator import STRIPPED_MARK, is_timm_model
 
 __all__ = ["ExpertPool"]
 
@@ -32,11 +33,19 @@ class ExpertPool(nn.Module):
     """K expert networks, run densely (training) or routed one expert per sample (inference).
 
     The experts may be any :class:`~torch.nn.Module` (heterogeneous architectures are allowed) as long as, for
-    the same inputs, they all return one tensor of the same shape ``[B, ...]``. They may take several inputs,
-    for example a translation expert ``expert(src, tgt_in) -> Tensor[B, T, V]``.
+    the same inputs, their predictions have the same shape ``[B, ...]``. They may take several positional or
+    keyword inputs, for example a translation expert ``expert(src, tgt_in) -> Tensor[B, T, V]`` or a Hugging Face
+    model ``expert(input_ids=..., attention_mask=...)``.
+
+    **Outputs as they come.** An expert may return a tensor (the prediction), a tuple or list (its element 0: the
+    prediction of a Hugging Face model called with ``return_dict=False`` and no labels), or a mapping such as a
+    Hugging Face ``ModelOutput``, from which ``output_key`` takes the prediction (``"logits"`` by default).
+    ``output_key`` may also be a callable ``output -> Tensor`` for any other structure.
 
     Args:
         experts: the K expert networks (K >= 1), registered as ``self.experts`` (an :class:`~torch.nn.ModuleList`).
+        output_key: the key of the prediction in a mapping output (default ``"logits"``), or a callable
+            ``output -> Tensor[B, ...]`` applied to every expert's raw output.
 
     Attributes:
         experts (nn.ModuleList): the experts.
@@ -49,8 +58,15 @@ class ExpertPool(nn.Module):
         torch.Size([5, 3])
     """
 
-    def __init__(self, experts: Sequence[nn.Module]) -> None:
+    def __init__(
+        self, experts: Sequence[nn.Module], output_key: str | Callable[[Any], torch.Tensor] = "logits"
+    ) -> None:
         super().__init__()
+        if not (isinstance(output_key, str) or callable(output_key)):
+            raise TypeError(
+                "output_key must be the key of the prediction in the experts' mapping outputs (e.g. 'logits') or a "
+                f"callable output -> Tensor, got {type(output_key).__name__}"
+            )
         if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
             raise TypeError(
                 "experts must be a sequence of nn.Module (use ExpertPool.from_template(model, num_experts) to "
@@ -70,20 +86,43 @@ class ExpertPool(nn.Module):
                 "experts must be distinct module objects (the same module appears twice); "
                 "use ExpertPool.from_template to make independent copies"
             )
+        for i, e in enumerate(experts):
+            _check_not_stripped(f"experts[{i}]", e)
         self.experts = nn.ModuleList(experts)
+        self.output_key = output_key
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_template(cls, model: nn.Module, num_experts: int, init: str = "copy") -> ExpertPool:
+    def from_template(
+        cls,
+        model: nn.Module,
+        num_experts: int,
+        init: str = "copy",
+        output_key: str | Callable[[Any], torch.Tensor] = "logits",
+    ) -> ExpertPool:
         """K independent deep copies of ``model``.
 
         Args:
             model: the template (left untouched); typically a "universal" network pretrained on all the data.
             num_experts: K >= 1.
             init: ``"copy"`` keeps the template's weights in every expert (the usual start from a pretrained
-                model); ``"reinit"`` calls ``reset_parameters()`` on every submodule of every copy that has it,
-                so each expert gets its own random initialisation (modules without ``reset_parameters`` keep
-                the template's values).
+                model); ``"reinit"`` gives each copy its own random initialisation, the one its library gives a
+                new model:
+
+                * every submodule with a ``reset_parameters()`` method is reset (PyTorch's default init, what a
+                  model's layers get when they are built);
+                * then each Hugging Face model inside (duck-typed: a ``config`` and ``init_weights()``/
+                  ``_init_weights()``, as ``transformers.PreTrainedModel`` has) is re-initialised by its own
+                  ``init_weights()``, after clearing the ``_is_hf_initialized`` marks that make it skip modules
+                  already initialised: normal weights of std ``config.initializer_range`` (0.02 for BERT), zero
+                  biases, unit LayerNorms, tied embeddings re-tied, exactly as ``Model(config)`` does;
+                * and each timm model that offers ``init_weights()`` (ResNet, ViT, ...) is re-initialised by it
+                  (timm models without it, such as EfficientNet or ConvNeXt, whose init runs only in their
+                  constructor, keep PyTorch's default init of the first step).
+
+                Parameters of modules without ``reset_parameters`` that no library init covers keep the template's
+                values.
+            output_key: passed to :class:`ExpertPool` (where the prediction is in the experts' outputs).
 
         Returns:
             ExpertPool: the pool, on the template's device and dtype.
@@ -92,14 +131,12 @@ class ExpertPool(nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         num_experts = check_positive_int("num_experts", num_experts)
         check_choice("init", init, ("copy", "reinit"))
+        _check_not_stripped("model", model)
         experts = [copy.deepcopy(model) for _ in range(num_experts)]
         if init == "reinit":
             for expert in experts:
-                for m in expert.modules():
-                    reset = getattr(m, "reset_parameters", None)
-                    if callable(reset):
-                        reset()
-        return cls(experts)
+                _reinitialise(expert)
+        return cls(experts, output_key=output_key)
 
     # ------------------------------------------------------------------ container protocol
     @property
@@ -121,7 +158,8 @@ class ExpertPool(nn.Module):
         return iter(self.experts)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}"
+        key = self.output_key if isinstance(self.output_key, str) else getattr(self.output_key, "__name__", "callable")
+        return f"num_experts={self.num_experts}, output_key={key!r}"
 
     # ------------------------------------------------------------------ dense path
     def forward(self, *inputs: Any, **kwargs: Any) -> torch.Tensor:
@@ -145,30 +183,61 @@ class ExpertPool(nn.Module):
         return torch.stack(outputs)
 
     def _call_expert(self, k: int, inputs: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+        """Expert k on the inputs; its prediction, taken from its output by :meth:`prediction`."""
         try:
             out = self.experts[k](*inputs, **kwargs)
         except (RuntimeError, TypeError) as err:
-            x = inputs[0] if inputs else None
-            mismatch = explain_input_mismatch(
-                err, f"experts[{k}] ({type(self.experts[k]).__name__})", self.experts[k], x
-            )
-            if mismatch is None:
+            component = f"experts[{k}] ({type(self.experts[k]).__name__})"
+            explained = explain_call_error(err, component, self.experts[k], tuple(inputs), kwargs)
+            if explained is None:
                 raise
-            raise mismatch from err
-        if not isinstance(out, torch.Tensor):
+            raise explained from err
+        return self.prediction(out, k)
+
+    def prediction(self, output: Any, k: int = 0) -> torch.Tensor:
+        """The prediction in an expert's raw ``output`` (see "Outputs as they come" in the class docstring).
+
+        Args:
+            output: what expert ``k`` returned.
+            k: the expert's index (for error messages).
+
+        Returns:
+            Tensor[B, ...].
+        """
+        key = self.output_key
+        if callable(key):
+            value = key(output)
+            where = f"output_key={getattr(key, '__name__', 'callable')}"
+        elif isinstance(output, torch.Tensor):
+            return output
+        elif isinstance(output, Mapping):
+            if key not in output or output[key] is None:
+                present = ", ".join(repr(n) for n, v in output.items() if v is not None) or "none"
+                raise TypeError(
+                    f"expert {k} ({type(self.experts[k]).__name__}) returned a {type(output).__name__} without "
+                    f"{key!r} (output_key={key!r}); fields present: {present}. Pass ExpertPool(..., output_key=<the "
+                    "field that holds the prediction>) or a callable output -> Tensor"
+                )
+            value, where = output[key], f"output[{key!r}]"
+        elif isinstance(output, (tuple, list)) and output:
+            value, where = output[0], "output[0] (experts returning a tuple give their prediction first)"
+        else:
+            value, where = output, "the output"
+        if not isinstance(value, torch.Tensor):
             raise TypeError(
-                f"expert {k} ({type(self.experts[k]).__name__}) returned {type(out).__name__}; "
-                "experts must return a single tensor (wrap the model to select its main output)"
+                f"expert {k} ({type(self.experts[k]).__name__}): {where} is a {type(value).__name__}, not a tensor; "
+                "an expert must return its prediction as a tensor, a tuple whose element 0 is it, or a mapping "
+                "(such as a Hugging Face ModelOutput) that holds it under output_key"
             )
-        return out
+        return value
 
     # ------------------------------------------------------------------ routed path
     def forward_routed(self, index: torch.Tensor, *inputs: Any, **kwargs: Any) -> torch.Tensor:
         """Each sample through its own expert: one forward per non-empty expert on its sub-batch.
 
         Every tensor input (positional or keyword) whose first dimension is B is split by ``index``; other
-        arguments are passed unchanged to every called expert. The first tensor input (positional inputs first,
-        then keyword inputs) must be such a batched tensor; keyword inputs alone are fine
+        arguments are passed unchanged to every called expert. The inputs (positional or keyword) must hold at
+        least one such batched tensor; keyword inputs alone are fine
         (``pool.forward_routed(index, input_ids=ids, attention_mask=mask)``).
 
         No expert is ever called on an empty batch (many are not written for one: a Hugging Face attention
@@ -188,13 +257,11 @@ class ExpertPool(nn.Module):
         """
         index = check_expert_index("index", index, self.num_experts)
         batch = index.shape[0]
-        given = next((v.shape[0] for v in (*inputs, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
-        if given is None:
-            raise TypeError(
-                "forward_routed needs at least one positional tensor input or keyword tensor input batched on dim 0"
+        if batch_size(inputs, kwargs, what="forward_routed") != batch:
+            raise ValueError(
+                f"index has {batch} entries but the inputs have batch size {batch_size(inputs, kwargs)} (dim 0 of the "
+                "first batch-first tensor); they must match"
             )
-        if given != batch:
-            raise ValueError(f"index has {batch} entries but the first input has batch size {given}; they must match")
         names = batched_names(inputs, kwargs, batch)
         if traceable():
             return self._forward_routed_traceable(index, inputs, kwargs, names)
@@ -282,6 +349,53 @@ class ExpertPool(nn.Module):
         for rows, out in parts:
             result = result.index_copy(0, rows, out if out.dtype == dtype else out.to(dtype))
         return result[:batch]
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_not_stripped(name: str, model: nn.Module) -> None:
+    """Refuse a model whose classifier a :class:`~pycoe.coe.delegator.Delegator` stripped (it returns features)."""
+    for module in model.modules():
+        path = getattr(module, STRIPPED_MARK, None)
+        if isinstance(path, str):
+            raise ValueError(
+                f"{name} is (a copy of) a model whose classifier {path!r} a Delegator replaced by nn.Identity, so it "
+                "returns features instead of predictions: the experts would be trained on features. Build the experts "
+                "before the Delegator (ExpertPool.from_template(model, K), then Delegator(model, ...)), or give the "
+                "Delegator its own copy (Delegator(copy.deepcopy(model), ...))"
+            )
+
+
+def _is_hf_model(module: nn.Module) -> bool:
+    """Duck-typed test for a ``transformers.PreTrainedModel`` (transformers is never imported)."""
+    return (
+        hasattr(module, "config")
+        and callable(getattr(module, "init_weights", None))
+        and callable(getattr(module, "_init_weights", None))
+    )
+
+
+def _outermost(model: nn.Module, test: Callable[[nn.Module], bool]) -> list[nn.Module]:
+    """The submodules of ``model`` (itself included) that pass ``test`` and have no ancestor that does."""
+    if test(model):
+        return [model]
+    return [found for child in model.children() for found in _outermost(child, test)]
+
+
+def _reinitialise(model: nn.Module) -> None:
+    """Re-initialise ``model`` in place the way its library initialises a new model (see
+    :meth:`ExpertPool.from_template`, ``init="reinit"``)."""
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    for hf_model in _outermost(model, _is_hf_model):
+        items: list[Any] = [*hf_model.modules(), *hf_model.parameters(), *hf_model.buffers()]
+        for item in items:
+            if getattr(item, "_is_hf_initialized", False):
+                item._is_hf_initialized = False  # else HF's init skips what it initialised once
+        hf_model.init_weights()  # type: ignore[operator]
+    for timm_model in _outermost(model, lambda m: is_timm_model(m) and callable(getattr(m, "init_weights", None))):
+        timm_model.init_weights()  # type: ignore[operator]
 
 
 def _append_zero_row(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._modules import check_same_dtype_and_device, explain_input_mismatch
+from .._inputs import (
+    LABEL_NAMES,
+    batch_size,
+    batched_names,
+    map_batched,
+    select_inputs,
+    split_labels,
+)
+from .._modules import check_same_dtype_and_device, explain_call_error
 from .delegator import DelegatorOutput
 from .early_exit import (
     ExitThresholdMixin,
@@ -40,11 +48,14 @@ class CoETrainOutput:
         selection_logits: Tensor[B, K], the delegator's expert-selection logits.
         rough_logits: Tensor[B, C] or ``None``, the delegator's rough class logits.
         expert_outputs: Tensor[K, B, ...], every expert's output on the whole batch.
+        labels: the ``labels`` keyword input of the call (the batch's targets, taken out of the inputs: no model
+            receives them), or ``None``; :class:`~pycoe.coe.loss.CoELoss` uses them when it is given no target.
     """
 
     selection_logits: torch.Tensor
     rough_logits: torch.Tensor | None
     expert_outputs: torch.Tensor
+    labels: Any = None
 
 
 torch.export.register_dataclass(
@@ -91,6 +102,62 @@ def _as_delegator_output(out: Any) -> DelegatorOutput:
     )
 
 
+def _split_labels(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``(kwargs without the labels, the labels or None)``."""
+    if not any(name in kwargs for name in LABEL_NAMES):
+        return kwargs, None
+    return split_labels(kwargs)
+
+
+def _first_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The first batch-first tensor among the inputs (they were checked to hold one)."""
+    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _check_delegator_inputs(value: Any) -> list[int | str] | None:
+    """``None``, or a non-empty list of positional indices (int) and keyword names (str)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, int)) or not isinstance(value, Sequence):
+        raise TypeError(
+            "delegator_inputs must be None (the delegator receives every input) or a list of positional indices "
+            f"and keyword names, e.g. [0] or ['input_ids', 'attention_mask'], got {value!r}"
+        )
+    items = list(value)
+    if not items:
+        raise ValueError("delegator_inputs must name at least one input (or be None for all of them), got []")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise TypeError(
+                "delegator_inputs must hold positional indices (int) and keyword names (str), got "
+                f"{type(item).__name__} {item!r}"
+            )
+    return items
+
+
+def _vocab_size(module: nn.Module) -> int | None:
+    """``config.vocab_size`` of a Hugging Face model (duck-typed), else ``None``."""
+    size = getattr(getattr(module, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _check_same_vocabulary(delegator: nn.Module, experts: ExpertPool, delegator_inputs: list | None) -> None:
+    """A delegator and experts that read the same token ids must share a vocabulary size (Hugging Face configs)."""
+    if delegator_inputs is not None and not ({0, "input_ids"} & set(delegator_inputs)):
+        return  # the delegator reads its own tokens
+    mine = _vocab_size(getattr(delegator, "backbone", delegator))
+    if mine is None:
+        return
+    for k, expert in enumerate(experts):
+        theirs = _vocab_size(expert)
+        if theirs is not None and theirs != mine:
+            raise ValueError(
+                f"the delegator's backbone has vocab_size={mine} but experts[{k}] has vocab_size={theirs}: both read "
+                "the same input_ids (the tokens of one tokenizer), so their vocabularies must agree. Build both from "
+                "configs with the tokenizer's vocab_size, or give the delegator its own inputs (delegator_inputs=...)"
+            )
+
+
 class CoE(ExitThresholdMixin, nn.Module):
     """A Collaboration of Experts: the delegator picks one expert per sample, or exits early.
 
@@ -102,10 +169,17 @@ class CoE(ExitThresholdMixin, nn.Module):
       to their argmax expert, batched by expert (one forward per expert that received samples). Ties in the
       selection logits go to the lowest expert index.
 
-    **Inputs.** ``model(*inputs, **kwargs)``: the delegator receives the first positional input only; the
-    experts receive all inputs (e.g. ``model(src, tgt_in)`` for a translation model whose delegator reads the
-    source). Every positional tensor input must be batch-first with the same B. In eval mode, keyword tensors
-    whose first dimension is B are split with the samples; other keyword arguments go unchanged to every expert.
+    **Inputs.** A CoE is called the way its experts are: ``model(x)``, ``model(src, tgt_in)``, or ``model(**batch)``
+    with a dict or a tokenizer's ``BatchEncoding`` (positional and keyword inputs may be mixed). The batch size B is
+    dim 0 of the first tensor of dimension >= 1 among the positional, then the keyword inputs; every positional
+    tensor input must be batch-first with that B, and the tensors (positional or keyword) whose dim 0 is B are the
+    batched inputs, split with the samples in eval mode (other arguments go unchanged to every expert). A
+    ``labels`` keyword input holds the targets: it is taken out of the inputs (no delegator or expert receives it)
+    and returned on :class:`CoETrainOutput` in training, so that ``criterion(model(**batch))`` needs no target.
+    The experts receive all the other inputs; the delegator too, unless ``delegator_inputs`` selects a subset
+    (e.g. ``[0]`` for a translation model whose delegator reads only the source of ``model(src, tgt_in)``, or
+    ``["input_ids", "attention_mask"]``). A text delegator needs the attention mask, or padding changes its
+    routing.
 
     **Early exit and output shapes.** Exiting replaces a sample's output by its rough logits ``Tensor[C]``, so it
     needs a delegator with a rough head (``num_classes``) and experts whose per-sample output is also
@@ -126,6 +200,9 @@ class CoE(ExitThresholdMixin, nn.Module):
         experts: an :class:`~pycoe.coe.experts.ExpertPool`, or a sequence of modules (wrapped in one).
         exit_threshold: early-exit threshold in [0, 1], or ``None`` (default) to never exit. ``0`` exits every
             sample (rough prediction only), ``1`` exits only samples predicted with probability 1.
+        delegator_inputs: which of the call's inputs the delegator receives: ``None`` (default) for all of them
+            (labels excepted), or a list of positional indices and keyword names (a name absent from a call is
+            skipped, e.g. an optional ``token_type_ids``).
 
     Attributes:
         delegator (nn.Module): the delegator.
@@ -148,6 +225,7 @@ class CoE(ExitThresholdMixin, nn.Module):
         delegator: nn.Module,
         experts: ExpertPool | Sequence[nn.Module],
         exit_threshold: float | None = None,
+        delegator_inputs: Sequence[int | str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(delegator, nn.Module):
@@ -163,6 +241,8 @@ class CoE(ExitThresholdMixin, nn.Module):
         check_same_dtype_and_device(
             [("the delegator", delegator), *((f"experts[{k}]", e) for k, e in enumerate(experts))]
         )
+        self.delegator_inputs = _check_delegator_inputs(delegator_inputs)
+        _check_same_vocabulary(delegator, experts, self.delegator_inputs)
         self.delegator = delegator
         self.experts = experts
         # per-sample shape of the experts' outputs, once seen (checked against the rough head's for early exit)
@@ -180,44 +260,49 @@ class CoE(ExitThresholdMixin, nn.Module):
         return getattr(self.delegator, "num_classes", 0) is not None
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, exit_threshold={self.exit_threshold}"
+        extra = "" if self.delegator_inputs is None else f", delegator_inputs={self.delegator_inputs}"
+        return f"num_experts={self.num_experts}, exit_threshold={self.exit_threshold}{extra}"
 
     # ------------------------------------------------------------------ pieces
-    def _check_inputs(self, inputs: Sequence[Any]) -> int:
-        if not inputs:
-            raise TypeError("CoE needs at least one positional input (the batch)")
-        x = inputs[0]
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise TypeError(
-                f"the first positional input must be a batch-first tensor, got "
-                f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}"
-            )
-        batch = x.shape[0]
-        for i, v in enumerate(inputs[1:], start=1):
+    def _check_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, int]:
+        """``(kwargs without the labels, the labels or None, B)``; every positional tensor must be batched on B."""
+        kwargs, labels = _split_labels(kwargs)
+        batch = batch_size(args, kwargs, what="CoE")
+        for i, v in enumerate(args):
             if isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != batch):
                 raise ValueError(
-                    f"every positional input must be batch-first with the same batch size: input 0 has "
-                    f"B={batch} but input {i} has shape {tuple(v.shape)}"
+                    f"every positional input must be batch-first with the same batch size: the batch has B={batch} "
+                    f"but positional input {i} has shape {tuple(v.shape)}"
                 )
-        return batch
+        return kwargs, labels, batch
 
-    def delegate(self, x: torch.Tensor) -> DelegatorOutput:
-        """Run the delegator on ``x`` and check its outputs.
+    def delegate(self, *args: Any, **kwargs: Any) -> DelegatorOutput:
+        """Run the delegator on the call's inputs (those ``delegator_inputs`` selects) and check its outputs.
+
+        Args:
+            *args, **kwargs: the inputs of a call of the CoE (``model.delegate(x)``, ``model.delegate(**batch)``);
+                ``labels`` are ignored.
 
         Returns:
             :class:`~pycoe.coe.delegator.DelegatorOutput`: selection_logits Tensor[B, K], rough_logits
             Tensor[B, C] or ``None``.
         """
+        kwargs, _, batch = self._check_inputs(args, kwargs)
+        return self._delegate(args, kwargs, batch)
+
+    def _delegate(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> DelegatorOutput:
+        d_args, d_kwargs = select_inputs(args, kwargs, self.delegator_inputs)
+        if self.delegator_inputs is not None:
+            batch_size(d_args, d_kwargs, what=f"the delegator (delegator_inputs={self.delegator_inputs})")
         try:
-            raw = self.delegator(x)
+            raw = self.delegator(*d_args, **d_kwargs)
         except (RuntimeError, TypeError) as err:
-            mismatch = explain_input_mismatch(err, "the delegator", self.delegator, x)
-            if mismatch is None:
+            explained = explain_call_error(err, "the delegator", self.delegator, d_args, d_kwargs)
+            if explained is None:
                 raise
-            raise mismatch from err
+            raise explained from err
         out = _as_delegator_output(raw)
         sel, rough = out.selection_logits, out.rough_logits
-        batch = x.shape[0]
         if not isinstance(sel, torch.Tensor) or sel.dim() != 2 or sel.shape != (batch, self.num_experts):
             shape = tuple(sel.shape) if isinstance(sel, torch.Tensor) else type(sel).__name__
             raise ValueError(
@@ -254,39 +339,37 @@ class CoE(ExitThresholdMixin, nn.Module):
         expert_index = torch.where(exited, torch.full_like(choice, -1), choice)
         return expert_index, exited, confidence
 
-    def _probe_expert_shape(self, inputs: Sequence[Any], kwargs: dict[str, Any], batched_keys: list[str]) -> None:
+    def _probe_expert_shape(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> None:
         """Learn the experts' per-sample output shape by running expert 0 on the first sample (once, no gradient)."""
-        batch = inputs[0].shape[0]
-        one = [v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v for v in inputs]
-        one_kwargs = {key: (kwargs[key][:1] if key in batched_keys else kwargs[key]) for key in kwargs}
-        index = torch.zeros(1, dtype=torch.long, device=inputs[0].device)
+        one_args, one_kwargs = map_batched(args, kwargs, lambda t: t[:1], batched_names(args, kwargs, batch))
+        index = torch.zeros(1, dtype=torch.long, device=_first_tensor(args, kwargs).device)
         with torch.no_grad():
-            self._expert_sample_shape = tuple(self.experts.forward_routed(index, *one, **one_kwargs).shape[1:])
+            self._expert_sample_shape = tuple(self.experts.forward_routed(index, *one_args, **one_kwargs).shape[1:])
 
     def _check_exit_shapes(self, rough_logits: torch.Tensor, threshold: float) -> None:
         check_exit_shapes(rough_logits, self._expert_sample_shape, threshold, "the delegator", "the experts")
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *inputs: Any, **kwargs: Any) -> CoETrainOutput | CoEOutput:
+    def forward(self, *args: Any, **kwargs: Any) -> CoETrainOutput | CoEOutput:
         """Training mode: :class:`CoETrainOutput`; eval mode: :class:`CoEOutput` (see the class docstring).
 
         Args:
-            *inputs: batch-first inputs; the first goes to the delegator, all go to the experts.
-            **kwargs: keyword inputs for the experts.
+            *args, **kwargs: the experts' inputs, batch-first (``model(x)``, ``model(src, tgt_in)``,
+                ``model(**batch)``); a ``labels`` keyword input is the batch's targets (no model receives it).
         """
         if self.training:
-            return self.forward_train(*inputs, **kwargs)
-        return self.forward_eval(*inputs, **kwargs)
+            return self.forward_train(*args, **kwargs)
+        return self.forward_eval(*args, **kwargs)
 
-    def forward_train(self, *inputs: Any, **kwargs: Any) -> CoETrainOutput:
+    def forward_train(self, *args: Any, **kwargs: Any) -> CoETrainOutput:
         """Delegator and every expert on the whole batch, whatever the module's mode.
 
         Returns:
-            :class:`CoETrainOutput` with expert_outputs Tensor[K, B, ...].
+            :class:`CoETrainOutput` with expert_outputs Tensor[K, B, ...] and the call's ``labels``.
         """
-        batch = self._check_inputs(inputs)
-        d = self.delegate(inputs[0])
-        expert_outputs = self.experts(*inputs, **kwargs)
+        kwargs, labels, batch = self._check_inputs(args, kwargs)
+        d = self._delegate(args, kwargs, batch)
+        expert_outputs = self.experts(*args, **kwargs)
         if expert_outputs.dim() < 2 or expert_outputs.shape[1] != batch:
             raise ValueError(
                 f"the experts must return batch-first outputs [B={batch}, ...], got stacked shape "
@@ -295,41 +378,34 @@ class CoE(ExitThresholdMixin, nn.Module):
         self._expert_sample_shape = tuple(expert_outputs.shape[2:])
         if self.exit_threshold is not None and d.rough_logits is not None:
             self._check_exit_shapes(d.rough_logits, self.exit_threshold)
-        return CoETrainOutput(d.selection_logits, d.rough_logits, expert_outputs)
+        return CoETrainOutput(d.selection_logits, d.rough_logits, expert_outputs, labels)
 
-    def forward_eval(self, *inputs: Any, exit_threshold: float | str | None = "default", **kwargs: Any) -> CoEOutput:
+    def forward_eval(self, *args: Any, exit_threshold: float | str | None = "default", **kwargs: Any) -> CoEOutput:
         """Early exit, then one expert per remaining sample, batched by expert, whatever the module's mode.
 
         Args:
-            *inputs: batch-first inputs.
+            *args, **kwargs: the experts' inputs, as for :meth:`forward` (``labels`` are dropped).
             exit_threshold: overrides ``self.exit_threshold`` for this call (``"default"``: use it).
-            **kwargs: keyword inputs for the experts.
 
         Returns:
             :class:`CoEOutput`.
         """
-        batch = self._check_inputs(inputs)
+        kwargs, _, batch = self._check_inputs(args, kwargs)
         threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
-        d = self.delegate(inputs[0])
+        d = self._delegate(args, kwargs, batch)
         expert_index, exited, confidence = self.route(d, threshold)
-        batched_keys = [
-            key for key, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
-        ]
-        threshold = resolve_exit_threshold(exit_threshold, self.exit_threshold)
+        names = batched_names(args, kwargs, batch)
         if threshold is not None and d.rough_logits is not None:
             if self._expert_sample_shape is None and batch > 0:
-                self._probe_expert_shape(inputs, kwargs, batched_keys)
+                self._probe_expert_shape(args, kwargs, batch)
             self._check_exit_shapes(d.rough_logits, threshold)
 
         def run_experts(keep: torch.Tensor | None) -> torch.Tensor:
             if keep is None:
-                out = self.experts.forward_routed(expert_index, *inputs, **kwargs)
+                out = self.experts.forward_routed(expert_index, *args, **kwargs)
             else:
-                sub_inputs = [v.index_select(0, keep) if isinstance(v, torch.Tensor) else v for v in inputs]
-                sub_kwargs = dict(kwargs)
-                for key in batched_keys:
-                    sub_kwargs[key] = kwargs[key].index_select(0, keep)
-                out = self.experts.forward_routed(expert_index.index_select(0, keep), *sub_inputs, **sub_kwargs)
+                sub_args, sub_kwargs = map_batched(args, kwargs, lambda t: t.index_select(0, keep), names)
+                out = self.experts.forward_routed(expert_index.index_select(0, keep), *sub_args, **sub_kwargs)
             self._expert_sample_shape = tuple(out.shape[1:])
             return out
 
