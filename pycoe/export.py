@@ -302,6 +302,7 @@ def _leaf_names(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[str]:
 def _warn_specialised(program: torch.export.ExportedProgram, auto: list[tuple[str, int]], names: list[str]) -> None:
     """Warn about sequence dimensions the default rule asked for that the model fixed at the example's size."""
     from torch.export.graph_signature import InputKind, TensorArgument
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     specs = [
@@ -310,7 +311,9 @@ def _warn_specialised(program: torch.export.ExportedProgram, auto: list[tuple[st
         if s.kind == InputKind.USER_INPUT and isinstance(s.arg, TensorArgument)
     ]
     shape_of = {name: placeholders[spec.arg.name].meta["val"].shape for name, spec in zip(names, specs)}
-    fixed = [f"{n!r} (length {shape_of[n][d]})" for n, d in auto if n in shape_of and isinstance(shape_of[n][d], int)]
+    fixed = [
+        f"{n!r} (length {int(shape_of[n][d])})" for n, d in auto if n in shape_of and is_concrete_int(shape_of[n][d])
+    ]
     if fixed:
         warnings.warn(
             f"the model fixed the sequence length of {', '.join(fixed)} at the example's: the exported program "
@@ -536,6 +539,25 @@ def _check_opset(opset_version: Any, onnx: Any) -> None:
         )
 
 
+def _onnx_error(error: Exception, model: nn.Module) -> ExportError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = (
+        f"torch.onnx.export could not convert the exported program: {type(error).__name__}: {first_line}\n"
+        "the program itself is fine (pycoe.export.export returns it)"
+    )
+    sdpa = [
+        name or "<the model>"
+        for name, m in model.named_modules()
+        if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"
+    ]
+    if sdpa:
+        message += (
+            f"; {sdpa[0]!r} is a Hugging Face model with SDPA attention, which torch 2.14 fails to convert for some "
+            "architectures (T5): build it with attn_implementation='eager' (the same weights load into either)"
+        )
+    return ExportError(message)
+
+
 def to_onnx(
     model: nn.Module,
     example_inputs: Any,
@@ -571,6 +593,8 @@ def to_onnx(
         ModuleNotFoundError: onnx or onnxscript is missing (``pip install 'pycoe[deploy]'``).
         TypeError, ValueError: a bad argument, checked before the export starts (``path`` empty, a directory or
             in a missing folder; an opset outside the range above); as for :func:`export`.
+        ExportError: as for :func:`export`; or torch's ONNX converter failed on the exported program (the message
+            says what to try; torch's error is chained).
     """
     onnx = _require_deploy()
     path = _check_onnx_path(path)
@@ -584,15 +608,18 @@ def to_onnx(
         dynamic_shapes=dynamic_shapes,
     )
     names = output_names(program)
-    torch.onnx.export(
-        program,
-        f=path,
-        input_names=_leaf_names(_as_args(example_inputs), _as_kwargs(example_kwargs)),
-        output_names=names,
-        opset_version=opset_version,
-        dynamo=True,
-        external_data=False,
-    )
+    try:
+        torch.onnx.export(
+            program,
+            f=path,
+            input_names=_leaf_names(_as_args(example_inputs), _as_kwargs(example_kwargs)),
+            output_names=names,
+            opset_version=opset_version,
+            dynamo=True,
+            external_data=False,
+        )
+    except Exception as error:  # re-raised with what to try, the cause chained
+        raise _onnx_error(error, model) from error
     if opset_version is not None:
         written = [o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx")]
         if written != [opset_version]:
