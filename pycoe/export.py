@@ -546,13 +546,13 @@ def _onnx_error(error: Exception, model: nn.Module) -> ExportError:
         "the program itself is fine (pycoe.export.export returns it)"
     )
     sdpa = [
-        name or "<the model>"
+        f"submodule {name!r}" if name else "the model"
         for name, m in model.named_modules()
         if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"
     ]
     if sdpa:
         message += (
-            f"; {sdpa[0]!r} is a Hugging Face model with SDPA attention, which torch 2.14 fails to convert for some "
+            f"; {sdpa[0]} is a Hugging Face model with SDPA attention, which torch 2.14 fails to convert for some "
             "architectures (T5): build it with attn_implementation='eager' (the same weights load into either)"
         )
     return ExportError(message)
