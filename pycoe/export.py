@@ -6,10 +6,12 @@ module takes an eval-mode :class:`~pycoe.coe.model.CoE` (early exit included),
 :class:`~pycoe.layers.condconv.CondConv2d` / :class:`~pycoe.layers.pwlu.PWLU` layers out of Python.
 
 - :func:`export` returns a :class:`torch.export.ExportedProgram` whose module returns what the eager eval forward
-  returns (the output dataclasses are registered pytrees), for any batch size. Routing stays real: each sample
-  runs only through its own expert, on a sub-batch whose size is data-dependent.
-- :func:`to_onnx` writes the same program as an ONNX file (``torch.onnx.export(..., dynamo=True)``) with a dynamic
-  batch, for onnxruntime.
+  returns (the output dataclasses are registered pytrees), for any batch size and, for token inputs, any
+  sequence length; positional and keyword inputs (``model(**batch)`` of a Hugging Face model or a CoE of them)
+  keep their kind. Routing stays real: each sample runs only through its own expert, on a sub-batch whose size is
+  data-dependent.
+- :func:`to_onnx` writes the same program as an ONNX file (``torch.onnx.export(..., dynamo=True)``) with the same
+  dynamic dimensions, for onnxruntime; keyword inputs keep their names.
 - :func:`compile_inference` compiles the eval forward with ``torch.compile`` into one graph (routing included).
 - :func:`prepare_for_export` is the step all three take first, on a deep copy: every eval-mode BatchNorm that directly
   follows a convolution or linear layer is folded into it, every other one becomes a per-channel affine map.
@@ -110,7 +112,7 @@ def _check_unchanged(reference: Any, prepared: nn.Module, args: tuple[Any, ...],
 
 
 def prepare_for_export(
-    model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None
+    model: nn.Module, example_inputs: Any = (), example_kwargs: Mapping[str, Any] | None = None
 ) -> nn.Module:
     """A deep copy of an eval-mode model, ready to trace on data-dependent batches (``model`` is not changed).
 
@@ -123,7 +125,8 @@ def prepare_for_export(
 
     Args:
         model: an ``nn.Module`` in eval mode (every submodule).
-        example_inputs: a tensor or a tuple of the model's positional inputs (one forward is run on them).
+        example_inputs: a tensor or a tuple of the model's positional inputs (one forward is run on them; ``()``
+            for a model called with keyword inputs only).
         example_kwargs: keyword inputs of that forward.
 
     Returns:
@@ -652,7 +655,7 @@ class _CompiledInference(nn.Module):
 
 def compile_inference(
     model: nn.Module,
-    example_inputs: Any,
+    example_inputs: Any = (),
     *,
     example_kwargs: Mapping[str, Any] | None = None,
     **compile_kwargs: Any,
@@ -667,7 +670,8 @@ def compile_inference(
 
     Args:
         model: an ``nn.Module`` in eval mode.
-        example_inputs: a tensor or a tuple of positional inputs (one eager forward prepares the copy).
+        example_inputs: a tensor or a tuple of positional inputs (one eager forward prepares the copy; ``()`` for
+            none: ``compile_inference(model, (), example_kwargs=batch)``, then ``fast(**batch)``).
         example_kwargs: keyword inputs of that forward.
         **compile_kwargs: passed to :func:`torch.compile` (e.g. ``backend="aot_eager"``, ``mode="max-autotune"``).
 
