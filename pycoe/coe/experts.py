@@ -240,12 +240,13 @@ class ExpertPool(nn.Module):
         least one such batched tensor; keyword inputs alone are fine
         (``pool.forward_routed(index, input_ids=ids, attention_mask=mask)``).
 
-        No expert is ever called on an empty batch (many are not written for one: a Hugging Face attention
-        layer reshapes with ``view(B, L, -1, d)``, which cannot infer ``-1`` for ``B = 0``). Eagerly, an expert
-        that receives no sample is not called; under ``torch.compile`` / ``torch.export`` every expert is in the
-        graph, and one that receives no sample runs on one padding row of zeros instead, whose output is
-        dropped (see :meth:`_forward_routed_traceable`). A batch of 0 returns expert 0's output on such a
-        padding row, cut to 0 rows: the empty result has the experts' per-sample shape and dtype.
+        No expert is called on an empty batch it cannot take (many are not written for one: a Hugging Face
+        attention layer reshapes with ``view(B, L, -1, d)``, which cannot infer ``-1`` for ``B = 0``). Eagerly, an
+        expert that receives no sample is not called; under ``torch.compile`` / ``torch.export`` every expert is
+        in the graph, and one that receives no sample runs on an empty batch if it takes one (tried once, eagerly),
+        else on one padding row of zeros whose output is dropped (see :meth:`_forward_routed_traceable`). A batch
+        of 0 returns expert 0's output on such a padding row, cut to 0 rows: the empty result has the experts'
+        per-sample shape and dtype.
 
         Args:
             index: LongTensor[B], the expert of each sample, values in ``[0, K)``.
@@ -311,22 +312,29 @@ class ExpertPool(nn.Module):
     ) -> torch.Tensor:
         """The routed path without a Python branch on the per-expert counts (``torch.export`` / ``torch.compile``).
 
-        Every batched input gets one padding row of zeros at index B (zeros of its dtype: token id 0, an
-        all-zero attention mask, a black image). Expert k runs on the rows ``nonzero(index == k)``, a sub-batch
-        whose size ``n_k`` is only known at run time (an unbacked size when traced); when ``n_k`` is 0 it runs on
-        the padding row instead (its rows are the first ``max(n_k, 1)`` of ``[rows, B]``), so no expert is handed
-        an empty batch. Outputs are written with ``index_copy`` into a result of B + 1 rows whose last row
-        collects (and the final slice drops) the padding rows' outputs. Every expert is in the traced graph; at
-        run time each one computes only its own samples, or the one padding row. Rows never mix in an eval-mode
-        network (BatchNorm is folded for export), so the padding changes no real sample's output.
+        Expert k runs on the rows ``nonzero(index == k)``: a sub-batch whose size ``n_k`` is only known at run time
+        (an unbacked size when traced), possibly empty; its outputs are written back with ``index_copy``. Every
+        expert is in the traced graph; at run time each one computes only its own samples.
+
+        **No expert is handed an empty batch it cannot take.** When this path runs eagerly (as the export
+        preparation does before tracing), each expert is tried once on an empty batch and the answer is kept on
+        the pool (for that expert module). Under trace, an expert that failed (or was never tried) gets one
+        padding row of zeros at index B of every batched input (zeros of its dtype: token id 0, an all-zero
+        attention mask, a black image): its rows are the first ``max(n_k, 1)`` of ``[rows, B]``, so it runs on the
+        padding row exactly when it has no sample, and the result (of B + 1 rows, cut to B) drops that row's
+        output. Rows never mix in an eval-mode network (BatchNorm is folded for export), so the padding changes
+        no real sample's output. An expert that takes an empty batch (a convolutional network, a timm ViT) runs on
+        one, at no cost.
         """
         batch = index.shape[0]
+        accepts_empty = _accepts_empty_batch(self, inputs, kwargs, names)
         padded_inputs, padded_kwargs = map_batched(inputs, kwargs, _append_zero_row, names)
         parts = []
         for k in range(self.num_experts):
             rows = (index == k).nonzero().squeeze(1)  # LongTensor[n_k]
-            padded_rows = torch.cat([rows, rows.new_full((1,), batch)])
-            rows = padded_rows[: torch.sym_max(rows.shape[0], 1)]  # [rows] if n_k > 0 else [B]
+            if not accepts_empty[k]:
+                padded_rows = torch.cat([rows, rows.new_full((1,), batch)])
+                rows = padded_rows[: torch.sym_max(rows.shape[0], 1)]  # [rows] if n_k > 0 else [B]
             sub_inputs, sub_kwargs = map_batched(
                 padded_inputs,
                 padded_kwargs,
@@ -396,6 +404,31 @@ def _reinitialise(model: nn.Module) -> None:
         hf_model.init_weights()  # type: ignore[operator]
     for timm_model in _outermost(model, lambda m: is_timm_model(m) and callable(getattr(m, "init_weights", None))):
         timm_model.init_weights()  # type: ignore[operator]
+
+
+def _accepts_empty_batch(
+    pool: ExpertPool, inputs: Sequence[Any], kwargs: dict[str, Any], names: tuple[list[int], list[str]]
+) -> list[bool]:
+    """For each expert of ``pool``, whether it takes an empty batch of these inputs. Learnt eagerly (one try per
+    expert module, no gradient, kept on the pool by the expert's ``id``); under trace, the answers learnt so far,
+    ``False`` for an expert never tried."""
+    known: dict[int, bool] | None = getattr(pool, "_accepts_empty_batch", None)
+    if known is None:
+        known = {}
+        if not torch.compiler.is_compiling():
+            setattr(pool, "_accepts_empty_batch", known)  # noqa: B010 (a plain attribute, not declared on the class)
+    if not torch.compiler.is_compiling():
+        empty_inputs, empty_kwargs = map_batched(inputs, kwargs, lambda t: t[:0], names)
+        for k, expert in enumerate(pool.experts):
+            if id(expert) in known:
+                continue
+            try:
+                with torch.no_grad():
+                    out = pool._call_expert(k, empty_inputs, empty_kwargs)
+                known[id(expert)] = out.dim() > 0 and out.shape[0] == 0
+            except Exception:  # any failure: that expert gets the padding row
+                known[id(expert)] = False
+    return [known.get(id(expert), False) for expert in pool.experts]
 
 
 def _append_zero_row(t: torch.Tensor) -> torch.Tensor:
