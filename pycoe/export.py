@@ -135,7 +135,8 @@ def prepare_for_export(
     Raises:
         ValueError: a module is in training mode, or an eval BatchNorm uses batch statistics
             (``track_running_stats=False``): its output depends on the other samples of the batch.
-        ExportError: the model fails on the example when every expert is called (also on an empty batch), or
+        ExportError: the model fails on the example when every expert is called (an expert without samples on
+            an empty batch if it takes one, else on a padding row; BasisNet's specialist on an empty batch), or
             the prepared copy's outputs on the example differ from the model's by more than rounding (checked).
     """
     _check_eval(model)
@@ -154,8 +155,8 @@ def prepare_for_export(
     except Exception as error:
         raise ExportError(
             f"the model failed on example_inputs when run as it will be exported: {type(error).__name__}: {error}. "
-            "Every expert (and BasisNet's specialist) is called, also on an empty batch when it receives no "
-            "sample: it must accept one"
+            "Every expert is called, also one that receives no sample (on a padding row of zeros if it cannot take "
+            "an empty batch), and BasisNet's specialist also on an empty batch"
         ) from error
     fused: dict[str, nn.Module] = {}
     for bn_name, producer_name in pairs.items():
@@ -427,7 +428,8 @@ def export(
         dynamic_sequence: ``False``: sequence lengths are fixed at the example's.
         dynamic_shapes: per-dimension changes to the default rule (see above).
         prepare: ``True`` (default): export :func:`prepare_for_export`'s copy; ``False``: export ``model`` as it is
-            (a BatchNorm in an expert will then fail to trace).
+            (a BatchNorm in an expert will then fail to trace, and experts not yet tried on an empty batch run on a
+            padding row when they receive no sample).
 
     Returns:
         torch.export.ExportedProgram: call ``.module()`` for a runnable module; ``torch.export.save`` stores it.
