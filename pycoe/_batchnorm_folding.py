@@ -117,9 +117,38 @@ def foldable_pairs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
     return pairs, reference
 
 
+def _decision_flips(reference: list[Any], outputs: list[Any]) -> torch.Tensor | None:
+    """Rows (samples) on which a non-floating output of dim 0 = B (an exit flag, an expert index, a class) differs;
+    ``None`` without such outputs. B is dim 0 of the first tensor output."""
+    tensors = [a for a in reference if isinstance(a, torch.Tensor) and a.dim() > 0]
+    if not tensors:
+        return None
+    batch = tensors[0].shape[0]
+    flipped = None
+    for a, b in zip(reference, outputs):
+        if not isinstance(a, torch.Tensor) or a.is_floating_point() or a.dim() == 0 or a.shape[0] != batch:
+            continue
+        if not isinstance(b, torch.Tensor) or b.shape != a.shape:
+            continue
+        rows = (a != b).reshape(batch, -1).any(1)
+        flipped = rows if flipped is None else flipped | rows
+    return flipped
+
+
 def output_mismatch(reference: Any, outputs: Any) -> str | None:
-    """``None`` when ``outputs`` equal ``reference`` up to the rounding of the folding, else what differs."""
-    for a, b in zip(pytree.tree_leaves(reference), pytree.tree_leaves(outputs)):
+    """``None`` when ``outputs`` equal ``reference`` up to the rounding of the folding, else what differs.
+
+    Only the samples on which the decisions agree are compared: a sample whose exit confidence lies within rounding
+    of the threshold (or whose two best experts tie) may take the other branch after folding, and its output then
+    differs by design. When every sample's decision differs, that is reported instead.
+    """
+    ref_leaves, out_leaves = pytree.tree_leaves(reference), pytree.tree_leaves(outputs)
+    flipped = _decision_flips(ref_leaves, out_leaves)
+    if flipped is not None and flipped.numel() and bool(flipped.all()):
+        return f"the decisions (exits, expert indices) differ on all {flipped.numel()} samples of the example"
+    for a, b in zip(ref_leaves, out_leaves):
+        if flipped is not None and isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == flipped.shape[0]:
+            a, b = a[~flipped], b[~flipped]
         if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel():
             scale = float(a.detach().abs().nan_to_num(0.0, 0.0, 0.0).max())  # NaN: no confidence without a rough head
             if not torch.allclose(b.float(), a.float(), rtol=1e-3, atol=1e-3 * max(scale, 1.0), equal_nan=True):

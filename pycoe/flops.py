@@ -21,6 +21,20 @@ fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (taken i
 kernels differ. So ``nn.MultiheadAttention`` with sequence length L and width d counts
 :math:`2\,(4 L d^2 + 2 L^2 d)` FLOPs, and torchvision's ViT-B/16 counts exactly twice its published
 multiply-adds.
+
+Hugging Face models are counted the same way, called with keyword inputs as their users call them
+(``count_flops(model, **batch)``), with either attention implementation (``"sdpa"`` through the math kernel,
+``"eager"`` as written): a BERT layer of width d, feed-forward width f and sequence length L counts
+:math:`2\,(4 L d^2 + 2 L^2 d + 2 L d f)` FLOPs per sample, exactly (tested on a tiny BERT). Two conventions to keep
+in mind when comparing with a paper:
+
+- **A padded batch is counted at its padded length.** The attention mask only hides padding tokens from attention;
+  every layer still computes them, so a batch padded to length L costs what a batch of L real tokens costs. To
+  count the real tokens only, count each sample (or each bucket of similar lengths) at its own length.
+- **Causal attention is counted in full.** The math kernel computes all :math:`L^2` scores and then masks the
+  upper half, and that is what is counted (a FlashAttention-style kernel on a GPU would skip about half).
+
+Embedding look-ups, layer normalisation and softmax are not counted, as for every model.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ compared, eagerly, with a one-sample-at-a-time reference.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 
 import onnxruntime
 import pytest
@@ -25,6 +27,7 @@ from _export_models import (
 from reference.export import coe_eval_per_sample, routed_per_sample
 from torch import nn
 
+import pycoe.export
 from pycoe._modules import traceable_paths
 from pycoe.basisnet import BasisNet, BasisSpecialist
 from pycoe.coe import CoE, Delegator, ExpertPool
@@ -181,15 +184,14 @@ def test_export_of_a_coe_with_several_inputs_and_a_keyword_input(tmp_path):
     path = tmp_path / "pair.onnx"
     to_onnx(model, example, path, example_kwargs={"scale": torch.randn(6, 1)})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input_0", "input_1", "input_2"]
+    assert [i.name for i in session.get_inputs()] == ["input_0", "input_1", "scale"]
     exits = 0
     for b in (1, 7, 40):
         x, y, scale = torch.randn(b, 3), torch.randn(b, 5), torch.randn(b, 1)
         with torch.no_grad():
             ref = model(x, y, scale=scale)
-            # the keyword input comes last, positionally (see export's docstring)
-            assert_same_coe_output(program.module()(x, y, scale), ref)
-        onnx_out = session.run(None, {"input_0": x.numpy(), "input_1": y.numpy(), "input_2": scale.numpy()})
+            assert_same_coe_output(program.module()(x, y, scale=scale), ref)  # keyword inputs by name
+        onnx_out = session.run(None, {"input_0": x.numpy(), "input_1": y.numpy(), "scale": scale.numpy()})
         torch.testing.assert_close(torch.from_numpy(onnx_out[0]), ref.output, rtol=1e-4, atol=1e-5)
         exits += int(ref.exited.sum())
     assert 0 < exits < 48
@@ -524,3 +526,369 @@ def test_onnx_basisnet_matches_eager(tmp_path, with_exit):
         assert torch.equal(torch.from_numpy(exited), ref.exited)
         if not with_exit:
             assert not exited.any()
+
+
+# ---------------------------------------------------------------------------------------------- no empty expert batch
+class RefusesEmpty(nn.Module):
+    """Reshapes like a Hugging Face attention layer, ``view(B, -1, 2)``, which cannot infer -1 for B = 0; records the
+    batch sizes it computed (eagerly)."""
+
+    def __init__(self, d_in: int = 4, d_out: int = 6):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        out = self.linear(x).view(x.shape[0], -1, 2).sum(-1)
+        if not torch.compiler.is_compiling():
+            self.seen.append(x.shape[0])
+        return out
+
+
+class AcceptsEmpty(RefusesEmpty):
+    """The same network written for any batch (explicit sizes), as convolutional networks are."""
+
+    def forward(self, x):
+        out = self.linear(x).view(x.shape[0], 3, 2).sum(-1)
+        if not torch.compiler.is_compiling():
+            self.seen.append(x.shape[0])
+        return out
+
+
+def refusing_pool(k: int = 3) -> ExpertPool:
+    torch.manual_seed(20)
+    return ExpertPool([RefusesEmpty() for _ in range(k)]).eval()
+
+
+def test_the_refusing_expert_really_refuses_an_empty_batch():
+    with pytest.raises(RuntimeError, match="0 elements"):
+        RefusesEmpty()(torch.randn(0, 4))
+
+
+def test_eager_routed_batch_of_zero_calls_no_expert_on_an_empty_batch():
+    pool = refusing_pool()
+    with torch.no_grad():
+        out = pool.forward_routed(torch.zeros(0, dtype=torch.long), torch.randn(0, 4))
+    assert out.shape == (0, 3) and out.dtype == torch.float32
+    assert pool[0].seen == [1]  # one padding row, to learn the per-sample shape
+    with torch.no_grad(), traceable_paths():
+        out = pool.forward_routed(torch.zeros(0, dtype=torch.long), torch.randn(0, 4))
+    assert out.shape == (0, 3)
+    assert [expert.seen[-1] for expert in pool] == [1, 1, 1]  # each on its padding row
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_routed_dispatch_pads_only_an_expert_without_samples(traced):
+    pool = refusing_pool(4)
+    x = torch.randn(7, 4)
+    index = torch.tensor([3, 0, 3, 0, 0, 3, 3])  # experts 1 and 2 receive no sample
+    with torch.no_grad(), traceable_paths() if traced else contextlib.nullcontext():
+        out = pool.forward_routed(index, x)
+    seen = [expert.seen[-1] if expert.seen else None for expert in pool]
+    with torch.no_grad():
+        torch.testing.assert_close(out, routed_per_sample(pool.experts, index, x))
+    assert seen == ([3, 1, 1, 4] if traced else [3, None, None, 4])  # real rows only, or one padding row
+
+
+def test_an_expert_that_takes_an_empty_batch_gets_one_and_no_padding_row():
+    torch.manual_seed(27)
+    pool = ExpertPool([AcceptsEmpty(), RefusesEmpty(), AcceptsEmpty()]).eval()
+    x = torch.randn(5, 4)
+    index = torch.tensor([1, 1, 1, 1, 1])  # experts 0 and 2 receive no sample
+    with torch.no_grad(), traceable_paths():
+        out = pool.forward_routed(index, x)
+        torch.testing.assert_close(out, pool[1](x))
+        assert [expert.seen[-1] for expert in pool] == [0, 5, 0]
+        out = pool.forward_routed(torch.tensor([0, 2, 0, 2, 2]), x)
+        assert [expert.seen[-1] for expert in pool] == [2, 1, 3]  # only the refusing expert gets a padding row
+    torch.testing.assert_close(out, routed_per_sample(pool.experts, torch.tensor([0, 2, 0, 2, 2]), x))
+
+
+def test_padding_row_is_zeros_of_each_input_and_its_output_is_dropped():
+    class Records(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inputs = []
+
+        def forward(self, ids, mask=None):
+            if ids.shape[0] == 0:
+                raise RuntimeError("this expert cannot take an empty batch")
+            self.inputs.append((ids.clone(), mask.clone()))
+            return ids.float() * 10 + 1  # the padding row gives 1s: they must not reach the result
+
+    pool = ExpertPool([Records(), Records()])
+    ids = torch.randint(1, 9, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    index = torch.tensor([0, 0, 0])
+    with torch.no_grad(), traceable_paths():
+        out = pool.forward_routed(index, ids, mask=mask)
+    torch.testing.assert_close(out, ids.float() * 10 + 1)
+    pad_ids, pad_mask = pool[1].inputs[-1]
+    assert pad_ids.shape == (1, 5) and not pad_ids.any() and pad_ids.dtype == ids.dtype
+    assert pad_mask.shape == (1, 5) and not pad_mask.any() and pad_mask.dtype == torch.bool
+
+
+def refusing_coe() -> CoE:
+    torch.manual_seed(21)
+    delegator = Delegator(
+        nn.Sequential(nn.Linear(4, 8), nn.Tanh()),
+        num_experts=3,
+        num_classes=3,
+        feature_dim=8,
+        classifier=None,
+        zero_init_selection=False,
+    )
+    with torch.no_grad():
+        delegator.selection_head.weight.mul_(8)
+    model = CoE(delegator, ExpertPool([RefusesEmpty() for _ in range(3)])).eval()
+    with torch.no_grad():
+        model.exit_threshold = float(model(torch.randn(256, 4), exit_threshold=None).confidence.median())
+    return model
+
+
+def test_exported_coe_of_experts_that_refuse_an_empty_batch_matches_eager(tmp_path):
+    model = refusing_coe()
+    program = export(model, torch.randn(6, 4))
+    patterns = set()
+    for b in (0, 1, 2, 5, 33):
+        for _ in range(3):
+            x = torch.randn(b, 4)
+            with torch.no_grad():
+                ref = model(x)
+                got = program.module()(x)
+            assert_same_coe_output(got, ref)
+            counts = torch.bincount(ref.expert_index + 1, minlength=4)
+            patterns.add(tuple((counts[1:] == 0).tolist()))
+    assert any(any(p) and not all(p) for p in patterns)  # some batches left some (not all) experts without a sample
+    assert (True, True, True) in patterns  # and some left every expert without one (all exited, or b = 0)
+
+
+@pytest.mark.slow
+def test_onnx_coe_of_experts_that_refuse_an_empty_batch_matches_eager(tmp_path):
+    model = refusing_coe()
+    path = tmp_path / "refusing.onnx"
+    to_onnx(model, torch.randn(6, 4), path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b in (0, 1, 5, 33):
+        x = torch.randn(b, 4)
+        with torch.no_grad():
+            ref = model(x)
+        output, index, exited, _ = session.run(None, {"input_0": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(output), ref.output, rtol=1e-4, atol=1e-5)
+        assert torch.equal(torch.from_numpy(index), ref.expert_index)
+        assert torch.equal(torch.from_numpy(exited), ref.exited)
+
+
+# ---------------------------------------------------------------------------------------------- keyword inputs, shapes
+class TokenModel(nn.Module):
+    """A keyword-only text model: embeddings averaged over the real tokens of the mask, a decoder-side input of its
+    own length."""
+
+    def __init__(self, vocab: int = 20, d: int = 8, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, *, input_ids, attention_mask, decoder_input_ids=None):
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        if decoder_input_ids is not None:
+            pooled = pooled + self.embed(decoder_input_ids).mean(1)
+        return self.head(pooled)
+
+
+def token_batch(b: int, length: int, decoder: int | None = None) -> dict[str, torch.Tensor]:
+    lengths = torch.randint(1, length + 1, (b,))
+    mask = (torch.arange(length) < lengths[:, None]).long()
+    batch = {"input_ids": torch.randint(1, 20, (b, length)) * mask, "attention_mask": mask}
+    if decoder is not None:
+        batch["decoder_input_ids"] = torch.randint(1, 20, (b, decoder))
+    return batch
+
+
+def test_export_of_a_keyword_only_model_has_a_dynamic_batch_and_sequence_length():
+    torch.manual_seed(22)
+    model = TokenModel().eval()
+    program = export(model, (), example_kwargs=token_batch(4, 6, decoder=5))
+    for b, length, decoder in [(1, 2, 9), (5, 17, 3), (33, 6, 6), (3, 40, 2)]:
+        batch = token_batch(b, length, decoder)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(**batch), model(**batch))
+
+
+def test_export_with_a_fixed_sequence_length():
+    model = TokenModel().eval()
+    program = export(model, (), example_kwargs=token_batch(4, 6), dynamic_sequence=False)
+    with torch.no_grad():
+        batch = token_batch(7, 6)
+        torch.testing.assert_close(program.module()(**batch), model(**batch))  # the batch is still dynamic
+        with pytest.raises(Exception, match="6|shape|size"):
+            program.module()(**token_batch(2, 9))
+    # the model ties the mask's length to the ids': fixing one fixes both, and export says so
+    with pytest.warns(UserWarning, match="fixed the sequence length of 'attention_mask'"):
+        program = export(model, (), example_kwargs=token_batch(4, 6), dynamic_shapes={"input_ids": {1: None}})
+    with pytest.raises(Exception, match="6|shape|size"):
+        program.module()(**token_batch(2, 9))
+
+
+def test_export_with_user_dynamic_shapes_for_other_dimensions():
+    torch.manual_seed(23)
+    net = conv_net().eval()
+    randomise_batchnorm(net)
+    program = export(
+        net, torch.randn(4, 3, RES, RES), dynamic_shapes={0: {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
+    )
+    for size in (RES, 9, 20):
+        x = torch.randn(3, 3, size, size + 1)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), net(x), rtol=1e-4, atol=1e-4)
+    fixed = export(net, torch.randn(4, 3, RES, RES))  # images: only the batch is dynamic by default
+    with pytest.raises(Exception, match=str(RES)):
+        fixed.module()(torch.randn(3, 3, 9, 9))
+
+
+def test_export_rejects_bad_dynamic_shapes():
+    model = TokenModel().eval()
+    example = token_batch(4, 6)
+    with pytest.raises(ValueError, match=r"'input_idz'.*\['input_ids', 'attention_mask'\]"):
+        export(model, (), example_kwargs=example, dynamic_shapes={"input_idz": {1: None}})
+    with pytest.raises(ValueError, match="dim 2, but that input has 2 dimensions"):
+        export(model, (), example_kwargs=example, dynamic_shapes={"input_ids": {2: None}})
+    with pytest.raises(TypeError, match=r"dynamic_shapes\['input_ids'\] must be a mapping"):
+        export(model, (), example_kwargs=example, dynamic_shapes={"input_ids": [1]})
+    with pytest.raises(TypeError, match="dynamic_shapes must be None or a mapping"):
+        export(model, (), example_kwargs=example, dynamic_shapes=[{0: None}])
+    with pytest.raises(ValueError, match="sequence length of 1"):
+        export(model, (), example_kwargs=token_batch(4, 1))
+    with pytest.raises(TypeError, match="dynamic_sequence must be a bool"):
+        export(model, (), example_kwargs=example, dynamic_sequence=1)
+
+
+def test_export_warns_when_the_model_fixes_the_sequence_length():
+    class FixedLength(nn.Module):
+        def forward(self, input_ids):
+            return input_ids.reshape(input_ids.shape[0], 2, 3).float().sum(1)  # only works for a length of 6
+
+    with pytest.warns(UserWarning, match=r"fixed the sequence length of 'input_0' \(length 6\)"):
+        export(FixedLength().eval(), torch.randint(0, 5, (4, 6)))
+
+
+@pytest.mark.slow
+def test_onnx_inputs_of_a_keyword_only_model_are_named_by_keyword(tmp_path):
+    torch.manual_seed(24)
+    model = TokenModel().eval()
+    path = tmp_path / "tokens.onnx"
+    assert to_onnx(model, (), path, example_kwargs=token_batch(4, 6, decoder=5)) == ["output"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "decoder_input_ids"]
+    for b, length, decoder in [(1, 2, 9), (5, 17, 3), (33, 6, 6)]:
+        batch = token_batch(b, length, decoder)
+        with torch.no_grad():
+            ref = model(**batch)
+        (out,) = session.run(None, {k: v.numpy() for k, v in batch.items()})
+        torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- bad input, early
+@pytest.fixture
+def export_must_not_run(monkeypatch):
+    """Fails the test if the (slow) export starts: the argument must be refused before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export ran before the bad argument was refused")
+
+    monkeypatch.setattr(pycoe.export, "export", refuse)
+
+
+def test_to_onnx_refuses_an_empty_path_or_a_directory_before_exporting(tmp_path, export_must_not_run):
+    x = torch.randn(2, 3, RES, RES)
+    with pytest.raises(ValueError, match="path must name the .onnx file to write, got an empty string"):
+        to_onnx(conv_net().eval(), x, "")
+    with pytest.raises(ValueError, match=r"is a directory; name the \.onnx file"):
+        to_onnx(conv_net().eval(), x, tmp_path)
+
+
+@pytest.mark.parametrize("opset", [7, 13, 17, 99])
+def test_to_onnx_refuses_an_opset_it_would_not_write(tmp_path, opset, export_must_not_run):
+    with pytest.raises(ValueError, match=f"opset_version must be None .* from 18 to .*, got {opset}"):
+        to_onnx(conv_net().eval(), torch.randn(2, 3, RES, RES), tmp_path / "m.onnx", opset_version=opset)
+
+
+def test_to_onnx_writes_the_opset_asked_for(tmp_path):
+    import onnx
+
+    path = tmp_path / "linear.onnx"
+    to_onnx(nn.Linear(3, 2).eval(), torch.randn(2, 3), path, opset_version=21)
+    assert [o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx")] == [21]
+
+
+def test_to_onnx_names_the_deploy_extra_when_onnxscript_is_missing(tmp_path, monkeypatch, export_must_not_run):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError, match=r"onnxscript.*pip install 'pycoe\[deploy\]'"):
+        to_onnx(conv_net().eval(), torch.randn(2, 3, RES, RES), tmp_path / "m.onnx")
+
+
+def test_export_refuses_an_exported_program_and_its_module():
+    program = export(nn.Linear(3, 2).eval(), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="already an ExportedProgram"):
+        export(program, torch.randn(2, 3))
+    with pytest.raises(TypeError, match=r"module of an exported program.*export the original eager model"):
+        export(program.module(), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="module of an exported program"):
+        pycoe.export.compile_inference(program.module(), torch.randn(2, 3))
+
+
+def test_output_names_needs_a_program():
+    with pytest.raises(TypeError, match=r"program must be a torch\.export\.ExportedProgram .* got Linear"):
+        output_names(nn.Linear(3, 2))
+
+
+# ---------------------------------------------------------------------------------------------- the exit threshold
+def test_export_accepts_exit_decisions_flipped_by_the_rounding_of_the_folding():
+    """A sample whose confidence lies within rounding of the threshold may exit in the model and not in the folded
+    copy: that is no folding error, the other samples are compared."""
+    torch.manual_seed(25)
+    model = make_coe(exit_threshold=None)
+    x = torch.randn(64, 3, RES, RES)
+    prepared = prepare_for_export(model, x)
+    with torch.no_grad():
+        eager = model(x, exit_threshold=None).confidence
+        folded = prepared(x, exit_threshold=None).confidence
+    lower = (folded < eager).nonzero().squeeze(1)
+    assert lower.numel() > 0, "the folding must round some confidence down for this test"
+    i = int(lower[0])
+    model.exit_threshold = float(eager[i])  # sample i exits exactly at the threshold, eagerly only
+    with torch.no_grad():
+        assert model(x).exited[i] and not prepared(x, exit_threshold=model.exit_threshold).exited[i]
+    program = export(model, x)  # no ExportError blaming the BatchNorm folding
+    with torch.no_grad():
+        got, ref = program.module()(x), model(x)
+    agree = got.exited == ref.exited
+    assert not agree[i] and agree.sum() == 63
+    torch.testing.assert_close(got.output[agree], ref.output[agree], rtol=1e-4, atol=1e-4)
+
+
+def test_export_still_reports_a_folding_that_changes_every_decision(monkeypatch):
+    def wrong_fold(conv, bn):
+        fused = copy.deepcopy(conv)
+        with torch.no_grad():
+            fused.weight.mul_(-3.0)
+        return fused
+
+    monkeypatch.setattr(torch.nn.utils.fusion, "fuse_conv_bn_eval", wrong_fold)
+    with pytest.raises(ExportError, match="changed the model's outputs"):
+        prepare_for_export(make_coe(), torch.randn(32, 3, RES, RES))
+
+
+def test_the_exit_threshold_is_frozen_into_the_exported_program():
+    """As the deploy guide says: changing model.exit_threshold after the export changes eager, not the program."""
+    torch.manual_seed(26)
+    model = make_coe()
+    x = torch.randn(64, 3, RES, RES)
+    program = export(model, x)
+    with torch.no_grad():
+        before = model(x)
+        model.exit_threshold = 0.0  # every sample exits eagerly now
+        after, exported = model(x), program.module()(x)
+    assert after.exited.all() and not before.exited.all()
+    assert torch.equal(exported.exited, before.exited)

@@ -154,3 +154,75 @@ def test_twice_torchvisions_published_multiply_adds(builder, weights):
     model = builder(weights=None).eval()
     published = weights.meta["_ops"] * 1e9
     assert count_flops(model, torch.randn(1, 3, 224, 224)) == pytest.approx(2 * published, rel=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face models
+def tiny_bert(attn_implementation: str, layers: int = 2, d: int = 16, ffn: int = 32, classes: int = 3):
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=ffn,
+        num_labels=classes,
+        attn_implementation=attn_implementation,
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def bert_hand_count(b: int, length: int, layers: int = 2, d: int = 16, ffn: int = 32, classes: int = 3) -> int:
+    """Per layer: the Q, K, V and output projections (4 L d^2 multiply-adds a sample), the two attention products
+    Q K^T and A V (2 L^2 d), the feed-forward network (2 L d f); then the pooler (d^2) and the classifier (d C).
+    2 FLOPs a multiply-add; embedding look-ups, normalisation, softmax and activations are not counted."""
+    per_layer = 4 * length * d * d + 2 * length * length * d + 2 * length * d * ffn
+    return 2 * b * (layers * per_layer + d * d + d * classes)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_hf_bert_with_keyword_inputs_matches_a_hand_count(attn_implementation):
+    model = tiny_bert(attn_implementation)
+    ids = torch.randint(1, 50, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    assert count_flops(model, input_ids=ids, attention_mask=mask) == bert_hand_count(3, 10)
+    assert flops_per_sample(model, input_ids=ids, attention_mask=mask) == bert_hand_count(1, 10)
+
+
+def test_hf_sdpa_attention_is_counted_only_through_the_math_kernel():
+    """The reason for count_flops's attention routing: SDPA's fused CPU kernel has no FLOP formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_bert("sdpa")
+    ids = torch.randint(1, 50, (3, 10))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids)
+    attention = 2 * 3 * 2 * (2 * 10 * 10 * 16)  # two layers of Q K^T and A V
+    assert counter.get_total_flops() == bert_hand_count(3, 10) - attention
+    assert count_flops(model, input_ids=ids) == bert_hand_count(3, 10)
+
+
+def test_a_padded_batch_is_counted_at_its_padded_length():
+    """Padding tokens are computed like real ones (the mask only hides them from attention), so they are counted."""
+    model = tiny_bert("sdpa")
+    ids = torch.randint(1, 50, (4, 12))
+    padded = (torch.arange(12) < torch.tensor([[3], [12], [7], [1]])).long()
+    assert count_flops(model, input_ids=ids * padded, attention_mask=padded) == bert_hand_count(4, 12)
+    assert count_flops(model, input_ids=ids[:, :3]) == bert_hand_count(4, 3)
+
+
+def test_an_eval_coe_of_hf_experts_counts_the_delegator_and_the_kept_samples_expert():
+    from _export_models import TEXT_CLASSES, TEXT_K, hf_coe, text_batch
+
+    torch.manual_seed(3)
+    model = hf_coe("bert")  # one-layer BERTs of width 16 (FFN 32); the delegator mean-pools its BERT encoder
+    batch = text_batch(16, 8, padded=False)
+    with torch.no_grad():
+        out = model(**batch)
+    kept = int((~out.exited).sum())
+    assert 0 < kept < 16 and (out.expert_index == 0).any() and (out.expert_index == 1).any()
+    layer = 4 * 8 * 16 * 16 + 2 * 8 * 8 * 16 + 2 * 8 * 16 * 32  # multiply-adds of one sample through one layer
+    # the delegator on every sample: its layer, BERT's pooler (computed, though the mean is used), both heads
+    delegator = 2 * 16 * (layer + 16 * 16 + 16 * TEXT_K + 16 * TEXT_CLASSES)
+    experts = bert_hand_count(kept, 8, layers=1)  # each kept sample through exactly one expert
+    assert count_flops(model, **batch) == delegator + experts

@@ -237,7 +237,16 @@ class ExpertPool(nn.Module):
 
         Every tensor input (positional or keyword) whose first dimension is B is split by ``index``; other
         arguments are passed unchanged to every called expert. The inputs (positional or keyword) must hold at
-        least one such batched tensor.
+        least one such batched tensor; keyword inputs alone are fine
+        (``pool.forward_routed(index, input_ids=ids, attention_mask=mask)``).
+
+        No expert is called on an empty batch it cannot take (many are not written for one: a Hugging Face
+        attention layer reshapes with ``view(B, L, -1, d)``, which cannot infer ``-1`` for ``B = 0``). Eagerly, an
+        expert that receives no sample is not called; under ``torch.compile`` / ``torch.export`` every expert is
+        in the graph, and one that receives no sample runs on an empty batch if it takes one (tried once, eagerly),
+        else on one padding row of zeros whose output is dropped (see :meth:`_forward_routed_traceable`). A batch
+        of 0 returns expert 0's output on such a padding row, cut to 0 rows: the empty result has the experts'
+        per-sample shape and dtype.
 
         Args:
             index: LongTensor[B], the expert of each sample, values in ``[0, K)``.
@@ -245,10 +254,7 @@ class ExpertPool(nn.Module):
             **kwargs: keyword inputs.
 
         Returns:
-            Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order. Eagerly, experts that
-            receive no sample are not called; under ``torch.compile`` / ``torch.export`` (no Python branch on the
-            counts) every expert is called on its rows ``nonzero(index == k)``, possibly none, so experts must
-            accept an empty batch there.
+            Tensor[B, ...]: sample i's output from expert ``index[i]``, in the input order.
         """
         index = check_expert_index("index", index, self.num_experts)
         batch = index.shape[0]
@@ -260,8 +266,9 @@ class ExpertPool(nn.Module):
         names = batched_names(inputs, kwargs, batch)
         if traceable():
             return self._forward_routed_traceable(index, inputs, kwargs, names)
-        if batch == 0:
-            return self._call_expert(0, inputs, kwargs)  # lets the expert define the empty output's shape
+        if batch == 0:  # the shape of an empty result, without handing an expert an empty batch
+            padded_inputs, padded_kwargs = map_batched(inputs, kwargs, _append_zero_row, names)
+            return self._call_expert(0, padded_inputs, padded_kwargs)[:0]
         counts = torch.bincount(index, minlength=self.num_experts).tolist()
         nonempty = [k for k, c in enumerate(counts) if c > 0]
         if len(nonempty) == 1:  # every sample to one expert: no gather or scatter
@@ -285,18 +292,13 @@ class ExpertPool(nn.Module):
                     f"expert {k} was given {c} samples but returned shape {tuple(out.shape)}; "
                     "expert outputs must be batched on dim 0"
                 )
-            outputs.append(out)
+            outputs.append((k, out))
             start += c
-        shapes = {tuple(o.shape[1:]) for o in outputs}
-        if len(shapes) != 1:
-            raise ValueError(
-                "the experts returned outputs of different per-sample shapes "
-                f"{sorted(shapes)}; all experts must agree to be gathered into one [B, ...] tensor"
-            )
-        dtype = outputs[0].dtype
-        for o in outputs[1:]:
+        _check_same_sample_shape(outputs)
+        dtype = outputs[0][1].dtype
+        for _, o in outputs[1:]:
             dtype = torch.promote_types(dtype, o.dtype)
-        concatenated = torch.cat([o.to(dtype) for o in outputs])
+        concatenated = torch.cat([o.to(dtype) for _, o in outputs])
         result = concatenated.new_empty(concatenated.shape)
         # scatter back: row j of the sorted batch is sample order[j]
         return result.index_copy(0, order, concatenated)
@@ -310,16 +312,32 @@ class ExpertPool(nn.Module):
     ) -> torch.Tensor:
         """The routed path without a Python branch on the per-expert counts (``torch.export`` / ``torch.compile``).
 
-        Expert k runs on the rows ``nonzero(index == k)``: a sub-batch whose size is only known at run time (an
-        unbacked size when traced), possibly empty; its outputs are written back with ``index_copy``. Every
-        expert is in the traced graph; at run time each one still computes only its own samples.
+        Expert k runs on the rows ``nonzero(index == k)``: a sub-batch whose size ``n_k`` is only known at run time
+        (an unbacked size when traced), possibly empty; its outputs are written back with ``index_copy``. Every
+        expert is in the traced graph; at run time each one computes only its own samples.
+
+        **No expert is handed an empty batch it cannot take.** When this path runs eagerly (as the export
+        preparation does before tracing), each expert is tried once on an empty batch and the answer is kept on
+        the pool (for that expert module). Under trace, an expert that failed (or was never tried) gets one
+        padding row of zeros at index B of every batched input (zeros of its dtype: token id 0, an all-zero
+        attention mask, a black image): its rows are the first ``max(n_k, 1)`` of ``[rows, B]``, so it runs on the
+        padding row exactly when it has no sample, and the result (of B + 1 rows, cut to B) drops that row's
+        output. Rows never mix in an eval-mode network (BatchNorm is folded for export), so the padding changes
+        no real sample's output. An expert that takes an empty batch (a convolutional network, a timm ViT) runs on
+        one, at no cost.
         """
+        batch = index.shape[0]
+        accepts_empty = _accepts_empty_batch(self, inputs, kwargs, names)
+        padded_inputs, padded_kwargs = map_batched(inputs, kwargs, _append_zero_row, names)
         parts = []
         for k in range(self.num_experts):
-            rows = (index == k).nonzero().squeeze(1)  # LongTensor[B_k]
+            rows = (index == k).nonzero().squeeze(1)  # LongTensor[n_k]
+            if not accepts_empty[k]:
+                padded_rows = torch.cat([rows, rows.new_full((1,), batch)])
+                rows = padded_rows[: torch.sym_max(rows.shape[0], 1)]  # [rows] if n_k > 0 else [B]
             sub_inputs, sub_kwargs = map_batched(
-                inputs,
-                kwargs,
+                padded_inputs,
+                padded_kwargs,
                 lambda t: t.index_select(0, rows),  # noqa: B023 (called at once)
                 names,
             )
@@ -329,21 +347,16 @@ class ExpertPool(nn.Module):
             message = f"expert {k} must return one output row per sample (outputs batched on dim 0)"
             torch._check(out.shape[0] == rows.shape[0], lambda: message)  # noqa: B023 (called at once)
             parts.append((rows, out))
-        shapes = {tuple(out.shape[1:]) for _, out in parts}
-        if len(shapes) != 1:
-            raise ValueError(
-                "the experts returned outputs of different per-sample shapes "
-                f"{sorted(shapes)}; all experts must agree to be gathered into one [B, ...] tensor"
-            )
+        _check_same_sample_shape([(k, out) for k, (_, out) in enumerate(parts)])
         dtype = parts[0][1].dtype
         for _, out in parts[1:]:
             if out.dtype != dtype:  # (a traced promote_types would be a graph node)
                 dtype = torch.promote_types(dtype, out.dtype)
         first = parts[0][1]
-        result = first.new_zeros((index.shape[0], *first.shape[1:]), dtype=dtype)
+        result = first.new_zeros((batch + 1, *first.shape[1:]), dtype=dtype)
         for rows, out in parts:
             result = result.index_copy(0, rows, out if out.dtype == dtype else out.to(dtype))
-        return result
+        return result[:batch]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -391,3 +404,45 @@ def _reinitialise(model: nn.Module) -> None:
         hf_model.init_weights()  # type: ignore[operator]
     for timm_model in _outermost(model, lambda m: is_timm_model(m) and callable(getattr(m, "init_weights", None))):
         timm_model.init_weights()  # type: ignore[operator]
+
+
+def _accepts_empty_batch(
+    pool: ExpertPool, inputs: Sequence[Any], kwargs: dict[str, Any], names: tuple[list[int], list[str]]
+) -> list[bool]:
+    """For each expert of ``pool``, whether it takes an empty batch of these inputs. Learnt eagerly (one try per
+    expert module, no gradient, kept on the pool by the expert's ``id``); under trace, the answers learnt so far,
+    ``False`` for an expert never tried."""
+    known: dict[int, bool] | None = getattr(pool, "_accepts_empty_batch", None)
+    if known is None:
+        known = {}
+        if not torch.compiler.is_compiling():
+            setattr(pool, "_accepts_empty_batch", known)  # noqa: B010 (a plain attribute, not declared on the class)
+    if not torch.compiler.is_compiling():
+        empty_inputs, empty_kwargs = map_batched(inputs, kwargs, lambda t: t[:0], names)
+        for k, expert in enumerate(pool.experts):
+            if id(expert) in known:
+                continue
+            try:
+                with torch.no_grad():
+                    out = pool._call_expert(k, empty_inputs, empty_kwargs)
+                known[id(expert)] = out.dim() > 0 and out.shape[0] == 0
+            except Exception:  # any failure: that expert gets the padding row
+                known[id(expert)] = False
+    return [known.get(id(expert), False) for expert in pool.experts]
+
+
+def _append_zero_row(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with one more row of zeros (of its dtype and device) at the end of dim 0."""
+    return torch.cat([t, t.new_zeros((1, *t.shape[1:]))])
+
+
+def _check_same_sample_shape(outputs: Sequence[tuple[int, torch.Tensor]]) -> None:
+    """``(expert, output)`` pairs must agree on the per-sample shape (``shape[1:]``)."""
+    # compared pairwise, not in a set: traced shapes hold symbolic sizes (a dynamic sequence length), unhashable
+    first = tuple(outputs[0][1].shape[1:])
+    if any(len(o.shape) - 1 != len(first) or any(a != b for a, b in zip(o.shape[1:], first)) for _, o in outputs[1:]):
+        raise ValueError(
+            "the experts returned outputs of different per-sample shapes ("
+            + ", ".join(f"expert {k}: {tuple(o.shape[1:])}" for k, o in outputs)
+            + "); all experts must agree to be gathered into one [B, ...] tensor"
+        )
