@@ -5,11 +5,14 @@ scores on a GPU make one round trip per solve: the scores ``[N, K]`` to the host
 prices and capacities ``[K]``) back. The copy to the host is the solve's one synchronisation with the device (the
 solver needs the values): everything else of a solve, the value checks included, runs on the host copy.
 
-``pinned=True`` stages both copies in page-locked (pinned) host memory, taken from torch's caching host allocator:
-the copy back to the device is then asynchronous (the host goes on at once), and the copy to the host runs at
-the DMA engine's full speed. For the solver's sizes (a few KB per batch) the difference is microseconds either
-way; the GPU suite (``benchmarks/gpu_suite.py``) measures both, and the solver uses ``pinned=False`` until a
-measurement says otherwise.
+The copies back are issued with ``non_blocking=True``: a blocking ``.to(device)`` makes torch wait for the stream
+after each copy (one synchronisation per tensor), a non-blocking one does not. From ordinary (pageable) host
+memory CUDA has read the host buffer when the call returns (it stages the data, and its driver may wait for the
+stream to do so), so the buffer may be freed at once. ``pinned=True`` stages both directions in page-locked
+(pinned) host memory from torch's caching host allocator instead: no staging copy, no wait, the DMA engine's
+full speed. For the solver's sizes (a few KB per batch) the difference is microseconds; the GPU suite
+(``benchmarks/gpu_suite.py``) measures both, and the solver uses ``pinned=False`` until a measurement says
+otherwise.
 """
 
 from __future__ import annotations
@@ -37,16 +40,17 @@ def to_host(t: torch.Tensor, *, pinned: bool = False) -> torch.Tensor:
 
 
 def to_device(h: torch.Tensor, device: torch.device, *, pinned: bool = False) -> torch.Tensor:
-    """The CPU tensor ``h`` on ``device`` (``h`` itself for the CPU), in stream order on a CUDA device.
+    """The CPU tensor ``h`` on ``device`` (``h`` itself for the CPU), in stream order, without a synchronisation
+    of torch's (see the module docstring).
 
     Args:
         h: a CPU tensor (the solver's result).
         device: where the scores came from.
-        pinned: copy a pinned copy of ``h`` without blocking the host (CUDA only; the caching host allocator keeps
-            the pinned block until the copy has run).
+        pinned: copy from a pinned copy of ``h`` (CUDA only; the caching host allocator keeps the pinned block
+            until the copy has run).
     """
     if device.type == "cpu":
         return h
-    if pinned and device.type == "cuda":
-        return h.pin_memory().to(device, non_blocking=True)
-    return h.to(device)
+    if device.type != "cuda":
+        return h.to(device)
+    return (h.pin_memory() if pinned else h).to(device, non_blocking=True)
