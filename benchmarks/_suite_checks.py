@@ -45,15 +45,6 @@ def _tolerance(ctx: Context, bf16: bool = False) -> float:
     return 1e-4
 
 
-def _assignment_tie(scores: torch.Tensor, a: torch.Tensor, b: torch.Tensor, logit_error: float) -> bool:
-    """Whether assignment ``b`` (optimal for logits within ``logit_error`` of the ones that gave ``scores``) is
-    explained by rounding: each log-softmax score moves by at most ``2 * logit_error``, so ``b``'s objective on
-    ``scores`` is within ``4 N logit_error`` of the optimum ``a``'s if it was optimal for the perturbed logits."""
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    sa, sb = float(scores[rows, a].double().sum()), float(scores[rows, b].double().sum())
-    return sa - sb <= 4 * scores.shape[0] * logit_error + 1e-9
-
-
 # ---------------------------------------------------------------------------------------------- training step
 def _step(model, criterion, x, y):
     out = model(x)
@@ -61,9 +52,26 @@ def _step(model, criterion, x, y):
     return loss, info, out.selection_logits.detach()
 
 
+def _flips(criterion, sel, csel, losses, closs) -> dict[str, int]:
+    """How many WGM assignments and LGM labels differ between the eager and the compiled step, recomputed from
+    each step's inputs to them (the selection logits, the per-sample losses; both modules are deterministic
+    functions of those). A flip is rounding at a near-tie exactly when those inputs agree within tolerance: the
+    optimum of slightly moved numbers may move to an almost-as-good neighbour."""
+    wgm, lgm = criterion.weighter, criterion.labeler
+    a, ca = wgm(sel.float()).assignment, wgm(csel.float()).assignment
+    return {
+        "wgm_flips": int((a != ca).sum()),
+        "lgm_flips": int((lgm(losses).index != lgm(closs).index).sum()),
+    }
+
+
 def training_step(ctx: Context, bf16: bool = False) -> Outcome:
     """A CoE training step (WGM with the exact solver, LGM) eagerly and ``torch.compile(fullgraph=True)``: loss,
-    info and every gradient within tolerance; the host synchronisations of each counted on CUDA."""
+    info and the gradients within tolerance; the host synchronisations of each counted on CUDA.
+
+    Where rounding flipped a WGM assignment or an LGM label at a near-tie, the numbers those decisions drive
+    (the expert and selection losses, the metrics, the gradients) legitimately differ: then only the decisions'
+    inputs (selection logits, per-sample losses) and the rough loss are compared, and the flips are reported."""
     s, tol = ctx.sizes, _tolerance(ctx, bf16)
     model, criterion = training_setup(ctx)
     twin = copy.deepcopy(model)
@@ -76,32 +84,35 @@ def training_step(ctx: Context, bf16: bool = False) -> Outcome:
         closs, cinfo, csel = compiled(twin, criterion, x, y)
     loss.backward()
     closs.backward()
-    wgm = criterion.weighter
-    scores = wgm.transform(sel.float())
-    a, b = wgm(sel.float()).assignment, wgm(csel.float()).assignment
-    data: dict = {"tolerance": tol, "selection_logits_rel_err": rel_err(csel.float(), sel.float())}
-    data["assignment_mismatches"] = int((a != b).sum())
-    if not torch.equal(a, b):
-        tie = _assignment_tie(scores, a, b, float((csel.float() - sel.float()).abs().max()))
-        data["assignment_near_tie"] = tie
-        return Outcome(
-            tie,
-            f"WGM assignments differ at {data['assignment_mismatches']} samples "
-            f"({'a near-tie' if tie else 'NOT a near-tie'}); loss not compared",
-            data=data,
-        )
-    errors = {"loss": rel_err(closs, loss)}
-    errors.update({f"info[{k}]": rel_err(cinfo[k].float(), info[k].float()) for k in info})
-    grads = {n: rel_err(q.grad, p.grad) for (n, p), q in zip(model.named_parameters(), twin.parameters())}
-    errors["worst gradient"] = max(grads.values())
-    data.update(errors={k: v for k, v in errors.items()}, worst_gradient=max(grads, key=grads.get))
-    data["keys_equal"] = cinfo.keys() == info.keys()
+    flips = _flips(criterion, sel, csel, info["per_sample_losses"], cinfo["per_sample_losses"])
+    data: dict = {"tolerance": tol, "keys_equal": cinfo.keys() == info.keys(), **flips}
+    compared = ["per_sample_losses", "rough_loss"]
+    if not (flips["wgm_flips"] or flips["lgm_flips"]):
+        compared = list(info)
+    errors = {"selection logits": rel_err(csel.float(), sel.float())}
+    errors.update({f"info[{k}]": rel_err(cinfo[k].float(), info[k].float()) for k in compared if k in info})
+    if len(compared) == len(info):
+        errors["loss"] = rel_err(closs, loss)
+        params = list(model.named_parameters())
+        flat = [
+            torch.cat([p.grad.flatten() for _, p in params]),
+            torch.cat([q.grad.flatten() for q in twin.parameters()]),
+        ]
+        errors["gradients (all parameters)"] = rel_err(flat[1], flat[0])
+        per_param = {n: rel_err(q.grad, p.grad) for (n, p), q in zip(params, twin.parameters())}
+        data["worst_parameter"] = [max(per_param, key=per_param.get), max(per_param.values())]
+    data["errors"] = errors
     with autocast(ctx, bf16):
         data["syncs_eager"] = count_syncs(lambda: _step(model, criterion, x, y), ctx.device)
         data["syncs_compiled"] = count_syncs(lambda: compiled(twin, criterion, x, y), ctx.device)
     worst = max(errors, key=errors.get)
     ok = data["keys_equal"] and errors[worst] <= tol
     summary = f"worst relative error {errors[worst]:.2g} ({worst}), tolerance {tol:g}"
+    if flips["wgm_flips"] or flips["lgm_flips"]:
+        summary += (
+            f"; decisions flipped at near-ties: WGM {flips['wgm_flips']}, LGM {flips['lgm_flips']} samples, so only "
+            f"their inputs and the rough loss compared"
+        )
     if data["syncs_eager"] is not None:
         summary += f"; host syncs per step: eager {data['syncs_eager']}, compiled {data['syncs_compiled']}"
     rows = [[k, v] for k, v in errors.items()]

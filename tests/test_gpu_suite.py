@@ -149,6 +149,19 @@ def test_the_solver_check_fails_when_the_device_result_differs(bench, ctx, monke
     assert not checks.solver_on_device(ctx).ok
 
 
+def test_decisions_flipped_by_rounding_are_counted(bench, ctx):
+    checks, models = bench["_suite_checks"], bench["_suite_models"]
+    _, criterion = models.training_setup(ctx)  # WGM with the exact solver, LGM "best"
+    sel = torch.tensor([[5.0, 0.0], [0.0, 5.0], [1.0, 1.001], [1.001, 1.0]])
+    losses = torch.tensor([[1.0, 2.0], [2.0, 1.0], [1.5, 1.5001], [0.5, 3.0]])
+    assert checks._flips(criterion, sel, sel, losses, losses) == {"wgm_flips": 0, "lgm_flips": 0}
+    # moving the near-tied samples 2 and 3 by 0.002 swaps them between the experts of the balanced WGM, and
+    # moving sample 2's losses by 0.0002 its LGM label
+    sel2 = sel + torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.001, -0.001], [-0.001, 0.001]])
+    losses2 = losses + torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0002, -0.0002], [0.0, 0.0]])
+    assert checks._flips(criterion, sel, sel2, losses, losses2) == {"wgm_flips": 2, "lgm_flips": 1}
+
+
 @pytest.mark.slow
 def test_the_smoke_run_writes_its_report(tmp_path):
     parts = ["training_step", "pwlu_vs_reference", "solver_on_device", "solver_share"]
