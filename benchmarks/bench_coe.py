@@ -40,36 +40,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from _common import interleaved_medians, load_average, markdown_table
 from torch import nn
 
-from pycoe.coe.delegator import Delegator
-from pycoe.coe.experts import ExpertPool
-from pycoe.coe.model import CoE
-
-
-def markdown(headers: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+from pycoe import CoE, Delegator, ExpertPool
 
 
 def build_coe(k: int, classes: int, resolution: int, calib: torch.Tensor) -> CoE:
@@ -93,57 +72,58 @@ def build_coe(k: int, classes: int, resolution: int, calib: torch.Tensor) -> CoE
     return CoE(delegator, experts).eval()
 
 
+VARIANTS = ("ideal", "coe", "oracle", "loop", "dense")
+
+
+def eval_throughput(
+    model: CoE, batch: int, resolution: int, repeats: int, device: str | torch.device = "cpu", loop: bool = True
+) -> tuple[list[int], dict[str, float]]:
+    """Samples per second of each variant at one batch size (medians of interleaved repeats, under no_grad), and
+    the realised load per expert. ``loop`` (the per-sample calls) is left out above batch 64 or when not asked."""
+    delegator, pool, k = model.delegator, model.experts, model.num_experts
+    x = torch.randn(batch, 3, resolution, resolution, device=device)
+    with torch.no_grad():
+        index = delegator(x).selection_logits.argmax(1)
+    load = torch.bincount(index, minlength=k).tolist()
+    subs = [x[index == j] for j in range(k)]  # split in advance: no dispatch work in the timed call
+
+    def ideal():
+        delegator(x)
+        pool[0](x)
+
+    def oracle():
+        delegator(x)
+        for j, sub in enumerate(subs):
+            if sub.shape[0]:
+                pool[j](sub)
+
+    def per_sample():
+        for i in range(batch):
+            model(x[i : i + 1])
+
+    def dense():
+        delegator(x)
+        pool(x)
+
+    variants = {"ideal": ideal, "coe": lambda: model(x), "oracle": oracle, "loop": per_sample, "dense": dense}
+    if batch > 64 or not loop:
+        del variants["loop"]  # minutes per repeat, and known: the loop's per-sample time barely changes
+    with torch.no_grad():
+        med = interleaved_medians(variants, repeats, device=device)
+    return load, {name: batch / t for name, t in med.items()}
+
+
 def bench_eval(args) -> None:
     k, classes, res = args.experts, 10, args.resolution
     calib = torch.randn(64, 3, res, res)
     model = build_coe(k, classes, res, calib)
-    delegator, pool = model.delegator, model.experts
     rows = []
+    nan = float("nan")
     for batch in args.batches:
-        x = torch.randn(batch, 3, res, res)
-        with torch.no_grad():
-            index = delegator(x).selection_logits.argmax(1)
-        load = torch.bincount(index, minlength=k).tolist()
-
-        def ideal():
-            delegator(x)
-            pool[0](x)
-
-        def coe():
-            model(x)
-
-        subs = [x[index == j] for j in range(k)]  # split in advance: no dispatch work in the timed call
-
-        def oracle():
-            delegator(x)
-            for j, sub in enumerate(subs):
-                if sub.shape[0]:
-                    pool[j](sub)
-
-        def loop():
-            for i in range(batch):
-                model(x[i : i + 1])
-
-        def dense():
-            delegator(x)
-            pool(x)
-
-        variants = {"ideal": ideal, "coe": coe, "oracle": oracle, "loop": loop, "dense": dense}
-        if batch > 64:
-            del variants["loop"]  # minutes per repeat, and known: the loop's per-sample time barely changes
-        times = {name: [] for name in variants}
-        with torch.no_grad():
-            for fn in variants.values():  # warm-up
-                fn()
-            for _ in range(args.repeats):
-                for name, fn in variants.items():
-                    times[name].append(timed(fn))
-        med = {name: statistics.median(t) for name, t in times.items()}
-        thr = {name: batch / med[name] for name in med}
-        nan = float("nan")
+        load, thr = eval_throughput(model, batch, res, args.repeats)
         rows.append(
             [batch, str(load)]
-            + [thr.get(n, nan) for n in ("ideal", "coe", "oracle", "loop", "dense")]
+            + [thr.get(n, nan) for n in VARIANTS]
             + [
                 thr["coe"] / thr["ideal"],
                 thr["oracle"] / thr["ideal"],
@@ -157,7 +137,7 @@ def bench_eval(args) -> None:
     print(f"Eval throughput (samples/s), K={k} resnet18 experts, mobilenet_v3_small delegator, {res}x{res} input")
     print()
     print(
-        markdown(
+        markdown_table(
             [
                 "batch",
                 "load per expert",
@@ -217,7 +197,7 @@ def bench_profile(args) -> None:
         )
     print("Where the time goes: convolution self time (ms per forward) by input channels (ResNet-18 stage)")
     print()
-    print(markdown(["batch", "in channels", "one expert, whole batch", "K experts, sub-batches", "ratio"], rows))
+    print(markdown_table(["batch", "in channels", "one expert, whole batch", "K experts, sub-batches", "ratio"], rows))
     print()
 
 
@@ -240,7 +220,8 @@ def bench_alternatives(args) -> None:
                 "grouped": lambda: F.conv2d(side_by_side, stacked, padding=1, groups=k),
                 "ideal": lambda: F.conv2d(whole, kernels[0], padding=1),
             }
-            med = interleaved_medians(variants, args.repeats * 2)
+            with torch.no_grad():
+                med = interleaved_medians(variants, args.repeats * 2)
             rows.append(
                 [
                     batch,
@@ -255,7 +236,7 @@ def bench_alternatives(args) -> None:
     print(f"Alternative 1: fuse the K experts' convolutions (ms per call; sub-batches of B/K = batch/{k})")
     print()
     print(
-        markdown(
+        markdown_table(
             [
                 "batch",
                 "stage (C x h x w)",
@@ -310,7 +291,7 @@ def bench_alternatives(args) -> None:
     print("Alternative 2: run the experts concurrently (ms per call of the K experts on their sub-batches)")
     print()
     print(
-        markdown(
+        markdown_table(
             [
                 "batch",
                 "load",
@@ -323,17 +304,6 @@ def bench_alternatives(args) -> None:
         )
     )
     print()
-
-
-def interleaved_medians(variants: dict, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad():
-        for fn in variants.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in variants.items():
-                times[name].append(timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -357,7 +327,7 @@ def main() -> None:
         args.resolution = min(args.resolution, 32)
     print(
         f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, repeats = {args.repeats}, "
-        f"quick = {args.quick}, load average (1, 5, 15 min) = {os.getloadavg()}"
+        f"quick = {args.quick}, load average (1, 5, 15 min) = {load_average()}"
     )
     if not args.no_throughput:
         bench_eval(args)
@@ -365,7 +335,7 @@ def main() -> None:
         bench_profile(args)
     if args.alternatives:
         bench_alternatives(args)
-    print(f"load average (1, 5, 15 min) at the end = {os.getloadavg()}")
+    print(f"load average (1, 5, 15 min) at the end = {load_average()}")
 
 
 if __name__ == "__main__":

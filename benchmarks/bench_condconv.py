@@ -1,9 +1,9 @@
 """Benchmark pycoe's CondConv2d (its default strategy, and optionally each explicit strategy) against timm's CondConv2d.
 
-Every method gets the same kernel bank and the same routing weights [B, E] from outside (timm's layer has no
+Every method gets the same kernel bank and the same coefficients [B, E] from outside (timm's layer has no
 router; a router costs the same for all and is left out). The column ``conv2d`` is the floor: a plain
 ``nn.Conv2d`` (one kernel) on the same batch. Forward only (under ``torch.no_grad``) and forward +
-backward (gradients for x, the kernel bank and the routing weights). The methods of a cell are timed interleaved,
+backward (gradients for x, the kernel bank and the coefficients). The methods of a cell are timed interleaved,
 in a random order, ``--repeats`` times; one timing runs a method once untimed (so that it does not pay for the
 memory the previous method freed), then often enough to last ``--min-time`` seconds.
 Reported: the median time per call of each method, and the median over the repeats of the ratio method / timm of
@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from _common import load_average, markdown_table, timed
 
 from pycoe.functional.mixture import MIXTURE_STRATEGIES, choose_mixture_strategy
 from pycoe.layers.condconv import CondConv2d
@@ -79,19 +80,13 @@ KERNEL_COUNTS = (4, 8)
 EXPLICIT = tuple(s for s in MIXTURE_STRATEGIES if s != "auto")
 
 
-def _load() -> str:
-    try:
-        one, five, fifteen = os.getloadavg()
-    except OSError:
-        return "unknown"
-    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
-
-
-def _make_cell(c: int, o: int, k: int, g: int, h: int, e: int, b: int, strategies: tuple[str, ...]):
+def _make_cell(
+    c: int, o: int, k: int, g: int, h: int, e: int, b: int, strategies: tuple[str, ...], device: torch.device | str
+):
     from timm.layers import CondConv2d as TimmCondConv2d
 
-    x = torch.randn(b, c, h, h)
-    routing = torch.sigmoid(torch.randn(b, e))
+    x = torch.randn(b, c, h, h, device=device)
+    routing = torch.sigmoid(torch.randn(b, e, device=device))
     layers: dict[str, torch.nn.Module] = {
         "pycoe": CondConv2d(c, o, k, padding=k // 2, groups=g, bias=False, num_kernels=e, router=False)
     }
@@ -107,7 +102,7 @@ def _make_cell(c: int, o: int, k: int, g: int, h: int, e: int, b: int, strategie
     layers["timm"] = timm_layer
     # the floor: one ordinary convolution of the batch with a single kernel (what a plain nn.Conv2d costs)
     layers["conv2d"] = _PlainConv(torch.nn.Conv2d(c, o, k, padding=k // 2, groups=g, bias=False))
-    return x, routing, layers
+    return x, routing, {name: layer.to(device) for name, layer in layers.items()}
 
 
 class _PlainConv(torch.nn.Module):
@@ -120,10 +115,17 @@ class _PlainConv(torch.nn.Module):
 
 
 def bench_cell(
-    cell: tuple, backward: bool, repeats: int, min_time: float, strategies: tuple[str, ...], clock: Callable[[], float]
+    cell: tuple,
+    backward: bool,
+    repeats: int,
+    min_time: float,
+    strategies: tuple[str, ...],
+    clock: Callable[[], float],
+    device: torch.device | str = "cpu",
 ):
+    """Median seconds per call of every method on one cell, and the median paired ratio method / timm."""
     _, c, o, k, g, h, e, b = cell
-    x, routing, layers = _make_cell(c, o, k, g, h, e, b, strategies)
+    x, routing, layers = _make_cell(c, o, k, g, h, e, b, strategies, device)
     if backward:
         x.requires_grad_()
         routing.requires_grad_()
@@ -140,9 +142,7 @@ def bench_cell(
     inner = {}
     for m, fn in steps.items():  # warm-up, and the number of calls per timing
         fn()
-        start = clock()
-        fn()
-        once = max(clock() - start, 1e-6)
+        once = max(timed(fn, device, clock), 1e-6)
         inner[m] = max(1, int(min_time / once))
     methods = list(steps)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -152,10 +152,7 @@ def bench_cell(
         for m in order:
             fn = steps[m]
             fn()  # untimed: the allocator settles after whatever the previous method freed
-            start = clock()
-            for _ in range(inner[m]):
-                fn()
-            times[m].append((clock() - start) / inner[m])
+            times[m].append(timed(lambda fn=fn, n=inner[m]: [fn() for _ in range(n)], device, clock) / inner[m])
     median = {m: statistics.median(v) for m, v in times.items()}
     ratio = {m: statistics.median(t / u for t, u in zip(times[m], times["timm"])) for m in methods}
     return median, ratio
@@ -198,22 +195,17 @@ def run_grid(shapes, batches, kernel_counts, modes, repeats, min_time, strategie
     return rows
 
 
-def markdown(rows, backward: bool, strategies: tuple[str, ...]) -> str:
+def grid_table(rows, backward: bool, strategies: tuple[str, ...]) -> str:
+    """The Markdown table of one mode (forward, or forward + backward) of the grid."""
     cols = ["pycoe", *strategies, "conv2d"]
-    head = "| shape | E | B | timm ms | pycoe ms (strategy) | pycoe/timm |" + "".join(
-        f" {s}/timm |" for s in (*strategies, "conv2d")
-    )
-    lines = [head, "|" + "---|" * (7 + len(strategies))]
-    for r in rows:
-        if r["backward"] != backward:
-            continue
-        t = r["time"]
-        lines.append(
-            f"| {r['label']} | {r['E']} | {r['B']} | {t['timm'] * 1e3:.3f} | {t['pycoe'] * 1e3:.3f} ({r['pick']}) | "
-            + " | ".join(f"{r['ratio'][m]:.2f}" for m in cols)
-            + " |"
-        )
-    return "\n".join(lines)
+    headers = ["shape", "E", "B", "timm ms", "pycoe ms (strategy)", *(f"{m}/timm" for m in cols)]
+    cells = [
+        [r["label"], r["E"], r["B"], f"{r['time']['timm'] * 1e3:.3f}", f"{r['time']['pycoe'] * 1e3:.3f} ({r['pick']})"]
+        + [f"{r['ratio'][m]:.2f}" for m in cols]
+        for r in rows
+        if r["backward"] == backward
+    ]
+    return markdown_table(headers, cells, cell=str)
 
 
 def _geo(values) -> float:
@@ -272,15 +264,15 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, clock: {'thread CPU time' if clock_name == 'cpu' else 'wall'}, "
         f"repeats = {args.repeats}, min time per timing {args.min_time} s, float32, bias=False, padding=k//2, stride 1"
     )
-    print(f"load average (1, 5, 15 min) before: {_load()}", flush=True)
+    print(f"load average (1, 5, 15 min) before: {load_average()}", flush=True)
     start = time.perf_counter()
     # one untimed cell first: the first convolutions of a process pay for one-off initialisation
     bench_cell(("warm-up", *shapes[0][1:], kernel_counts[0], batches[0]), False, 1, 0.0, (), clock)
     rows = run_grid(shapes, batches, kernel_counts, modes, args.repeats, args.min_time, strategies, clock)
-    print(f"\ngrid time {time.perf_counter() - start:.0f} s; load average after: {_load()}\n")
+    print(f"\ngrid time {time.perf_counter() - start:.0f} s; load average after: {load_average()}\n")
     for backward in modes:
         print(f"{'Forward + backward' if backward else 'Forward only'}\n")
-        print(markdown(rows, backward, strategies) + "\n")
+        print(grid_table(rows, backward, strategies) + "\n")
     print(summary(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -32,33 +32,21 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 import torchvision
+from _common import interleaved_medians, load_average, markdown_table, ratio
 from torch import nn
 
+from pycoe import CoE, Delegator, ExpertPool
 from pycoe.basisnet import BasisNet, BasisSpecialist
-from pycoe.coe import CoE, Delegator, ExpertPool
 from pycoe.export import compile_inference, export, to_onnx
 from pycoe.flops import count_flops
 from pycoe.layers import convert_conv2d_to_condconv
 
 K = 4
-
-
-def markdown(headers: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def spread_routing(delegator: Delegator, calib: torch.Tensor) -> None:
@@ -74,11 +62,39 @@ def spread_routing(delegator: Delegator, calib: torch.Tensor) -> None:
     delegator.eval()
 
 
-def build(classes: int, resolution: int, device: str) -> dict[str, nn.Module]:
+class TinyNet(nn.Module):
+    """A few-layer stand-in for a torchvision mobile network (``features``, pooling, ``classifier``), for the
+    GPU suite's CPU smoke run: the same code paths as the real backbones at a fraction of the cost."""
+
+    def __init__(self, num_classes: int = 1000, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU6(),
+            nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU6(),
+            nn.Conv2d(width, 2 * width, 1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU6(),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Linear(2 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def build(classes: int, resolution: int, device: str | torch.device, tiny: bool = False) -> dict[str, nn.Module]:
+    """The four networks, in eval mode on ``device``: mobilenet_v2 / mobilenet_v3_small backbones, or
+    :class:`TinyNet` for both (``tiny``)."""
     torch.manual_seed(0)
     calib = torch.randn(64, 3, resolution, resolution)
-    static = torchvision.models.mobilenet_v2(num_classes=classes)
-    delegator = Delegator(torchvision.models.mobilenet_v3_small(), num_experts=K, num_classes=classes)
+    big: Callable[..., nn.Module] = TinyNet if tiny else torchvision.models.mobilenet_v2
+    small: Callable[..., nn.Module] = TinyNet if tiny else torchvision.models.mobilenet_v3_small
+    static = big(num_classes=classes)
+    delegator = Delegator(small(), num_experts=K, num_classes=classes)
     delegator.reset_selection_head()
     nn.init.normal_(delegator.selection_head.weight, std=0.01)
     spread_routing(delegator, calib)
@@ -86,7 +102,7 @@ def build(classes: int, resolution: int, device: str) -> dict[str, nn.Module]:
     condconv = copy.deepcopy(static)
     convert_conv2d_to_condconv(condconv, K)
     basisnet = BasisNet(
-        torchvision.models.mobilenet_v3_small(),
+        small(),
         BasisSpecialist(copy.deepcopy(static), K, init_noise=0.1),
         num_bases=K,
         num_classes=classes,
@@ -95,17 +111,88 @@ def build(classes: int, resolution: int, device: str) -> dict[str, nn.Module]:
     return {name: m.to(device).eval() for name, m in models.items()}
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def flops_rows(models: dict[str, nn.Module], resolution: int, device: str | torch.device) -> list[list]:
+    """[name, MFLOPs per sample, parameters (M)] of each network."""
+    rows = []
+    for name, model in models.items():
+        flops = count_flops(model, torch.randn(1, 3, resolution, resolution, device=device))
+        params = sum(p.numel() for p in model.parameters())
+        rows.append([name, flops / 1e6, params / 1e6])
+    return rows
 
 
-def timed(fn: Callable[[], object], device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
+def onnx_variant(model: nn.Module, example: torch.Tensor, path: str) -> Callable[[torch.Tensor], object]:
+    """``model`` exported to ONNX at ``path``, run by onnxruntime on the CPU (as many intra-op threads as torch)."""
+    import onnxruntime
+
+    to_onnx(model, example, path)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run_onnx(x: torch.Tensor) -> object:
+        return session.run(None, {"input_0": x.numpy()})
+
+    return run_onnx
+
+
+MODES = ["eager", "compiled", "compiled + CUDA graphs", "exported", "onnxruntime"]
+
+
+def time_variants(
+    variants: dict[tuple[str, str], Callable[[torch.Tensor], object]],
+    batches: list[int],
+    resolution: int,
+    repeats: int,
+    device: str | torch.device,
+) -> dict[tuple[str, str, int], float]:
+    """Seconds per sample of every (model, mode) variant at each batch size: medians of ``repeats`` interleaved
+    repeats, under ``torch.inference_mode``, after two untimed calls (warm-up and compilation)."""
+    results: dict[tuple[str, str, int], float] = {}
+    for batch in batches:
+        x = torch.randn(batch, 3, resolution, resolution, device=device)
+        calls = {key: (lambda fn=fn: fn(x)) for key, fn in variants.items()}
+        with torch.inference_mode():
+            med = interleaved_medians(calls, repeats, device=device, warmup=2)
+        for key, t in med.items():
+            results[(*key, batch)] = t / batch
+        print(f"  batch {batch}: done (load {load_average()})", flush=True)
+    return results
+
+
+RATIOS = [
+    ("CondConv / CoE", "condconv", "coe"),
+    ("BasisNet / CoE", "basisnet", "coe"),
+    ("CoE / static", "coe", "static"),
+]
+
+
+def time_and_ratio_tables(results: dict[tuple[str, str, int], float], models: list[str], batches: list[int]) -> str:
+    """The Markdown tables of the times per sample (ms) and of their ratios."""
+    modes = [m for m in MODES if any(key[1] == m for key in results)]
+    headers = [f"batch {b}" for b in batches]
+    rows = [
+        [name, mode] + [results.get((name, mode, b), float("nan")) * 1e3 for b in batches]
+        for mode in modes
+        for name in models
+        if (name, mode, batches[0]) in results
+    ]
+    ratio_rows = [
+        [label, mode] + [ratio(results.get((a, mode, n)), results.get((b, mode, n))) for n in batches]
+        for mode in modes
+        for label, a, b in RATIOS
+        if (a, mode, batches[0]) in results and (b, mode, batches[0]) in results
+    ]
+    return "\n".join(
+        [
+            markdown_table(["model", "mode", *headers], rows),
+            "",
+            "Ratios of the times per sample, measured side by side (> 1 for CondConv / CoE: the CoE is faster)",
+            "",
+            markdown_table(["ratio", "mode", *headers], ratio_rows),
+        ]
+    )
 
 
 def main() -> None:
@@ -130,7 +217,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, device {device}, torch.get_num_threads() = {torch.get_num_threads()}, "
         f"resolution {res}x{res}, {args.classes} classes, repeats = {args.repeats}, "
-        f"load average (1, 5, 15 min) at start = {os.getloadavg()}",
+        f"load average (1, 5, 15 min) at start = {load_average()}",
         flush=True,
     )
     models = build(args.classes, res, device)
@@ -138,13 +225,9 @@ def main() -> None:
 
     # ---- FLOPs, parameters, routing
     print()
-    rows = []
-    for name, model in models.items():
-        flops = count_flops(model, torch.randn(1, 3, res, res, device=device))
-        params = sum(p.numel() for p in model.parameters())
-        rows.append([name, flops / 1e6, params / 1e6])
+    rows = flops_rows(models, res, device)
     static_flops = rows[0][1]
-    print(markdown(["model", "MFLOPs / sample", "params (M)"], rows))
+    print(markdown_table(["model", "MFLOPs / sample", "params (M)"], rows))
     print()
     print("FLOPs relative to the static network: " + ", ".join(f"{r[0]} {r[1] / static_flops:.2f}x" for r in rows))
     with torch.inference_mode():
@@ -162,69 +245,20 @@ def main() -> None:
                 variants[(name, "compiled")] = compile_inference(model, example)
             else:  # static shapes: CondConv's "auto" strategy picks per batch size
                 variants[(name, "compiled")] = torch.compile(model, dynamic=False)
-    sessions = {}
     if use_onnx:
-        import onnxruntime
-
         tmp = tempfile.mkdtemp(prefix="pycoe-bench-")
         for name in ("static", "coe"):
             variants[(name, "exported")] = export(models[name], example).module()
-            path = os.path.join(tmp, f"{name}.onnx")
-            to_onnx(models[name], example, path)
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-            sessions[name] = session
-
-            def run_onnx(x: torch.Tensor, session=session) -> object:
-                return session.run(None, {"input_0": x.numpy()})
-
-            variants[(name, "onnxruntime")] = run_onnx
-    modes = sorted({mode for _, mode in variants}, key=["eager", "compiled", "exported", "onnxruntime"].index)
+            variants[(name, "onnxruntime")] = onnx_variant(models[name], example, os.path.join(tmp, f"{name}.onnx"))
 
     # ---- timing
-    results: dict[tuple[str, str, int], float] = {}
-    for batch in args.batches:
-        x = torch.randn(batch, 3, res, res, device=device)
-        times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
-        with torch.inference_mode():
-            for fn in variants.values():  # warm-up (and compilation)
-                fn(x)
-                fn(x)
-            for _ in range(args.repeats):
-                for key, fn in variants.items():
-                    times[key].append(timed(lambda fn=fn: fn(x), device))
-        for (name, mode), t in times.items():
-            results[(name, mode, batch)] = statistics.median(t) / batch
-        print(f"  batch {batch}: done (load {os.getloadavg()[0]:.1f})", flush=True)
-
+    results = time_variants(variants, args.batches, res, args.repeats, device)
     print()
     print(f"Time per sample (ms), median of {args.repeats}")
     print()
-    headers = ["model", "mode"] + [f"batch {b}" for b in args.batches]
-    rows = [
-        [name, mode] + [results[(name, mode, b)] * 1e3 for b in args.batches]
-        for mode in modes
-        for name in models
-        if (name, mode, args.batches[0]) in results
-    ]
-    print(markdown(headers, rows))
+    print(time_and_ratio_tables(results, list(models), args.batches))
     print()
-    print("Ratios of the times per sample, measured side by side (> 1 for CondConv / CoE: the CoE is faster)")
-    print()
-    rows = []
-    for mode in modes:
-        for label, a, b in [
-            ("CondConv / CoE", "condconv", "coe"),
-            ("BasisNet / CoE", "basisnet", "coe"),
-            ("CoE / static", "coe", "static"),
-        ]:
-            if (a, mode, args.batches[0]) in results and (b, mode, args.batches[0]) in results:
-                rows.append([label, mode] + [results[(a, mode, n)] / results[(b, mode, n)] for n in args.batches])
-    print(markdown(["ratio", "mode"] + [f"batch {b}" for b in args.batches], rows))
-    print()
-    print(f"load average (1, 5, 15 min) at the end = {os.getloadavg()}")
+    print(f"load average (1, 5, 15 min) at the end = {load_average()}")
 
 
 if __name__ == "__main__":

@@ -17,25 +17,12 @@ import copy
 import os
 import platform
 import statistics
-import time
 
 import torch
+from _common import load_average, timed
 
 from pycoe.cotrain import count_parameters, divide_module
 from pycoe.cotrain.ensemble import CoTrainingEnsemble
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _time(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -54,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"# {platform.machine()} {platform.processor()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}; "
         f"ResNet-18 ({count_parameters(base):,} params) divided into S members, {args.size}x{args.size} input; "
-        f"median of {args.repeats} repeats (modes alternated); load average {_load()}"
+        f"median of {args.repeats} repeats (modes alternated); load average {load_average()}"
     )
     rows = []
     ensembles = {}
@@ -77,13 +64,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     seq(x), conc(x)  # warm-up
                     t_seq, t_conc = [], []
                     for _ in range(args.repeats):
-                        t_seq += _time(lambda: seq(x), 1)
-                        t_conc += _time(lambda: conc(x), 1)
+                        t_seq.append(timed(lambda: seq(x)))
+                        t_conc.append(timed(lambda: conc(x)))
                 ms_seq, ms_conc = 1e3 * statistics.median(t_seq), 1e3 * statistics.median(t_conc)
                 row = {"threads": threads, "S": s, "batch": b, "sequential_ms": ms_seq, "concurrent_ms": ms_conc}
                 rows.append(row)
                 print(f"| {threads} | {s} | {b} | {ms_seq:.1f} | {ms_conc:.1f} | {ms_seq / ms_conc:.2f} |", flush=True)
-    print(f"# load average at the end: {_load()}")
+    print(f"# load average at the end: {load_average()}")
     return rows
 
 

@@ -32,13 +32,12 @@ and (64, 64, 56, 56); at most 1 byte saved per input byte.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
 import torch
+from _common import load_average
 from torch import Tensor
 
 from pycoe.functional import pwlu
@@ -96,10 +95,7 @@ def saved_bytes_per_input_byte(fn: Callable[[Tensor], Tensor], x: Tensor) -> flo
 
 
 def load() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load average: {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
+    return f"load average: {load_average()}"
 
 
 def main() -> None:

@@ -20,15 +20,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+from _common import median_time
 
-from pycoe.routing.transport import near_equal_capacities, solve_balanced_transport
+from pycoe.routing.transport import _solve_balanced_transport as solve_balanced_transport
+from pycoe.routing.transport import near_equal_capacities
 
 # Size caps for the generic peers (N * K entries, or N for the N x N Hungarian matrix).
 LIMITS = {"ot.emd": 1 << 19, "linprog": 1 << 13, "lsa": 1024, "sinkhorn": 1 << 21}
@@ -62,11 +63,20 @@ def run_emd(s, caps):
 
 
 def run_linprog(s, caps):
-    # The LP through scipy's HiGHS: the test suite's oracle (tests/reference/transport.py), timed as a peer.
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
-    from reference.transport import reference_exact
+    """The LP (one equality per sample and per expert, x >= 0) solved by scipy's HiGHS; its optimal objective."""
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix
 
-    return reference_exact(s.double().numpy(), caps)[1]
+    x = s.double().numpy()
+    n, k = x.shape
+    rows = np.concatenate([np.repeat(np.arange(n), k), n + np.tile(np.arange(k), n)])
+    cols = np.concatenate([np.arange(n * k), np.arange(n * k)])
+    a_eq = coo_matrix((np.ones(2 * n * k), (rows, cols)), shape=(n + k, n * k)).tocsr()
+    b_eq = np.concatenate([np.ones(n), np.asarray(caps, dtype=np.float64)])
+    res = linprog(-x.reshape(-1), A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"linprog failed: {res.message}")
+    return -float(res.fun)
 
 
 def run_lsa(s, caps):
@@ -87,13 +97,14 @@ PEERS = {
 }
 
 
-def timed(fn, s, caps, repeats):
-    times, value = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        value = fn(s, caps)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), value
+def timed_peer(fn, s, caps, repeats):
+    """Median seconds of ``fn(s, caps)`` over ``repeats`` calls, and its value."""
+    out = {}
+
+    def call():
+        out["value"] = fn(s, caps)
+
+    return median_time(call, repeats), out["value"]
 
 
 def size_of(name, n, k):
@@ -101,31 +112,37 @@ def size_of(name, n, k):
 
 
 def peak_memory_child(n: int, k: int) -> dict:
-    """Run the exact solver in a fresh process and report its peak resident memory.
+    """Run the exact solver in a fresh process (this script, ``--memory-child N K``) and report its peak memory.
 
     Uses VmHWM from /proc/self/status (reset by exec, unlike ru_maxrss, which Linux carries over from
     the parent) and tracemalloc's peak of the NumPy allocations made by the solve itself.
     """
-    code = (
-        "import json, time, tracemalloc, torch, sys\n"
-        f"torch.set_num_threads({torch.get_num_threads()})\n"
-        "sys.path.insert(0, %r)\n"
-        % os.path.dirname(os.path.abspath(__file__))
-        + "from bench_transport import make_scores\n"
-        "from pycoe.routing.transport import solve_balanced_transport\n"
-        "def hwm():\n"
-        "    for line in open('/proc/self/status'):\n"
-        "        if line.startswith('VmHWM'):\n"
-        "            return int(line.split()[1]) / 1024\n"
-        f"s = make_scores({n}, {k})\n"
-        "before = hwm()\n"
-        "tracemalloc.start()\n"
-        "t = time.perf_counter(); solve_balanced_transport(s); dt = time.perf_counter() - t\n"
-        "traced = tracemalloc.get_traced_memory()[1] / 2**20\n"
-        "print(json.dumps({'before_mb': before, 'peak_mb': hwm(), 'traced_mb': traced, 'seconds': dt}))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", str(n), str(k)]
+    cmd += ["--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_child(n: int, k: int) -> None:
+    """The child of :func:`peak_memory_child`: solve once and print the measurements as JSON."""
+    import tracemalloc
+
+    s = make_scores(n, k)
+    before = _hwm_mb()
+    tracemalloc.start()
+    t = time.perf_counter()
+    solve_balanced_transport(s)
+    dt = time.perf_counter() - t
+    traced = tracemalloc.get_traced_memory()[1] / 2**20
+    print(json.dumps({"before_mb": before, "peak_mb": _hwm_mb(), "traced_mb": traced, "seconds": dt}))
 
 
 def main(argv=None):
@@ -135,7 +152,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (numpy is single-threaded here)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory measurement")
+    ap.add_argument("--memory-child", type=int, nargs=2, metavar=("N", "K"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_child:
+        torch.set_num_threads(args.threads)
+        memory_child(*args.memory_child)
+        return
     if args.memory_only:
         torch.set_num_threads(args.threads)
         print_memory()
@@ -165,14 +187,14 @@ def main(argv=None):
             s = make_scores(n, k)
             caps = near_equal_capacities(n, k).numpy()
             reps = args.repeats if n < 65536 else 1
-            t_ex, obj = timed(run_exact, s, caps, reps)
+            t_ex, obj = timed_peer(run_exact, s, caps, reps)
             rows.append((n, k, "exact (pycoe)", f"{t_ex * 1e3:.1f}", "1.00", "0 (optimal)"))
             print(f"N={n} K={k} exact {t_ex * 1e3:.1f} ms", flush=True)
             for name, fn in PEERS.items():
                 if size_of(name, n, k) > LIMITS.get(name, 1 << 62) or name in slow:
                     rows.append((n, k, name, "skipped (too large)", "", ""))
                     continue
-                t, val = timed(fn, s, caps, reps if name not in ("linprog", "lsa", "ot.emd") or n <= 4096 else 1)
+                t, val = timed_peer(fn, s, caps, reps if name not in ("linprog", "lsa", "ot.emd") or n <= 4096 else 1)
                 if t > TIME_CAP:
                     slow.add(name)
                 gap = (obj - val) / abs(obj) if obj else 0.0

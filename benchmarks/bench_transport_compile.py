@@ -14,25 +14,20 @@ All timings are medians of repeats measured side by side in one process; ratios 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import time
 
 import torch
+from _common import load_average, median_time
 
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.metrics import agreement, assignment_entropy, expert_load, mean_selection_entropy
-from pycoe.routing.transport import balanced_assignment, solve_balanced_transport
+from pycoe.routing.transport import _solve_balanced_transport as solve_balanced_transport
+from pycoe.routing.transport import balanced_assignment
 from pycoe.routing.weighting import BalancedTransportWeighter
 
 
 def median_us(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return median_time(fn, repeats) * 1e6
 
 
 def main() -> None:
@@ -41,7 +36,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, load {os.getloadavg()}")
+    print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, load {load_average()}")
     print(f"medians of {args.repeats} repeats (interleaved in rounds)\n")
 
     print("| N | K | balanced_assignment (op) us | solve_balanced_transport us | op / direct |")

@@ -13,12 +13,13 @@ that their objectives agree.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from _common import median_time
 
-from pycoe.routing.transport import exact, solve_balanced_transport
+from pycoe.routing.transport import _solve_balanced_transport as solve_balanced_transport
+from pycoe.routing.transport import exact
 
 SIZES = [
     (64, 64),
@@ -37,18 +38,20 @@ SIZES = [
 ]
 
 
-def timed(scores: np.ndarray, limits: tuple[int, int], repeats: int) -> tuple[float, float]:
+def timed_route(scores: np.ndarray, limits: tuple[int, int], repeats: int) -> tuple[float, float]:
+    """Median milliseconds of the exact solve with the route switch's limits set to ``limits``, and its objective."""
     saved = (exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT)
     exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT = limits
+    out = {}
+
+    def solve():
+        out["objective"] = solve_balanced_transport(scores).objective
+
     try:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            res = solve_balanced_transport(scores)
-            times.append(time.perf_counter() - t0)
+        ms = median_time(solve, repeats) * 1e3
     finally:
         exact._LSA_MAX_N, exact._LSA_SAMPLES_PER_EXPERT = saved
-    return float(np.median(times)) * 1e3, res.objective
+    return ms, out["objective"]
 
 
 def main() -> None:
@@ -63,8 +66,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for n, k in SIZES:
         s = rng.standard_normal((n, k))
-        flow_ms, flow_obj = timed(s, (0, 0), args.repeats)
-        lsa_ms, lsa_obj = timed(s, (10**9, 10**9), args.repeats)
+        flow_ms, flow_obj = timed_route(s, (0, 0), args.repeats)
+        lsa_ms, lsa_obj = timed_route(s, (10**9, 10**9), args.repeats)
         if abs(flow_obj - lsa_obj) > 1e-9 * (1 + abs(flow_obj)):
             raise SystemExit(f"objectives differ at {n}x{k}: {flow_obj} vs {lsa_obj}")
         default = "assignment" if exact._assignment_route(n, k) else "flow"

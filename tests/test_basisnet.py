@@ -171,7 +171,7 @@ def test_basis_layer_outside_its_specialist():
     x = _x(2)
     with pytest.raises(RuntimeError, match="specialist"):
         spec.model(x)
-    layer = spec.basis_layers()[0]  # a direct call with explicit routing weights still works
+    layer = spec.basis_layers()[0]  # a direct call with explicit coefficients still works
     assert layer(x, torch.full((2, 2), 0.5, dtype=DT)).shape == (2, 8, 5, 5)
     with torch.no_grad():
         spec(x, torch.full((2, 2), 0.5, dtype=DT))

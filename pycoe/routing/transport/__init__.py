@@ -27,13 +27,20 @@ the primal and the dual, because then the primal objective equals ``g(p)``.
 The package: this module holds the public API and the input normalisation;
 :mod:`~pycoe.routing.transport.exact` the exact method (dual warm start, assignment route, certificate),
 :mod:`~pycoe.routing.transport.repair` its repair (exchange graph, successive shortest paths),
-:mod:`~pycoe.routing.transport.approximate` the approximate methods (Sinkhorn, greedy), and
+:mod:`~pycoe.routing.transport.approximate` the approximate methods (Sinkhorn, greedy),
+:mod:`~pycoe.routing.transport.transfer` the copies between a device and the host, and
 :mod:`~pycoe.routing.transport.common` the names they share.
 
 :func:`balanced_assignment` on a tensor runs as the custom operator ``torch.ops.pycoe.balanced_assignment``,
 one opaque node under ``torch.compile`` and ``torch.export`` (its fake implementation only allocates the
 LongTensor[N] result); the operator runs the eager solver, which also returns the objective and the prices that
 certify it (internal: ``_solve_balanced_transport``, checked by the tests).
+
+**Devices.** The operator has one implementation for every device (scores on a GPU are accepted as they are) and
+a fake one for tracing and the ``meta`` device; results come back on the scores' device. The exact method runs
+on the host: scores on a GPU are copied there once per solve (its one synchronisation with the device), and the
+assignment is copied back. ``"sinkhorn"`` and ``"greedy"`` run in torch on the scores' device but read a few
+values on the host per round (convergence checks, capacity counts), so each synchronises several times.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from pycoe._validation import check_choice, check_nonnegative_int, check_number,
 from pycoe.routing.transport.approximate import solve_approximate
 from pycoe.routing.transport.common import METHOD_OPTIONS, METHODS, TransportInfeasibleError, TransportResult
 from pycoe.routing.transport.exact import solve_exact
+from pycoe.routing.transport.transfer import to_device, to_host
 
 # The public names. Internal, for the rest of pycoe.routing: METHODS, METHOD_OPTIONS, check_solver_options and
 # the full solution with its certificate (_solve_balanced_transport, TransportResult).
@@ -254,16 +262,20 @@ def _solve_balanced_transport(
     t = _check_scores(scores)
     N, K = t.shape
     caps = _check_capacities(capacities, N, K)
-    _check_values(t)
     device = t.device
     prices: torch.Tensor | None
     if method == "exact":
-        a_np, p_np, obj = solve_exact(t, caps)
-        assignment = torch.from_numpy(a_np).to(device)
-        prices = torch.from_numpy(p_np).to(device)
+        # The scores go to the host once (the solve's one synchronisation with a device); the value checks and
+        # the solve read that copy, and the results go back to the scores' device.
+        host = to_host(t)
+        _check_values(host)
+        a_np, p_np, obj = solve_exact(host, caps)
+        assignment = to_device(torch.from_numpy(a_np), device)
+        prices = to_device(torch.from_numpy(p_np), device)
     else:
+        _check_values(t)
         X = t if t.dtype in (torch.float32, torch.float64) else t.float()
-        assignment, prices = solve_approximate(X, torch.from_numpy(caps).to(device), method, **options)
+        assignment, prices = solve_approximate(X, to_device(torch.from_numpy(caps), device), method, **options)
         chosen = torch.gather(X, 1, assignment[:, None])
         if bool(torch.isneginf(chosen).any()):
             # Infeasible only if the LP is: decide that exactly (raises TransportInfeasibleError if so).
@@ -276,7 +288,7 @@ def _solve_balanced_transport(
     return TransportResult(
         assignment=assignment,
         objective=obj,
-        capacities=torch.from_numpy(caps).to(device),
+        capacities=to_device(torch.from_numpy(caps), device),
         prices=prices,
         method=method,
     )
