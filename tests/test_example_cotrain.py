@@ -1,21 +1,12 @@
-"""The Divide-and-Co-training example runs on synthetic data, validates, aggregates seeds, and resumes exactly."""
+"""The Divide-and-Co-training example (``python -m examples.divide_and_cotrain.train``) runs on synthetic data,
+validates, aggregates seeds, and resumes exactly."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "divide_and_cotrain" / "train.py"
-
-
-@pytest.fixture(scope="module")
-def train():
-    spec = importlib.util.spec_from_file_location("divide_and_cotrain_train", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from examples.divide_and_cotrain import train
 
 
 def _argv(out, *extra):
@@ -45,7 +36,7 @@ def _argv(out, *extra):
     ]
 
 
-def test_runs_and_writes_the_report(train, tmp_path):
+def test_runs_and_writes_the_report(tmp_path):
     summary = train.main(_argv(tmp_path, "--epochs", "1"))
     results = summary["runs"][0]["results"]
     assert [r["S"] for r in results] == [1, 2]
@@ -61,7 +52,7 @@ def test_runs_and_writes_the_report(train, tmp_path):
     assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (96, 32, 48)
 
 
-def test_validation_split_is_disjoint_and_fixed(train):
+def test_validation_split_is_disjoint_and_fixed():
     train_idx, val_idx = train.split_train_val(100, 30, split_seed=3)
     assert len(val_idx) == 30 and len(train_idx) == 70
     assert set(train_idx.tolist()).isdisjoint(val_idx.tolist())
@@ -72,7 +63,7 @@ def test_validation_split_is_disjoint_and_fixed(train):
         train.split_train_val(100, 100, split_seed=0)
 
 
-def test_seeds_are_aggregated_with_paired_differences(train, tmp_path):
+def test_seeds_are_aggregated_with_paired_differences(tmp_path):
     summary = train.main(_argv(tmp_path, "--epochs", "2", "--seeds", "0", "1", "--keep", "best"))
     runs = summary["runs"]
     assert [run["seed"] for run in runs] == [0, 1]
@@ -94,7 +85,7 @@ def test_seeds_are_aggregated_with_paired_differences(train, tmp_path):
     assert (tmp_path / "seed1" / "S2" / "result.json").exists()
 
 
-def test_resume_continues_exactly(train, tmp_path):
+def test_resume_continues_exactly(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train.main(_argv(straight, "--epochs", "2", "--splits", "2"))
     stopped = train.main(_argv(interrupted, "--epochs", "2", "--splits", "2", "--stop-after-epoch", "1"))
@@ -111,24 +102,23 @@ def test_resume_continues_exactly(train, tmp_path):
     assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]
 
 
-def test_idx_reader_and_bad_splits(train, tmp_path):
-    import gzip
-    import struct
-
-    import numpy as np
-
-    data = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    path = tmp_path / "x-idx3-ubyte.gz"
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">3I", 2, 3, 4) + data.tobytes())
-    assert np.array_equal(train.read_idx(path), data)
-    bad = tmp_path / "bad"
-    bad.write_bytes(b"\x01\x00\x08\x01" + b"\x00" * 8)
-    with pytest.raises(ValueError, match="not an IDX file"):
-        train.read_idx(bad)
+def test_bad_options(tmp_path):
     with pytest.raises(SystemExit):
         train.main(_argv(tmp_path, "--splits", "0"))
     with pytest.raises(SystemExit, match="--seeds"):
         train.main(_argv(tmp_path, "--seeds", "1", "1"))
     with pytest.raises(SystemExit, match="--keep best"):
         train.main(_argv(tmp_path, "--val-size", "0"))
+
+
+def test_fashion_mnist_is_normalised_from_the_shared_reader(tmp_path):
+    from examples.common.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, write_idx
+
+    images = torch.randint(0, 256, (6, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for split in ("train", "t10k"):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", torch.arange(6, dtype=torch.uint8))
+    train_set, test_set = train.fashion_mnist(tmp_path)
+    assert train_set.images.shape == (6, 1, 28, 28) and train_set.labels.tolist() == list(range(6))
+    want = (images.double() / 255 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    assert torch.allclose(test_set.images[:, 0].double(), want, atol=1e-6)

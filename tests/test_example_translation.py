@@ -1,72 +1,15 @@
-"""The translation example: its SWORD reader on a module the test writes, sacreBLEU, sentencepiece, the splits and
-a short training run with two seeds."""
+"""The translation example (``python -m examples.translation.train_translation``): sacreBLEU, sentencepiece, the
+splits and a short training run with two seeds. Its Bible reader is tested in ``test_example_common.py``."""
 
-import importlib
 import json
-import struct
-import sys
-import zlib
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "translation"
+from examples.translation import text, train_translation
 
 
-@pytest.fixture(scope="module")
-def example():
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        yield {name: importlib.import_module(name) for name in ("bible", "text", "train_translation")}
-    finally:
-        sys.path.remove(str(EXAMPLE))
-
-
-def _write_ztext(module_dir: Path, testament: str, verses: list[str], per_block: int = 2) -> None:
-    """Write verses in the zText layout: zlib blocks (.bzz), block index (.bzs), verse index (.bzv)."""
-    bzs, bzv, bzz = bytearray(), bytearray(), bytearray()
-    for b in range(0, len(verses), per_block):
-        raw = bytearray()
-        for v in verses[b : b + per_block]:
-            data = v.encode("utf-8")
-            bzv += struct.pack("<IIH", b // per_block, len(raw), len(data))
-            raw += data
-        comp = zlib.compress(bytes(raw))
-        bzs += struct.pack("<III", len(bzz), len(comp), len(raw))
-        bzz += comp
-    module_dir.mkdir(parents=True, exist_ok=True)
-    (module_dir / f"{testament}.bzs").write_bytes(bytes(bzs))
-    (module_dir / f"{testament}.bzv").write_bytes(bytes(bzv))
-    (module_dir / f"{testament}.bzz").write_bytes(bytes(bzz))
-
-
-def test_sword_reader_aligns_and_strips_markup(example, tmp_path):
-    bible = example["bible"]
-    en = [
-        'In the <w lemma="strong:H1">beginning</w>.<note placement="foot">a note</note>',
-        "",
-        "Light &amp; dark\u00b6",
-        "<title>Psalm</title>Praise ye.",
-    ]
-    es = ["En el principio.", "Vacío.", "Luz y tinieblas", "Alabad."]
-    for name, verses in ((bible.ENGLISH, en), (bible.SPANISH, es)):
-        _write_ztext(tmp_path / name, "ot", verses[:3])
-        _write_ztext(tmp_path / name, "nt", verses[3:])
-    pairs = bible.verse_pairs(tmp_path)
-    assert pairs == [
-        ("In the beginning.", "En el principio."),  # the empty English verse drops its pair
-        ("Light & dark", "Luz y tinieblas"),
-        ("Praise ye.", "Alabad."),
-    ]
-
-
-def test_sword_reader_missing_module_says_what_to_install(example, tmp_path):
-    with pytest.raises(FileNotFoundError, match="sword-text-kjv"):
-        example["bible"].read_module("engKJV2006eb", tmp_path)
-
-
-def test_bleu_is_sacrebleu_on_detokenised_text(example):
-    bleu = example["text"].bleu
+def test_bleu_is_sacrebleu_on_detokenised_text():
+    bleu = text.bleu
     ref = "En el principio creó Dios los cielos y la tierra."
     score, signature = bleu([ref], [ref])
     assert score == pytest.approx(100.0)
@@ -81,8 +24,7 @@ def test_bleu_is_sacrebleu_on_detokenised_text(example):
         bleu([hyp, hyp], [ref])
 
 
-def test_subword_tokenizer_round_trip(example):
-    text = example["text"]
+def test_subword_tokenizer_round_trip():
     train = ["in the beginning god created the heaven and the earth", "and the earth was without form"] * 20
     tok = text.SubwordTokenizer.train(train, vocab_size=40)
     assert 4 < len(tok) <= 40
@@ -97,8 +39,8 @@ def test_subword_tokenizer_round_trip(example):
         text.SubwordTokenizer.train(["", "  "])
 
 
-def test_splits_are_disjoint_and_fixed(example):
-    tt = example["train_translation"]
+def test_splits_are_disjoint_and_fixed():
+    tt = train_translation
     args = tt.parse_args(["--dataset", "synthetic", "--max-pairs", "100", "--val-size", "10", "--test-size", "15"])
     train, val, test = tt.split_pairs(args)
     assert (len(train), len(val), len(test)) == (75, 10, 15)
@@ -116,9 +58,9 @@ def test_splits_are_disjoint_and_fixed(example):
         tt.parse_args(["--seeds", "1,1"])
 
 
-def test_training_run_on_synthetic_pairs(example, tmp_path):
+def test_training_run_on_synthetic_pairs(tmp_path):
     out = tmp_path / "run"
-    results = example["train_translation"].main(
+    results = train_translation.main(
         [
             "--dataset",
             "synthetic",

@@ -14,11 +14,12 @@ configuration, for the final numbers. ``--seeds 0 1 2`` repeats everything per s
 standard deviation of every table entry, plus the paired differences S = 2 and S = 4 minus S = 1 per seed.
 
 Offline: reads the IDX files of the Debian package ``dataset-fashion-mnist``
-(``/usr/share/datasets/fashion-mnist``) with the small reader below; ``--dataset synthetic`` needs no files.
+(``/usr/share/datasets/fashion-mnist``) with :mod:`examples.common.fashion_mnist`; the network is
+:class:`examples.common.cnn.ThreeConvCNN`; ``--dataset synthetic`` needs no files.
 
-Example::
+Example, from the repository root::
 
-    python examples/divide_and_cotrain/train.py --splits 1 2 4 --epochs 3 --train-subset 20000 \\
+    python -m examples.divide_and_cotrain.train --splits 1 2 4 --epochs 3 --train-subset 20000 \\
         --seeds 0 1 2 --threads 1 --out runs/divide_and_cotrain
 
 Writes ``<out>/results.json``, ``<out>/results.md`` and ``<out>/accuracy_vs_splits.png``; each seed's runs
@@ -28,23 +29,27 @@ run stopped (same data order, augmentations and weights as an uninterrupted run)
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit(
+        "run the example as a module from the repository root: python -m examples.divide_and_cotrain.train"
+    )
+
 import argparse
-import gzip
 import json
 import math
 import os
 import platform
-import struct
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from examples.common.cnn import ThreeConvCNN
+from examples.common.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from pycoe.checkpoint import load_checkpoint, save_checkpoint
 from pycoe.cotrain.ensemble import CoTrainingEnsemble, CoTrainingLoss
 from pycoe.cotrain.schedule import LinearWarmup, scale_weight_decay
@@ -56,43 +61,10 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-MEAN, STD = 0.2860, 0.3530
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed): big-endian magic, dims, then the array."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if dtype_code not in dtypes:
-        raise ValueError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
-    if array.size != math.prod(shape):
-        raise ValueError(f"{path}: expected {math.prod(shape)} values for shape {shape}, found {array.size}")
-    return array.reshape(shape)
-
-
-def _find(directory: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (directory / name).exists():
-            return directory / name
-    raise FileNotFoundError(
-        f"{stem}[.gz] not found in {directory}; install the Debian package dataset-fashion-mnist "
-        "(apt-get install dataset-fashion-mnist) or pass --data-dir, or use --dataset synthetic"
-    )
-
-
 class ImageSet(Dataset):
     """Normalised ``Tensor[N, 1, 28, 28]`` images and ``LongTensor[N]`` labels."""
 
@@ -106,14 +78,12 @@ class ImageSet(Dataset):
         return self.images[i], self.labels[i]
 
 
-def load_fashion_mnist(directory: str | Path) -> tuple[ImageSet, ImageSet]:
-    directory = Path(directory)
+def fashion_mnist(data_dir: str | Path | None) -> tuple[ImageSet, ImageSet]:
+    """Fashion-MNIST's ``(train, test)``, normalised with the training set's mean and standard deviation."""
     sets = []
-    for prefix in ("train", "t10k"):
-        images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
-        x = (torch.from_numpy(images.copy()).float().div_(255.0).sub_(MEAN).div_(STD)).unsqueeze(1)
-        sets.append(ImageSet(x, torch.from_numpy(labels.astype(np.int64))))
+    for split in load_fashion_mnist(data_dir):
+        x = split.images.float().div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+        sets.append(ImageSet(x, split.labels))
     return sets[0], sets[1]
 
 
@@ -137,33 +107,6 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     if torch.rand(()) < 0.5:
         view = view.flip(-1)
     return view
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------
-class SmallCNN(nn.Module):
-    """A CPU-sized CNN whose channel widths are ``width``, ``2 width``, ``4 width``."""
-
-    def __init__(self, width: int, num_classes: int = 10) -> None:
-        super().__init__()
-        w = int(width)
-        self.features = nn.Sequential(
-            nn.Conv2d(1, w, 5, stride=2, padding=2, bias=False),
-            nn.BatchNorm2d(w),
-            nn.ReLU(inplace=True),  # 14x14
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 7x7
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False),
-            nn.BatchNorm2d(4 * w),
-            nn.ReLU(inplace=True),
-        )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,24 +147,47 @@ def evaluate(ensemble: CoTrainingEnsemble, dataset: ImageSet, batch_size: int, p
     }
 
 
-def train_config(num_splits: int, seed: int, args, data: dict[str, ImageSet], run_dir: Path) -> dict | None:
-    """Train S = ``num_splits`` members with ``seed``; keep the epoch chosen on validation; test once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, result_path = run_dir / "checkpoint.pt", run_dir / "result.json"
-    tag = f"seed {seed} S={num_splits}"
-    if args.resume and result_path.exists():
-        result = json.loads(result_path.read_text())
-        if result.get("epochs") == args.epochs:
-            print(f"{tag}: finished earlier, reusing {result_path}")
-            return result
+@dataclass
+class Configuration:
+    """What one configuration trains: S members divided from the undivided CNN, their ensemble and its loss, the
+    optimizer and schedule, and the training set's S-view version."""
 
+    num_splits: int
+    seed: int
+    members: list
+    ensemble: CoTrainingEnsemble
+    weight_decay: float
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_fn: CoTrainingLoss
+    train_views: MultiViewDataset
+
+    @property
+    def width(self) -> int:
+        return self.members[0].features[0].out_channels
+
+
+@dataclass
+class Progress:
+    """Where training stands: epochs done, optimizer steps, per-epoch history, the training time and (``--keep
+    best``) the weights of the best epoch on validation so far; all of it checkpointed."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    best: dict | None = None
+
+
+def build_configuration(num_splits: int, seed: int, args, train_set: ImageSet) -> Configuration:
+    """The members (seeded by ``seed`` and S), their ensemble, SGD with the divided weight decay, a cosine schedule
+    and the co-training loss with its linear warm-up."""
     torch.manual_seed(1000 * seed + num_splits)
-    members = divide_by_factory(SmallCNN, num_splits, base_width=args.base_width, integer=True)
-    width = members[0].features[0].out_channels
+    members = divide_by_factory(ThreeConvCNN, num_splits, base_width=args.base_width, integer=True)
     ensemble = CoTrainingEnsemble(members, combine="mean_logits")
     wd = scale_weight_decay(args.weight_decay, num_splits)
     optimizer = torch.optim.SGD(ensemble.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=wd)
-    train_views = MultiViewDataset(data["train"], augment, num_views=num_splits)
+    train_views = MultiViewDataset(train_set, augment, num_views=num_splits)
     steps_per_epoch = math.ceil(len(train_views) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -230,114 +196,162 @@ def train_config(num_splits: int, seed: int, args, data: dict[str, ImageSet], ru
     loss_fn = CoTrainingLoss(
         args.divergence, weight=LinearWarmup(int(args.cot_warmup_epochs * steps_per_epoch), args.cot_weight, 0.0)
     )
-    start_epoch, step, history, train_seconds, best = 0, 0, [], 0.0, None
-    if args.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        ensemble.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"], state["step"]
-        history, train_seconds, best = state["history"], state["train_seconds"], state["best"]
-        torch.set_rng_state(state["rng"])
-        print(f"{tag}: resumed from {ckpt_path} after epoch {start_epoch}")
+    return Configuration(num_splits, seed, members, ensemble, wd, optimizer, scheduler, loss_fn, train_views)
 
-    print(
-        f"{tag}: {num_splits} x SmallCNN(width={width}), {count_parameters(members[0]):,} parameters each, "
-        f"weight decay {wd:.2e}"
+
+def resume(config: Configuration, ckpt_path: Path) -> Progress:
+    """Restore the ensemble, optimizer, schedule, RNG state and progress of the checkpoint at ``ckpt_path``."""
+    state = load_checkpoint(ckpt_path)
+    config.ensemble.load_state_dict(state["model"])
+    config.optimizer.load_state_dict(state["optimizer"])
+    config.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return Progress(state["epoch"], state["step"], state["history"], state["train_seconds"], state["best"])
+
+
+def save(config: Configuration, progress: Progress, ckpt_path: Path) -> None:
+    """Checkpoint (atomically) everything :func:`resume` restores."""
+    save_checkpoint(
+        {
+            "model": config.ensemble.state_dict(),
+            "optimizer": config.optimizer.state_dict(),
+            "scheduler": config.scheduler.state_dict(),
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "history": progress.history,
+            "train_seconds": progress.train_seconds,
+            "best": progress.best,
+            "rng": torch.get_rng_state(),
+        },
+        ckpt_path,
     )
-    for epoch in range(start_epoch, args.epochs):
-        ensemble.train()
-        # the data order depends only on (seed, epoch), so a resumed run sees the same batches
-        sampler = RandomSampler(train_views, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        loader = DataLoader(train_views, batch_size=args.batch_size, sampler=sampler, collate_fn=multiview_collate)
-        t0 = time.perf_counter()
-        sums = {"loss": 0.0, "ce": 0.0, "cot": 0.0, "correct": 0, "n": 0}
-        bar = _bar(loader, args.progress, desc=f"{tag} epoch {epoch + 1}/{args.epochs}", leave=False)
-        for views, target in bar:
-            out = ensemble(views)
-            loss, info = loss_fn(out, target, step=step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            n = len(target)
-            sums["loss"] += float(loss.detach()) * n
-            sums["ce"] += info["ce"] * n
-            sums["cot"] += info["cot"] * n
-            sums["correct"] += int((out.ensemble.argmax(-1) == target).sum())
-            sums["n"] += n
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cot=f"{info['cot']:.3f}", w=f"{info['weight']:.2f}")
-            if args.max_steps and step >= args.max_steps * (epoch + 1):
-                break
-        train_seconds += time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1,
-            "loss": sums["loss"] / sums["n"],
-            "ce": sums["ce"] / sums["n"],
-            "cot": sums["cot"] / sums["n"],
-            "train_acc": sums["correct"] / sums["n"],
-        }
-        if len(data["val"]):
-            val = evaluate(ensemble, data["val"], args.eval_batch_size, args.progress)
-            record["val_acc"], record["val_member_accs"] = val["ensemble_acc"], val["member_accs"]
-            if args.keep == "best" and (best is None or record["val_acc"] > best["val_acc"]):
-                state_copy = {k: v.detach().clone() for k, v in ensemble.state_dict().items()}
-                best = {"epoch": epoch + 1, "val_acc": record["val_acc"], "model": state_copy}
-        history.append(record)
-        print(
-            f"{tag} epoch {epoch + 1}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, cot {record['cot']:.4f}), "
-            f"train ensemble acc {record['train_acc']:.4f}"
-            + (f", validation ensemble acc {record['val_acc']:.4f}" if "val_acc" in record else "")
-        )
-        save_checkpoint(
-            {
-                "model": ensemble.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "history": history,
-                "train_seconds": train_seconds,
-                "best": best,
-                "rng": torch.get_rng_state(),
-            },
-            ckpt_path,
-        )
-        if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
-            print(f"{tag}: stopping after epoch {epoch + 1} as asked; continue with --resume")
-            return None
 
-    kept_epoch = args.epochs
-    if best is not None:  # --keep best: the weights of the epoch with the best validation accuracy
-        ensemble.load_state_dict(best["model"])
-        kept_epoch = best["epoch"]
+
+def train_epoch(config: Configuration, progress: Progress, args, tag: str) -> dict:
+    """One epoch of co-training on S views (its data order depends only on the seed and the epoch, so a resumed
+    run sees the same batches); returns the epoch's means of the losses and the training ensemble accuracy."""
+    ensemble, epoch = config.ensemble, progress.epoch
+    ensemble.train()
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    loader = DataLoader(
+        config.train_views,
+        batch_size=args.batch_size,
+        sampler=RandomSampler(config.train_views, generator=generator),
+        collate_fn=multiview_collate,
+    )
     t0 = time.perf_counter()
-    metrics = evaluate(ensemble, data["test"], args.eval_batch_size, args.progress)  # the test set, used once
-    kept = history[kept_epoch - 1]
-    result = {
-        "S": num_splits,
-        "seed": seed,
-        "width": width,
-        "params_per_member": count_parameters(members[0]),
-        "params_total": count_parameters(ensemble),
-        "weight_decay": wd,
+    sums = {"loss": 0.0, "ce": 0.0, "cot": 0.0, "correct": 0, "n": 0}
+    bar = _bar(loader, args.progress, desc=f"{tag} epoch {epoch + 1}/{args.epochs}", leave=False)
+    for views, target in bar:
+        out = ensemble(views)
+        loss, info = config.loss_fn(out, target, step=progress.step)
+        config.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        config.optimizer.step()
+        config.scheduler.step()
+        progress.step += 1
+        n = len(target)
+        sums["loss"] += float(loss.detach()) * n
+        sums["ce"] += info["ce"] * n
+        sums["cot"] += info["cot"] * n
+        sums["correct"] += int((out.ensemble.argmax(-1) == target).sum())
+        sums["n"] += n
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cot=f"{info['cot']:.3f}", w=f"{info['weight']:.2f}")
+        if args.max_steps and progress.step >= args.max_steps * (epoch + 1):
+            break
+    progress.train_seconds += time.perf_counter() - t0
+    return {
+        "epoch": epoch + 1,
+        "loss": sums["loss"] / sums["n"],
+        "ce": sums["ce"] / sums["n"],
+        "cot": sums["cot"] / sums["n"],
+        "train_acc": sums["correct"] / sums["n"],
+    }
+
+
+def validate(config: Configuration, progress: Progress, record: dict, val_set: ImageSet, args) -> None:
+    """The validation ensemble and member accuracies into ``record``; with ``--keep best``, a copy of the weights
+    when this epoch is the best so far."""
+    val = evaluate(config.ensemble, val_set, args.eval_batch_size, args.progress)
+    record["val_acc"], record["val_member_accs"] = val["ensemble_acc"], val["member_accs"]
+    if args.keep == "best" and (progress.best is None or record["val_acc"] > progress.best["val_acc"]):
+        weights = {k: v.detach().clone() for k, v in config.ensemble.state_dict().items()}
+        progress.best = {"epoch": record["epoch"], "val_acc": record["val_acc"], "model": weights}
+
+
+def evaluate_kept(config: Configuration, progress: Progress, test_set: ImageSet, args) -> dict:
+    """The kept epoch's weights (the best on validation with ``--keep best``, else the last) on the test set."""
+    kept_epoch = args.epochs
+    if progress.best is not None:
+        config.ensemble.load_state_dict(progress.best["model"])
+        kept_epoch = progress.best["epoch"]
+    t0 = time.perf_counter()
+    metrics = evaluate(config.ensemble, test_set, args.eval_batch_size, args.progress)
+    accs = metrics["member_accs"]
+    return {
+        "S": config.num_splits,
+        "seed": config.seed,
+        "width": config.width,
+        "params_per_member": count_parameters(config.members[0]),
+        "params_total": count_parameters(config.ensemble),
+        "weight_decay": config.weight_decay,
         "epochs": args.epochs,
         "kept_epoch": kept_epoch,
-        "val_acc": kept.get("val_acc"),
-        "train_seconds": train_seconds,
+        "val_acc": progress.history[kept_epoch - 1].get("val_acc"),
+        "train_seconds": progress.train_seconds,
         "eval_seconds": time.perf_counter() - t0,
-        "history": history,
+        "history": progress.history,
         **metrics,
+        "mean_member_acc": sum(accs) / config.num_splits,
+        "min_member_acc": min(accs),
+        "max_member_acc": max(accs),
     }
-    accs = result["member_accs"]
-    result["mean_member_acc"] = sum(accs) / num_splits
-    result["min_member_acc"], result["max_member_acc"] = min(accs), max(accs)
+
+
+def train_config(num_splits: int, seed: int, args, data: dict[str, ImageSet], run_dir: Path) -> dict | None:
+    """Train S = ``num_splits`` members with ``seed``; keep the epoch chosen on validation; test once.
+
+    Returns the configuration's result (also written to ``run_dir/result.json``), or None when
+    ``--stop-after-epoch`` stopped it (checkpointed, to be continued by ``--resume``).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, result_path = run_dir / "checkpoint.pt", run_dir / "result.json"
+    tag = f"seed {seed} S={num_splits}"
+    if args.resume and result_path.exists():
+        result = json.loads(result_path.read_text())
+        if result.get("epochs") == args.epochs:
+            print(f"{tag}: finished earlier, reusing {result_path}")
+            return result
+    config = build_configuration(num_splits, seed, args, data["train"])
+    progress = Progress()
+    if args.resume and ckpt_path.exists():
+        progress = resume(config, ckpt_path)
+        print(f"{tag}: resumed from {ckpt_path} after epoch {progress.epoch}")
+    print(
+        f"{tag}: {num_splits} x ThreeConvCNN(width={config.width}), {count_parameters(config.members[0]):,} "
+        f"parameters each, weight decay {config.weight_decay:.2e}"
+    )
+    while progress.epoch < args.epochs:
+        record = train_epoch(config, progress, args, tag)
+        if len(data["val"]):
+            validate(config, progress, record, data["val"], args)
+        progress.history.append(record)
+        progress.epoch += 1
+        print(
+            f"{tag} epoch {progress.epoch}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, "
+            f"cot {record['cot']:.4f}), train ensemble acc {record['train_acc']:.4f}"
+            + (f", validation ensemble acc {record['val_acc']:.4f}" if "val_acc" in record else "")
+        )
+        save(config, progress, ckpt_path)
+        if args.stop_after_epoch and args.stop_after_epoch <= progress.epoch < args.epochs:
+            print(f"{tag}: stopping after epoch {progress.epoch} as asked; continue with --resume")
+            return None
+    result = evaluate_kept(config, progress, data["test"], args)
     result_path.write_text(json.dumps(result, indent=2))
     print(
-        f"{tag}: kept epoch {kept_epoch}; test ensemble acc {result['ensemble_acc']:.4f}, members "
-        + ", ".join(f"{a:.4f}" for a in accs)
+        f"{tag}: kept epoch {result['kept_epoch']}; test ensemble acc {result['ensemble_acc']:.4f}, members "
+        + ", ".join(f"{a:.4f}" for a in result["member_accs"])
     )
     return result
 
@@ -475,9 +489,14 @@ def plot(runs: list[dict], rows: list[dict], path: Path) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m examples.divide_and_cotrain.train", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", choices=["fashion-mnist", "synthetic"], default="fashion-mnist")
-    p.add_argument("--data-dir", default=FASHION_DIR)
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="a directory with Fashion-MNIST's four IDX files (default: the Debian package's "
+        "/usr/share/datasets/fashion-mnist)",
+    )
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4], help="values of S to train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full run per seed; mean ± std reported")
     p.add_argument("--base-width", type=int, default=32, help="width of the undivided CNN (S = 1)")
@@ -521,7 +540,7 @@ def load_data(args) -> dict[str, ImageSet]:
     if args.dataset == "synthetic":
         train_set, test_set = synthetic_data(*args.synthetic_size, seed=args.split_seed)
     else:
-        train_set, test_set = load_fashion_mnist(args.data_dir)
+        train_set, test_set = fashion_mnist(args.data_dir)
     train_idx, val_idx = split_train_val(len(train_set), args.val_size, args.split_seed)
     if args.train_subset:
         train_idx = train_idx[: args.train_subset]
@@ -530,7 +549,8 @@ def load_data(args) -> dict[str, ImageSet]:
     return {"train": subset(train_set, train_idx), "val": subset(train_set, val_idx), "test": test_set}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked (``SystemExit`` with the option's name)."""
     args = build_parser().parse_args(argv)
     if any(s < 1 for s in args.splits):
         raise SystemExit(f"--splits must be positive integers, got {args.splits}")
@@ -538,6 +558,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--seeds must be distinct non-negative integers, got {args.seeds}")
     if args.keep == "best" and args.val_size == 0:
         raise SystemExit("--keep best chooses the epoch on the validation split: give --val-size > 0 or --keep last")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train every S for every seed, then write the aggregate over seeds (JSON, markdown, figure) and print it."""
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -562,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     rows, diffs = aggregate(runs), paired_differences(runs)
     summary = {
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(["python -m examples.divide_and_cotrain.train", *(sys.argv[1:] if argv is None else argv)]),
         "dataset": args.dataset,
         "train_images": len(data["train"]),
         "val_images": len(data["val"]),

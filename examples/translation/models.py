@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 
 import torch
-from text import BOS, EOS, PAD
 from torch import nn
+
+from examples.translation.text import BOS, EOS, PAD
 
 
 class PositionalEncoding(nn.Module):

@@ -20,34 +20,38 @@ every ``--seeds`` entry, on the same split, so that the CoE and the single exper
 Reports sacreBLEU (detokenised output, its signature printed with the scores) on the validation and test
 sentences, and the BLEU of the expert pool's oracle (the best expert per sentence, by sentence loss).
 
-Run: ``python examples/translation/train_translation.py`` (needs ``apt-get install -y
---no-install-recommends sword-text-kjv sword-text-sparv``), or ``--dataset synthetic`` anywhere.
+Run, from the repository root: ``python -m examples.translation.train_translation`` (needs ``apt-get install -y
+--no-install-recommends sword-text-kjv sword-text-sparv``), or ``--dataset synthetic`` anywhere. The verses are
+read by :mod:`examples.common.bible`.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:
+    raise SystemExit(
+        "run the example as a module from the repository root: python -m examples.translation.train_translation"
+    )
 
 import argparse
 import copy
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from models import BagOfEmbeddings, Seq2SeqTransformer
-from text import PAD, SubwordTokenizer, bleu, pad_batch
-
 import pycoe
+from examples.translation.models import BagOfEmbeddings, Seq2SeqTransformer
+from examples.translation.text import PAD, SubwordTokenizer, bleu, pad_batch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m examples.translation.train_translation", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--dataset", choices=["bible", "synthetic"], default="bible")
     p.add_argument(
         "--max-words", type=int, default=15, help="keep pairs whose English side has at most this many words"
@@ -102,7 +106,7 @@ def split_pairs(args) -> tuple[list[tuple[str, str]], list[tuple[str, str]], lis
     if args.dataset == "synthetic":
         raw = synthetic_pairs(args.max_pairs or 400, args.split_seed)
     else:
-        from bible import verse_pairs
+        from examples.common.bible import verse_pairs
 
         raw = verse_pairs()
     pairs = [(e, s) for e, s in raw if 0 < len(e.split()) <= args.max_words]
