@@ -248,7 +248,7 @@ def test_bad_input():
     with pytest.raises(TypeError, match="CoETrainOutput"):
         CoELoss(wgm, lgm)(model.eval()(x), y)
     seq = CoETrainOutput(out.selection_logits, out.rough_logits, torch.randn(3, 4, 6, C))
-    with pytest.raises(ValueError, match="default per_sample_loss"):
+    with pytest.raises(ValueError, match=r"target has one label per sample \(shape \(4,\)\), but the logits are per"):
         CoELoss(wgm, lgm)(seq, y)
     with pytest.raises(ValueError, match="rough_target"):
         CoELoss(wgm, lgm, per_sample_loss=lambda o, t: o.mean((1, 2)))(seq, torch.zeros(4, 6, dtype=torch.long))
@@ -274,3 +274,92 @@ def test_scalar_info_turns_the_scalar_tensors_into_floats():
     assert scalar_info({}) == {}
     with pytest.raises(TypeError, match="info must be a mapping"):
         scalar_info([("loss", 1.0)])
+
+
+def test_balance_term_gradient_reaches_the_selection_logits():
+    """Its value alone would not catch a balance term computed on detached selection logits: its gradient does."""
+    model = make_model()
+    x, y = torch.randn(8, D_IN), torch.randint(0, C, (8,))
+    out = model(x)
+    sel = out.selection_logits
+    only_balance = CoELoss(
+        BalancedTransportWeighter(3),
+        LabelGenerator(),
+        expert_weight=0.0,
+        selection_weight=0.0,
+        rough_weight=0.0,
+        balance_weight=0.5,
+    )
+    (grad,) = torch.autograd.grad(only_balance(out, y)[0], sel)
+    (expected,) = torch.autograd.grad(0.5 * load_balance_cv2(sel), sel)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(grad, expected)
+
+
+def test_token_logits_default_loss_and_labels_carried_by_the_output():
+    """The default per-sample loss is token cross-entropy for [K, B, T, V] outputs (mean over real tokens), and
+    criterion(output) takes the target from output.labels."""
+    from reference.losses import per_sample_cross_entropy as reference
+
+    k, b, t, v = 3, 5, 4, 6
+    sel = torch.randn(b, k, requires_grad=True)
+    expert_outputs = torch.randn(k, b, t, v, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, v, (b, t))
+    labels[1, 2:] = -100
+    out = CoETrainOutput(sel, None, expert_outputs, labels)
+    criterion = CoELoss(BalancedTransportWeighter(k), LabelGenerator())
+    loss, info = criterion(out)
+    expected = torch.stack([reference(expert_outputs[j].detach(), labels) for j in range(k)], dim=1)
+    torch.testing.assert_close(info["per_sample_losses"], expected)
+    torch.testing.assert_close(loss, criterion(out, labels)[0])
+    with pytest.raises(ValueError, match=r"labels has one label per sample \(shape \(5,\)\), but the logits are"):
+        criterion(CoETrainOutput(sel, None, expert_outputs, labels[:, 0]))
+    class_out = CoETrainOutput(sel, None, expert_outputs[:, :, 0], labels)  # class logits [K, B, V], token labels
+    with pytest.raises(ValueError, match=r"labels has shape \(5, 4\) \(labels per token\), but the experts return"):
+        criterion(class_out)
+    with pytest.raises(ValueError, match=r"CoELoss needs a target: pass it .*batch\['labels'\]"):
+        criterion(CoETrainOutput(sel, None, expert_outputs))
+    with pytest.raises(ValueError, match=r"the experts return one value per sample \(outputs \(3, 5\)\)"):
+        criterion(CoETrainOutput(sel, None, expert_outputs[:, :, 0, 0]), labels)
+
+
+def test_rough_head_and_experts_must_agree_on_the_classes():
+    """A rough head of 5 classes beside experts of 3 would train silently on the same target."""
+    backbone = nn.Sequential(nn.Linear(D_IN, 12), nn.Tanh())
+    delegator = Delegator(backbone, 2, num_classes=5, feature_dim=12, classifier=None)
+    model = CoE(delegator, ExpertPool.from_template(nn.Linear(D_IN, 3), 2)).train()
+    x, y = torch.randn(6, D_IN), torch.randint(0, 3, (6,))
+    criterion = CoELoss(BalancedTransportWeighter(2), LabelGenerator())
+    with pytest.raises(ValueError, match=r"the rough head predicts 5 classes but the experts return 3 values"):
+        criterion(model(x), y)
+    # with its own target the rough head may have another task
+    loss, _ = criterion(model(x), y, rough_target=torch.randint(0, 5, (6,)))
+    assert torch.isfinite(loss)
+
+
+class _Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(D_IN, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_experts_copied_from_a_template_the_delegator_stripped_are_refused():
+    """ExpertPool.from_template(m) after Delegator(m): the experts would return 16 features, and cross-entropy on
+    16 "classes" against 3-class targets would train silently."""
+    m = _Classifier()
+    Delegator(m, 2, num_classes=3)  # strips m.fc in place
+    with pytest.raises(ValueError, match=r"classifier .fc. a Delegator replaced.*Build the experts before the"):
+        ExpertPool.from_template(m, 2)
+    with pytest.raises(ValueError, match=r"experts\[1\] is \(a copy of\) a model whose classifier 'fc'"):
+        ExpertPool([_Classifier(), copy.deepcopy(m)])
+    # the right orders work
+    m = _Classifier()
+    experts = ExpertPool.from_template(m, 2)
+    model = CoE(Delegator(m, 2, num_classes=3), experts)
+    assert model(torch.randn(4, D_IN)).expert_outputs.shape == (2, 4, 3)
+    m = _Classifier()
+    CoE(Delegator(copy.deepcopy(m), 2, num_classes=3), ExpertPool.from_template(m, 2))

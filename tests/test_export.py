@@ -173,7 +173,9 @@ def test_export_of_a_coe_with_several_inputs_and_a_keyword_input(tmp_path):
         classifier=None,
         zero_init_selection=False,
     )
-    model = CoE(delegator, ExpertPool([PairExpert() for _ in range(3)]), exit_threshold=0.4, delegator_inputs=[0]).eval()
+    model = CoE(
+        delegator, ExpertPool([PairExpert() for _ in range(3)]), exit_threshold=0.4, delegator_inputs=[0]
+    ).eval()
     example = (torch.randn(6, 3), torch.randn(6, 5))
     program = export(model, example, example_kwargs={"scale": torch.randn(6, 1)})
     path = tmp_path / "pair.onnx"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pycoe._inputs import (
+    UnexpectedInputError,
     as_call,
     batch_size,
     batched_names,
@@ -68,3 +69,16 @@ def test_unexpected_labels_keyword_says_they_are_targets():
     err = explain_unexpected_keyword(info.value, "experts[0]", {"labels": 2})
     assert err is not None and "labels are the targets" in str(err)
     assert explain_unexpected_keyword(ValueError("x"), "m", {}) is None
+
+
+def test_an_explained_keyword_error_is_not_explained_twice():
+    """A component nested in another (a delegator's backbone inside the CoE's delegator) is named once, innermost."""
+
+    def forward(x):
+        return x
+
+    with pytest.raises(TypeError) as info:
+        forward(1, mask=2)
+    inner = explain_unexpected_keyword(info.value, "the delegator's backbone", {"mask": 2})
+    assert isinstance(inner, UnexpectedInputError) and "the delegator's backbone does not take" in str(inner)
+    assert explain_unexpected_keyword(inner, "the delegator", {"mask": 2}) is None

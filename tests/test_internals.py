@@ -220,13 +220,14 @@ def test_functional_and_routing_know_nothing_of_coe():
 
 
 def test_import_pycoe_is_light():
-    """A fresh ``import pycoe`` loads neither torchvision, timm nor torch's FLOP counter (``count_flops`` imports
-    it lazily; it pulls in torch._prims and triton)."""
+    """A fresh ``import pycoe`` loads neither torchvision, timm, transformers, accelerate nor torch's FLOP counter
+    (``count_flops`` imports it lazily; it pulls in torch._prims and triton)."""
     code = textwrap.dedent(
         """
         import sys
         import pycoe
-        heavy = [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm", "triton", "scipy", "ot")]
+        optional = ("torchvision", "timm", "transformers", "accelerate", "triton", "scipy", "ot")
+        heavy = [m for m in sys.modules if m.split(".")[0] in optional]
         heavy += [m for m in sys.modules if m == "torch.utils.flop_counter"]
         print(sorted(heavy)[:20])
         """

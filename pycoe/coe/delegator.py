@@ -642,7 +642,8 @@ class Delegator(nn.Module):
         """The backbone's features, ``Tensor[B, D]`` (before dropout).
 
         Args:
-            *args, **kwargs: the backbone's inputs, batch-first (``x``, or ``input_ids=..., attention_mask=...``).
+            *args: the backbone's positional inputs, batch-first (e.g. ``x``).
+            **kwargs: its keyword inputs (e.g. ``input_ids=..., attention_mask=...``).
         """
         batch = batch_size(args, kwargs, what="the delegator")
         try:
@@ -661,8 +662,8 @@ class Delegator(nn.Module):
         """Run the backbone once and both heads.
 
         Args:
-            *args, **kwargs: the backbone's inputs, batch-first (e.g. ``x: Tensor[B, 3, H, W]`` for images,
-                ``input_ids=..., attention_mask=...`` for text).
+            *args: the backbone's positional inputs, batch-first (e.g. ``x: Tensor[B, 3, H, W]`` for images).
+            **kwargs: its keyword inputs (e.g. ``input_ids=..., attention_mask=...`` for text).
 
         Returns:
             :class:`DelegatorOutput` with ``selection_logits`` ``Tensor[B, K]`` and ``rough_logits``

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import distributed as _dist
 from .._validation import check_callable, check_choice, check_class_targets, check_nonnegative_float, check_tensor
+from ..functional.losses import _check_token_labels, _per_sample_cross_entropy
 from ..routing import metrics as _metrics
 from ..routing.labels import LabelGenerator
 from ..routing.weighting import BalancedTransportWeighter
@@ -75,9 +76,15 @@ class CoELoss(nn.Module):
         labeler: the LGM, e.g. :class:`~pycoe.routing.labels.LabelGenerator`; called as
             ``labeler(losses.detach())`` and must return an object with ``probs`` Tensor[B, K] and ``index``
             LongTensor[B].
-        per_sample_loss: ``(expert_output Tensor[B, ...], target) -> Tensor[B]``, lower is better. Default:
-            ``F.cross_entropy(output, target, reduction="none")`` for logits ``[B, C]``. For sequence outputs
-            ``[B, T, V]`` pass a function that averages the token losses over T (e.g. ignoring padding).
+        per_sample_loss: ``(expert_output Tensor[B, ...], target) -> Tensor[B]``, lower is better. Default
+            (``None``): cross-entropy chosen by the experts' output shape, as
+            :func:`~pycoe.functional.per_sample_cross_entropy` computes it: for class logits ``[B, C]``
+            (``*ForSequenceClassification``) with class indices ``LongTensor[B]`` in ``[0, C)`` or class
+            probabilities ``Tensor[B, C]``; for token logits ``[B, T, V]`` (``*ForTokenClassification``,
+            ``*ForSeq2SeqLM``) with labels ``LongTensor[B, T]``, the mean over each sample's real tokens (labels
+            ``-100`` are ignored; a sample without a real token gets 0). Causal language models
+            (``*ForCausalLM``, whose labels are their input tokens) need the shifted variant:
+            ``per_sample_loss=functools.partial(per_sample_cross_entropy, shift=True)``.
         expert_weight: :math:`\lambda_e` (>= 0).
         selection_weight: :math:`\lambda_s` (>= 0).
         rough_weight: :math:`\lambda_r` (>= 0); the rough loss is computed only when the delegator has a rough
@@ -141,12 +148,13 @@ class CoELoss(nn.Module):
             return getattr(self.weighter, "scope", None) == "global"
         return bool(self.sync)
 
-    def per_sample_losses(self, expert_outputs: torch.Tensor, target: Any) -> torch.Tensor:
+    def per_sample_losses(self, expert_outputs: torch.Tensor, target: Any, name: str = "target") -> torch.Tensor:
         """Every expert's per-sample loss.
 
         Args:
             expert_outputs: Tensor[K, B, ...].
             target: the task's target for the batch (batch-first).
+            name: what to call ``target`` in error messages.
 
         Returns:
             Tensor[B, K] (differentiable with respect to the expert outputs).
@@ -157,19 +165,9 @@ class CoELoss(nn.Module):
                 f"expert_outputs must be a Tensor[K, B, ...] (every expert's outputs, stacked), got shape "
                 f"{tuple(expert_outputs.shape)}"
             )
-        k, batch = expert_outputs.shape[0], expert_outputs.shape[1]
         if self.per_sample_loss is None:
-            if expert_outputs.dim() != 3:
-                raise ValueError(
-                    "the default per_sample_loss is cross-entropy on class logits [B, C], but the experts return "
-                    f"per-sample outputs of shape {tuple(expert_outputs.shape[2:])}; pass per_sample_loss="
-                    "(output, target) -> Tensor[B] (e.g. token cross-entropy averaged over T for sequences)"
-                )
-            check_class_targets("target", target, batch, expert_outputs.shape[2], probabilities=True)
-            # one call for all experts: rows (k, b) of the flattened [K * B, C] logits
-            flat_target = target.repeat(k, *([1] * (target.dim() - 1)))
-            flat = F.cross_entropy(rearrange(expert_outputs, "k b c -> (k b) c"), flat_target, reduction="none")
-            return rearrange(flat, "(k b) -> b k", k=k)
+            return _default_losses(expert_outputs, target, name)
+        k, batch = expert_outputs.shape[0], expert_outputs.shape[1]
         columns = []
         for j in range(k):
             value = self.per_sample_loss(expert_outputs[j], target)
@@ -208,17 +206,96 @@ class CoELoss(nn.Module):
             info["oracle_accuracy"] = info["routed_accuracy"] = float("nan")
         return loss, info
 
+    def _weights(self, sel: torch.Tensor, dtype: torch.dtype) -> tuple[Any, torch.Tensor]:
+        """The WGM: ``(its output, weights Tensor[B, K])`` from the detached selection logits."""
+        wgm = self.weighter(sel.detach())
+        if not isinstance(getattr(wgm, "weights", None), torch.Tensor):
+            raise TypeError(
+                "the weighter must return an object with weights Tensor[B, K] (like BalancedTransportWeighter's "
+                f"WeightingOutput), got {type(wgm).__name__}"
+            )
+        weights = wgm.weights.detach().to(dtype)
+        if weights.shape != sel.shape:
+            raise ValueError(
+                f"the weighter returned weights of shape {tuple(weights.shape)}, expected {list(sel.shape)}"
+            )
+        return wgm, weights
+
+    def _labels(self, losses: torch.Tensor, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LGM: ``(probs Tensor[B, K], index LongTensor[B])`` from the detached per-sample losses."""
+        batch, k = sel.shape
+        if batch == 0:  # an empty batch on this rank of a synchronised step: nothing to label, every collective runs
+            return sel.detach().new_zeros((0, k)), torch.zeros(0, dtype=torch.long, device=sel.device)
+        lgm = self.labeler(losses.detach())
+        if not isinstance(getattr(lgm, "probs", None), torch.Tensor) or not isinstance(
+            getattr(lgm, "index", None), torch.Tensor
+        ):
+            raise TypeError(
+                "the labeler must return an object with probs Tensor[B, K] and index LongTensor[B] (like "
+                f"LabelGenerator's LabelOutput), got {type(lgm).__name__}"
+            )
+        probs = lgm.probs.detach().to(sel.dtype)
+        if probs.shape != (batch, k):
+            raise ValueError(f"the labeler returned probs of shape {tuple(probs.shape)}, expected [{batch}, {k}]")
+        return probs, lgm.index
+
+    def _normalisers(self, weights: torch.Tensor, synchronised: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(weight mass per expert Tensor[K], number of samples, scale)``, summed over ranks when synchronised."""
+        k = weights.shape[1]
+        norms = torch.cat([weights.sum(dim=0), weights.new_full((1,), weights.shape[0])])  # [K + 1]
+        scale = 1.0
+        if synchronised:
+            _dist.all_reduce(norms)
+            scale = float(_dist.get_world_size())
+        return norms[:k], norms[k], scale
+
+    def _rough_loss(
+        self, output: CoETrainOutput, target: Any, rough_target: Any, name: str, n_total: torch.Tensor
+    ) -> torch.Tensor:
+        """The rough head's cross-entropy, summed over this rank's samples and divided by ``n_total``."""
+        rough, batch = output.rough_logits, output.selection_logits.shape[0]
+        assert rough is not None
+        rt = target if rough_target is None else rough_target
+        rt_name = "rough_target" if rough_target is not None else name
+        if not isinstance(rt, torch.Tensor) or rt.dim() != 1 or rt.shape[0] != batch or not _is_integer(rt):
+            what = type(rt).__name__
+            if isinstance(rt, torch.Tensor):
+                what = f"shape {tuple(rt.shape)} and dtype {rt.dtype}"
+            raise ValueError(
+                f"the rough head needs class indices LongTensor[B={batch}] as rough_target (default: {name}), "
+                f"got {what}; pass rough_target=... or rough_weight=0"
+            )
+        if rough_target is None:
+            _check_same_classes(rough.shape[1], output.expert_outputs)
+        check_class_targets(rt_name, rt, batch, rough.shape[1])
+        return F.cross_entropy(rough, rt, reduction="sum") / n_total
+
+    def _target(self, output: CoETrainOutput, target: Any) -> tuple[Any, str]:
+        """The target and its name for messages: ``target`` when given, else the labels on the output."""
+        if target is not None:
+            return target, "target"
+        labels = getattr(output, "labels", None)
+        if labels is None:
+            raise ValueError(
+                "CoELoss needs a target: pass it (criterion(output, target)), or call the CoE with labels among its "
+                "keyword inputs (model(**batch) with batch['labels']), which CoETrainOutput.labels then carries"
+            )
+        return labels, "labels"
+
     # ------------------------------------------------------------------ forward
     def forward(
-        self, output: CoETrainOutput, target: Any, rough_target: torch.Tensor | None = None
+        self, output: CoETrainOutput, target: Any = None, rough_target: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the loss for one batch.
 
         Args:
             output: the :class:`~pycoe.coe.model.CoETrainOutput` of a CoE in training mode.
-            target: the experts' target (for the default loss: class indices LongTensor[B] in [0, C), or class
-                probabilities Tensor[B, C]).
+            target: the experts' target (for the default loss: class indices LongTensor[B] in [0, C) or class
+                probabilities Tensor[B, C] for class logits; token labels LongTensor[B, T] for token logits).
+                Default: ``output.labels`` (the ``labels`` of ``model(**batch)``); neither raises a ``ValueError``.
             rough_target: the rough head's target (class indices LongTensor[B] in [0, C)); defaults to ``target``.
+                With the default, the rough head and the experts predict the same classes: a rough head of another
+                class count than the experts' class logits raises a ``ValueError``.
 
         Returns:
             ``(loss, info)``: ``loss`` is a 0-dim tensor to call ``backward()`` on. ``info`` holds detached
@@ -239,128 +316,166 @@ class CoELoss(nn.Module):
         A batch of 0 samples gives a zero loss attached to the graph (``backward()`` gives zero gradients), counts
         of 0 and ``NaN`` rates; under synchronisation such a rank still takes part in every collective.
         """
-        if not all(hasattr(output, a) for a in ("selection_logits", "rough_logits", "expert_outputs")):
-            raise TypeError(
-                "output must be a CoETrainOutput (the CoE's output in training mode), got "
-                f"{type(output).__name__}; did you call model.eval()?"
-            )
-        sel, rough, expert_outputs = output.selection_logits, output.rough_logits, output.expert_outputs
-        if not isinstance(sel, torch.Tensor) or sel.dim() != 2:
-            raise ValueError("output.selection_logits must be a Tensor[B, K]")
+        sel, rough, expert_outputs = _check_output(output)
+        target, name = self._target(output, target)
         batch, k = sel.shape
-        if not isinstance(expert_outputs, torch.Tensor):
-            raise TypeError(f"output.expert_outputs must be a Tensor[K, B, ...], got {type(expert_outputs).__name__}")
-        if expert_outputs.dim() < 2 or expert_outputs.shape[:2] != (k, batch):
-            raise ValueError(
-                f"output.expert_outputs must have shape [K={k}, B={batch}, ...], got {tuple(expert_outputs.shape)}"
-            )
-        if rough is not None and (not isinstance(rough, torch.Tensor) or rough.dim() != 2 or rough.shape[0] != batch):
-            shape = tuple(rough.shape) if isinstance(rough, torch.Tensor) else type(rough).__name__
-            raise ValueError(f"output.rough_logits must be None or a Tensor[B={batch}, C], got {shape}")
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-        if target.dim() == 0 or target.shape[0] != batch:
-            raise ValueError(
-                f"target must be batch-first with B={batch} (the batch of the outputs), got shape {tuple(target.shape)}"
-            )
-
-        losses = self.per_sample_losses(expert_outputs, target)  # [B, K]
+        _check_batch_first(name, target, batch)
+        losses = self.per_sample_losses(expert_outputs, target, name)  # [B, K]
         synchronised = self._synchronised()
         if batch == 0 and not synchronised:
             return self._empty_batch_loss(output, losses)
-        wgm = self.weighter(sel.detach())
-        if not isinstance(getattr(wgm, "weights", None), torch.Tensor):
-            raise TypeError(
-                "the weighter must return an object with weights Tensor[B, K] (like BalancedTransportWeighter's "
-                f"WeightingOutput), got {type(wgm).__name__}"
-            )
-        weights = wgm.weights.detach().to(losses.dtype)
-        if weights.shape != (batch, k):
-            raise ValueError(f"the weighter returned weights of shape {tuple(weights.shape)}, expected [{batch}, {k}]")
-        if batch > 0:
-            lgm = self.labeler(losses.detach())
-            if not isinstance(getattr(lgm, "probs", None), torch.Tensor) or not isinstance(
-                getattr(lgm, "index", None), torch.Tensor
-            ):
-                raise TypeError(
-                    "the labeler must return an object with probs Tensor[B, K] and index LongTensor[B] (like "
-                    f"LabelGenerator's LabelOutput), got {type(lgm).__name__}"
-                )
-            probs, label_index = lgm.probs.detach().to(sel.dtype), lgm.index
-            if probs.shape != (batch, k):
-                raise ValueError(f"the labeler returned probs of shape {tuple(probs.shape)}, expected [{batch}, {k}]")
-        else:  # an empty batch on this rank of a synchronised step: nothing to label, but every collective runs
-            probs, label_index = sel.detach().new_zeros((0, k)), torch.zeros(0, dtype=torch.long, device=sel.device)
-
-        # normalisers: per-expert weight mass and the number of samples (global under synchronisation)
-        norms = torch.cat([weights.sum(dim=0), weights.new_full((1,), batch)])  # [K + 1]
-        scale = 1.0
-        if synchronised:
-            _dist.all_reduce(norms)
-            scale = float(_dist.get_world_size())
-        mass, n_total = norms[:k], norms[k]
+        wgm, weights = self._weights(sel, losses.dtype)
+        probs, label_index = self._labels(losses, sel)
+        mass, n_total, scale = self._normalisers(weights, synchronised)
 
         expert_terms = (weights * losses).sum(dim=0) / mass.clamp_min(torch.finfo(mass.dtype).tiny)  # [K]
         expert_loss = expert_terms.sum() if self.expert_reduction == "sum" else expert_terms.sum() / k
-        log_p = F.log_softmax(sel, dim=1)
-        selection_loss = -(probs * log_p).sum() / n_total
+        selection_loss = -(probs * F.log_softmax(sel, dim=1)).sum() / n_total
         parts = {
             "expert_loss": self.expert_weight * expert_loss,
             "selection_loss": self.selection_weight * selection_loss,
         }
         if rough is not None and self.rough_weight > 0:
-            rt = target if rough_target is None else rough_target
-            if (
-                not isinstance(rt, torch.Tensor)
-                or rt.dim() != 1
-                or rt.shape[0] != batch
-                or rt.is_floating_point()
-                or rt.is_complex()
-            ):
-                if isinstance(rt, torch.Tensor):
-                    what = f"shape {tuple(rt.shape)} and dtype {rt.dtype}"
-                else:
-                    what = type(rt).__name__
-                raise ValueError(
-                    f"the rough head needs class indices LongTensor[B={batch}] as rough_target (default: target), "
-                    f"got {what}; pass rough_target=... or rough_weight=0"
-                )
-            check_class_targets("rough_target" if rough_target is not None else "target", rt, batch, rough.shape[1])
-            rough_loss = F.cross_entropy(rough, rt, reduction="sum") / n_total
-            parts["rough_loss"] = self.rough_weight * rough_loss
-        loss = scale * sum(parts.values())
-        parts = {name: scale * value for name, value in parts.items()}
+            parts["rough_loss"] = self.rough_weight * self._rough_loss(output, target, rough_target, name, n_total)
+        terms = list(parts.values())
+        loss = terms[0]
+        for term in terms[1:]:
+            loss = loss + term
+        loss = scale * loss
+        parts = {part: scale * value for part, value in parts.items()}
         if self.balance_weight > 0:
             balance = self.balance_weight * (_metrics.load_balance_cv2(sel) if batch > 0 else sel.sum() * 0.0)
             loss = loss + balance
             parts["balance_loss"] = balance
-
-        # Tensors, not floats: no device synchronisation per step, and nothing that breaks a compiled graph.
-        info: dict[str, torch.Tensor] = {name: value.detach() for name, value in parts.items()}
-        info["loss"] = loss.detach()
-        with torch.no_grad():
-            choice = sel.detach().argmax(dim=1)
-            info["expert_losses"] = expert_terms.detach()
-            info["per_sample_losses"] = losses.detach()
-            info["wgm_load"] = (
-                wgm.load.detach() if hasattr(wgm, "load") else _metrics.expert_load(weights.argmax(dim=1), k)
-            )
-            info["load"] = _metrics.expert_load(choice, k)
-            info["label_load"] = _metrics.expert_load(label_index, k)
-            if batch == 0:  # rates over no sample
-                nan = sel.new_full((), float("nan"))
-                info["assignment_entropy"] = info["agreement"] = nan
-                if expert_outputs.dim() == 3:
-                    info["oracle_accuracy"] = info["routed_accuracy"] = nan
-            else:
-                info["assignment_entropy"] = _metrics.assignment_entropy(choice, k, normalize=True)
-                info["agreement"] = _metrics.agreement(sel.detach(), label_index)
-            if batch > 0 and expert_outputs.dim() == 3 and target.dim() == 1 and not target.is_floating_point():
-                logits = expert_outputs.detach()
-                info["oracle_accuracy"] = _metrics.oracle_accuracy(logits.float(), target)
-                chosen = logits[choice, torch.arange(batch, device=choice.device)]  # [B, C]
-                info["routed_accuracy"] = (chosen.argmax(dim=1) == target).float().mean()
+        info = _info(parts, loss, sel, expert_outputs, target, losses, expert_terms, wgm, weights, label_index)
         return loss, info
+
+
+# ---------------------------------------------------------------------- steps of CoELoss.forward
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_output(output: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(selection_logits [B, K], rough_logits [B, C] or None, expert_outputs [K, B, ...])`` of a train output."""
+    if not all(hasattr(output, a) for a in ("selection_logits", "rough_logits", "expert_outputs")):
+        raise TypeError(
+            "output must be a CoETrainOutput (the CoE's output in training mode), got "
+            f"{type(output).__name__}; did you call model.eval()?"
+        )
+    sel, rough, expert_outputs = output.selection_logits, output.rough_logits, output.expert_outputs
+    if not isinstance(sel, torch.Tensor) or sel.dim() != 2:
+        raise ValueError("output.selection_logits must be a Tensor[B, K]")
+    batch, k = sel.shape
+    if not isinstance(expert_outputs, torch.Tensor):
+        raise TypeError(f"output.expert_outputs must be a Tensor[K, B, ...], got {type(expert_outputs).__name__}")
+    if expert_outputs.dim() < 2 or expert_outputs.shape[:2] != (k, batch):
+        raise ValueError(
+            f"output.expert_outputs must have shape [K={k}, B={batch}, ...], got {tuple(expert_outputs.shape)}"
+        )
+    if rough is not None and (not isinstance(rough, torch.Tensor) or rough.dim() != 2 or rough.shape[0] != batch):
+        shape = tuple(rough.shape) if isinstance(rough, torch.Tensor) else type(rough).__name__
+        raise ValueError(f"output.rough_logits must be None or a Tensor[B={batch}, C], got {shape}")
+    return sel, rough, expert_outputs
+
+
+def _check_batch_first(name: str, target: Any, batch: int) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    if target.dim() == 0 or target.shape[0] != batch:
+        raise ValueError(
+            f"{name} must be batch-first with B={batch} (the batch of the outputs), got shape {tuple(target.shape)}"
+        )
+
+
+def _default_losses(expert_outputs: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    """Cross-entropy by the outputs' shape (class logits [K, B, C] or token logits [K, B, T, V]) -> Tensor[B, K]."""
+    k, batch = expert_outputs.shape[0], expert_outputs.shape[1]
+    if expert_outputs.dim() == 2:
+        raise ValueError(
+            "the default per_sample_loss is cross-entropy on class logits [B, C] or token logits [B, T, V], but the "
+            f"experts return one value per sample (outputs {tuple(expert_outputs.shape)}); pass per_sample_loss="
+            "(output, target) -> Tensor[B]"
+        )
+    check_range = True
+    if expert_outputs.dim() == 3:  # class logits: class indices [B] or probabilities [B, C]
+        if target.dim() >= 2 and _is_integer(target):
+            raise ValueError(
+                f"{name} has shape {tuple(target.shape)} (labels per token), but the experts return class logits "
+                f"[B, C] = {tuple(expert_outputs.shape[1:])}: per-token labels need token logits [B, T, V] (a "
+                "*ForTokenClassification or *ForSeq2SeqLM expert); sequence classification needs labels [B]"
+            )
+        check_class_targets(name, target, batch, expert_outputs.shape[2], probabilities=True)
+        check_range = False  # just checked
+    else:
+        _check_token_labels(expert_outputs[0], target, name)  # (the shapes of one expert, for the message)
+    # one call for all experts: rows (k, b) of the flattened [K * B, ...] logits
+    flat_target = target.repeat(k, *([1] * (target.dim() - 1)))
+    flat = _per_sample_cross_entropy(
+        rearrange(expert_outputs, "k b ... -> (k b) ..."),
+        flat_target,
+        ignore_index=-100,
+        shift=False,
+        name=name,
+        check_range=check_range,
+    )
+    return rearrange(flat, "(k b) -> b k", k=k)
+
+
+def _check_same_classes(rough_classes: int, expert_outputs: torch.Tensor) -> None:
+    """With one target for both, the rough head and experts returning class logits [K, B, C] need the same C."""
+    if expert_outputs.dim() != 3 or expert_outputs.shape[2] == rough_classes:
+        return
+    expert_classes = expert_outputs.shape[2]
+    raise ValueError(
+        f"the rough head predicts {rough_classes} classes but the experts return {expert_classes} values per sample, "
+        "and both are trained on the same target. Likely causes: the experts were built from a model whose "
+        "classifier a Delegator had stripped (ExpertPool.from_template(m) after Delegator(m): they return "
+        f"{expert_classes} features instead of class logits; build the experts first, or give the Delegator "
+        "copy.deepcopy(m)); or the Delegator's num_classes differs from the experts' number of classes (e.g. a "
+        "Hugging Face config's num_labels). If the rough head has its own task, pass rough_target=..."
+    )
+
+
+def _info(
+    parts: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    sel: torch.Tensor,
+    expert_outputs: torch.Tensor,
+    target: torch.Tensor,
+    losses: torch.Tensor,
+    expert_terms: torch.Tensor,
+    wgm: Any,
+    weights: torch.Tensor,
+    label_index: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The ``info`` dict of :meth:`CoELoss.forward`: detached tensors (no device synchronisation, nothing that breaks
+    a compiled graph)."""
+    batch, k = sel.shape
+    info: dict[str, torch.Tensor] = {name: value.detach() for name, value in parts.items()}
+    info["loss"] = loss.detach()
+    with torch.no_grad():
+        choice = sel.detach().argmax(dim=1)
+        info["expert_losses"] = expert_terms.detach()
+        info["per_sample_losses"] = losses.detach()
+        info["wgm_load"] = wgm.load.detach() if hasattr(wgm, "load") else _metrics.expert_load(weights.argmax(dim=1), k)
+        info["load"] = _metrics.expert_load(choice, k)
+        info["label_load"] = _metrics.expert_load(label_index, k)
+        class_labels = expert_outputs.dim() == 3 and target.dim() == 1 and _is_integer(target)
+        if batch == 0:  # rates over no sample
+            nan = sel.new_full((), float("nan"))
+            info["assignment_entropy"] = info["agreement"] = nan
+            if expert_outputs.dim() == 3:
+                info["oracle_accuracy"] = info["routed_accuracy"] = nan
+            return info
+        info["assignment_entropy"] = _metrics.assignment_entropy(choice, k, normalize=True)
+        info["agreement"] = _metrics.agreement(sel.detach(), label_index)
+        if class_labels:
+            logits = expert_outputs.detach()
+            info["oracle_accuracy"] = _metrics.oracle_accuracy(logits.float(), target)
+            chosen = logits[choice, torch.arange(batch, device=choice.device)]  # [B, C]
+            info["routed_accuracy"] = (chosen.argmax(dim=1) == target).float().mean()
+    return info
 
 
 def scalar_info(info: Mapping[str, Any]) -> dict[str, float]:

@@ -280,8 +280,8 @@ class CoE(ExitThresholdMixin, nn.Module):
         """Run the delegator on the call's inputs (those ``delegator_inputs`` selects) and check its outputs.
 
         Args:
-            *args, **kwargs: the inputs of a call of the CoE (``model.delegate(x)``, ``model.delegate(**batch)``);
-                ``labels`` are ignored.
+            *args: the positional inputs of a call of the CoE (``model.delegate(x)``).
+            **kwargs: its keyword inputs (``model.delegate(**batch)``); ``labels`` are ignored.
 
         Returns:
             :class:`~pycoe.coe.delegator.DelegatorOutput`: selection_logits Tensor[B, K], rough_logits
@@ -354,8 +354,9 @@ class CoE(ExitThresholdMixin, nn.Module):
         """Training mode: :class:`CoETrainOutput`; eval mode: :class:`CoEOutput` (see the class docstring).
 
         Args:
-            *args, **kwargs: the experts' inputs, batch-first (``model(x)``, ``model(src, tgt_in)``,
-                ``model(**batch)``); a ``labels`` keyword input is the batch's targets (no model receives it).
+            *args: the experts' positional inputs, batch-first (``model(x)``, ``model(src, tgt_in)``).
+            **kwargs: their keyword inputs (``model(**batch)``); a ``labels`` keyword input is the batch's targets
+                (no model receives it).
         """
         if self.training:
             return self.forward_train(*args, **kwargs)
@@ -384,7 +385,8 @@ class CoE(ExitThresholdMixin, nn.Module):
         """Early exit, then one expert per remaining sample, batched by expert, whatever the module's mode.
 
         Args:
-            *args, **kwargs: the experts' inputs, as for :meth:`forward` (``labels`` are dropped).
+            *args: the experts' positional inputs, as for :meth:`forward`.
+            **kwargs: their keyword inputs (``labels`` are dropped).
             exit_threshold: overrides ``self.exit_threshold`` for this call (``"default"``: use it).
 
         Returns:
