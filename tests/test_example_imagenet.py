@@ -1,4 +1,4 @@
-"""Tests of the ImageNet / Fashion-MNIST CoE example (examples/imagenet/train_coe.py).
+"""Tests of the image-classification CoE example (``python -m examples.imagenet.train_coe``).
 
 The example trains a few steps on a synthetic set, on a tiny gzip IDX dataset and on a tiny ImageFolder that
 the tests write; an interrupted and resumed run must end with exactly the parameters of an uninterrupted run.
@@ -7,21 +7,17 @@ the tests write; an interrupted and resumed run must end with exactly the parame
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "imagenet"
-sys.path.insert(0, str(EXAMPLE_DIR))
-
-import coe_data  # noqa: E402
-import coe_kmeans  # noqa: E402
-import coe_models  # noqa: E402
-import coe_report  # noqa: E402
-import train_coe  # noqa: E402
-from coe_runtime import Dist  # noqa: E402
+from examples.common import DataUnavailableError
+from examples.common.cnn import SmallCNN
+from examples.common.fashion_mnist import write_idx
+from examples.imagenet import data, figures, kmeans, models, report, train_coe
+from examples.imagenet.options import build_parser, finalize_args
+from examples.imagenet.runtime import Dist
 
 pytestmark = pytest.mark.slow
 
@@ -52,47 +48,12 @@ def _run(tmp_path: Path, name: str, *extra: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# IDX reading
+# Data and networks
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("suffix", [".gz", ""])
-def test_idx_round_trip(tmp_path, suffix):
-    t = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
-    path = tmp_path / f"x-idx3-ubyte{suffix}"
-    coe_data.write_idx(path, t)
-    assert torch.equal(coe_data.read_idx(path), t)
-
-
-def test_idx_reader_against_hand_written_bytes(tmp_path):
-    # magic 0x00000803 (uint8, 3 dims), dims 2 x 1 x 3, then 6 bytes: the format spelled out by hand
-    raw = bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6])
-    (tmp_path / "a").write_bytes(raw)
-    assert coe_data.read_idx(tmp_path / "a").tolist() == [[[1, 2, 3]], [[4, 5, 6]]]
-    # a big-endian int32 file: value 258 = 0x00000102
-    (tmp_path / "b").write_bytes(bytes([0, 0, 0x0C, 1, 0, 0, 0, 1, 0, 0, 1, 2]))
-    assert coe_data.read_idx(tmp_path / "b").tolist() == [258]
-
-
-def test_idx_reader_rejects_bad_files(tmp_path):
-    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x00")
-    with pytest.raises(ValueError, match="not an IDX file"):
-        coe_data.read_idx(tmp_path / "bad")
-    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 4, 1, 2]))
-    with pytest.raises(ValueError, match="header says 4 data bytes"):
-        coe_data.read_idx(tmp_path / "short")
-
-
-def test_missing_fashion_mnist_gives_install_hint(tmp_path, monkeypatch):
-    monkeypatch.setattr(coe_data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
-    with pytest.raises(
-        coe_data.DataUnavailableError, match="apt-get install -y --no-install-recommends dataset-fashion-mnist"
-    ):
-        coe_data.load_fashion_mnist(tmp_path / "empty", download=False)
-
-
 def test_augmentation_matches_per_sample_reference():
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (6, 2, 5, 4), dtype=torch.uint8)
-    out = coe_data.augment_crop_flip(x, 2, g)
+    out = data.augment_crop_flip(x, 2, g)
     g = torch.Generator().manual_seed(3)  # the same draws, replayed one sample at a time
     dy = torch.randint(0, 5, (6,), generator=g)
     dx = torch.randint(0, 5, (6,), generator=g)
@@ -107,7 +68,7 @@ def test_augmentation_matches_per_sample_reference():
 
 def test_validation_split_is_disjoint_from_training():
     images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1)
-    full = coe_data.InMemoryDataset(images, torch.arange(50) % 10, tuple("abcdefghij"), (0.5,), (0.5,))
+    full = data.InMemoryDataset(images, torch.arange(50) % 10, tuple("abcdefghij"), (0.5,), (0.5,))
     train, val = full.split(12, 30, seed=3)
     got_train, got_val = set(train.images.flatten().tolist()), set(val.images.flatten().tolist())
     assert len(got_train) == 30 and len(got_val) == 12 and not got_train & got_val
@@ -123,13 +84,13 @@ def test_validation_split_is_disjoint_from_training():
 def test_small_cnn_is_delegator_ready():
     from pycoe.coe.delegator import Delegator
 
-    d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10)
+    d = Delegator(SmallCNN(10, 0.25), num_experts=3, num_classes=10)
     out = d(torch.randn(2, 1, 28, 28))
     assert out.selection_logits.shape == (2, 3) and out.rough_logits.shape == (2, 10)
     with pytest.raises(ValueError, match="width"):
-        coe_models.SmallCNN(10, 0.0)
+        SmallCNN(10, 0.0)
     with pytest.raises(ValueError, match="unknown model"):
-        coe_models.build_network("no_such_net", 10)
+        models.build_network("no_such_net", 10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,18 +158,18 @@ def test_synthetic_end_to_end(tmp_path):
     assert saved["exit"]["threshold"] == s["exit"]["threshold"]
     from pycoe.coe.evaluate import predict
 
-    args = train_coe.finalize_args(train_coe.build_parser().parse_args(["--out-dir", str(out), *FAST, *SYN]))
+    args = finalize_args(build_parser().parse_args(["--out-dir", str(out), *FAST, *SYN]))
     runner = train_coe.Runner(args, Dist(), torch.device("cpu"))
     runner.build()
     runner.load()
-    coe = runner.ensure_coe()
-    batches = train_coe.eval_batches(args, runner.test_set)
+    coe = runner.nets.coe()
+    batches = data.eval_batches(args, runner.data.test)
     labels = torch.cat([y for _, y in batches])
     out_t = predict(coe, batches, exit_threshold=s["exit"]["threshold"])
     assert float((out_t.output.argmax(1) == labels).float().mean()) == pytest.approx(s["exit"]["test"]["accuracy"])
     assert float(out_t.exited.float().mean()) == pytest.approx(s["exit"]["test"]["exit_rate"])
     # the cascade exits exactly the samples the CoE exits at the same threshold (the same rough head decides)
-    same = coe_report.cascade_at_coe_threshold(s)
+    same = report.cascade_at_coe_threshold(s)
     assert same["exit_rate"] == s["exit"]["test"]["exit_rate"]
     for p_coe, p_cascade in zip(s["curves"]["coe"]["test"], s["curves"]["cascade"]["test"]):
         assert p_coe["threshold"] == p_cascade["threshold"] and p_coe["exit_rate"] == p_cascade["exit_rate"]
@@ -232,9 +193,9 @@ def test_tiny_idx_dataset(tmp_path):
         x = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
         for i in range(n):
             x[i, 2 * y[i] + 4 : 2 * y[i] + 7] = 250
-        coe_data.write_idx(root / f"{split}-images-idx3-ubyte.gz", x)
-        coe_data.write_idx(root / f"{split}-labels-idx1-ubyte.gz", y.to(torch.uint8))
-    train, test = coe_data.load_fashion_mnist(root, download=False)
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", y.to(torch.uint8))
+    train, test = data.fashion_mnist(root)
     assert train.images.shape == (160, 1, 28, 28) and test.labels.shape == (60,)
     assert train.classes[0] == "T-shirt/top"
     with pytest.raises(ValueError, match=r"--val-size must be in \[1, 159\] for 160 training images"):
@@ -282,8 +243,8 @@ def test_imagefolder_path(tmp_path):
     assert s["num_test"] == 9
     assert s["classes"] == ["n01", "n02", "n03"]
     assert len(s["coe"]["load"]) == 2
-    with pytest.raises(coe_data.DataUnavailableError, match="train/ and val/"):
-        coe_data.build_imagefolder(tmp_path / "nothing")
+    with pytest.raises(DataUnavailableError, match="train/ and val/"):
+        data.build_imagefolder(tmp_path / "nothing")
 
 
 @pytest.mark.parametrize("variant", [[], ["--pwlu", "--condconv"]], ids=["plain", "pwlu+condconv"])
@@ -328,9 +289,7 @@ def test_resume_gives_the_same_parameters(tmp_path, variant):
                 assert value == b["models"][name][key], f"{name}.{key}"
     # and training did move the parameters (so the comparison is not vacuous)
     fresh = train_coe.Runner(
-        train_coe.finalize_args(
-            train_coe.build_parser().parse_args(["--out-dir", str(tmp_path / "x"), *FAST, *common])
-        ),
+        finalize_args(build_parser().parse_args(["--out-dir", str(tmp_path / "x"), *FAST, *common])),
         Dist(),
         torch.device("cpu"),
     )
@@ -349,9 +308,7 @@ def test_resume_gives_the_same_parameters(tmp_path, variant):
         from pycoe.layers.pwlu import PWLU
 
         coe = train_coe.Runner(
-            train_coe.finalize_args(
-                train_coe.build_parser().parse_args(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume"])
-            ),
+            finalize_args(build_parser().parse_args(["--out-dir", str(tmp_path / "cut"), *FAST, *common, "--resume"])),
             Dist(),
             torch.device("cpu"),
         )
@@ -443,8 +400,7 @@ def test_imagefolder_needs_data_dir(tmp_path):
 def _ddp_rank(rank, world_size, out_dir, variant):
     import torch.distributed as dist
 
-    sys.path.insert(0, str(EXAMPLE_DIR))
-    import train_coe as tc
+    from examples.imagenet.runtime import setup_distributed
 
     argv = [
         "--out-dir",
@@ -465,10 +421,10 @@ def _ddp_rank(rank, world_size, out_dir, variant):
         "2",
         *variant,
     ]
-    args = tc.finalize_args(tc.build_parser().parse_args(argv))
+    args = finalize_args(build_parser().parse_args(argv))
     args.no_channels_last = True  # as main() does under DDP
     torch.set_num_threads(1)
-    runner = tc.Runner(args, tc.setup_distributed(torch.device("cpu")), torch.device("cpu"))
+    runner = train_coe.Runner(args, setup_distributed(torch.device("cpu")), torch.device("cpu"))
     result = runner.run()
     assert dist.is_initialized()  # the example used the existing process group and left it alone
     ckpt = torch.load(Path(out_dir) / "checkpoint.pt", weights_only=True) if rank == 0 else None
@@ -512,7 +468,7 @@ def test_balanced_kmeans_against_brute_force():
 
     g = torch.Generator().manual_seed(0)
     z = torch.cat([torch.randn(6, 2, generator=g) * 0.1, torch.randn(2, 2, generator=g) * 0.1 + 5.0])
-    centres, assign, iterations = coe_kmeans.balanced_kmeans(z, 2, torch.Generator().manual_seed(1))
+    centres, assign, iterations = kmeans.balanced_kmeans(z, 2, torch.Generator().manual_seed(1))
     assert torch.bincount(assign, minlength=2).tolist() == [4, 4]
     assert 1 <= iterations <= 30
     d2 = torch.cdist(z, centres).pow(2)
@@ -530,16 +486,14 @@ def test_balanced_kmeans_against_brute_force():
 def test_kmeans_selection_head_is_the_nearest_centroid_rule():
     from pycoe.coe.delegator import Delegator
 
-    args = train_coe.finalize_args(
-        train_coe.build_parser().parse_args(
-            ["--dataset", "synthetic", "-K", "3", "--kmeans-samples", "90", "--no-channels-last"]
-        )
+    args = finalize_args(
+        build_parser().parse_args(["--dataset", "synthetic", "-K", "3", "--kmeans-samples", "90", "--no-channels-last"])
     )
-    train, _ = coe_data.make_synthetic(num_train=120, num_test=8, image_size=12, seed=0)
+    train, _ = data.make_synthetic(num_train=120, num_test=8, image_size=12, seed=0)
     torch.manual_seed(0)
-    d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10).train()
+    d = Delegator(SmallCNN(10, 0.25), num_experts=3, num_classes=10).train()
     before = {k: v.clone() for k, v in d.state_dict().items()}
-    km = train_coe.kmeans_start(args, d, train, torch.device("cpu"))
+    km = kmeans.kmeans_start(args, d, train, torch.device("cpu"))
     assert d.training  # the modes are restored
     # only the selection head changed (BN running statistics untouched: features ran in eval mode)
     for k, v in d.state_dict().items():
@@ -547,7 +501,7 @@ def test_kmeans_selection_head_is_the_nearest_centroid_rule():
     assert len(km["indices"]) == 90 and torch.bincount(km["assignment"], minlength=3).tolist() == [30, 30, 30]
     # reference: standardise the features, compute (2 z.c - |c|^2) / T directly
     d.eval()
-    x = coe_data.TensorBatches(train, 200, False).normalize(train.images[km["indices"]])
+    x = data.TensorBatches(train, 200, False).normalize(train.images[km["indices"]])
     with torch.no_grad():
         f = d.features(x)
         z = (f - km["mean"]) / km["std"]
@@ -557,9 +511,9 @@ def test_kmeans_selection_head_is_the_nearest_centroid_rule():
     nearest = torch.cdist(z, km["centres"]).argmin(1)
     assert torch.equal(got.argmax(1), nearest)
     # deterministic given the seed
-    d2 = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=3, num_classes=10)
+    d2 = Delegator(SmallCNN(10, 0.25), num_experts=3, num_classes=10)
     d2.load_state_dict(before)
-    train_coe.kmeans_start(args, d2, train, torch.device("cpu"))
+    kmeans.kmeans_start(args, d2, train, torch.device("cpu"))
     assert torch.equal(d2.selection_head.weight, d.selection_head.weight)
 
 
@@ -592,7 +546,7 @@ def test_kmeans_selection_init_end_to_end(tmp_path):
 def test_seed_driver_aggregates_every_entry(tmp_path):
     import statistics
 
-    import run_seeds
+    from examples.imagenet import run_seeds
 
     tiny = [*FAST, "--dataset", "synthetic", "--train-subset", "96", "--test-subset", "32", "--image-size", "12"]
     tiny += ["--no-figures", "--baselines", "", "--match-flops"]
@@ -634,7 +588,7 @@ def test_figure_labels_do_not_collide():
     items = [
         {"x": x, "y": y, "text": f"0.99{i}", "color": "k", "required": i >= 4} for i, (x, y) in enumerate(zip(xs, ys))
     ]
-    placed = coe_report.place_labels(ax, items, list(zip(xs, ys)))
+    placed = figures.place_labels(ax, items, list(zip(xs, ys)))
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in placed]
     texts = [t.get_text() for t in placed]
@@ -653,7 +607,7 @@ def test_rough_temperature_fit_against_a_grid():
     g = torch.Generator().manual_seed(0)
     logits = 4.0 * torch.randn(300, 5, generator=g)  # over-confident logits: the fitted T is > 1
     labels = torch.where(torch.rand(300, generator=g) < 0.6, logits.argmax(1), torch.randint(0, 5, (300,), generator=g))
-    t, before, after = coe_models.fit_rough_temperature(logits, labels)
+    t, before, after = models.fit_rough_temperature(logits, labels)
     grid = torch.linspace(0.05, 20, 20000, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(logits.double() / s, labels) for s in grid])
     assert t == pytest.approx(float(grid[nll.argmin()]), rel=2e-3)
@@ -665,11 +619,11 @@ def test_rough_temperature_fit_against_a_grid():
 def test_scaled_rough_head_divides_the_logits_and_restores():
     from pycoe.coe.delegator import Delegator
 
-    d = Delegator(coe_models.SmallCNN(10, 0.25), num_experts=2, num_classes=10).eval()
+    d = Delegator(SmallCNN(10, 0.25), num_experts=2, num_classes=10).eval()
     x = torch.randn(3, 1, 12, 12)
     with torch.no_grad():
         before = d(x).rough_logits
-        with coe_models.scaled_rough_head(d, 2.5):
+        with models.scaled_rough_head(d, 2.5):
             scaled = d(x).rough_logits
         after = d(x).rough_logits
     assert torch.allclose(scaled, before / 2.5, atol=1e-6) and torch.equal(after, before)

@@ -2,7 +2,10 @@
 
 The modules ``engKJV2006eb`` (King James Version) and ``spaRV1909eb`` (Reina-Valera 1909), both public domain,
 come with the Debian packages ``sword-text-kjv`` and ``sword-text-sparv``. Both use the KJV versification
-(:mod:`examples.common.versification`), so verse *i* of one module aligns with verse *i* of the other.
+(:mod:`examples.common.versification`), so verse *i* of one module aligns with verse *i* of the other, with one
+exception: in a few chapters (Numbers 13 and 30, 1 Samuel 24, Job 39 to 41, Hosea 12, Jonah 2; 183 verses) the
+Reina-Valera module keeps its own verse division, so its text there runs one to five verses ahead of the KJV's
+(its Jonah 2:1 is the KJV's Jonah 1:17), and 18 of its KJV verse slots are empty. The book is right everywhere.
 
 - :func:`read_verses` gives the verses of one module with their book (name, OSIS identifier, index in the
   canonical order, genre), chapter and verse number: the input of a classification by book or genre;

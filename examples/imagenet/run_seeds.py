@@ -1,22 +1,24 @@
-#!/usr/bin/env python3
-"""Run one configuration of ``train_coe.py`` for several seeds and report every table entry as mean +- std.
+"""Run one configuration of ``train_coe`` for several seeds and report every table entry as mean +- std.
 
-Each seed runs in its own process (``train_coe.py --seed S --out-dir OUT/seedS --resume``, so an interrupted
-driver continues where each run stopped), ``--jobs`` at a time, with its log in ``OUT/seedS/log.txt``. Then
-``OUT/aggregate.md`` and ``OUT/aggregate.json`` hold, for every entry of the runs' tables
+Each seed runs in its own process (``python -m examples.imagenet.train_coe --seed S --out-dir OUT/seedS
+--resume``, so an interrupted driver continues where each run stopped), ``--jobs`` at a time, with its log in
+``OUT/seedS/log.txt``. Then ``OUT/aggregate.md`` and ``OUT/aggregate.json`` hold, for every entry of the runs' tables
 (``results.json["entries"]``), the mean, the sample standard deviation and the number of seeds, plus the paired
 differences of each seed (the ``diff:`` entries: CoE minus the FLOPs-matched single network, CoE minus the
 single network of the expert's architecture, CoE minus the cascade), each run's wall and CPU time, and the
 machine's load average sampled while the runs went.
 
-Usage (options after ``--`` go to every ``train_coe.py`` run)::
+Usage, from the repository root (options after ``--`` go to every ``train_coe`` run)::
 
-    python examples/imagenet/run_seeds.py --seeds 0,1,2 --jobs 2 --out-dir runs/seeds_default -- \\
+    python -m examples.imagenet.run_seeds --seeds 0,1,2 --jobs 2 --out-dir runs/seeds_default -- \\
         --match-flops --threads 1
-    python examples/imagenet/run_seeds.py --out-dir runs/seeds_default --aggregate-only
+    python -m examples.imagenet.run_seeds --out-dir runs/seeds_default --aggregate-only
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run the example as a module from the repository root: python -m examples.imagenet.run_seeds")
 
 import argparse
 import json
@@ -28,10 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from examples.imagenet.report import table_entries
 
-from coe_report import table_entries
+# the directory that holds the ``examples`` package: the runs import it from there
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -68,14 +70,14 @@ def run_all(args: argparse.Namespace, extra: list[str]) -> None:
     pending = list(args.seed_list)
     running: dict[int, tuple[subprocess.Popen, float, object]] = {}
     loads: dict[int, list[float]] = {}
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
             run_dir = out / f"seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / "log.txt", "a")  # noqa: SIM115 (closed when the run ends)
-            cmd = [sys.executable, str(HERE / "train_coe.py"), "--seed", str(seed), "--out-dir", str(run_dir)]
+            cmd = [sys.executable, "-m", "examples.imagenet.train_coe", "--seed", str(seed), "--out-dir", str(run_dir)]
             cmd += ["--resume", "--no-progress", *extra]
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
@@ -108,8 +110,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def aggregate(out_dir: Path, seeds: list[int] | None = None) -> dict:
     """Mean and sample standard deviation of every table entry over the seeds' ``results.json``.
 
-    The entries are recomputed from each run's stored results by :func:`coe_report.table_entries`, so runs made
-    before an entry was added aggregate with it too.
+    The entries are recomputed from each run's stored results by :func:`examples.imagenet.report.table_entries`,
+    so runs made before an entry was added aggregate with it too.
     """
     runs = {}
     for path in sorted(out_dir.glob("seed*/results.json")):

@@ -1,9 +1,12 @@
-"""Data for the CoE example: Fashion-MNIST (IDX files), a synthetic set, and ImageNet-style image folders.
+"""Data of the CoE recipe: Fashion-MNIST, a synthetic set, ImageNet-style image folders, and their batches.
 
-Fashion-MNIST and the synthetic set are held in memory as ``uint8`` tensors ``[N, C, H, W]`` and are batched,
-augmented (random crop with zero padding, horizontal flip) and normalised on tensors, a whole batch at a time,
-which is far faster on a CPU than a per-image ``DataLoader``. ImageFolder data goes through a regular
-``DataLoader`` with the usual ImageNet transforms.
+:func:`load_data` gives the run's training, validation and test sets for ``--dataset``: the validation split is
+carved out of the training data (and never trained on), the test set is the data set's own.
+
+Fashion-MNIST (read by :mod:`examples.common.fashion_mnist`) and the synthetic set are held in memory as
+``uint8`` tensors ``[N, C, H, W]`` and are batched, augmented (random crop with zero padding, horizontal flip)
+and normalised on tensors, a whole batch at a time, which is far faster on a CPU than a per-image
+``DataLoader``. ImageFolder data goes through a regular ``DataLoader`` with the usual ImageNet transforms.
 
 Every loader takes its sample order from a :class:`torch.utils.data.DistributedSampler` (with one replica when
 not distributed), whose order depends only on ``(seed, epoch)``; the augmentation draws come from a generator
@@ -15,9 +18,7 @@ Shapes: B batch, C channels, H/W height/width, N dataset size.
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,125 +26,28 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
+from examples.common import DataUnavailableError
+from examples.common.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_fashion_mnist,
+)
+from examples.imagenet.runtime import Dist
+
 __all__ = [
-    "DEBIAN_FASHION_MNIST",
-    "FASHION_MNIST_CLASSES",
-    "DataUnavailableError",
     "InMemoryDataset",
-    "TensorBatches",
-    "read_idx",
-    "write_idx",
-    "load_fashion_mnist",
+    "fashion_mnist",
     "make_synthetic",
+    "Splits",
+    "load_data",
+    "augment_crop_flip",
+    "TensorBatches",
     "build_imagefolder",
     "ImageFolderBatches",
+    "make_batches",
+    "eval_batches",
 ]
-
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-_FMNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-# IDX data-type codes (third byte of the magic number) -> (torch dtype, bytes per item)
-_IDX_TYPES = {
-    0x08: (torch.uint8, 1),
-    0x09: (torch.int8, 1),
-    0x0B: (torch.int16, 2),
-    0x0C: (torch.int32, 4),
-    0x0D: (torch.float32, 4),
-    0x0E: (torch.float64, 8),
-}
-
-
-class DataUnavailableError(RuntimeError):
-    """Raised when a dataset cannot be found locally nor downloaded."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# IDX files
-# ---------------------------------------------------------------------------------------------------------------
-def _open_maybe_gz(path: Path):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
-
-
-def read_idx(path: str | os.PathLike) -> torch.Tensor:
-    """Read an IDX file (gzip-compressed or not) into a tensor.
-
-    The IDX format: a big-endian 4-byte magic ``0x00 0x00 TYPE NDIM``, then one big-endian ``uint32`` per
-    dimension, then the data in C order (big-endian for multi-byte types).
-
-    Args:
-        path: the file; gzip is detected from its first bytes, not from its name.
-
-    Returns:
-        Tensor of the stored dtype and shape (``uint8`` ``[N, 28, 28]`` for Fashion-MNIST images).
-    """
-    path = Path(path)
-    with _open_maybe_gz(path) as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
-    type_code, ndim = raw[2], raw[3]
-    if type_code not in _IDX_TYPES:
-        raise ValueError(f"{path}: unknown IDX data type 0x{type_code:02x}")
-    dtype, itemsize = _IDX_TYPES[type_code]
-    header = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    count = 1
-    for d in dims:
-        count *= d
-    if len(raw) - header != count * itemsize:
-        raise ValueError(f"{path}: header says {count * itemsize} data bytes, file has {len(raw) - header}")
-    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
-    if itemsize > 1:  # stored big-endian: reverse the bytes of every item, then reinterpret
-        data = data.view(-1, itemsize).flip(1).reshape(-1).view(dtype)
-    else:
-        data = data.view(dtype)
-    return data.reshape(dims).clone()
-
-
-def write_idx(path: str | os.PathLike, tensor: torch.Tensor, compress: bool | None = None) -> None:
-    """Write a ``uint8`` tensor as an IDX file (gzip-compressed when the name ends in ``.gz``)."""
-    path = Path(path)
-    if tensor.dtype != torch.uint8:
-        raise TypeError(f"tensor must be uint8, got {tensor.dtype}")
-    compress = path.suffix == ".gz" if compress is None else compress
-    header = bytes([0, 0, 0x08, tensor.dim()]) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
-    payload = header + tensor.contiguous().numpy().tobytes()
-    with gzip.open(path, "wb") if compress else open(path, "wb") as f:
-        f.write(payload)
-
-
-def _find_idx(directory: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
-        if (directory / name).is_file():
-            return directory / name
-    return None
-
-
-def _read_split(directory: Path, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    images_stem, labels_stem = _FMNIST_FILES[split]
-    ip, lp = _find_idx(directory, images_stem), _find_idx(directory, labels_stem)
-    if ip is None or lp is None:
-        return None
-    images, labels = read_idx(ip), read_idx(lp)
-    if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{directory}: unexpected IDX shapes {tuple(images.shape)} and {tuple(labels.shape)}")
-    return images.unsqueeze(1), labels.long()
 
 
 @dataclass
@@ -197,52 +101,15 @@ class InMemoryDataset:
         return self.take(rest.sort().values), self.take(order[:n_val].sort().values)
 
 
-def load_fashion_mnist(
-    data_dir: str | os.PathLike | None = None, download: bool = True
-) -> tuple[InMemoryDataset, InMemoryDataset]:
-    """Load Fashion-MNIST (train, test) as uint8 tensors.
-
-    Looks, in order, at: ``data_dir`` itself (IDX files, gz or not), ``data_dir/FashionMNIST/raw`` (a
-    torchvision root), the Debian package's ``/usr/share/datasets/fashion-mnist``; then downloads with
-    torchvision into ``data_dir`` (or ``~/.cache/pycoe``) when the network allows it.
-
-    Raises:
-        DataUnavailableError: with the command that installs the Debian package.
-    """
-    candidates: list[Path] = []
-    if data_dir is not None:
-        d = Path(data_dir)
-        candidates += [d, d / "FashionMNIST" / "raw", d / "fashion-mnist"]
-    candidates.append(DEBIAN_FASHION_MNIST)
-    for d in candidates:
-        if d.is_dir():
-            train, test = _read_split(d, "train"), _read_split(d, "test")
-            if train is not None and test is not None:
-                return _fmnist(train, str(d)), _fmnist(test, str(d))
-    errors = ""
-    if download:
-        root = Path(data_dir) if data_dir is not None else Path.home() / ".cache" / "pycoe"
-        try:
-            from torchvision.datasets import FashionMNIST
-
-            tr = FashionMNIST(str(root), train=True, download=True)
-            te = FashionMNIST(str(root), train=False, download=True)
-            return (
-                _fmnist((tr.data.unsqueeze(1), tr.targets.long()), f"download:{root}"),
-                _fmnist((te.data.unsqueeze(1), te.targets.long()), f"download:{root}"),
-            )
-        except Exception as exc:  # no network, no torchvision, ...
-            errors = f" (download failed: {type(exc).__name__}: {exc})"
-    raise DataUnavailableError(
-        "Fashion-MNIST not found in " + ", ".join(str(c) for c in candidates) + errors + ".\n"
-        "Install it offline with:  apt-get install -y --no-install-recommends dataset-fashion-mnist\n"
-        "or pass --data-dir pointing at a directory with the four IDX files (or a torchvision root)."
+def fashion_mnist(data_dir: str | os.PathLike | None = None) -> tuple[InMemoryDataset, InMemoryDataset]:
+    """Fashion-MNIST's ``(train, test)`` in memory (see :func:`examples.common.fashion_mnist.load_fashion_mnist`;
+    torchvision downloads it when it is not on the machine and a network is available)."""
+    stats = ((FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,))
+    train, test = load_fashion_mnist(data_dir, download=True)
+    return (
+        InMemoryDataset(train.images, train.labels, FASHION_MNIST_CLASSES, *stats, source=train.source),
+        InMemoryDataset(test.images, test.labels, FASHION_MNIST_CLASSES, *stats, source=test.source),
     )
-
-
-def _fmnist(pair, source: str) -> InMemoryDataset:
-    images, labels = pair
-    return InMemoryDataset(images.contiguous(), labels, FASHION_MNIST_CLASSES, (0.2860,), (0.3530,), source)
 
 
 def make_synthetic(
@@ -448,3 +315,83 @@ class ImageFolderBatches(_EpochBatches):
                 generator=g,
                 persistent_workers=False,
             )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's data: splits and batches for the options of train_coe.py
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Splits:
+    """The data of one run: ``train`` (trained on), ``val`` (held out of the training data: the exit thresholds
+    are chosen on it), ``test`` (reported once); in-memory sets, or ``Subset``\\ s of ImageFolders."""
+
+    train: InMemoryDataset | torch.utils.data.Dataset
+    val: InMemoryDataset | torch.utils.data.Dataset
+    test: InMemoryDataset | torch.utils.data.Dataset
+    classes: tuple[str, ...]
+    in_channels: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_data(args) -> Splits:
+    """The splits for ``--dataset``; the validation split is a random ``--val-size`` of the training data (drawn
+    with ``--seed``), the training set ``--train-subset`` of the rest."""
+    if args.dataset == "imagefolder":
+        return _imagefolder_splits(args)
+    if args.dataset == "synthetic":
+        full, test = make_synthetic(
+            num_train=(args.train_subset or 512) + args.val_size,
+            num_test=args.test_subset or 256,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
+    else:
+        full, test = fashion_mnist(args.data_dir)
+        test = test.subset(args.test_subset, seed=args.seed + 1)
+    if not 1 <= args.val_size < len(full):
+        raise ValueError(
+            f"--val-size must be in [1, {len(full) - 1}] for {len(full)} training images, got {args.val_size}"
+        )
+    train, val = full.split(args.val_size, None if args.dataset == "synthetic" else args.train_subset, seed=args.seed)
+    return Splits(train, val, test, train.classes, train.images.shape[1])
+
+
+def _imagefolder_splits(args) -> Splits:
+    """``DIR/train`` split into training and validation images (the latter read with the evaluation transforms),
+    ``DIR/val`` as the test set. Sets ``args.val_size`` when it was left to its default (10%, at most 10,000)."""
+    if args.data_dir is None:
+        raise ValueError("--dataset imagefolder needs --data-dir DIR (with DIR/train and DIR/val)")
+    train, train_eval, test = build_imagefolder(args.data_dir, args.image_size)
+    n = len(train)
+    if args.val_size is None:
+        args.val_size = max(1, min(10000, n // 10))
+    if not 1 <= args.val_size < n:
+        raise ValueError(f"--val-size must be in [1, {n - 1}] for {n} training images, got {args.val_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
+    rest = order[args.val_size :]
+    if args.train_subset:
+        rest = rest[: args.train_subset]
+    classes = tuple(test.classes)
+    train = torch.utils.data.Subset(train, sorted(rest))
+    val = torch.utils.data.Subset(train_eval, sorted(order[: args.val_size]))
+    if args.test_subset:
+        test = torch.utils.data.Subset(test, range(min(args.test_subset, len(test))))
+    return Splits(train, val, test, classes, 3)
+
+
+def make_batches(args, dataset, train: bool, d: Dist, seed: int) -> TensorBatches | ImageFolderBatches:
+    """This process's batches of ``dataset`` (the global ``--batch-size`` split over the DDP ranks)."""
+    per_rank = max(1, args.batch_size // d.world_size)
+    if args.dataset == "imagefolder":
+        return ImageFolderBatches(dataset, per_rank, train, seed, d.world_size, d.rank, args.workers)
+    return TensorBatches(dataset, per_rank, train, seed, d.world_size, d.rank)
+
+
+def eval_batches(args, dataset) -> TensorBatches | ImageFolderBatches:
+    """A whole evaluation set, in order, on one process (the final evaluation runs on rank 0)."""
+    if args.dataset == "imagefolder":
+        return ImageFolderBatches(dataset, args.batch_size, False, 0, 1, 0, args.workers)
+    return TensorBatches(dataset, args.batch_size, False, 0, 1, 0)

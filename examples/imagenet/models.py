@@ -1,9 +1,9 @@
-"""Networks for the CoE example: a small CPU-sized CNN with a width multiplier, or torchvision models by name.
+"""Networks of the CoE recipe: experts, delegator backbones and baselines, the cascade, the rough head's temperature.
 
-The small CNN (pycoe's example architecture, not from the CoE paper) is five 3x3 conv-BN-ReLU layers
-(``c1 -> c2/2 -> c2 -> c3/2 -> c3``; ``/2`` = stride 2), global average pooling and a final ``nn.Linear``
-called ``fc``, so :class:`pycoe.coe.delegator.Delegator` finds and strips it like a torchvision ResNet's. At
-width 1 the channels are (16, 32, 64), about 11 MFLOPs per 28x28 grey image.
+A network is ``"cnn"``, the example's small CNN with a width multiplier
+(:class:`examples.common.cnn.SmallCNN`, about 11 MFLOPs per 28x28 grey image at width 1), or a torchvision
+classification model by name (``resnet18``, ``mobilenet_v3_small``, ...), optionally turned into its PWLU
+and/or CondConv variant.
 
 Shapes: B batch, C channels, H/W height/width, D feature size, N classes.
 """
@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from examples.common.cnn import SmallCNN
 from pycoe.coe.delegator import Delegator, DelegatorOutput
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.model import CoE
 from pycoe.flops import count_flops
 
 __all__ = [
-    "SmallCNN",
     "build_network",
     "apply_variants",
     "TORCHVISION_HINT",
@@ -31,6 +31,7 @@ __all__ = [
     "baseline_key",
     "new_network",
     "matched_width",
+    "Networks",
     "RoughStage",
     "make_cascade",
     "fit_rough_temperature",
@@ -38,47 +39,6 @@ __all__ = [
 ]
 
 TORCHVISION_HINT = "e.g. mobilenet_v3_small, resnet18, resnet50, efficientnet_b0, regnet_y_400mf"
-BASE_CHANNELS = (16, 32, 64)
-
-
-def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-class SmallCNN(nn.Module):
-    """Five conv-BN-ReLU layers, global average pooling, dropout and a linear classifier ``fc``.
-
-    Args:
-        num_classes: N.
-        width: channel multiplier (channels ``round(width * (16, 32, 64))``, at least 4).
-        in_channels: C of the input images (1 for Fashion-MNIST, 3 for RGB).
-        dropout: dropout before ``fc``.
-
-    Shapes:
-        input Tensor[B, C, H, W] (any H, W >= 4) -> logits Tensor[B, N].
-    """
-
-    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 1, dropout: float = 0.0):
-        super().__init__()
-        if not width > 0:
-            raise ValueError(f"width must be positive, got {width!r}")
-        c1, c2, c3 = (max(4, round(width * c)) for c in BASE_CHANNELS)
-        self.width = width
-        self.features = nn.Sequential(
-            *_conv_bn_relu(in_channels, c1, 1),
-            *_conv_bn_relu(c1, c2, 2),
-            *_conv_bn_relu(c2, c2, 1),
-            *_conv_bn_relu(c2, c3, 2),
-            *_conv_bn_relu(c3, c3, 1),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc = nn.Linear(c3, num_classes)
-        self.feature_dim = c3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.features(x)))
 
 
 def build_network(
@@ -164,6 +124,8 @@ def baseline_key(arch: str, width: float) -> str:
 
 
 def new_network(args, arch: str, width: float, num_classes: int, in_channels: int, role: str) -> nn.Module:
+    """A network of the run: ``arch`` at ``width`` with ``--dropout``, its ``--pwlu`` / ``--condconv`` variant
+    (no CondConv in the delegator) and channels-last convolution weights unless ``--no-channels-last``."""
     net = build_network(arch, num_classes, width=width, in_channels=in_channels, dropout=args.dropout)
     apply_variants(
         net, pwlu=args.pwlu, condconv=args.condconv and role != "delegator", condconv_experts=args.condconv_experts
@@ -188,6 +150,60 @@ def matched_width(args, num_classes: int, in_channels: int, target_flops: float)
         elif count_flops(net, x) > target_flops:
             break
     return best
+
+
+class Networks:
+    """The networks of one run, by name, in ``models``: ``universal`` (stage 1; its weights start the K experts),
+    ``delegator``, ``coe`` (from the end of stage 1 on; it holds the delegator), ``baseline:expert`` (the expert's
+    architecture, which continues the universal expert) and ``baseline:<key>`` (the other single networks of
+    ``--baselines`` and ``--match-flops``).
+
+    They are made in a fixed order, so that after seeding the seed alone decides their initial weights.
+
+    Attributes:
+        models: the networks by name.
+        baselines: ``{key: (arch, width)}`` of the single networks besides the expert's architecture.
+        matched_key: the key of the FLOPs-matched single network (``--match-flops``), or None.
+    """
+
+    def __init__(self, args, num_classes: int, in_channels: int, device: torch.device) -> None:
+        self.args, self.num_classes, self.in_channels, self.device = args, num_classes, in_channels, device
+        a = args
+        self.models: dict[str, nn.Module] = {}
+        self.models["universal"] = self._new(a.expert, a.expert_width, "expert").to(device)
+        backbone = self._new(a.delegator, a.delegator_width, "delegator")
+        self.models["delegator"] = Delegator(backbone, a.num_experts, num_classes).to(device)
+        self.models["baseline:expert"] = self._new(a.expert, a.expert_width, "expert").to(device)
+        self.baselines, self.matched_key = self._baseline_widths()
+        for key, (arch, w) in self.baselines.items():
+            self.models[f"baseline:{key}"] = self._new(arch, w, "expert").to(device)
+
+    def _new(self, arch: str, width: float, role: str) -> nn.Module:
+        return new_network(self.args, arch, width, self.num_classes, self.in_channels, role)
+
+    def _baseline_widths(self) -> tuple[dict[str, tuple[str, float]], str | None]:
+        """``--baselines`` as ``{key: (arch, width)}``; with ``--match-flops`` also the CNN whose FLOPs match the
+        CoE without exit (delegator + one expert), whose key is returned too."""
+        a = self.args
+        baselines = {baseline_key(arch, w): (arch, w) for arch, w in parse_baselines(a)}
+        if not (a.match_flops and a.expert == "cnn"):
+            return baselines, None
+        x = torch.zeros(2, self.in_channels, a.image_size, a.image_size, device=self.device)
+        target = (count_flops(self.models["delegator"], x) + count_flops(self.models["universal"], x)) / 2
+        w = matched_width(a, self.num_classes, self.in_channels, target)
+        baselines.setdefault(baseline_key("cnn", w), ("cnn", w))
+        return baselines, baseline_key("cnn", w)
+
+    def coe(self) -> CoE:
+        """The CoE: the delegator and K deep copies of the universal expert (made on the first call)."""
+        if "coe" not in self.models:
+            pool = ExpertPool.from_template(self.models["universal"], self.args.num_experts)
+            self.models["coe"] = CoE(self.models["delegator"], pool).to(self.device)
+        return self.models["coe"]
+
+    def baseline_arch(self, name: str) -> tuple[str, float]:
+        """``(arch, width)`` of the single network ``baseline:<name>``."""
+        return (self.args.expert, self.args.expert_width) if name == "expert" else self.baselines[name]
 
 
 class RoughStage(nn.Module):

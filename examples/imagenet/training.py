@@ -13,9 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from coe_runtime import Dist
 from torch import nn
 from tqdm.auto import tqdm
+
+from examples.imagenet.runtime import Dist
+from pycoe.coe.loss import CoELoss
+from pycoe.routing.labels import LabelGenerator
+from pycoe.routing.weighting import BalancedTransportWeighter
 
 __all__ = [
     "Phase",
@@ -23,6 +27,8 @@ __all__ = [
     "cosine_lambda",
     "make_optimizer",
     "realign_if_needed",
+    "make_criterion",
+    "step_loss",
     "train_epoch",
     "to_device",
     "accuracy",
@@ -100,6 +106,33 @@ def to_device(x: torch.Tensor, device, args) -> torch.Tensor:
     return x
 
 
+def make_criterion(args) -> CoELoss:
+    """The joint stage's loss: WGM (balanced transport) and LGM (labels from the experts' losses) in CoELoss."""
+    weighter = BalancedTransportWeighter(
+        args.num_experts, epsilon=args.epsilon, score=args.score, method=args.wgm_method, scope=args.wgm_scope
+    )
+    labeler = LabelGenerator(args.lgm, temperature=args.lgm_temperature)
+    return CoELoss(weighter, labeler, selection_weight=args.selection_weight, rough_weight=args.rough_weight)
+
+
+def step_loss(phase: Phase, wrapped: nn.Module, criterion, x: torch.Tensor, y: torch.Tensor):
+    """The loss of one batch in ``phase`` and its scalar statistics (``loss``, and ``acc`` or CoELoss's parts)."""
+    if phase.kind == "supervised":
+        logits = wrapped(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+    out = wrapped(x)
+    if phase.kind == "rough":
+        loss = F.cross_entropy(out.rough_logits, y) + 0.0 * out.selection_logits.sum()  # every param used
+        return loss, {"loss": loss.item(), "acc": (out.rough_logits.argmax(1) == y).float().mean().item()}
+    loss, info = criterion(out, y)
+    stats = {"loss": loss.item()}
+    for k, v in info.items():
+        if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
+            stats[k] = float(v)
+    return loss, stats
+
+
 def train_epoch(
     args,
     phase: Phase,
@@ -115,33 +148,13 @@ def train_epoch(
 ) -> dict:
     """One epoch of ``phase``; returns the epoch means of the loss and of the scalar statistics."""
     module.train()
-    bar = tqdm(
-        total=len(batches),
-        desc=desc,
-        disable=args.no_progress or not d.main,
-        leave=False,
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
+    show = d.main and not args.no_progress
+    bar = tqdm(total=len(batches), desc=desc, disable=not show, leave=False, dynamic_ncols=True, mininterval=1.0)
     sums: dict[str, float] = {}
     count = 0
     for x, y in batches:
         x, y = to_device(x, device, args), y.to(device, non_blocking=True)
-        if phase.kind == "supervised":
-            logits = wrapped(x)
-            loss = F.cross_entropy(logits, y)
-            stats = {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
-        elif phase.kind == "rough":
-            out = wrapped(x)
-            loss = F.cross_entropy(out.rough_logits, y) + 0.0 * out.selection_logits.sum()  # every param used
-            stats = {"loss": loss.item(), "acc": (out.rough_logits.argmax(1) == y).float().mean().item()}
-        else:
-            out = wrapped(x)
-            loss, info = criterion(out, y)
-            stats = {"loss": loss.item()}
-            for k, v in info.items():
-                if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
-                    stats[k] = float(v)
+        loss, stats = step_loss(phase, wrapped, criterion, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -149,7 +162,7 @@ def train_epoch(
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
-        if d.main and not args.no_progress:
+        if show:
             bar.set_postfix({k: f"{sums[k] / count:.3f}" for k in list(sums)[:4]}, refresh=False)
         bar.update(1)
     bar.close()

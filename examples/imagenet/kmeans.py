@@ -9,6 +9,9 @@ an affine function of ``f``, so the head is exactly a ``Linear(D, K)``. ``T`` ma
 nearest and the second-nearest centroid a logit gap of 2. The WGM's first partition is then one that the
 delegator predicts by construction and that groups similar images; WGM and LGM refine it from there.
 
+:func:`kmeans_start` is the step of the recipe: it computes the features of ``--kmeans-samples`` training images
+and sets the head.
+
 Shapes: N points, D features, K clusters (= experts).
 """
 
@@ -16,10 +19,14 @@ from __future__ import annotations
 
 import torch
 
+from examples.imagenet.data import ImageFolderBatches, TensorBatches
+from examples.imagenet.runtime import derived_seed
+from examples.imagenet.training import to_device
 from pycoe.coe.delegator import Delegator
 from pycoe.routing.transport import balanced_assignment
+from pycoe.utils import eval_mode
 
-__all__ = ["balanced_kmeans", "kmeans_selection_init"]
+__all__ = ["balanced_kmeans", "kmeans_selection_init", "kmeans_start"]
 
 
 @torch.no_grad()
@@ -96,3 +103,24 @@ def kmeans_selection_init(delegator: Delegator, features: torch.Tensor, generato
         "assignment": assign,
         "iterations": iterations,
     }
+
+
+def kmeans_start(args, delegator: Delegator, dataset, device) -> dict:
+    """``--selection-init kmeans``: the delegator's features of a seeded random subset of ``--kmeans-samples``
+    training images (un-augmented, eval mode), then :func:`kmeans_selection_init`.
+
+    Deterministic given ``--seed`` (its own generator; the global RNG is not touched), so every DDP rank
+    computes the same head. Returns the k-means result plus ``indices`` (the clustered training samples).
+    """
+    k, n = args.num_experts, len(dataset)
+    g = torch.Generator().manual_seed(derived_seed(args.seed, 7919))
+    idx = torch.randperm(n, generator=g)[: min(n, max(k, args.kmeans_samples))].sort().values
+    batches: TensorBatches | ImageFolderBatches
+    if args.dataset == "imagefolder":
+        subset = torch.utils.data.Subset(dataset, idx.tolist())
+        batches = ImageFolderBatches(subset, args.batch_size, False, 0, 1, 0, args.workers)
+    else:
+        batches = TensorBatches(dataset.take(idx), 512, False, 0, 1, 0)
+    with eval_mode(delegator):
+        feats = torch.cat([delegator.features(to_device(x, device, args)).float().cpu() for x, _ in batches])
+    return dict(kmeans_selection_init(delegator, feats, g), indices=idx)
