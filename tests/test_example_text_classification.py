@@ -255,6 +255,26 @@ def test_cascade_exits_exactly_where_the_coe_does():
         models.RoughStage(pycoe.Delegator(_tiny(8), num_experts=2))
 
 
+def test_calibration_sees_what_the_keyword_call_computes():
+    """The calibration calls the models positionally; on padded batches its no-exit and all-exit accuracies are
+    those of ``model.forward_eval(**batch)``, for the CoE and for the cascade."""
+    texts = [f"And the LORD spake unto Moses {'and Aaron ' * (i % 5)}saying" for i in range(40)]
+    tok = data.train_tokenizer(texts, vocab_size=40, max_length=64)
+    split = data.encode_split(tok, [data.LabelledVerse(t, i % 7, (0, i)) for i, t in enumerate(texts)])
+    vocab = len(tok)
+    torch.manual_seed(0)
+    delegator = models.make_delegator(_tiny(8, vocab=vocab), 2)
+    coe = pycoe.CoE(delegator, pycoe.ExpertPool([_tiny(16, vocab=vocab) for _ in range(2)]))
+    a = train.parse_args(["--smoke", "--batch-size", "16"])
+    labels = split.labels[split.order]
+    for model in (coe, models.make_cascade(delegator, _tiny(16, vocab=vocab))):
+        cal = train.calibrate(model, split, tok, a, {"delegator": 1.0, "experts": [2.0] * model.num_experts})
+        for threshold, want in ((None, cal.no_exit_accuracy), (0.0, cal.curve[0]["accuracy"])):
+            out = train.deployed(model, split, tok, a, threshold)
+            assert float((out["prediction"] == labels).double().mean()) == pytest.approx(want)
+        assert cal.curve[0]["threshold"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The whole run
 # ---------------------------------------------------------------------------------------------------------------

@@ -289,14 +289,22 @@ def deployed(model: pycoe.CoE, split: EncodedSplit, tokenizer, a, threshold: flo
     }
 
 
+def _positional(batch) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``((input_ids, attention_mask), labels)``: a BERT's first two positional inputs, and the targets."""
+    return (batch["input_ids"], batch["attention_mask"]), batch["labels"]
+
+
 def calibrate(model: pycoe.CoE, split: EncodedSplit, tokenizer, a, flops: dict) -> Any:
-    """:func:`pycoe.calibrate_exit_threshold` on ``split`` (mapping batches with ``labels``)."""
+    """:func:`pycoe.calibrate_exit_threshold` on ``split``, with the given FLOPs table (means over ``split``).
+
+    The batches are handed to the model positionally, ``model(input_ids, attention_mask)``, which for these BERTs
+    computes exactly what ``model(**batch)`` does (the delegator's features are the pooler's output, which needs
+    no mask to pool): :func:`~pycoe.calibrate_exit_threshold`'s ``unpack`` returns positional inputs in this
+    version of pycoe.
+    """
+    loader = make_loader(split, tokenizer, a.batch_size)
     return pycoe.calibrate_exit_threshold(
-        model,
-        make_loader(split, tokenizer, a.batch_size),
-        max_accuracy_drop=a.max_accuracy_drop,
-        flops=flops,
-        unpack=lambda b: ((b["input_ids"], b["attention_mask"]), b["labels"]),  # TEMPORARY until mapping batches
+        model, loader, max_accuracy_drop=a.max_accuracy_drop, flops=flops, unpack=_positional
     )
 
 
