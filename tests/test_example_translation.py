@@ -4,6 +4,7 @@ splits and a short training run with two seeds. Its Bible reader is tested in ``
 import json
 
 import pytest
+import torch
 
 from examples.translation import text, train_translation
 
@@ -104,3 +105,46 @@ def test_training_run_on_synthetic_pairs(tmp_path):
     md = (out / "results.md").read_text()
     assert "| CoE, K=2" in md and "sacreBLEU signature: nrefs:1|case:mixed" in md
     assert (out / "spm_en.model").is_file() and (out / "spm_es.model").is_file()
+
+
+@pytest.mark.slow
+def test_hugging_face_marian_experts(tmp_path):
+    """``--expert-model hf-marian``: random-init MarianMTModel experts, a CoE called with Hugging Face keyword batches
+    (labels with -100 at the padding), pycoe's default per-sample token loss, decoding with ``generate``."""
+    out = tmp_path / "run"
+    args = ["--dataset", "synthetic", "--max-pairs", "120", "--val-size", "12", "--test-size", "16", "--experts", "2"]
+    args += ["--universal-epochs", "1", "--joint-epochs", "1", "--batch-size", "32", "--d-model", "16", "--layers"]
+    args += ["1", "--seeds", "0", "--threads", "1", "--expert-model", "hf-marian", "--out-dir", str(out)]
+    results = train_translation.main(args)
+    assert results["expert_model"] == "hf-marian" and results["config"]["expert_model"] == "hf-marian"
+    (run,) = results["runs"]
+    assert sum(run["expert_load_test"]) == 16 and sum(run["expert_load_val"]) == 12
+    for key in ("bleu_single_expert_test", "bleu_coe_test", "bleu_oracle_pool_test", "bleu_coe_val"):
+        assert 0.0 <= run[key] <= 100.0
+    assert 0.0 <= run["agreement_per_joint_epoch"][0] <= 1.0
+
+
+def test_hugging_face_batch_and_loss_agree_with_the_example_loss():
+    """The Hugging Face batch's labels mark padding with -100, and CoELoss's default per-sample loss on a CoE of
+    Marian experts equals the example's own sentence loss (mean token cross-entropy over the real tokens)."""
+    import pycoe
+    from examples.translation.models import BagOfEmbeddings, marian_expert
+
+    tt = train_translation
+    torch.manual_seed(0)
+    src = text.pad_batch([[5, 6, 7], [8, 9]])
+    tgt = text.pad_batch([[10, 11], [12, 13, 14, 15]], bos=True, eos=True)
+    batch = tt.hf_batch(src, tgt[:, :-1], tgt[:, 1:])
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[10, 11, text.EOS, -100, -100], [12, 13, 14, 15, text.EOS]]
+    experts = pycoe.ExpertPool([marian_expert(20, 30, d_model=16, layers=1, ff=32) for _ in range(2)])
+    delegator = pycoe.Delegator(BagOfEmbeddings(20, 8), num_experts=2, feature_dim=8)
+    coe = pycoe.CoE(delegator, experts, delegator_inputs=["input_ids", "attention_mask"])
+    out = coe(**batch)
+    assert out.expert_outputs.shape == (2, 2, 5, 30) and torch.equal(out.labels, batch["labels"])
+    criterion = pycoe.CoELoss(pycoe.BalancedTransportWeighter(2), pycoe.LabelGenerator(), rough_weight=0.0)
+    want = torch.stack([tt.sentence_loss(out.expert_outputs[k], tgt[:, 1:]) for k in range(2)], dim=1)
+    torch.testing.assert_close(criterion.per_sample_losses(out.expert_outputs, out.labels), want)
+    loss, _ = criterion(out)
+    loss.backward()
+    assert all(p.grad is not None for p in experts[0].parameters() if p.requires_grad)

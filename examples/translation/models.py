@@ -1,4 +1,5 @@
-"""The translation example's networks: a small Transformer expert and a bag-of-embeddings delegator backbone.
+"""The translation example's networks: a small Transformer expert (or a Hugging Face ``MarianMTModel``) and a
+bag-of-embeddings delegator backbone.
 
 Legend: b batch, s source length, t target length, d model width, v vocabulary.
 """
@@ -90,7 +91,11 @@ class Seq2SeqTransformer(nn.Module):
 
 
 class BagOfEmbeddings(nn.Module):
-    """The delegator's backbone: mean of the source token embeddings, then an MLP: [b, s] -> [b, d]."""
+    """The delegator's backbone: mean of the source token embeddings, then an MLP: [b, s] -> [b, d].
+
+    ``forward(input_ids, attention_mask=None)``: called with the source positionally, or with the keyword inputs
+    of a Hugging Face batch; padding is the ``PAD`` id, or ``attention_mask == 0`` when a mask is given.
+    """
 
     def __init__(self, vocab: int, d_model: int = 64):
         super().__init__()
@@ -98,7 +103,47 @@ class BagOfEmbeddings(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU())
         self.out_features = d_model
 
-    def forward(self, src: torch.Tensor) -> torch.Tensor:
-        keep = (src != PAD).unsqueeze(-1).float()
-        mean = (self.embed(src) * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        keep = (input_ids != PAD) if attention_mask is None else attention_mask != 0
+        weight = keep.unsqueeze(-1).float()
+        mean = (self.embed(input_ids) * weight).sum(1) / weight.sum(1).clamp_min(1.0)
         return self.mlp(mean)
+
+
+def marian_expert(
+    src_vocab: int, tgt_vocab: int, d_model: int = 128, layers: int = 2, heads: int = 4, ff: int = 256
+) -> nn.Module:
+    """A small random-init Hugging Face ``MarianMTModel`` (``transformers``' initialisation of a ``MarianConfig``;
+    no download): its own source and target vocabularies (``share_encoder_decoder_embeddings=False``), the
+    example's special ids (``PAD``, ``BOS`` as the decoder's start, ``EOS``), ``layers`` encoder and decoder layers.
+    Called ``model(input_ids=..., attention_mask=..., decoder_input_ids=...)``, it returns ``logits [b, t, v]``."""
+    from transformers import MarianConfig, MarianMTModel
+
+    config = MarianConfig(
+        vocab_size=src_vocab,
+        decoder_vocab_size=tgt_vocab,
+        share_encoder_decoder_embeddings=False,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ff,
+        decoder_ffn_dim=ff,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        decoder_start_token_id=BOS,
+        forced_eos_token_id=None,
+    )
+    return MarianMTModel(config)
+
+
+@torch.no_grad()
+def hf_greedy(model: nn.Module, src: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Greedy decoding with a Hugging Face seq2seq model's ``generate``: LongTensor[b, <= max_len] (without BOS)."""
+    out = model.generate(  # type: ignore[operator]
+        input_ids=src, attention_mask=(src != PAD).long(), max_new_tokens=max_len, do_sample=False, num_beams=1
+    )
+    return out[:, 1:]  # the decoder's start token

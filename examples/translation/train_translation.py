@@ -5,6 +5,13 @@ expert is a small encoder-decoder Transformer, the per-sample loss is the mean t
 sentence, and the delegator reads the source sentence (a bag of embeddings) to pick one expert per sentence.
 Translation has no rough prediction, so the delegator has no rough head and there is no early exit.
 
+``--expert-model hf-marian`` makes the experts random-init Hugging Face ``MarianMTModel``s of the same size
+(no download): the CoE is then called the Hugging Face way, ``coe(input_ids=..., attention_mask=...,
+decoder_input_ids=..., labels=...)`` with padding labelled ``-100``, the delegator reads the source's
+``input_ids`` and ``attention_mask`` only (``delegator_inputs``), :class:`pycoe.CoELoss` scores each sentence
+with pycoe's per-sample token cross-entropy (its default for token logits ``[B, T, V]``), and the experts
+decode with ``generate``.
+
 Stages (pycoe's recipe, not a confirmed reproduction of the CoE paper's translation experiment, whose
 dataset, model and schedule are not public):
 
@@ -44,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import pycoe
-from examples.translation.models import BagOfEmbeddings, Seq2SeqTransformer
+from examples.translation.models import BagOfEmbeddings, Seq2SeqTransformer, hf_greedy, marian_expert
 from examples.translation.text import PAD, SubwordTokenizer, bleu, pad_batch
 
 
@@ -64,6 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--vocab-size", type=int, default=2000, help="sentencepiece vocabulary per language (an upper bound)"
     )
     p.add_argument("--experts", type=int, default=4)
+    p.add_argument(
+        "--expert-model",
+        choices=["transformer", "hf-marian"],
+        default="transformer",
+        help="the experts: the example's own Transformer, or a random-init Hugging Face MarianMTModel of the same "
+        "size, which the CoE then calls model(input_ids=..., attention_mask=..., decoder_input_ids=..., labels=...)",
+    )
     p.add_argument("--universal-epochs", type=int, default=6)
     p.add_argument("--joint-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
@@ -130,6 +144,34 @@ def batches(data, batch_size: int, generator: torch.Generator, shuffle: bool = T
         yield src, tgt[:, :-1], tgt[:, 1:]
 
 
+def hf_batch(src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The keyword batch of a Hugging Face seq2seq model: ``input_ids``, ``attention_mask``, ``decoder_input_ids``
+    and (given ``tgt_out``) ``labels``, with Hugging Face's ``-100`` where the target is padding."""
+    batch = {"input_ids": src, "attention_mask": (src != PAD).long(), "decoder_input_ids": tgt_in}
+    if tgt_out is not None:
+        batch["labels"] = tgt_out.masked_fill(tgt_out == PAD, -100)
+    return batch
+
+
+def expert_logits(model, src: torch.Tensor, tgt_in: torch.Tensor, args) -> torch.Tensor:
+    """An expert's token logits [B, T, V], however it is called."""
+    if args.expert_model == "transformer":
+        return model(src, tgt_in)
+    return model(**hf_batch(src, tgt_in)).logits
+
+
+def new_expert(src_vocab: int, tgt_vocab: int, args):
+    if args.expert_model == "transformer":
+        return Seq2SeqTransformer(src_vocab, tgt_vocab, args.d_model, layers=args.layers)
+    return marian_expert(src_vocab, tgt_vocab, args.d_model, layers=args.layers, ff=2 * args.d_model)
+
+
+def greedy(model, src: torch.Tensor, max_len: int, args) -> torch.Tensor:
+    if args.expert_model == "transformer":
+        return model.greedy(src, max_len=max_len)
+    return hf_greedy(model, src, max_len)
+
+
 def sentence_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sentence mean token cross-entropy: logits [B, T, V], target [B, T] -> [B]."""
     tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=PAD, reduction="none")
@@ -143,7 +185,7 @@ def train_universal(model, data, args, epochs, gen, label):
     for epoch in range(epochs):
         total, n = 0.0, 0
         for src, tgt_in, tgt_out in batches(data, args.batch_size, gen):
-            loss = sentence_loss(model(src, tgt_in), tgt_out).mean()
+            loss = sentence_loss(expert_logits(model, src, tgt_in, args), tgt_out).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -160,8 +202,12 @@ def train_joint(coe, criterion, data, args, gen) -> list[float]:
     for epoch in range(args.joint_epochs):
         total, n, agree = 0.0, 0, 0.0
         for src, tgt_in, tgt_out in batches(data, args.batch_size, gen):
-            out = coe(src, tgt_in)  # train mode: selection logits + every expert's [K, B, T, V] output
-            loss, info = criterion(out, tgt_out)
+            if args.expert_model == "transformer":
+                out = coe(src, tgt_in)  # train mode: selection logits + every expert's [K, B, T, V] output
+                loss, info = criterion(out, tgt_out)
+            else:  # the Hugging Face way: the labels come back on the output, pycoe's token loss by default
+                out = coe(**hf_batch(src, tgt_in, tgt_out))
+                loss, info = criterion(out)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -191,7 +237,7 @@ def translate(models, route, data, tgt_tok: SubwordTokenizer, args) -> tuple[lis
         out: list[str] = [""] * len(src)
         for k in idx.unique().tolist():
             rows = (idx == k).nonzero().flatten()
-            dec = models[k].greedy(src[rows], max_len=2 * src.shape[1] + 10)
+            dec = greedy(models[k], src[rows], 2 * src.shape[1] + 10, args)
             for r, d in zip(rows.tolist(), dec.tolist()):
                 out[r] = tgt_tok.decode(d)
             used[k] += len(rows)
@@ -205,17 +251,19 @@ def run_seed(seed: int, args, train_ids, val_ids, test_ids, refs, src_vocab: int
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     # Stage 1: the universal expert.
-    universal = Seq2SeqTransformer(src_vocab, len(tgt_tok), args.d_model, layers=args.layers)
+    universal = new_expert(src_vocab, len(tgt_tok), args)
     train_universal(universal, train_ids, args, args.universal_epochs, gen, "universal")
 
     # Stage 2: K copies; stage 3: joint WGM + LGM training with a delegator.
     experts = pycoe.ExpertPool.from_template(universal, args.experts, init="copy")
     delegator = pycoe.Delegator(BagOfEmbeddings(src_vocab), num_experts=args.experts, feature_dim=64)
-    coe = pycoe.CoE(delegator, experts, delegator_inputs=[0])  # the delegator reads the source only
+    hf = args.expert_model != "transformer"
+    # the delegator reads the source only: input 0 of model(src, tgt_in), or the source's keyword inputs
+    coe = pycoe.CoE(delegator, experts, delegator_inputs=["input_ids", "attention_mask"] if hf else [0])
     criterion = pycoe.CoELoss(
         pycoe.BalancedTransportWeighter(args.experts, epsilon=args.epsilon),
         pycoe.LabelGenerator(mode=args.lgm),
-        per_sample_loss=sentence_loss,
+        per_sample_loss=None if hf else sentence_loss,  # None: pycoe's per-sample token cross-entropy (-100 ignored)
         rough_weight=0.0,
     )
     agreements = train_joint(coe, criterion, train_ids, args, gen)
@@ -227,13 +275,14 @@ def run_seed(seed: int, args, train_ids, val_ids, test_ids, refs, src_vocab: int
     members = list(coe.experts)
 
     def route_coe(src, tgt_in, tgt_out):
-        return coe.delegator(src).selection_logits.argmax(1)
+        d = coe.delegate(**hf_batch(src, tgt_in)) if hf else coe.delegate(src, tgt_in)
+        return d.selection_logits.argmax(1)
 
     def route_single(src, tgt_in, tgt_out):
         return torch.zeros(len(src), dtype=torch.long)
 
     def route_oracle(src, tgt_in, tgt_out):
-        losses = torch.stack([sentence_loss(e(src, tgt_in), tgt_out) for e in members], dim=1)
+        losses = torch.stack([sentence_loss(expert_logits(e, src, tgt_in, args), tgt_out) for e in members], dim=1)
         return losses.argmin(1)
 
     result: dict = {"seed": seed}
@@ -310,6 +359,7 @@ def main(argv=None) -> dict:
         "pairs": {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)},
         "vocab": {"en": len(src_tok), "es": len(tgt_tok)},
         "experts": args.experts,
+        "expert_model": args.expert_model,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "bleu_signature": signature,
         "runs": runs,
