@@ -445,3 +445,45 @@ def test_the_root_api_is_small():
     subpackages = {"basisnet", "coe", "cotrain", "functional", "layers", "routing", "twostage"}
     utilities = {"checkpoint", "distributed", "export", "flops", "utils"}
     assert modules == subpackages | utilities
+
+
+# ---------------------------------------------------------------------------------------------- function size
+
+
+def _code_lines(lines: list[str], node: ast.AST) -> int:
+    """Lines of ``node`` that hold code: blank lines, comments and docstrings (its own and its nested
+    functions' and classes') are not counted."""
+    docstrings: set[int] = set()
+    for inner in ast.walk(node):
+        body = getattr(inner, "body", None)
+        if (
+            isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return sum(
+        1
+        for i in range(node.lineno, node.end_lineno + 1)
+        if i not in docstrings and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#")
+    )
+
+
+def test_no_library_function_is_longer_than_80_lines_of_code():
+    """Functions read as their steps: at most 80 lines of code each (docstrings, comments and blank lines aside)."""
+    too_long = []
+    for path in sorted((ROOT / "pycoe").rglob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(lines, node) > 80:
+                too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({_code_lines(lines, node)})")
+    assert not too_long, too_long
+
+
+def test_the_function_size_count_skips_docstrings_and_comments():
+    source = 'def f(x):\n    """Doc.\n\n    More.\n    """\n    # a comment\n\n    y = x\n    return y\n'
+    node = ast.parse(source).body[0]
+    assert _code_lines(source.splitlines(), node) == 3  # def, y = x, return y
