@@ -1,4 +1,4 @@
-"""The README's quickstart code block runs as written."""
+"""The README's code blocks run as written."""
 
 import re
 from pathlib import Path
@@ -12,8 +12,10 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_has_one_quickstart_block():
-    assert len(_python_blocks()) == 1
+def test_readme_has_the_quickstart_and_the_hugging_face_blocks():
+    blocks = _python_blocks()
+    assert len(blocks) == 2
+    assert "torchvision" in blocks[0] and "transformers" in blocks[1]
 
 
 def test_readme_quickstart_runs(capsys):
@@ -23,6 +25,20 @@ def test_readme_quickstart_runs(capsys):
     assert pred.output.shape == (8, 10)
     assert pred.expert_index.shape == (8,)
     assert "torch.Size([8, 10])" in capsys.readouterr().out
+
+
+def test_readme_hugging_face_block_runs(capsys):
+    namespace: dict = {}
+    exec(compile(_python_blocks()[1], str(README), "exec"), namespace)
+    assert namespace["loss"].dim() == 0 and namespace["info"]["load"].sum() == 8
+    assert all(p.grad is not None for p in namespace["model"].delegator.selection_head.parameters())
+    assert "torch.Size([8, 7])" in capsys.readouterr().out
+
+
+def test_readme_hugging_face_section_names_the_extra_it_needs():
+    text = README.read_text()
+    section = text[text.index("## Hugging Face models") :]
+    assert "`transformers` extra" in section[: section.index("```python")]
 
 
 def test_readme_commands_are_two_one_liners():
