@@ -20,9 +20,9 @@ from pycoe.basisnet import (
     basis_dropout,
     basisnet_loss,
 )
-from pycoe.coe.delegator import Delegator
 from pycoe.flops import count_flops, flops_per_sample
 from pycoe.layers.condconv import CondConv2d
+from pycoe.twostage.delegator import Delegator
 
 DT = torch.float64
 

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from pycoe.basisnet import BasisNet, BasisSpecialist, basis_coefficients, basis_dropout, basisnet_loss
-from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss
 from pycoe.coe.model import CoE, CoETrainOutput
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.twostage.delegator import Delegator
 from pycoe.twostage.evaluate import predict, threshold_sweep
 from pycoe.twostage.rule import exit_mask, rough_confidence
 

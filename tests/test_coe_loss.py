@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from reference.coe import wgm_weights
 from torch import nn
 
-from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss, scalar_info
 from pycoe.coe.model import CoE, CoETrainOutput
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.metrics import load_balance_cv2
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.twostage.delegator import Delegator
 
 D_IN, C = 10, 4
 

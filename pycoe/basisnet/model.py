@@ -8,7 +8,7 @@ combination coefficients; they control the synthesis of a specialist model from 
 final prediction; both stages are trained jointly; inference terminates early when the lightweight model's own
 prediction is confident enough. **pycoe's formulation** (not confirmed from the paper's text): the coefficients
 are ``normalize(logits / temperature)`` with a softmax by default, the lightweight model is a
-:class:`~pycoe.coe.delegator.Delegator` (its selection head with K = N gives the coefficient logits, its rough
+:class:`~pycoe.twostage.delegator.Delegator` (its selection head with K = N gives the coefficient logits, its rough
 head the rough prediction), one coefficient vector per sample is shared by every basis layer, early exit fires
 when the rough prediction's maximum softmax probability reaches ``exit_threshold`` (the same rule as
 :class:`~pycoe.coe.model.CoE`), and basis dropout is the optional regulariser described below.
@@ -39,9 +39,9 @@ from pycoe._validation import (
     check_tensor,
 )
 from pycoe.basisnet.specialist import BasisSpecialist
-from pycoe.coe.delegator import Delegator  # the first stage BasisNet shares with CoE
 from pycoe.flops import count_flops
 from pycoe.functional import COEFFICIENT_NORMALIZATIONS, mixture_coefficients
+from pycoe.twostage.delegator import Delegator  # the first stage BasisNet shares with CoE
 from pycoe.twostage.model import FirstStage, TwoStageModel
 
 __all__ = [
@@ -200,7 +200,7 @@ class BasisNet(TwoStageModel, nn.Module):
       and :func:`~pycoe.twostage.calibrate.calibrate_exit_threshold` take it.
 
     Args:
-        lightweight: a :class:`~pycoe.coe.delegator.Delegator` built with ``num_experts=num_bases`` (used as is),
+        lightweight: a :class:`~pycoe.twostage.delegator.Delegator` built with ``num_experts=num_bases`` (used as is),
             or any backbone, which is wrapped as ``Delegator(lightweight, num_experts=num_bases,
             num_classes=num_classes)`` (its classifier stripped in place; see the Delegator for the options, and
             build one yourself to use them). The Delegator's zero-initialised selection head gives uniform

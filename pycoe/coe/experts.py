@@ -24,7 +24,7 @@ from torch import nn
 from .._inputs import batch_size, batched_names, map_batched
 from .._modules import explain_call_error, traceable
 from .._validation import check_choice, check_expert_index, check_positive_int
-from .delegator import STRIPPED_MARK, is_timm_model
+from ..twostage.delegator import STRIPPED_MARK, is_timm_model
 
 __all__ = ["ExpertPool"]
 
@@ -361,7 +361,7 @@ class ExpertPool(nn.Module):
 
 # ---------------------------------------------------------------------- helpers
 def _check_not_stripped(name: str, model: nn.Module) -> None:
-    """Refuse a model whose classifier a :class:`~pycoe.coe.delegator.Delegator` stripped (it returns features)."""
+    """Refuse a model whose classifier a :class:`~pycoe.twostage.delegator.Delegator` stripped (it returns features)."""
     for module in model.modules():
         path = getattr(module, STRIPPED_MARK, None)
         if isinstance(path, str):

@@ -1,10 +1,13 @@
-"""The CoE delegator: a backbone with an expert-selection head and a rough-prediction head.
+"""The delegator: a backbone with an expert-selection head and a rough-prediction head, the first stage that CoE and
+BasisNet share.
 
 Collaboration of Experts (Zhang, Chen and Zhong, "Collaboration of Experts: Achieving 80% Top-1 Accuracy on
 ImageNet with 100M FLOPs", ICML 2022, arXiv:2107.03815) routes each sample to one of K expert networks. A small
 *delegator* chooses the expert and, at the same time, outputs a rough class prediction that can end inference
 early (both outputs are stated in the paper's abstract). How the two outputs are produced is not public:
 :class:`Delegator` implements pycoe's formulation, a shared backbone followed by two linear heads.
+BasisNet's lightweight model is the same module: its selection head gives the coefficient logits (K = N bases),
+its rough head the early-exit prediction.
 
 The backbone may be a torchvision, timm or Hugging Face model, or any module; its output may be a tensor, a tuple
 or a mapping (a Hugging Face ``ModelOutput``), from which the features are taken by the rule of
@@ -69,9 +72,9 @@ class DelegatorOutput:
     rough_logits: torch.Tensor | None = None
 
 
-torch.export.register_dataclass(
-    DelegatorOutput, serialized_type_name="pycoe.coe.DelegatorOutput"
-)  # exported models return it too
+# Exported models return it too. The serialized name is the one programs were saved with before the class moved
+# here from pycoe.coe, so that those still load.
+torch.export.register_dataclass(DelegatorOutput, serialized_type_name="pycoe.coe.DelegatorOutput")
 
 
 @dataclass
