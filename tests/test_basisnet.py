@@ -601,9 +601,9 @@ def test_bad_basisnet_construction():
             _net(basis_dropout=p)
     with pytest.raises(ValueError, match="p must be"):
         basis_dropout(torch.rand(2, 3), 1.0)
-    with pytest.raises(ValueError, match="preview_size"):
+    with pytest.raises(ValueError, match="preview_size must be >= 1"):
         _net(preview_size=(0, 4))
-    with pytest.raises(ValueError, match="preview_size"):
+    with pytest.raises(TypeError, match="preview_size must be an int or a pair of ints"):
         _net(preview_size=(4, 4, 4))
     with pytest.raises(ValueError, match="num_bases=3"):
         BasisNet(_tiny(width=4), BasisSpecialist(_tiny(), 2), 3, 5)

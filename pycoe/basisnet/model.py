@@ -32,6 +32,8 @@ from pycoe._validation import (
     check_choice,
     check_class_targets,
     check_generator,
+    check_int_pair,
+    check_module,
     check_nonnegative_float,
     check_positive_float,
     check_positive_int,
@@ -166,20 +168,6 @@ torch.export.register_dataclass(
 )  # exported models return it too
 
 
-def _size_pair(value: Any) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    ):
-        return int(value[0]), int(value[1])
-    raise ValueError(f"preview_size must be None, a positive int or a pair of positive ints, got {value!r}")
-
-
 class BasisNet(TwoStageModel, nn.Module):
     """BasisNet: the lightweight model's coefficients synthesise the specialist; confident samples exit early.
 
@@ -256,11 +244,9 @@ class BasisNet(TwoStageModel, nn.Module):
         if p == 1.0:
             raise ValueError("basis_dropout must be in [0, 1), got 1.0 (it would drop every basis)")
         self.basis_dropout = p
-        self.preview_size = _size_pair(preview_size)
-        if not isinstance(lightweight, nn.Module):
-            raise TypeError(f"lightweight must be an nn.Module, got {type(lightweight).__name__}")
-        if not isinstance(specialist, nn.Module):
-            raise TypeError(f"specialist must be an nn.Module, got {type(specialist).__name__}")
+        self.preview_size = None if preview_size is None else check_int_pair("preview_size", preview_size, minimum=1)
+        check_module("lightweight", lightweight)
+        check_module("specialist", specialist)
 
         if isinstance(specialist, BasisSpecialist):
             if specialist.num_bases != num_bases:
@@ -313,8 +299,7 @@ class BasisNet(TwoStageModel, nn.Module):
         Returns:
             ``(coefficients Tensor[B, N], coefficient_logits Tensor[B, N], rough_logits Tensor[B, C] or None)``.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise TypeError(f"x must be a batch-first torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x, batch_first=True)
         small = x
         if self.preview_size is not None:
             if x.dim() != 4:

@@ -39,6 +39,7 @@ from pycoe._modules import replace_modules
 from pycoe._validation import (
     check_choice,
     check_generator,
+    check_module,
     check_nonnegative_float,
     check_positive_int,
     check_tensor,
@@ -124,8 +125,7 @@ class BasisSpecialist(nn.Module):
         strategy: str = "auto",
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module("model", model)
         num_bases = check_positive_int("num_bases", num_bases)
         check_nonnegative_float("init_noise", init_noise)
         check_choice("strategy", strategy, MIXTURE_STRATEGIES)
@@ -179,8 +179,7 @@ class BasisSpecialist(nn.Module):
             bank.add_(noise * (scale * std))
 
     def _check_coefficients(self, x: Any, coefficients: Any, layers: list[CondConv2d]) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise TypeError(f"x must be a batch-first torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x, batch_first=True)
         check_tensor("coefficients", coefficients, ndim=2, floating=True)
         if coefficients.shape != (x.shape[0], self.num_bases):
             raise ValueError(

@@ -319,7 +319,7 @@ class CoELoss(nn.Module):
         sel, rough, expert_outputs = _check_output(output)
         target, name = self._target(output, target)
         batch, k = sel.shape
-        _check_batch_first(name, target, batch)
+        check_tensor(name, target, batch=batch)  # B: the batch of the outputs
         losses = self.per_sample_losses(expert_outputs, target, name)  # [B, K]
         synchronised = self._synchronised()
         if batch == 0 and not synchronised:
@@ -377,15 +377,6 @@ def _check_output(output: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch
         shape = tuple(rough.shape) if isinstance(rough, torch.Tensor) else type(rough).__name__
         raise ValueError(f"output.rough_logits must be None or a Tensor[B={batch}, C], got {shape}")
     return sel, rough, expert_outputs
-
-
-def _check_batch_first(name: str, target: Any, batch: int) -> None:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
-    if target.dim() == 0 or target.shape[0] != batch:
-        raise ValueError(
-            f"{name} must be batch-first with B={batch} (the batch of the outputs), got shape {tuple(target.shape)}"
-        )
 
 
 def _default_losses(expert_outputs: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:

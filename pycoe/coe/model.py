@@ -27,6 +27,7 @@ from .._inputs import (
     split_labels,
 )
 from .._modules import check_same_dtype_and_device, explain_call_error
+from .._validation import check_module
 from ..flops import count_flops
 from ..twostage.delegator import DelegatorOutput
 from ..twostage.model import FirstStage, TwoStageModel
@@ -228,8 +229,7 @@ class CoE(TwoStageModel, nn.Module):
         delegator_inputs: Sequence[int | str] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(delegator, nn.Module):
-            raise TypeError(f"delegator must be an nn.Module, got {type(delegator).__name__}")
+        check_module("delegator", delegator)
         if not isinstance(experts, ExpertPool):
             experts = ExpertPool(experts)
         k_delegator = getattr(delegator, "num_experts", None)
