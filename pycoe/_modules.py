@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pycoe._inputs import UnexpectedInputError, explain_unexpected_keyword
+from pycoe._validation import check_module
 
 __all__ = [
     "replace_modules",
@@ -189,8 +190,7 @@ def replace_modules(
     A replaced module's children are not visited. Modules shared under several names are replaced
     at every name by the same new module, so sharing is preserved.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     replaced: list[str] = []
     memo: dict[int, nn.Module] = {}
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
@@ -55,6 +56,7 @@ __all__ = [
     "check_dtype",
     "check_device",
     "check_generator",
+    "check_path",
     "check_finite",
     "check_data",
     "check_expert_index",
@@ -325,6 +327,19 @@ def check_generator(name: str, value: Any) -> torch.Generator | None:
     return value
 
 
+def check_path(name: str, value: Any, *, what: str = "a file") -> str:
+    """Return a file path (a ``str`` or ``os.PathLike``) as a ``str``, or raise: ``TypeError`` for another type,
+    ``ValueError`` for an empty path. ``what`` says which file, e.g. ``"the .onnx file to write"``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{name} must be a str or os.PathLike ({what}), got {describe(value)}")
+    path = os.fspath(value)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ValueError(f"{name} must name {what}, got an empty string")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tensors
 
@@ -336,10 +351,13 @@ def check_tensor(
     ndim: int | Sequence[int] | None = None,
     floating: bool = False,
     shape: Sequence[int | None] | None = None,
+    batch_first: bool = False,
+    batch: int | None = None,
 ) -> torch.Tensor:
     """Check that ``value`` is a tensor of the expected rank, shape and kind, and return it.
 
-    ``shape`` may hold ``None`` for a free dimension.
+    ``shape`` may hold ``None`` for a free dimension. ``batch_first`` asks for a batch dimension (dim 0; a 0-d
+    tensor is refused), ``batch`` for a batch dimension of that size.
     """
     if not isinstance(value, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {describe(value)}")
@@ -352,6 +370,9 @@ def check_tensor(
         if value.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, value.shape)):
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
+    if (batch_first or batch is not None) and (value.dim() == 0 or (batch is not None and value.shape[0] != batch)):
+        size = "" if batch is None else f" with B={batch}"
+        raise ValueError(f"{name} must be batch-first{size}, got shape {tuple(value.shape)}")
     if floating and not value.is_floating_point():
         raise ArgumentTypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     return value
@@ -416,8 +437,7 @@ def check_class_targets(
     """
     if not isinstance(target, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor of class indices, got {describe(target)}")
-    if target.dim() == 0 or target.shape[0] != batch:
-        raise ValueError(f"{name} must be batch-first with B={batch}, got shape {tuple(target.shape)}")
+    check_tensor(name, target, batch=batch)
     if target.is_floating_point() or target.is_complex():
         if probabilities and target.is_floating_point() and tuple(target.shape) == (batch, num_classes):
             return target

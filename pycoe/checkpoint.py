@@ -22,20 +22,11 @@ from typing import Any
 
 import torch
 
+from pycoe._validation import check_bool, check_path
+
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-
-
-def _check_path(path: Any) -> str:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = os.fspath(path)
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if not path:
-        raise ValueError("path must not be empty")
-    return path
 
 
 def _fsync_directory(directory: str) -> None:
@@ -72,7 +63,8 @@ def save_checkpoint(obj: dict, path: str | os.PathLike, *, verify: bool = True) 
         FileNotFoundError: the directory of ``path`` does not exist.
         ValueError: ``verify`` found types that ``weights_only`` loading would reject.
     """
-    path = _check_path(path)
+    path = check_path("path", path, what="the checkpoint file")
+    check_bool("verify", verify)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save a checkpoint to {path!r}: directory {directory!r} does not exist")
@@ -124,7 +116,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         pickle.UnpicklingError: a genuine torch checkpoint that refers to types ``weights_only`` loading
             rejects (the message names them).
     """
-    path = _check_path(path)
+    path = check_path("path", path, what="the checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
     if os.path.getsize(path) == 0:

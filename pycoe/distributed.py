@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from pycoe._validation import check_tensor
+from pycoe._validation import check_choice, check_tensor
 
 __all__ = [
     "is_distributed",
@@ -119,8 +119,7 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group: Any = None) -> torc
         group: process group (default: the world).
     """
     check_tensor("tensor", tensor)
-    if op not in _REDUCE_OPS:
-        raise ValueError(f"op must be one of {', '.join(repr(o) for o in _REDUCE_OPS)}, got {op!r}")
+    check_choice("op", op, _REDUCE_OPS)
     if is_distributed():
         reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
         dist.all_reduce(tensor, op=reduce_op, group=group)

@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from pycoe._batchnorm_folding import BATCH_NORMS, BatchNormAffine, foldable_pairs, output_mismatch
 from pycoe._modules import replace_modules, traceable_paths
-from pycoe._validation import check_bool, check_positive_int
+from pycoe._validation import check_bool, check_module, check_path, check_positive_int
 
 __all__ = ["ExportError", "prepare_for_export", "export", "to_onnx", "output_names", "compile_inference", "MIN_OPSET"]
 
@@ -81,8 +81,7 @@ def _check_eval(model: nn.Module) -> None:
             "torch.export.save, write ONNX with torch.onnx.export(program, f=..., dynamo=True); to export again, "
             "pass the original eager model"
         )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if isinstance(model, torch.fx.GraphModule) and hasattr(model, "_in_spec"):
         raise TypeError(
             "model is the module of an exported program (ExportedProgram.module()), which is exported already and "
@@ -516,11 +515,7 @@ def _require_deploy() -> Any:
 
 
 def _check_onnx_path(path: Any) -> str:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike (the .onnx file to write), got {type(path).__name__}")
-    path = os.fspath(path)
-    if not path:
-        raise ValueError("path must name the .onnx file to write, got an empty string")
+    path = check_path("path", path, what="the .onnx file to write")
     if os.path.isdir(path):
         raise ValueError(
             f"path {path!r} is a directory; name the .onnx file to write (e.g. {os.path.join(path, 'model.onnx')!r})"

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._inputs import batch_size
+from ._validation import check_callable
 from .utils import preserve_training_modes
 
 __all__ = ["count_flops", "flops_per_sample"]
@@ -87,8 +89,7 @@ def count_flops(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) 
         >>> count_flops(nn.Linear(7, 5), torch.randn(3, 7))  # 2 * 3 * 7 * 5
         210
     """
-    if not callable(module):
-        raise TypeError(f"module must be an nn.Module or a callable, got {type(module).__name__}")
+    check_callable("module", module, expected="an nn.Module or a function")
     # imported here: torch.utils.flop_counter pulls in torch._prims (and triton when installed), which
     # would otherwise dominate ``import pycoe``
     from torch.utils.flop_counter import FlopCounterMode
@@ -106,19 +107,8 @@ def count_flops(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) 
     return int(counter.get_total_flops())
 
 
-def _batch_size(example_inputs: tuple, example_kwargs: dict) -> int:
-    for value in list(example_inputs) + list(example_kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            if value.dim() == 0:
-                raise ValueError("the first tensor input must have a batch dimension, got a 0-d tensor")
-            if value.shape[0] == 0:
-                raise ValueError("the first tensor input has batch size 0: cannot compute FLOPs per sample")
-            return int(value.shape[0])
-    raise TypeError("flops_per_sample needs at least one tensor input (its first dimension is the batch size)")
-
-
 def flops_per_sample(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> float:
-    """:func:`count_flops` divided by the batch size (the first dimension of the first tensor input).
+    """:func:`count_flops` divided by the batch size (dim 0 of the first tensor input of dimension >= 1).
 
     For a data-dependent model such as a CoE in eval mode, this is the average over the samples of that
     batch; run it on representative data (or average over batches) to estimate the average inference cost.
@@ -126,11 +116,13 @@ def flops_per_sample(module: nn.Module, *example_inputs: Any, **example_kwargs: 
     Args:
         module: any ``nn.Module``.
         *example_inputs: positional inputs; the first tensor among them (then among the keyword inputs)
-            is batch-first and gives ``B``.
+            of dimension >= 1 is batch-first and gives ``B``.
         **example_kwargs: keyword inputs of the call.
 
     Returns:
         FLOPs per sample, as a ``float``.
     """
-    batch = _batch_size(example_inputs, example_kwargs)
+    batch = int(batch_size(example_inputs, example_kwargs, what="flops_per_sample"))
+    if batch == 0:
+        raise ValueError("the inputs have batch size 0 (dim 0 of the first batch-first tensor): no FLOPs per sample")
     return count_flops(module, *example_inputs, **example_kwargs) / batch

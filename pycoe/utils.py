@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from pycoe._validation import check_module
+
 __all__ = ["preserve_training_modes", "eval_mode"]
 
 
@@ -32,8 +34,7 @@ def preserve_training_modes(module: nn.Module) -> Iterator[nn.Module]:
         >>> model.training, model[1].training
         (True, False)
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_module("module", module)
     modes = [(m, m.training) for m in module.modules()]
     try:
         yield module

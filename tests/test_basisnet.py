@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ from pycoe.basisnet import (
     basis_dropout,
     basisnet_loss,
 )
-from pycoe.coe.delegator import Delegator
 from pycoe.flops import count_flops, flops_per_sample
 from pycoe.layers.condconv import CondConv2d
+from pycoe.twostage.delegator import Delegator
 
 DT = torch.float64
 
@@ -131,6 +132,47 @@ def test_specialist_matches_per_sample_synthesis_and_per_layer_reference():
     synth = spec.synthesize(coefficients[0])
     assert not any(isinstance(m, CondConv2d) for m in synth.modules())
     assert sum(isinstance(m, nn.Conv2d) for m in synth.modules()) == 3
+
+
+def _timm_same_padding_net() -> nn.Sequential:
+    """Convolutions with TensorFlow's "same" padding, as timm builds them for its tf_* models: timm's Conv2dSame,
+    strided (which nn.Conv2d(padding="same") refuses) and with an even kernel (asymmetric padding)."""
+    from timm.layers import create_conv2d
+
+    return nn.Sequential(
+        create_conv2d(3, 6, 3, stride=2, padding="same"),
+        nn.ReLU(),
+        create_conv2d(6, 6, 4, stride=1, padding="same"),
+        nn.ReLU(),
+        create_conv2d(6, 5, 3, stride=2, padding="same", dilation=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).to(DT)
+
+
+def test_synthesize_keeps_timm_same_padding_on_strided_convolutions():
+    original = _timm_same_padding_net()
+    assert [type(m).__name__ for m in original if isinstance(m, nn.Conv2d)] == ["Conv2dSame"] * 3
+    generator = torch.Generator().manual_seed(4)
+    spec = BasisSpecialist(copy.deepcopy(original), num_bases=3, init_noise=0.3, generator=generator).eval()
+    assert len(spec.basis_layers()) == 3 and all(layer.padding == "same" for layer in spec.basis_layers())
+    x = torch.randn(2, 3, 11, 13, dtype=DT)  # odd sizes: the padding is asymmetric at every stride
+    coefficients = torch.randn(2, 3, dtype=DT)
+    with torch.no_grad():
+        batched = spec(x, coefficients)
+        per_sample = torch.cat([spec.synthesize(coefficients[b])(x[b : b + 1]) for b in range(2)])
+        # the bank's mean over the bases is the original kernel (centred noise): timm's own Conv2dSame computes it
+        uniform = spec.synthesize(torch.full((3,), 1 / 3, dtype=DT))(x)
+        expected = original.eval()(x)
+    torch.testing.assert_close(per_sample, batched, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(uniform, expected, rtol=1e-10, atol=1e-10)
+    synth = spec.synthesize(coefficients[0])
+    assert not any(isinstance(m, CondConv2d) for m in synth.modules())
+    assert [m.stride for m in synth.modules() if isinstance(m, nn.Conv2d)] == [(2, 2), (1, 1), (2, 2)]
+    # a basis layer with "same" padding that a fixed padding reproduces becomes a plain nn.Conv2d
+    odd = BasisSpecialist(nn.Sequential(nn.Conv2d(3, 4, 3, padding="same")), 2)
+    plain = odd.synthesize(torch.tensor([0.5, 0.5]))[0]
+    assert type(plain) is nn.Conv2d and plain.padding == (1, 1)
 
 
 def test_init_noise_is_centred_across_bases():
@@ -541,8 +583,12 @@ def test_bad_specialist_construction():
         BasisSpecialist(_tiny(), 2, strategy="fast")
     with pytest.raises(TypeError, match="generator"):
         BasisSpecialist(_tiny(), 2, generator=0)
-    with pytest.raises(ValueError, match="no convolution"):
-        BasisSpecialist(_tiny(), 2, predicate=lambda name, m: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one clear error, not the conversion's "nothing was converted" first
+        with pytest.raises(ValueError, match=r"no convolution of the model.*skipped .*: predicate returned False"):
+            BasisSpecialist(_tiny(), 2, predicate=lambda name, m: False)
+        with pytest.raises(ValueError, match="the model has no convolution"):
+            BasisSpecialist(nn.Sequential(nn.Linear(2, 2)), 2)
     with pytest.raises(ValueError, match="predicate"):
         BasisSpecialist(_tiny(), 2, predicate=["fc"])
     with pytest.raises(ValueError, match="scale"):
@@ -601,9 +647,9 @@ def test_bad_basisnet_construction():
             _net(basis_dropout=p)
     with pytest.raises(ValueError, match="p must be"):
         basis_dropout(torch.rand(2, 3), 1.0)
-    with pytest.raises(ValueError, match="preview_size"):
+    with pytest.raises(ValueError, match="preview_size must be >= 1"):
         _net(preview_size=(0, 4))
-    with pytest.raises(ValueError, match="preview_size"):
+    with pytest.raises(TypeError, match="preview_size must be an int or a pair of ints"):
         _net(preview_size=(4, 4, 4))
     with pytest.raises(ValueError, match="num_bases=3"):
         BasisNet(_tiny(width=4), BasisSpecialist(_tiny(), 2), 3, 5)

@@ -11,11 +11,11 @@ from reference.calibrate import choose, sweep_by_forward
 from torch import nn
 
 from pycoe.basisnet import BasisNet
-from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.model import CoE
 from pycoe.flops import count_flops
 from pycoe.twostage.calibrate import DEFAULT_THRESHOLDS, ExitCalibration, calibrate_exit_threshold
+from pycoe.twostage.delegator import Delegator
 from pycoe.twostage.evaluate import predict
 
 D_IN, C, K = 8, 4, 3
@@ -199,7 +199,7 @@ class ConstantRough(nn.Module):
         self.selection = nn.Linear(D_IN, K)
 
     def forward(self, x):
-        from pycoe.coe.delegator import DelegatorOutput
+        from pycoe.twostage.delegator import DelegatorOutput
 
         return DelegatorOutput(self.selection(x), torch.zeros(x.shape[0], C))
 

@@ -141,8 +141,10 @@ def test_bad_input(tmp_path):
         save_checkpoint({}, 3)
     with pytest.raises(TypeError, match="path"):
         load_checkpoint(None)
-    with pytest.raises(ValueError, match="path"):
+    with pytest.raises(ValueError, match="path must name the checkpoint file, got an empty string"):
         save_checkpoint({}, "")
+    with pytest.raises(TypeError, match="verify must be a bool, got str 'no'"):
+        save_checkpoint({}, tmp_path / "c.pt", verify="no")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_checkpoint({}, tmp_path / "missing_dir" / "c.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pycoe.coe.delegator import Delegator, DelegatorOutput
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss
 from pycoe.coe.model import CoE, CoEOutput, CoETrainOutput
 from pycoe.flops import count_flops
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.twostage.delegator import Delegator, DelegatorOutput
 from pycoe.twostage.evaluate import predict, threshold_sweep
 
 D_IN, C = 12, 5

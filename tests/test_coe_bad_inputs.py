@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from pycoe.basisnet import BasisNet, BasisSpecialist, basis_coefficients, basis_dropout, basisnet_loss
-from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss
 from pycoe.coe.model import CoE, CoETrainOutput
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.twostage.delegator import Delegator
 from pycoe.twostage.evaluate import predict, threshold_sweep
 from pycoe.twostage.rule import exit_mask, rough_confidence
 
@@ -173,15 +173,17 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         TypeError,
         "zero_init_selection must be a bool",
     ),
-    ("delegator/dtype-str", lambda: delegator(dtype="float32"), TypeError, "dtype must be a torch.dtype"),
-    ("delegator/dtype-int", lambda: delegator(dtype=torch.int64), TypeError, "dtype must be a floating-point"),
+    # factory keywords go to torch, which checks them; they must agree with the backbone's parameters
+    ("delegator/dtype-str", lambda: delegator(dtype="float32"), TypeError, "argument 'dtype' must be torch.dtype"),
+    ("delegator/dtype-int", lambda: delegator(dtype=torch.int64), ValueError, "dtype=torch.int64 disagrees"),
     (
         "delegator/dtype-disagrees-with-backbone",
         lambda: delegator(dtype=torch.float64),
         ValueError,
         "dtype=torch.float64 .*backbone.*float32",
     ),
-    ("delegator/device-bad", lambda: delegator(device="gpu0"), ValueError, "device must be"),
+    ("delegator/device-bad", lambda: delegator(device="gpu0"), RuntimeError, "Invalid device string: 'gpu0'"),
+    ("delegator/device-float", lambda: delegator(device=3.0), TypeError, "argument 'device' must be torch.device"),
     (
         "delegator/device-disagrees-with-backbone",
         lambda: delegator(device="meta"),
@@ -633,8 +635,8 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("basisnet/basis_dropout-1", lambda: basisnet(basis_dropout=1.0), ValueError, "basis_dropout must be in"),
     ("basisnet/basis_dropout-str", lambda: basisnet(basis_dropout="0.1"), TypeError, "basis_dropout must be"),
     ("basisnet/preview_size-0", lambda: basisnet(preview_size=(0, 4)), ValueError, "preview_size must be"),
-    ("basisnet/preview_size-3", lambda: basisnet(preview_size=(4, 4, 4)), ValueError, "preview_size must be"),
-    ("basisnet/preview_size-float", lambda: basisnet(preview_size=2.5), ValueError, "preview_size must be"),
+    ("basisnet/preview_size-3", lambda: basisnet(preview_size=(4, 4, 4)), TypeError, "preview_size must be"),
+    ("basisnet/preview_size-float", lambda: basisnet(preview_size=2.5), TypeError, "preview_size must be"),
     (
         "basisnet/specialist-bases",
         lambda: BasisNet(Conv(), BasisSpecialist(Conv(), 3), 2, C),
@@ -659,8 +661,13 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         ValueError,
         "exit_threshold needs a rough prediction",
     ),
-    ("basisnet/forward-str", lambda: basisnet()("x"), TypeError, "x must be a batch-first torch.Tensor"),
-    ("basisnet/forward-scalar", lambda: basisnet()(torch.tensor(1.0)), TypeError, "x must be a batch-first"),
+    ("basisnet/forward-str", lambda: basisnet()("x"), TypeError, "x must be a torch.Tensor, got str 'x'"),
+    (
+        "basisnet/forward-scalar",
+        lambda: basisnet()(torch.tensor(1.0)),
+        ValueError,
+        r"x must be batch-first, got shape \(\)",
+    ),
     (
         "basisnet/preview-needs-images",
         lambda: basisnet(preview_size=4)(torch.randn(2, 3)),
@@ -728,7 +735,13 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         TypeError,
         "coefficients must have the dtype of the basis kernels",
     ),
-    ("specialist/x-str", lambda: specialist()("x", torch.rand(2, 2)), TypeError, "x must be a batch-first"),
+    ("specialist/x-str", lambda: specialist()("x", torch.rand(2, 2)), TypeError, "x must be a torch.Tensor"),
+    (
+        "specialist/x-scalar",
+        lambda: specialist()(torch.tensor(1.0), torch.rand(2, 2)),
+        ValueError,
+        "x must be batch-first",
+    ),
     (
         "specialist/x-float64",
         lambda: specialist()(img().double(), torch.rand(2, 2)),

@@ -13,12 +13,12 @@ from _distributed import run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss
 from pycoe.coe.model import CoE
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.twostage.delegator import Delegator
 
 pytestmark = pytest.mark.distributed
 

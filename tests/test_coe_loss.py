@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from reference.coe import wgm_weights
 from torch import nn
 
-from pycoe.coe.delegator import Delegator
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.loss import CoELoss, scalar_info
 from pycoe.coe.model import CoE, CoETrainOutput
 from pycoe.routing.labels import LabelGenerator
 from pycoe.routing.metrics import load_balance_cv2
 from pycoe.routing.weighting import BalancedTransportWeighter
+from pycoe.twostage.delegator import Delegator
 
 D_IN, C = 10, 4
 
@@ -265,6 +265,43 @@ def test_bad_input():
         CoELoss(wgm, lgm, sync="always")
     with pytest.raises(TypeError, match="per_sample_loss"):
         CoELoss(wgm, lgm, per_sample_loss="ce")
+
+
+def test_the_metrics_check_what_no_component_vouched_for():
+    """The info metrics re-check nothing that pycoe's WGM and LGM or the default loss checked already (each check
+    of a value waits for a GPU), but behind a user's WGM, LGM or per-sample loss they check as before."""
+    model = make_model()
+    x, y = torch.randn(6, D_IN), torch.randint(0, C, (6,))
+    out = model(x)
+    wgm, lgm = BalancedTransportWeighter(3), LabelGenerator()
+    _, trusted = CoELoss(wgm, lgm, balance_weight=0.5)(out, y)
+    _, wrapped = CoELoss(lambda s: wgm(s), lambda losses: lgm(losses), balance_weight=0.5)(out, y)
+    assert trusted.keys() == wrapped.keys()
+    for name in trusted:
+        torch.testing.assert_close(trusted[name], wrapped[name], rtol=0, atol=0, equal_nan=True)
+
+    nan = CoETrainOutput(torch.full((6, 3), float("nan")), out.rough_logits, out.expert_outputs)
+    with pytest.raises(ValueError, match="selection_logits must be finite, but it contains NaN"):
+        CoELoss(wgm, lgm)(nan, y)  # pycoe's WGM
+    uniform = lambda s: types.SimpleNamespace(weights=torch.ones_like(s))  # noqa: E731
+    with pytest.raises(ValueError, match="selection_logits must be finite, but it contains NaN"):
+        CoELoss(uniform, lgm)(nan, y)  # the metrics, behind a WGM of the user's
+
+    def off_range(losses):
+        return types.SimpleNamespace(probs=torch.full_like(losses, 1 / 3), index=torch.full((len(losses),), 3))
+
+    with pytest.raises(ValueError, match=r"index entries must lie in \[-1 \(exited\), 3\)"):
+        CoELoss(wgm, off_range)(out, y)
+
+    bad = torch.tensor([0, 1, 2, C, 0, 1])
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 4\)"):
+        CoELoss(wgm, lgm)(out, bad)  # the default loss checks the target, for the rough head too
+    squares = lambda o, t: o.square().mean(1)  # noqa: E731  (a per-sample loss that never reads the target)
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 4\)"):
+        CoELoss(wgm, lgm, per_sample_loss=squares)(out, bad)  # the rough head's check
+    no_rough = CoETrainOutput(out.selection_logits, None, out.expert_outputs)
+    with pytest.raises(ValueError, match=r"target entries must lie in \[0, 4\)"):
+        CoELoss(wgm, lgm, per_sample_loss=squares)(no_rough, bad)  # the oracle accuracy's check
 
 
 def test_scalar_info_turns_the_scalar_tensors_into_floats():

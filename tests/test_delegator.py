@@ -1,4 +1,4 @@
-"""Tests of pycoe.coe.delegator.Delegator."""
+"""Tests of pycoe.twostage.delegator.Delegator."""
 
 import copy
 from collections import namedtuple
@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pycoe.coe.delegator import Delegator, DelegatorOutput
+from pycoe.twostage.delegator import Delegator, DelegatorOutput
 
 X64 = (2, 3, 32, 32)
 

@@ -119,19 +119,49 @@ def test_a_bad_value_is_found_on_the_host_copy():
 
 
 # ---------------------------------------------------------------------------------------------- training step
-def test_the_eager_training_step_reads_the_device_only_in_value_checks():
+# Where an eager CoE training step waits for the device (file and function of the caller of the shared check): the
+# checks at the loss's boundary, each made once. The routing metrics of the loss's info re-check nothing that the
+# loss built itself or its WGM and LGM checked already.
+EAGER_STEP_READS = [
+    "coe/loss.py _default_losses",  # the target's class range (the rough head's too: the same target and C)
+    "routing/weighting.py _check_logits",  # NaN/inf in the selection logits (the WGM)
+    "routing/labels.py forward",  # NaN/inf in the per-sample losses (the LGM)
+]
+
+
+def _callers(reads: DeviceValueReads) -> list[str]:
+    return sorted(f"{r.caller.split(':')[0]} {r.caller.split(' ')[-1]}" for r in reads.reads)
+
+
+def test_the_eager_training_step_reads_the_device_only_in_the_boundary_checks():
     """Where an eager CoE training step on a GPU waits for the device, besides the solver's copy: only the argument
-    checks that need the data (NaN/inf, index ranges), which ``torch.compile`` turns into device-side asserts."""
+    checks that need the data (NaN/inf, index ranges), which ``torch.compile`` turns into device-side asserts, and
+    each of them once: a check of a tensor the loss built itself, or checked already, would add a wait."""
     model, criterion = training_setup()
     x, y = torch.randn(16, 3, 12, 12), torch.randint(0, 10, (16,))
     reads = DeviceValueReads([x, y, *model.parameters(), *model.buffers()])
     with reads:
-        loss, _ = step(model, criterion, x, y)
+        loss, info = step(model, criterion, x, y)
     loss.backward()
-    assert reads.reads, "the step's value checks were not seen: the recorder is broken"
+    assert {"rough_loss", "balance_loss", "oracle_accuracy", "agreement", "label_load"} <= set(info)
     outside_checks = [r for r in reads.reads if not r.where.startswith("_validation.py")]
     assert outside_checks == [], outside_checks
     assert all(r.op == "__bool__" for r in reads.reads)
+    assert _callers(reads) == sorted(EAGER_STEP_READS), reads.reads
+
+
+def test_custom_components_keep_their_checks_in_the_step():
+    """With a WGM and an LGM of the user's, nothing vouches for their outputs: the metrics check them again."""
+    model, _ = training_setup()
+    wgm, lgm = BalancedTransportWeighter(K), LabelGenerator("best")
+    criterion = CoELoss(lambda logits: wgm(logits), lambda losses: lgm(losses), balance_weight=0.1)
+    x, y = torch.randn(16, 3, 12, 12), torch.randint(0, 10, (16,))
+    reads = DeviceValueReads([x, y, *model.parameters(), *model.buffers()])
+    with reads:
+        step(model, criterion, x, y)
+    callers = _callers(reads)
+    assert len(callers) > len(EAGER_STEP_READS)
+    assert any(c.startswith("routing/metrics.py") for c in callers), callers
 
 
 @pytest.mark.slow

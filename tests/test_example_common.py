@@ -81,7 +81,7 @@ def test_missing_fashion_mnist_gives_install_hint(tmp_path, monkeypatch):
 # The small CNNs
 # ---------------------------------------------------------------------------------------------------------------
 def test_small_cnn_is_delegator_ready():
-    from pycoe.coe.delegator import Delegator
+    from pycoe.twostage.delegator import Delegator
 
     d = Delegator(SmallCNN(10, 0.25), num_experts=3, num_classes=10)
     out = d(torch.randn(2, 1, 28, 28))

@@ -82,7 +82,7 @@ def test_validation_split_is_disjoint_from_training():
 
 
 def test_small_cnn_is_delegator_ready():
-    from pycoe.coe.delegator import Delegator
+    from pycoe.twostage.delegator import Delegator
 
     d = Delegator(SmallCNN(10, 0.25), num_experts=3, num_classes=10)
     out = d(torch.randn(2, 1, 28, 28))
@@ -484,7 +484,7 @@ def test_balanced_kmeans_against_brute_force():
 
 
 def test_kmeans_selection_head_is_the_nearest_centroid_rule():
-    from pycoe.coe.delegator import Delegator
+    from pycoe.twostage.delegator import Delegator
 
     args = finalize_args(
         build_parser().parse_args(["--dataset", "synthetic", "-K", "3", "--kmeans-samples", "90", "--no-channels-last"])
@@ -617,7 +617,7 @@ def test_rough_temperature_fit_against_a_grid():
 
 
 def test_scaled_rough_head_divides_the_logits_and_restores():
-    from pycoe.coe.delegator import Delegator
+    from pycoe.twostage.delegator import Delegator
 
     d = Delegator(SmallCNN(10, 0.25), num_experts=2, num_classes=10).eval()
     x = torch.randn(3, 1, 12, 12)

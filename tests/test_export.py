@@ -144,6 +144,27 @@ def test_exported_coe_round_trips_through_save_and_load(coe_setup, tmp_path):
         assert_same_coe_output(loaded.module()(x), model(x))
 
 
+def test_an_exported_delegator_round_trips_through_save_and_load(tmp_path):
+    """A program returning a DelegatorOutput saves and loads; the output type keeps the serialized name it was
+    registered under in pycoe.coe (before the Delegator moved to pycoe.twostage), so older saved programs load."""
+    from torch.utils._pytree import SUPPORTED_SERIALIZED_TYPES
+
+    from pycoe.twostage.delegator import DelegatorOutput
+
+    assert SUPPORTED_SERIALIZED_TYPES[DelegatorOutput].serialized_type_name == "pycoe.coe.DelegatorOutput"
+    torch.manual_seed(3)
+    delegator = Delegator(conv_net(), num_experts=K, num_classes=5, classifier="8").eval()
+    x = torch.randn(3, 3, RES, RES)
+    path = tmp_path / "delegator.pt2"
+    torch.export.save(torch.export.export(delegator, (x,)), path)
+    out = torch.export.load(path).module()(x)
+    with torch.no_grad():
+        expected = delegator(x)
+    assert isinstance(out, DelegatorOutput)
+    torch.testing.assert_close(out.selection_logits, expected.selection_logits)
+    torch.testing.assert_close(out.rough_logits, expected.rough_logits)
+
+
 def test_export_does_not_change_the_model(coe_setup):
     model, pool, _ = coe_setup
     before = copy.deepcopy(model.state_dict())

@@ -94,9 +94,9 @@ def test_mode_and_buffers_restored_no_grad():
 def test_bad_input():
     with pytest.raises(TypeError, match="module"):
         count_flops(3, torch.randn(2, 2))
-    with pytest.raises(TypeError, match="tensor input"):
+    with pytest.raises(TypeError, match="flops_per_sample needs a batch: at least one batch-first tensor"):
         flops_per_sample(nn.Identity(), [1, 2])
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(TypeError, match="flops_per_sample needs a batch"):
         flops_per_sample(nn.Identity(), torch.tensor(1.0))
     with pytest.raises(ValueError, match="batch size 0"):
         flops_per_sample(nn.Linear(2, 2), torch.randn(0, 2))
@@ -226,3 +226,10 @@ def test_an_eval_coe_of_hf_experts_counts_the_delegator_and_the_kept_samples_exp
     delegator = 2 * 16 * (layer + 16 * 16 + 16 * TEXT_K + 16 * TEXT_CLASSES)
     experts = bert_hand_count(kept, 8, layers=1)  # each kept sample through exactly one expert
     assert count_flops(model, **batch) == delegator + experts
+
+
+def test_the_batch_is_the_first_tensor_with_a_batch_dimension():
+    """As everywhere in pycoe: a 0-d tensor before the batch (a scale, a temperature) is no batch."""
+    lin = nn.Linear(3, 5)
+    assert flops_per_sample(lambda scale, x: lin(x) * scale, torch.tensor(2.0), torch.randn(4, 3)) == 2 * 3 * 5
+    assert flops_per_sample(lambda x=None: lin(x), x=torch.randn(4, 3)) == 2 * 3 * 5

@@ -154,6 +154,8 @@ def test_distributed_helpers_bad_input():
         pdist.all_reduce([1.0])
     with pytest.raises(ValueError, match="op must be one of"):
         pdist.all_reduce(torch.ones(2), op="mean")
+    with pytest.raises(TypeError, match=r"op must be one of .* \(a str\), got NoneType"):
+        pdist.all_reduce(torch.ones(2), op=None)
 
 
 def test_global_scope_rejects_empty_single_process_batch():

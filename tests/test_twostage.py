@@ -16,7 +16,6 @@ from torch import nn
 
 from pycoe._modules import traceable_paths
 from pycoe.basisnet import BasisNet
-from pycoe.coe.delegator import Delegator, DelegatorOutput
 from pycoe.coe.model import CoE
 from pycoe.flops import count_flops
 from pycoe.twostage import (
@@ -28,6 +27,7 @@ from pycoe.twostage import (
     rough_confidence,
     threshold_sweep,
 )
+from pycoe.twostage.delegator import Delegator, DelegatorOutput
 from pycoe.twostage.model import _merge_early_exit
 
 D, C, K = 6, 4, 3

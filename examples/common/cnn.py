@@ -2,7 +2,7 @@
 
 - :class:`SmallCNN` (the CoE recipe, ``examples.imagenet``): five 3x3 conv-BN-ReLU layers with a width
   multiplier, global average pooling and a final ``nn.Linear`` called ``fc``, so that
-  :class:`pycoe.coe.delegator.Delegator` finds and strips it as it does a torchvision ResNet's.
+  :class:`pycoe.twostage.delegator.Delegator` finds and strips it as it does a torchvision ResNet's.
 - :class:`ThreeConvCNN` (Divide-and-Co-training, ``examples.divide_and_cotrain``): three conv-BN-ReLU layers
   whose integer ``width`` is the channel count that :func:`pycoe.cotrain.divide_by_factory` divides.
 

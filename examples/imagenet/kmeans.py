@@ -22,8 +22,8 @@ import torch
 from examples.imagenet.data import ImageFolderBatches, TensorBatches
 from examples.imagenet.runtime import derived_seed
 from examples.imagenet.training import to_device
-from pycoe.coe.delegator import Delegator
 from pycoe.routing.transport import balanced_assignment
+from pycoe.twostage.delegator import Delegator
 from pycoe.utils import eval_mode
 
 __all__ = ["balanced_kmeans", "kmeans_selection_init", "kmeans_start"]
@@ -72,7 +72,7 @@ def kmeans_selection_init(delegator: Delegator, features: torch.Tensor, generato
     """Set the selection head to the nearest-centroid rule of a balanced k-means of ``features``.
 
     Args:
-        delegator: a :class:`~pycoe.coe.delegator.Delegator` (its ``selection_head`` is a ``Linear(D, K)``).
+        delegator: a :class:`~pycoe.twostage.delegator.Delegator` (its ``selection_head`` is a ``Linear(D, K)``).
         features: Tensor[N, D], the delegator's backbone features of N >= K training images (eval mode,
             un-augmented).
         generator: the random source of the k-means seeding (deterministic given its seed, so every DDP rank

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from examples.common.cnn import SmallCNN
-from pycoe.coe.delegator import Delegator, DelegatorOutput
 from pycoe.coe.experts import ExpertPool
 from pycoe.coe.model import CoE
 from pycoe.flops import count_flops
+from pycoe.twostage.delegator import Delegator, DelegatorOutput
 
 __all__ = [
     "build_network",

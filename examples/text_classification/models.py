@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import pycoe
-from pycoe.coe.delegator import DelegatorOutput
+from pycoe.twostage.delegator import DelegatorOutput
 
 __all__ = [
     "bert_config",

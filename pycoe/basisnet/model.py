@@ -8,7 +8,7 @@ combination coefficients; they control the synthesis of a specialist model from 
 final prediction; both stages are trained jointly; inference terminates early when the lightweight model's own
 prediction is confident enough. **pycoe's formulation** (not confirmed from the paper's text): the coefficients
 are ``normalize(logits / temperature)`` with a softmax by default, the lightweight model is a
-:class:`~pycoe.coe.delegator.Delegator` (its selection head with K = N gives the coefficient logits, its rough
+:class:`~pycoe.twostage.delegator.Delegator` (its selection head with K = N gives the coefficient logits, its rough
 head the rough prediction), one coefficient vector per sample is shared by every basis layer, early exit fires
 when the rough prediction's maximum softmax probability reaches ``exit_threshold`` (the same rule as
 :class:`~pycoe.coe.model.CoE`), and basis dropout is the optional regulariser described below.
@@ -32,6 +32,8 @@ from pycoe._validation import (
     check_choice,
     check_class_targets,
     check_generator,
+    check_int_pair,
+    check_module,
     check_nonnegative_float,
     check_positive_float,
     check_positive_int,
@@ -39,9 +41,9 @@ from pycoe._validation import (
     check_tensor,
 )
 from pycoe.basisnet.specialist import BasisSpecialist
-from pycoe.coe.delegator import Delegator  # the first stage BasisNet shares with CoE
 from pycoe.flops import count_flops
 from pycoe.functional import COEFFICIENT_NORMALIZATIONS, mixture_coefficients
+from pycoe.twostage.delegator import Delegator  # the first stage BasisNet shares with CoE
 from pycoe.twostage.model import FirstStage, TwoStageModel
 
 __all__ = [
@@ -166,20 +168,6 @@ torch.export.register_dataclass(
 )  # exported models return it too
 
 
-def _size_pair(value: Any) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    ):
-        return int(value[0]), int(value[1])
-    raise ValueError(f"preview_size must be None, a positive int or a pair of positive ints, got {value!r}")
-
-
 class BasisNet(TwoStageModel, nn.Module):
     """BasisNet: the lightweight model's coefficients synthesise the specialist; confident samples exit early.
 
@@ -200,7 +188,7 @@ class BasisNet(TwoStageModel, nn.Module):
       and :func:`~pycoe.twostage.calibrate.calibrate_exit_threshold` take it.
 
     Args:
-        lightweight: a :class:`~pycoe.coe.delegator.Delegator` built with ``num_experts=num_bases`` (used as is),
+        lightweight: a :class:`~pycoe.twostage.delegator.Delegator` built with ``num_experts=num_bases`` (used as is),
             or any backbone, which is wrapped as ``Delegator(lightweight, num_experts=num_bases,
             num_classes=num_classes)`` (its classifier stripped in place; see the Delegator for the options, and
             build one yourself to use them). The Delegator's zero-initialised selection head gives uniform
@@ -256,11 +244,9 @@ class BasisNet(TwoStageModel, nn.Module):
         if p == 1.0:
             raise ValueError("basis_dropout must be in [0, 1), got 1.0 (it would drop every basis)")
         self.basis_dropout = p
-        self.preview_size = _size_pair(preview_size)
-        if not isinstance(lightweight, nn.Module):
-            raise TypeError(f"lightweight must be an nn.Module, got {type(lightweight).__name__}")
-        if not isinstance(specialist, nn.Module):
-            raise TypeError(f"specialist must be an nn.Module, got {type(specialist).__name__}")
+        self.preview_size = None if preview_size is None else check_int_pair("preview_size", preview_size, minimum=1)
+        check_module("lightweight", lightweight)
+        check_module("specialist", specialist)
 
         if isinstance(specialist, BasisSpecialist):
             if specialist.num_bases != num_bases:
@@ -313,8 +299,7 @@ class BasisNet(TwoStageModel, nn.Module):
         Returns:
             ``(coefficients Tensor[B, N], coefficient_logits Tensor[B, N], rough_logits Tensor[B, C] or None)``.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise TypeError(f"x must be a batch-first torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x, batch_first=True)
         small = x
         if self.preview_size is not None:
             if x.dim() != 4:

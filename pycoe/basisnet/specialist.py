@@ -33,18 +33,20 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pycoe._modules import replace_modules
 from pycoe._validation import (
     check_choice,
     check_generator,
+    check_module,
     check_nonnegative_float,
     check_positive_int,
     check_tensor,
 )
-from pycoe.functional.mixture import MIXTURE_STRATEGIES
-from pycoe.layers.condconv import CondConv2d, convert_conv2d_to_condconv
+from pycoe.functional.mixture import MIXTURE_STRATEGIES, _resolve_padding
+from pycoe.layers.condconv import CondConv2d, _convert_conv2d
 
 __all__ = ["BasisSpecialist"]
 
@@ -72,7 +74,8 @@ def _inject_coefficients(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
 class BasisSpecialist(nn.Module):
     """Turn a model into a BasisNet specialist: chosen convolutions become banks of N basis kernels.
 
-    Every chosen ``nn.Conv2d`` (plain, zero padding) of ``model`` is replaced, in place, by a router-less
+    Every chosen convolution of ``model`` (a plain ``nn.Conv2d`` with zero padding, or timm's ``Conv2dSame``) is
+    replaced, in place, by a router-less
     :class:`~pycoe.layers.condconv.CondConv2d` holding ``num_bases`` kernels (and biases). Calling
     ``specialist(x, coefficients)`` convolves sample ``b`` at *every* basis layer with
     ``sum_n coefficients[b, n] * W^{(n)}``: one coefficient vector per sample, shared by all layers. Everything
@@ -93,9 +96,10 @@ class BasisSpecialist(nn.Module):
     Args:
         model: the model to convert, modified in place (keep a copy if you need the original).
         num_bases: N >= 1.
-        predicate: which convolutions become basis layers: ``None`` (default, pycoe's choice: every plain
-            ``nn.Conv2d`` with zero padding, the stem included), a callable ``(qualified_name, conv) -> bool``
-            or a collection of qualified names, as for :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv`.
+        predicate: which convolutions become basis layers: ``None`` (default, pycoe's choice: every convertible
+            convolution, the stem included), a callable ``(qualified_name, conv) -> bool`` or a collection of
+            qualified names, as for :func:`~pycoe.layers.condconv.convert_conv2d_to_condconv`. A ``ValueError``
+            says why when it chooses none.
         init_noise: relative scale of the symmetry-breaking noise (>= 0; ``0`` gives exact copies).
         generator: optional ``torch.Generator`` for the noise.
         strategy: the mixture strategy of the basis layers (one of
@@ -124,20 +128,19 @@ class BasisSpecialist(nn.Module):
         strategy: str = "auto",
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module("model", model)
         num_bases = check_positive_int("num_bases", num_bases)
         check_nonnegative_float("init_noise", init_noise)
         check_choice("strategy", strategy, MIXTURE_STRATEGIES)
         check_generator("generator", generator)
         if predicate is None:
             predicate = _every_conv
-        names = convert_conv2d_to_condconv(model, num_bases, predicate=predicate, router=False, strategy=strategy)
+        # convert_conv2d_to_condconv(router=False), without its warning when nothing is chosen: the error below says it
+        names = _convert_conv2d(
+            model, num_bases, predicate, normalization="normalized_sigmoid", strategy=strategy, router=False, warn=False
+        )
         if not names:
-            raise ValueError(
-                "the predicate chose no convolution of the model: a BasisSpecialist needs at least one plain "
-                "nn.Conv2d (zero padding) to turn into a basis layer"
-            )
+            raise _no_basis_layer(names.skipped)
         self.model = model
         self.num_bases = num_bases
         self.basis_layer_names = list(dict.fromkeys(names))  # a shared conv is listed once per name
@@ -179,8 +182,7 @@ class BasisSpecialist(nn.Module):
             bank.add_(noise * (scale * std))
 
     def _check_coefficients(self, x: Any, coefficients: Any, layers: list[CondConv2d]) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise TypeError(f"x must be a batch-first torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x, batch_first=True)
         check_tensor("coefficients", coefficients, ndim=2, floating=True)
         if coefficients.shape != (x.shape[0], self.num_bases):
             raise ValueError(
@@ -231,6 +233,11 @@ class BasisSpecialist(nn.Module):
     def synthesize(self, coefficients: torch.Tensor) -> nn.Module:
         """Build the plain model of one coefficient vector: every basis layer becomes an ``nn.Conv2d``.
 
+        A basis layer with TensorFlow's "same" padding (a converted timm ``Conv2dSame``) becomes an ``nn.Conv2d``
+        with the equivalent fixed padding where there is one (stride 1, the same padding on both sides), else an
+        ``nn.Conv2d`` subclass that pads each input as TensorFlow does (the odd pixel after), as timm's
+        ``Conv2dSame`` does: torch's ``padding="same"`` refuses strides.
+
         Sample-independent deployment (e.g. batch-1 inference: synthesise once, then run an ordinary model at
         the original model's cost), and the slow, obviously correct reference of :meth:`forward` (each kernel is
         built as an explicit sum over the bases). The result is a deep copy without gradient history.
@@ -248,12 +255,13 @@ class BasisSpecialist(nn.Module):
         def factory(name: str, layer: nn.Module) -> nn.Module:
             assert isinstance(layer, CondConv2d)
             w = layer.weight
-            conv = nn.Conv2d(
+            padding = _fixed_padding(layer)
+            conv = (nn.Conv2d if padding is not None else _Conv2dSame)(
                 layer.in_channels,
                 layer.out_channels,
                 layer.kernel_size,
                 stride=layer.stride,
-                padding=layer.padding,
+                padding=0 if padding is None else padding,
                 dilation=layer.dilation,
                 groups=layer.groups,
                 bias=layer.bias is not None,
@@ -281,4 +289,41 @@ class BasisSpecialist(nn.Module):
 
 
 def _every_conv(name: str, module: nn.Module) -> bool:
-    return True  # convert_conv2d_to_condconv only offers plain zero-padded nn.Conv2d layers
+    return True  # the conversion offers only the convolutions it can convert (zero padding, timm's Conv2dSame)
+
+
+def _fixed_padding(layer: CondConv2d) -> tuple[int, int] | str | None:
+    """The ``nn.Conv2d`` padding that reproduces a basis layer's, or ``None`` where only a padding computed for each
+    input does ("same" with a stride, or with an odd total padding, which goes after)."""
+    if layer.padding != "same":
+        return layer.padding
+    if layer.stride != (1, 1):
+        return None
+    totals = [(k - 1) * d for k, d in zip(layer.kernel_size, layer.dilation)]
+    if any(total % 2 for total in totals):
+        return None
+    return totals[0] // 2, totals[1] // 2
+
+
+def _no_basis_layer(skipped: dict[str, str]) -> ValueError:
+    """The error of a conversion that chose no convolution, with what it skipped and why."""
+    found = [f"{name}: {why}" for name, why in skipped.items()]
+    detail = "; ".join(found[:5]) + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
+    return ValueError(
+        "the predicate chose no convolution of the model: a BasisSpecialist needs at least one nn.Conv2d (zero "
+        "padding) or timm Conv2dSame to turn into a basis layer; "
+        + (f"skipped {detail}" if found else "the model has no convolution")
+    )
+
+
+class _Conv2dSame(nn.Conv2d):
+    """An ``nn.Conv2d`` with TensorFlow's "same" padding computed for each input (the odd pixel after), as timm's
+    ``Conv2dSame``: what :meth:`BasisSpecialist.synthesize` builds for a strided basis layer with ``padding="same"``,
+    which ``nn.Conv2d(padding="same")`` refuses. Built with ``padding=0``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = (self.kernel_size[0], self.kernel_size[1])
+        stride = (self.stride[0], self.stride[1])
+        dilation = (self.dilation[0], self.dilation[1])
+        x, padding = _resolve_padding(x, "same", kernel, stride, dilation)
+        return F.conv2d(x, self.weight, self.bias, stride, padding, dilation, self.groups)

@@ -23,8 +23,8 @@ from torch import nn
 
 from .._inputs import batch_size, batched_names, map_batched
 from .._modules import explain_call_error, traceable
-from .._validation import check_choice, check_expert_index, check_positive_int
-from .delegator import STRIPPED_MARK, is_timm_model
+from .._validation import check_choice, check_expert_index, check_module, check_positive_int
+from ..twostage.delegator import STRIPPED_MARK, is_timm_model
 
 __all__ = ["ExpertPool"]
 
@@ -79,8 +79,7 @@ class ExpertPool(nn.Module):
         if len(experts) == 0:
             raise ValueError("experts must hold at least one nn.Module, got an empty sequence")
         for i, e in enumerate(experts):
-            if not isinstance(e, nn.Module):
-                raise TypeError(f"experts[{i}] must be an nn.Module, got {type(e).__name__}")
+            check_module(f"experts[{i}]", e)
         if len({id(e) for e in experts}) != len(experts):
             raise ValueError(
                 "experts must be distinct module objects (the same module appears twice); "
@@ -127,8 +126,7 @@ class ExpertPool(nn.Module):
         Returns:
             ExpertPool: the pool, on the template's device and dtype.
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module("model", model)
         num_experts = check_positive_int("num_experts", num_experts)
         check_choice("init", init, ("copy", "reinit"))
         _check_not_stripped("model", model)
@@ -361,7 +359,7 @@ class ExpertPool(nn.Module):
 
 # ---------------------------------------------------------------------- helpers
 def _check_not_stripped(name: str, model: nn.Module) -> None:
-    """Refuse a model whose classifier a :class:`~pycoe.coe.delegator.Delegator` stripped (it returns features)."""
+    """Refuse a model whose classifier a :class:`~pycoe.twostage.delegator.Delegator` stripped (it returns features)."""
     for module in model.modules():
         path = getattr(module, STRIPPED_MARK, None)
         if isinstance(path, str):

@@ -16,7 +16,7 @@ Einstein legend: ``b`` sample (B on this rank, N over all ranks), ``k`` expert (
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,15 @@ from ..routing.weighting import BalancedTransportWeighter
 from .model import CoETrainOutput
 
 __all__ = ["CoELoss", "scalar_info"]
+
+
+class _Checked(NamedTuple):
+    """What one step of :class:`CoELoss` has checked already (or built valid), so that the metrics of its ``info``
+    do not check it again: each check that reads values makes the host wait for a GPU."""
+
+    selection: bool  # the selection logits are finite (pycoe's WGM checks them)
+    labels: bool  # the labels' expert indices lie in [0, K) (pycoe's LGM: the argmin of losses it checks finite)
+    targets: bool  # class-index targets lie in [0, C) of the experts' class logits (the default loss checks them)
 
 
 class CoELoss(nn.Module):
@@ -250,7 +259,13 @@ class CoELoss(nn.Module):
         return norms[:k], norms[k], scale
 
     def _rough_loss(
-        self, output: CoETrainOutput, target: Any, rough_target: Any, name: str, n_total: torch.Tensor
+        self,
+        output: CoETrainOutput,
+        target: Any,
+        rough_target: Any,
+        name: str,
+        n_total: torch.Tensor,
+        targets_checked: bool,
     ) -> torch.Tensor:
         """The rough head's cross-entropy, summed over this rank's samples and divided by ``n_total``."""
         rough, batch = output.rough_logits, output.selection_logits.shape[0]
@@ -267,7 +282,8 @@ class CoELoss(nn.Module):
             )
         if rough_target is None:
             _check_same_classes(rough.shape[1], output.expert_outputs)
-        check_class_targets(rt_name, rt, batch, rough.shape[1])
+        if not (rough_target is None and targets_checked):  # else: the experts' default loss checked it, same C
+            check_class_targets(rt_name, rt, batch, rough.shape[1])
         return F.cross_entropy(rough, rt, reduction="sum") / n_total
 
     def _target(self, output: CoETrainOutput, target: Any) -> tuple[Any, str]:
@@ -319,8 +335,13 @@ class CoELoss(nn.Module):
         sel, rough, expert_outputs = _check_output(output)
         target, name = self._target(output, target)
         batch, k = sel.shape
-        _check_batch_first(name, target, batch)
+        check_tensor(name, target, batch=batch)  # B: the batch of the outputs
         losses = self.per_sample_losses(expert_outputs, target, name)  # [B, K]
+        checked = _Checked(
+            selection=type(self.weighter) is BalancedTransportWeighter,
+            labels=type(self.labeler) is LabelGenerator,
+            targets=self.per_sample_loss is None and expert_outputs.dim() == 3 and _is_integer(target),
+        )
         synchronised = self._synchronised()
         if batch == 0 and not synchronised:
             return self._empty_batch_loss(output, losses)
@@ -336,7 +357,8 @@ class CoELoss(nn.Module):
             "selection_loss": self.selection_weight * selection_loss,
         }
         if rough is not None and self.rough_weight > 0:
-            parts["rough_loss"] = self.rough_weight * self._rough_loss(output, target, rough_target, name, n_total)
+            rough_loss = self._rough_loss(output, target, rough_target, name, n_total, checked.targets)
+            parts["rough_loss"] = self.rough_weight * rough_loss
         terms = list(parts.values())
         loss = terms[0]
         for term in terms[1:]:
@@ -344,10 +366,11 @@ class CoELoss(nn.Module):
         loss = scale * loss
         parts = {part: scale * value for part, value in parts.items()}
         if self.balance_weight > 0:
-            balance = self.balance_weight * (_metrics.load_balance_cv2(sel) if batch > 0 else sel.sum() * 0.0)
+            cv2 = _metrics._load_balance_cv2 if checked.selection else _metrics.load_balance_cv2
+            balance = self.balance_weight * (cv2(sel) if batch > 0 else sel.sum() * 0.0)
             loss = loss + balance
             parts["balance_loss"] = balance
-        info = _info(parts, loss, sel, expert_outputs, target, losses, expert_terms, wgm, weights, label_index)
+        info = _info(parts, loss, sel, expert_outputs, target, losses, expert_terms, wgm, weights, label_index, checked)
         return loss, info
 
 
@@ -377,15 +400,6 @@ def _check_output(output: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch
         shape = tuple(rough.shape) if isinstance(rough, torch.Tensor) else type(rough).__name__
         raise ValueError(f"output.rough_logits must be None or a Tensor[B={batch}, C], got {shape}")
     return sel, rough, expert_outputs
-
-
-def _check_batch_first(name: str, target: Any, batch: int) -> None:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
-    if target.dim() == 0 or target.shape[0] != batch:
-        raise ValueError(
-            f"{name} must be batch-first with B={batch} (the batch of the outputs), got shape {tuple(target.shape)}"
-        )
 
 
 def _default_losses(expert_outputs: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
@@ -448,9 +462,11 @@ def _info(
     wgm: Any,
     weights: torch.Tensor,
     label_index: torch.Tensor,
+    checked: _Checked,
 ) -> dict[str, torch.Tensor]:
     """The ``info`` dict of :meth:`CoELoss.forward`: detached tensors (no device synchronisation, nothing that breaks
-    a compiled graph)."""
+    a compiled graph). The metrics check only what ``checked`` says was not checked yet (a custom WGM's or LGM's
+    outputs, the targets of a custom per-sample loss); the argmax routing is valid by construction."""
     batch, k = sel.shape
     info: dict[str, torch.Tensor] = {name: value.detach() for name, value in parts.items()}
     info["loss"] = loss.detach()
@@ -458,9 +474,11 @@ def _info(
         choice = sel.detach().argmax(dim=1)
         info["expert_losses"] = expert_terms.detach()
         info["per_sample_losses"] = losses.detach()
-        info["wgm_load"] = wgm.load.detach() if hasattr(wgm, "load") else _metrics.expert_load(weights.argmax(dim=1), k)
-        info["load"] = _metrics.expert_load(choice, k)
-        info["label_load"] = _metrics.expert_load(label_index, k)
+        info["wgm_load"] = (
+            wgm.load.detach() if hasattr(wgm, "load") else _metrics._expert_load(weights.argmax(dim=1), k)
+        )
+        info["load"] = _metrics._expert_load(choice, k)
+        info["label_load"] = (_metrics._expert_load if checked.labels else _metrics.expert_load)(label_index, k)
         class_labels = expert_outputs.dim() == 3 and target.dim() == 1 and _is_integer(target)
         if batch == 0:  # rates over no sample
             nan = sel.new_full((), float("nan"))
@@ -468,11 +486,16 @@ def _info(
             if expert_outputs.dim() == 3:
                 info["oracle_accuracy"] = info["routed_accuracy"] = nan
             return info
-        info["assignment_entropy"] = _metrics.assignment_entropy(choice, k, normalize=True)
-        info["agreement"] = _metrics.agreement(sel.detach(), label_index)
+        info["assignment_entropy"] = _metrics._assignment_entropy(choice, k, normalize=True)
+        trusted = checked.selection and checked.labels
+        info["agreement"] = (_metrics._agreement if trusted else _metrics.agreement)(sel.detach(), label_index)
         if class_labels:
             logits = expert_outputs.detach()
-            info["oracle_accuracy"] = _metrics.oracle_accuracy(logits.float(), target)
+            # finite where it matters: NaN or +inf logits make the default loss non-finite, which the LGM refuses
+            trusted = checked.targets and checked.labels
+            info["oracle_accuracy"] = (_metrics._oracle_accuracy if trusted else _metrics.oracle_accuracy)(
+                logits.float(), target
+            )
             chosen = logits[choice, torch.arange(batch, device=choice.device)]  # [B, C]
             info["routed_accuracy"] = (chosen.argmax(dim=1) == target).float().mean()
     return info

@@ -27,10 +27,11 @@ from .._inputs import (
     split_labels,
 )
 from .._modules import check_same_dtype_and_device, explain_call_error
+from .._validation import check_module
 from ..flops import count_flops
+from ..twostage.delegator import DelegatorOutput
 from ..twostage.model import FirstStage, TwoStageModel
 from ..twostage.rule import exit_decision, resolve_exit_threshold
-from .delegator import DelegatorOutput
 from .experts import ExpertPool
 
 __all__ = ["CoE", "CoEOutput", "CoETrainOutput"]
@@ -190,8 +191,8 @@ class CoE(TwoStageModel, nn.Module):
     samples returns empty outputs of the right shape in both modes.
 
     Args:
-        delegator: usually a :class:`~pycoe.coe.delegator.Delegator`; any module returning a
-            :class:`~pycoe.coe.delegator.DelegatorOutput` (or a ``Tensor[B, K]`` of selection logits, or a
+        delegator: usually a :class:`~pycoe.twostage.delegator.Delegator`; any module returning a
+            :class:`~pycoe.twostage.delegator.DelegatorOutput` (or a ``Tensor[B, K]`` of selection logits, or a
             ``(selection_logits, rough_logits)`` pair) works.
         experts: an :class:`~pycoe.coe.experts.ExpertPool`, or a sequence of modules (wrapped in one).
         exit_threshold: early-exit threshold in [0, 1], or ``None`` (default) to never exit. ``0`` exits every
@@ -228,8 +229,7 @@ class CoE(TwoStageModel, nn.Module):
         delegator_inputs: Sequence[int | str] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(delegator, nn.Module):
-            raise TypeError(f"delegator must be an nn.Module, got {type(delegator).__name__}")
+        check_module("delegator", delegator)
         if not isinstance(experts, ExpertPool):
             experts = ExpertPool(experts)
         k_delegator = getattr(delegator, "num_experts", None)
@@ -287,7 +287,7 @@ class CoE(TwoStageModel, nn.Module):
             **kwargs: its keyword inputs (``model.delegate(**batch)``); ``labels`` are ignored.
 
         Returns:
-            :class:`~pycoe.coe.delegator.DelegatorOutput`: selection_logits Tensor[B, K], rough_logits
+            :class:`~pycoe.twostage.delegator.DelegatorOutput`: selection_logits Tensor[B, K], rough_logits
             Tensor[B, C] or ``None``.
         """
         kwargs, _, batch = self._check_inputs(args, kwargs)

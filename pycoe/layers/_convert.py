@@ -98,12 +98,15 @@ def convert(
     skipped: dict[str, str],
     factory: Callable[[str, nn.Module], nn.Module],
     what: str,
+    *,
+    warn: bool = True,
 ) -> ConversionReport:
-    """Replace the ``chosen`` modules by ``factory``'s, and report; warn when nothing was converted."""
+    """Replace the ``chosen`` modules by ``factory``'s, and report; warn when nothing was converted (unless ``warn``
+    is false: a caller that raises its own error then)."""
     names = set(chosen)
     converted = replace_modules(model, lambda name, m: name in names, factory) if names else []
     report = ConversionReport(converted, skipped)
-    if not converted:
+    if not converted and warn:
         found = "; ".join(f"{n}: {why}" for n, why in list(skipped.items())[:5])
         more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
         detail = f"skipped {found}{more}" if skipped else f"the model has no {what}"

@@ -423,6 +423,21 @@ def convert_conv2d_to_condconv(
         TypeError: ``model`` is not an ``nn.Module`` or is a TorchScript module; an argument of the wrong type.
         ValueError: a bad option, or a ``predicate`` name that is no convertible convolution of ``model``.
     """
+    return _convert_conv2d(model, num_kernels, predicate, normalization, strategy, router, warn=True)
+
+
+def _convert_conv2d(
+    model: nn.Module,
+    num_kernels: int,
+    predicate: Callable[[str, nn.Module], bool] | Collection[str] | None,
+    normalization: str,
+    strategy: str,
+    router: bool,
+    *,
+    warn: bool,
+) -> ConversionReport:
+    """:func:`convert_conv2d_to_condconv`; with ``warn=False`` it says nothing when it converts nothing (for callers
+    that raise their own error then, such as BasisNet's specialist)."""
     model = check_eager_model(model, "convert_conv2d_to_condconv")
     num_kernels = check_positive_int("num_kernels", num_kernels)
     normalization = check_choice("normalization", normalization, COEFFICIENT_NORMALIZATIONS)
@@ -437,4 +452,4 @@ def convert_conv2d_to_condconv(
         assert isinstance(conv, nn.Conv2d)
         return _condconv_like(conv, num_kernels, normalization, strategy, router)
 
-    return convert(model, chosen, skipped, factory, "convolution (nn.Conv2d) to convert")
+    return convert(model, chosen, skipped, factory, "convolution (nn.Conv2d) to convert", warn=warn)

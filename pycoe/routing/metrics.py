@@ -14,6 +14,11 @@ Every function runs inside ``torch.compile`` (``fullgraph=True`` included) witho
 use ``scatter_add`` (whose output size does not depend on the data, unlike ``bincount``), and the checks of
 index ranges and non-finite values become ``torch._assert_async`` (``RuntimeError`` when the compiled code
 runs, instead of eager mode's ``ValueError``).
+
+Each public function checks its arguments, and the checks that read values (index ranges, NaN/inf) make the host
+wait for a GPU. Each wraps a private unchecked form (``_expert_load``, ``_assignment_entropy``, ``_agreement``,
+``_oracle_accuracy``, ``_load_balance_cv2``) for library code whose inputs are valid by construction or were
+checked already (the CoE loss's metrics): a check belongs where the values enter.
 """
 
 from __future__ import annotations
@@ -66,7 +71,11 @@ def expert_load(index: torch.Tensor, num_experts: int, *, normalize: bool = Fals
     """
     k = check_positive_int("num_experts", num_experts)
     idx = check_expert_index("index", index, k, allow_exited=True)
-    check_bool("normalize", normalize)
+    return _expert_load(idx, k, normalize=check_bool("normalize", normalize))
+
+
+def _expert_load(idx: torch.Tensor, k: int, normalize: bool = False) -> torch.Tensor:
+    """:func:`expert_load` unchecked: ``idx`` is a LongTensor[B] in [-1, K-1]."""
     routed = idx >= 0
     counts = torch.zeros(k, dtype=torch.long, device=idx.device)
     counts.scatter_add_(0, idx.clamp_min(0), routed.long())  # exited samples (-1) add 0
@@ -95,7 +104,15 @@ def assignment_entropy(index: torch.Tensor, num_experts: int, *, normalize: bool
         Tensor[] (float32). 0 if no sample was routed.
     """
     check_bool("normalize", normalize)
-    f = expert_load(index, num_experts, normalize=True)
+    return _normalized_entropy(expert_load(index, num_experts, normalize=True), normalize)
+
+
+def _assignment_entropy(idx: torch.Tensor, k: int, normalize: bool = False) -> torch.Tensor:
+    """:func:`assignment_entropy` unchecked: ``idx`` is a LongTensor[B] in [-1, K-1]."""
+    return _normalized_entropy(_expert_load(idx, k, normalize=True), normalize)
+
+
+def _normalized_entropy(f: torch.Tensor, normalize: bool) -> torch.Tensor:
     h = _entropy(f)
     if normalize:
         k = f.numel()
@@ -118,12 +135,7 @@ def mean_selection_entropy(selection_logits: torch.Tensor, *, normalize: bool = 
     """
     z = _check_logits("selection_logits", selection_logits)
     check_bool("normalize", normalize)
-    p_bar = F.softmax(z, dim=1).mean(dim=0)  # [K]
-    h = _entropy(p_bar)
-    if normalize:
-        k = p_bar.numel()
-        return h / math.log(k) if k > 1 else torch.ones_like(h)
-    return h
+    return _normalized_entropy(F.softmax(z, dim=1).mean(dim=0), normalize)  # of p_bar, Tensor[K]
 
 
 def agreement(selection_logits: torch.Tensor, label_index: torch.Tensor) -> torch.Tensor:
@@ -144,6 +156,11 @@ def agreement(selection_logits: torch.Tensor, label_index: torch.Tensor) -> torc
         raise ValueError(
             f"label_index must have shape [B={z.shape[0]}] to match selection_logits, got {tuple(idx.shape)}"
         )
+    return _agreement(z, idx)
+
+
+def _agreement(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """:func:`agreement` unchecked: finite ``z`` Tensor[B, K], ``idx`` LongTensor[B] in [0, K-1]."""
     return (z.argmax(dim=1) == idx).float().mean()
 
 
@@ -166,7 +183,12 @@ def oracle_accuracy(expert_logits: torch.Tensor, target: torch.Tensor) -> torch.
     check_finite("expert_logits", expert_logits)
     check_tensor("target", target, shape=(b,))
     tgt = check_expert_index("target", target, c, allow_exited=False, size_name="C")
-    correct = expert_logits.argmax(dim=2) == tgt[None, :]  # [K, B]
+    return _oracle_accuracy(expert_logits, tgt)
+
+
+def _oracle_accuracy(expert_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`oracle_accuracy` unchecked: ``expert_logits`` Tensor[K, B, C], ``target`` LongTensor[B] in [0, C)."""
+    correct = expert_logits.argmax(dim=2) == target[None, :]  # [K, B]
     return correct.any(dim=0).float().mean()
 
 
@@ -196,9 +218,13 @@ def load_balance_cv2(selection: torch.Tensor, *, is_probs: bool = False) -> torc
     if check_bool("is_probs", is_probs):
         check_data((x.detach() >= 0).all(), "selection must be non-negative when is_probs=True")
         check_data(x.detach().sum() > 0, "selection must have a positive total probability mass when is_probs=True")
-        p = x
-    else:
-        p = F.softmax(x, dim=1)
+    return _load_balance_cv2(x, is_probs)
+
+
+def _load_balance_cv2(selection: torch.Tensor, is_probs: bool = False) -> torch.Tensor:
+    """:func:`load_balance_cv2` unchecked: finite ``selection`` Tensor[B, K] (B, K >= 1; probabilities when
+    ``is_probs``)."""
+    p = selection if is_probs else F.softmax(selection, dim=1)
     importance = p.sum(dim=0)  # [K]
     mean = importance.mean()
     var = importance.var(unbiased=False) if importance.numel() > 1 else torch.zeros_like(mean)

@@ -36,7 +36,8 @@ import torch
 
 from pycoe._inputs import batch_size
 from pycoe._modules import traceable
-from pycoe.twostage.rule import check_exit_threshold, exit_decision, resolve_exit_threshold
+from pycoe._validation import check_probability
+from pycoe.twostage.rule import exit_decision, resolve_exit_threshold
 
 __all__ = ["FirstStage", "TwoStageModel", "EarlyExitResult"]
 
@@ -122,7 +123,7 @@ class TwoStageModel:
 
     @exit_threshold.setter
     def exit_threshold(self, value: float | None) -> None:
-        threshold = check_exit_threshold(value)
+        threshold = check_probability("exit_threshold", value, allow_none=True)
         if threshold is not None and not self.has_rough_head:
             raise ValueError(
                 f"exit_threshold needs a rough prediction, but {self.first_stage_name} has no rough head "

@@ -32,18 +32,12 @@ from pycoe._validation import check_probability, check_tensor
 __all__ = ["rough_confidence", "exit_mask"]
 
 
-def check_exit_threshold(value: Any, name: str = "exit_threshold") -> float | None:
-    """``value`` as a float in [0, 1], or ``None``; a ``ValueError`` (``TypeError`` for a non-number) naming
-    ``name`` otherwise."""
-    return check_probability(name, value, allow_none=True)
-
-
 def resolve_exit_threshold(value: Any, default: float | None) -> float | None:
-    """``default`` when ``value`` is the string ``"default"``, else ``value`` checked by :func:`check_exit_threshold`
+    """``default`` when ``value`` is the string ``"default"``, else ``value`` checked as a number in [0, 1] or ``None``
     (the per-call override of ``forward_eval(..., exit_threshold="default")``)."""
     if isinstance(value, str) and value == "default":
         return default
-    return check_exit_threshold(value)
+    return check_probability("exit_threshold", value, allow_none=True)
 
 
 def rough_confidence(rough_logits: torch.Tensor) -> torch.Tensor:
@@ -73,7 +67,7 @@ def exit_mask(confidence: torch.Tensor, threshold: float | None) -> torch.Tensor
         ``BoolTensor[B]``, ``True`` for the samples that exit (take the rough prediction).
     """
     check_tensor("confidence", confidence, ndim=1)
-    threshold = check_exit_threshold(threshold, "threshold")
+    threshold = check_probability("threshold", threshold, allow_none=True)
     if threshold is None:
         return torch.zeros(confidence.shape, dtype=torch.bool, device=confidence.device)
     return confidence >= threshold

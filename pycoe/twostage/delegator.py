@@ -1,10 +1,13 @@
-"""The CoE delegator: a backbone with an expert-selection head and a rough-prediction head.
+"""The delegator: a backbone with an expert-selection head and a rough-prediction head, the first stage that CoE and
+BasisNet share.
 
 Collaboration of Experts (Zhang, Chen and Zhong, "Collaboration of Experts: Achieving 80% Top-1 Accuracy on
 ImageNet with 100M FLOPs", ICML 2022, arXiv:2107.03815) routes each sample to one of K expert networks. A small
 *delegator* chooses the expert and, at the same time, outputs a rough class prediction that can end inference
 early (both outputs are stated in the paper's abstract). How the two outputs are produced is not public:
 :class:`Delegator` implements pycoe's formulation, a shared backbone followed by two linear heads.
+BasisNet's lightweight model is the same module: its selection head gives the coefficient logits (K = N bases),
+its rough head the early-exit prediction.
 
 The backbone may be a torchvision, timm or Hugging Face model, or any module; its output may be a tensor, a tuple
 or a mapping (a Hugging Face ``ModelOutput``), from which the features are taken by the rule of
@@ -32,10 +35,10 @@ from pycoe._modules import explain_call_error, floating_reference
 from pycoe._validation import (
     check_bool,
     check_choice,
-    check_device,
-    check_dtype,
+    check_module,
     check_positive_int,
     check_probability,
+    describe,
 )
 from pycoe.utils import eval_mode
 
@@ -69,9 +72,9 @@ class DelegatorOutput:
     rough_logits: torch.Tensor | None = None
 
 
-torch.export.register_dataclass(
-    DelegatorOutput, serialized_type_name="pycoe.coe.DelegatorOutput"
-)  # exported models return it too
+# Exported models return it too. The serialized name is the one programs were saved with before the class moved
+# here from pycoe.coe, so that those still load.
+torch.export.register_dataclass(DelegatorOutput, serialized_type_name="pycoe.coe.DelegatorOutput")
 
 
 @dataclass
@@ -235,8 +238,8 @@ def _example_call(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return as_call(example_input, what="example_input")
     except TypeError:
         raise TypeError(
-            "example_input must be a torch.Tensor (one batch), a non-empty tuple of the backbone's positional inputs "
-            f"or a mapping of its keyword inputs (e.g. a tokenizer's output), got {type(example_input).__name__}"
+            "example_input must be a torch.Tensor or a non-empty tuple of the backbone's positional inputs or a "
+            f"mapping of its keyword inputs (one batch; e.g. a tokenizer's output), got {describe(example_input)}"
         ) from None
 
 
@@ -339,33 +342,32 @@ def backbone_features(output: Any, pooling: str, attention_mask: Any, stripped: 
     return features
 
 
-def _check_factory_kwargs(backbone: nn.Module, device: Any, dtype: Any) -> None:
-    """``device`` and ``dtype`` of the new heads must be those of the backbone's features, when the backbone has
-    floating-point parameters (its output then has their dtype and device)."""
+def _head_factory_kwargs(backbone: nn.Module, device: Any, dtype: Any) -> dict[str, Any]:
+    """``device`` and ``dtype`` of the new heads: the given ones, else those of the backbone's floating-point
+    parameters (or buffers), which its features have.
+
+    Factory keywords are checked by torch, as for any layer (its ``TypeError`` for a wrong type, ``RuntimeError``
+    for an unknown device); given ones must then agree with the backbone's parameters, whose dtype and device the
+    heads' inputs have.
+    """
+    torch.empty(0, device=device, dtype=dtype)  # torch's own check of the factory keywords
     ref = floating_reference(backbone)
     if ref is None:
-        return
+        return {"device": device, "dtype": dtype}
     if dtype is not None and dtype != ref.dtype:
         raise ValueError(
             f"dtype={dtype} disagrees with the backbone's parameters ({ref.dtype}): the heads would receive "
             f"{ref.dtype} features; convert the backbone first (backbone.to({dtype})) or leave dtype=None"
         )
-    if device is not None and (
-        device.type != ref.device.type or (device.index is not None and device.index != ref.device.index)
+    want = None if device is None else torch.device(device)
+    if want is not None and (
+        want.type != ref.device.type or (want.index is not None and want.index != ref.device.index)
     ):
         raise ValueError(
-            f"device={device} disagrees with the backbone's parameters (on {ref.device}): the heads would receive "
-            f"features on {ref.device}; move the backbone first (backbone.to({str(device)!r})) or leave device=None"
+            f"device={want} disagrees with the backbone's parameters (on {ref.device}): the heads would receive "
+            f"features on {ref.device}; move the backbone first (backbone.to({str(want)!r})) or leave device=None"
         )
-
-
-def _factory_kwargs(backbone: nn.Module, device, dtype) -> dict:
-    ref = floating_reference(backbone)
-    if device is None and ref is not None:
-        device = ref.device
-    if dtype is None and ref is not None:
-        dtype = ref.dtype
-    return {"device": device, "dtype": dtype}
+    return {"device": ref.device if device is None else device, "dtype": ref.dtype if dtype is None else dtype}
 
 
 def _check_features(features: torch.Tensor, batch: int, feature_dim: int | None, context: str) -> int:
@@ -405,8 +407,7 @@ def _check_arguments(
     pooling: Any,
 ) -> tuple[int, int | None, int | None, float]:
     """Step 0 of :class:`Delegator`: the arguments' types and values; returns them normalised."""
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    check_module("backbone", backbone)
     num_experts = check_positive_int("num_experts", num_experts)
     if num_classes is not None:
         num_classes = check_positive_int("num_classes", num_classes)
@@ -416,7 +417,7 @@ def _check_arguments(
     if dropout == 1.0:
         raise ValueError("dropout must be in [0, 1), got 1.0 (it would zero every feature)")
     if classifier is not None and not isinstance(classifier, str):
-        raise TypeError(f"classifier must be 'auto', a submodule name or None, got {type(classifier).__name__}")
+        raise TypeError(f"classifier must be 'auto', a submodule name or None, got {describe(classifier)}")
     for name, value in flags.items():
         check_bool(name, value)
     check_choice("pooling", pooling, POOLINGS)
@@ -567,8 +568,10 @@ class Delegator(nn.Module):
         zero_init_selection: start the selection head at zero (uniform selection).
         pooling: how features are taken from a mapping output and pooled over tokens: ``"auto"``, ``"pooler"``,
             ``"cls"``, ``"mean"`` or ``"last"`` (see above).
-        device: device of the new heads (default: that of the backbone's parameters).
-        dtype: dtype of the new heads (default: that of the backbone's parameters).
+        device: device of the new heads (default: that of the backbone's parameters, which it must match when
+            given). A factory keyword, checked by torch as for any layer.
+        dtype: dtype of the new heads (default: that of the backbone's parameters, which it must match when
+            given). A factory keyword, checked by torch as for any layer.
 
     Attributes:
         backbone (nn.Module): the (stripped) backbone.
@@ -606,9 +609,7 @@ class Delegator(nn.Module):
         num_experts, num_classes, feature_dim, dropout = _check_arguments(
             backbone, num_experts, num_classes, feature_dim, dropout, classifier, flags, pooling
         )
-        device = check_device("device", device)
-        dtype = check_dtype("dtype", dtype)
-        _check_factory_kwargs(backbone, device, dtype)
+        fk = _head_factory_kwargs(backbone, device, dtype)
         example = None if example_input is None else _example_call(example_input)  # type check before anything else
 
         surgery, not_found = _locate_classifier(backbone, classifier, feature_dim)
@@ -623,7 +624,6 @@ class Delegator(nn.Module):
         self.pooling = pooling
         self.zero_init_selection = bool(zero_init_selection)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        fk = _factory_kwargs(backbone, device, dtype)
         self.selection_head = nn.Linear(self.feature_dim, num_experts, **fk)
         if rough_head is None and num_classes is not None:
             rough_head = nn.Linear(self.feature_dim, num_classes, **fk)
