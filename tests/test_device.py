@@ -15,8 +15,8 @@ import warnings
 
 import pytest
 import torch
+from _export_models import conv_net
 from _host_reads import DeviceValueReads
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pycoe
@@ -27,20 +27,6 @@ from pycoe.routing.transport.transfer import to_device, to_host
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 K = 4
-
-
-def conv_net(classes: int = 10, width: int = 6) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.Conv2d(width, width, 3, padding=1, stride=2),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, classes),
-    )
 
 
 def training_setup(label_mode: str = "best") -> tuple[CoE, CoELoss]:
