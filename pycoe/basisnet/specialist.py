@@ -46,6 +46,7 @@ from pycoe._validation import (
     check_tensor,
 )
 from pycoe.functional.mixture import MIXTURE_STRATEGIES, _resolve_padding
+from pycoe.layers._convert import why_nothing
 from pycoe.layers.condconv import CondConv2d, _convert_conv2d
 
 __all__ = ["BasisSpecialist"]
@@ -307,12 +308,9 @@ def _fixed_padding(layer: CondConv2d) -> tuple[int, int] | str | None:
 
 def _no_basis_layer(skipped: dict[str, str]) -> ValueError:
     """The error of a conversion that chose no convolution, with what it skipped and why."""
-    found = [f"{name}: {why}" for name, why in skipped.items()]
-    detail = "; ".join(found[:5]) + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
     return ValueError(
         "the predicate chose no convolution of the model: a BasisSpecialist needs at least one nn.Conv2d (zero "
-        "padding) or timm Conv2dSame to turn into a basis layer; "
-        + (f"skipped {detail}" if found else "the model has no convolution")
+        "padding) or timm Conv2dSame to turn into a basis layer; " + why_nothing(skipped, "convolution")
     )
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from pycoe._modules import replace_modules
 from pycoe._validation import check_module
 
-__all__ = ["ConversionReport", "check_eager_model", "is_timm_class", "survey", "convert"]
+__all__ = ["ConversionReport", "check_eager_model", "is_timm_class", "survey", "convert", "why_nothing"]
 
 
 class ConversionReport(list[str]):
@@ -107,8 +107,13 @@ def convert(
     converted = replace_modules(model, lambda name, m: name in names, factory) if names else []
     report = ConversionReport(converted, skipped)
     if not converted and warn:
-        found = "; ".join(f"{n}: {why}" for n, why in list(skipped.items())[:5])
-        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
-        detail = f"skipped {found}{more}" if skipped else f"the model has no {what}"
-        warnings.warn(f"nothing was converted: {detail}", UserWarning, stacklevel=3)
+        warnings.warn(f"nothing was converted: {why_nothing(skipped, what)}", UserWarning, stacklevel=3)
     return report
+
+
+def why_nothing(skipped: dict[str, str], what: str) -> str:
+    """Why a conversion converted nothing: the first modules it skipped and why, or that the model has no ``what``."""
+    if not skipped:
+        return f"the model has no {what}"
+    found = "; ".join(f"{n}: {why}" for n, why in list(skipped.items())[:5])
+    return f"skipped {found}" + (f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else "")
